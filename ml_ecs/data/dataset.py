@@ -1,0 +1,69 @@
+"""The in-memory multimodal dataset every loader returns."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class MultimodalDataset:
+  """Aligned samples with several modalities, a class label and a text target.
+
+  Attributes:
+    modalities: name -> float32 array [N, *shape] (shape may differ per modality).
+    labels: int32 [N] class ids in [0, num_classes).
+    sequence_ids: int64 [N]; samples of one recording share an id, so splits
+      by sequence never put windows of one recording on both sides.
+    class_names: one short name per class.
+    descriptions: per class, several paraphrases of its text description.
+    text_ids: int32 [N]; which paraphrase of its class is sample i's target.
+  """
+
+  modalities: dict[str, np.ndarray]
+  labels: np.ndarray
+  sequence_ids: np.ndarray
+  class_names: tuple[str, ...]
+  descriptions: tuple[tuple[str, ...], ...]
+  text_ids: np.ndarray
+
+  def __post_init__(self):
+    n = len(self.labels)
+    if not self.modalities:
+      raise ValueError('MultimodalDataset.modalities is empty: expected at least one modality')
+    for name, x in self.modalities.items():
+      if x.shape[0] != n:
+        raise ValueError(f'modality {name!r} has {x.shape[0]} samples, labels have {n}')
+    for field in ('sequence_ids', 'text_ids'):
+      if getattr(self, field).shape != (n,):
+        raise ValueError(f'{field} has shape {getattr(self, field).shape}, expected ({n},)')
+    if len(self.descriptions) != len(self.class_names):
+      raise ValueError('descriptions must have one tuple of paraphrases per class')
+    if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+      raise ValueError(f'labels must lie in [0, {len(self.class_names)})')
+
+  @property
+  def num_samples(self) -> int:
+    return int(len(self.labels))
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def modality_names(self) -> tuple[str, ...]:
+    return tuple(self.modalities)
+
+  def texts(self) -> list[str]:
+    """The reference text of every sample."""
+    return [self.descriptions[c][t] for c, t in zip(self.labels, self.text_ids)]
+
+  def subset(self, idx: np.ndarray) -> 'MultimodalDataset':
+    """The samples at `idx`, same classes and descriptions."""
+    return dataclasses.replace(
+        self,
+        modalities={k: v[idx] for k, v in self.modalities.items()},
+        labels=self.labels[idx],
+        sequence_ids=self.sequence_ids[idx],
+        text_ids=self.text_ids[idx],
+    )

@@ -1,0 +1,165 @@
+"""Split a dataset into a public split and N heterogeneous edge clients.
+
+Each client gets a modality set (explicit, or drawn with a modality-missing
+rate), an encoder architecture per modality, label-skewed private data
+(Dirichlet(alpha) over classes), a train/test split by sequence (no recording on
+both sides), per-sample missing-modality masks, and a subset of the public
+split. Clients with the same modality set and encoders form a cohort, whose
+arrays are stacked on a leading client axis for `jax.vmap`.
+Everything is a deterministic function of the config and the seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+
+from ml_ecs.data.dataset import MultimodalDataset
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSpec:
+  """One edge client: its structure and the indices of its samples in the dataset.
+
+  Masks are [n, K] over the client's own modalities (in dataset order), 1 = present.
+  """
+  client_id: int
+  modalities: tuple[str, ...]
+  encoder_types: tuple[tuple[str, str], ...]   # ((modality, encoder type), ...)
+  train_idx: np.ndarray
+  test_idx: np.ndarray
+  public_idx: np.ndarray
+  train_mask: np.ndarray
+  test_mask: np.ndarray
+  public_mask: np.ndarray
+
+  @property
+  def cohort_key(self) -> tuple:
+    return self.modalities, self.encoder_types
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+  """Clients plus the public split (train part for SE-CCL and the server, test part for the server)."""
+  clients: tuple[ClientSpec, ...]
+  public_train_idx: np.ndarray
+  public_test_idx: np.ndarray
+
+  def cohorts(self) -> list[list[ClientSpec]]:
+    """Clients grouped by (modality set, encoder types), in order of first appearance."""
+    groups: dict[tuple, list[ClientSpec]] = {}
+    for c in self.clients:
+      groups.setdefault(c.cohort_key, []).append(c)
+    return list(groups.values())
+
+
+def _split_by_sequence(rng, idx, seq_ids, test_fraction):
+  seqs = np.unique(seq_ids[idx])
+  rng.shuffle(seqs)
+  n_test = int(round(test_fraction * len(seqs)))
+  if len(seqs) >= 2:
+    n_test = min(max(n_test, 1), len(seqs) - 1)
+  test_seqs = seqs[:n_test]
+  is_test = np.isin(seq_ids[idx], test_seqs)
+  return idx[~is_test], idx[is_test]
+
+
+def _dirichlet_by_sequence(rng, seq_label, num_clients, num_classes, alpha):
+  """Assigns whole sequences to clients with per-class Dirichlet(alpha) proportions."""
+  owner = np.empty(len(seq_label), np.int64)
+  for c in range(num_classes):
+    seqs = np.flatnonzero(seq_label == c)
+    rng.shuffle(seqs)
+    props = rng.dirichlet(np.full(num_clients, alpha))
+    cuts = (np.cumsum(props)[:-1] * len(seqs)).astype(int)
+    for k, part in enumerate(np.split(seqs, cuts)):
+      owner[part] = k
+  # Every client needs at least two sequences (one train, one test): take from the richest.
+  for k in range(num_clients):
+    while (owner == k).sum() < 2:
+      donor = np.bincount(owner, minlength=num_clients).argmax()
+      owner[rng.choice(np.flatnonzero(owner == donor))] = k
+  return owner
+
+
+def _sample_masks(rng, n, k, rate):
+  """[n, k] presence masks: each entry missing with prob `rate`, at least one present per row."""
+  mask = (rng.random((n, k)) >= rate).astype(np.float32)
+  empty = mask.sum(1) == 0
+  mask[empty, rng.integers(0, k, empty.sum())] = 1.0
+  return mask
+
+
+def _modality_sets(rng, cfg, all_modalities):
+  if cfg.get('modality_sets'):
+    sets = [tuple(s) for s in cfg.modality_sets]
+    if len(sets) != cfg.num_clients:
+      raise ValueError(f'data.modality_sets has {len(sets)} entries, expected num_clients={cfg.num_clients}')
+    for s in sets:
+      unknown = set(s) - set(all_modalities)
+      if unknown or not s:
+        raise ValueError(f'data.modality_sets entry {s} must be a non-empty subset of {all_modalities}')
+    return [tuple(m for m in all_modalities if m in s) for s in sets]
+  out = []
+  for _ in range(cfg.num_clients):
+    keep = rng.random(len(all_modalities)) >= cfg.modality_missing_rate
+    if not keep.any():
+      keep[rng.integers(len(all_modalities))] = True
+    out.append(tuple(m for m, k in zip(all_modalities, keep) if k))
+  return out
+
+
+def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partition:
+  """Partitions `ds` per the data config (see configs/default.py, field `data`)."""
+  if cfg.num_clients < 1:
+    raise ValueError(f'data.num_clients must be >= 1, got {cfg.num_clients}')
+  if not 0.0 < cfg.dirichlet_alpha:
+    raise ValueError(f'data.dirichlet_alpha must be > 0, got {cfg.dirichlet_alpha}')
+  for field in ('modality_missing_rate', 'sample_missing_rate', 'public_fraction', 'client_test_fraction'):
+    if not 0.0 <= cfg[field] < 1.0:
+      raise ValueError(f'data.{field} must be in [0, 1), got {cfg[field]}')
+  rng = np.random.default_rng(cfg.seed)
+  all_mods = ds.modality_names
+  all_idx = np.arange(ds.num_samples)
+  private_idx, public_idx = _split_by_sequence(rng, all_idx, ds.sequence_ids, cfg.public_fraction)
+  pub_train, pub_test = _split_by_sequence(rng, public_idx, ds.sequence_ids, cfg.public_test_fraction)
+
+  seqs, first = np.unique(ds.sequence_ids[private_idx], return_index=True)
+  seq_label = ds.labels[private_idx][first]
+  if len(seqs) < 2 * cfg.num_clients:
+    raise ValueError(f'{len(seqs)} private sequences cannot give {cfg.num_clients} clients two sequences each')
+  owner = _dirichlet_by_sequence(rng, seq_label, cfg.num_clients, ds.num_classes, cfg.dirichlet_alpha)
+  mod_sets = _modality_sets(rng, cfg, all_mods)
+  clients = []
+  for k in range(cfg.num_clients):
+    idx = private_idx[np.isin(ds.sequence_ids[private_idx], seqs[owner == k])]
+    train, test = _split_by_sequence(rng, idx, ds.sequence_ids, cfg.client_test_fraction)
+    n_pub = min(cfg.public_per_client, len(pub_train))
+    pub = np.sort(rng.choice(pub_train, n_pub, replace=False))
+    mods = mod_sets[k]
+    enc = tuple((m, cfg.encoders[m][k % len(cfg.encoders[m])]) for m in mods)
+    masks = [_sample_masks(rng, len(x), len(mods), cfg.sample_missing_rate) for x in (train, test, pub)]
+    clients.append(ClientSpec(k, mods, enc, train, test, pub, *masks))
+  return Partition(tuple(clients), pub_train, pub_test)
+
+
+def pad_indices(index_lists: Sequence[np.ndarray], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Stacks ragged index lists into ([C, L] indices padded with 0, [C, L] float sample mask)."""
+  length = length or max(max(len(i) for i in index_lists), 1)
+  idx = np.zeros((len(index_lists), length), np.int64)
+  mask = np.zeros((len(index_lists), length), np.float32)
+  for c, ix in enumerate(index_lists):
+    idx[c, :len(ix)] = ix
+    mask[c, :len(ix)] = 1.0
+  return idx, mask
+
+
+def pad_rows(arrays: Sequence[np.ndarray], length: int | None = None) -> np.ndarray:
+  """Stacks ragged [n_c, ...] arrays into [C, L, ...] padded with zeros."""
+  length = length or max(max(len(a) for a in arrays), 1)
+  out = np.zeros((len(arrays), length) + arrays[0].shape[1:], arrays[0].dtype)
+  for c, a in enumerate(arrays):
+    out[c, :len(a)] = a
+  return out

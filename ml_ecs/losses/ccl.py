@@ -1,0 +1,158 @@
+"""Cross-modal contrastive learning (CCL): GRAM volume loss and pairwise InfoNCE."""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+# Stands in for excluded logits: far below any real logit, yet finite (no NaN from inf - inf).
+NEG_LOGIT = -1e9
+# Smallest Cholesky pivot; keeps degenerate (rank-deficient) Grams finite, value and gradient.
+_PIVOT_FLOOR = 1e-12
+_NORM_EPS = 1e-12
+
+
+def l2_normalize(x: ArrayLike, mask: ArrayLike | None = None) -> jax.Array:
+  """Unit-norm vectors along the last axis; masked-out vectors (mask == 0) become zero."""
+  x = jnp.asarray(x)
+  if mask is not None:
+    x = jnp.where(jnp.asarray(mask).astype(bool)[..., None], x, 0)
+  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS))
+
+
+def masked_soft_ce(logits: jax.Array, valid: jax.Array, probs: jax.Array, axis: int) -> jax.Array:
+  """Cross-entropy of softmax(logits) against target probs along axis, over valid entries only."""
+  masked = jnp.where(valid, logits, NEG_LOGIT)
+  lse = jax.nn.logsumexp(masked, axis=axis)
+  return lse - jnp.sum(jnp.where(valid, probs * logits, 0), axis=axis)
+
+
+def _cholesky_diag(gram: jax.Array) -> jax.Array:
+  """Diagonal of the Cholesky factor of [..., K, K] PSD matrices, pivots floored at _PIVOT_FLOOR."""
+  k = gram.shape[-1]
+  idx = jnp.arange(k)
+  cols: list[jax.Array] = []  # cols[c] = L[..., :, c], zero on and above the diagonal
+  diag: list[jax.Array] = []
+  for j in range(k):
+    pivot = gram[..., j, j]
+    off = gram[..., :, j]
+    for c in cols:
+      pivot = pivot - jnp.square(c[..., j])
+      off = off - c * c[..., j:j + 1]
+    ljj = jnp.sqrt(jnp.maximum(pivot, _PIVOT_FLOOR))
+    diag.append(ljj)
+    cols.append(jnp.where(idx > j, off / ljj[..., None], 0))
+  return jnp.stack(diag, axis=-1)
+
+
+def volume_from_gram(gram: ArrayLike, mask: ArrayLike) -> jax.Array:
+  """sqrt(det) of the sub-Gram [..., K, K] of present entries (mask [..., K]); 1 if none present."""
+  gram = jnp.asarray(gram)
+  m = jnp.asarray(mask).astype(bool)
+  both = m[..., :, None] & m[..., None, :]
+  eye = jnp.eye(gram.shape[-1], dtype=bool)
+  gram = jnp.where(both, gram, jnp.where(eye, 1, 0).astype(gram.dtype))
+  return jnp.prod(_cholesky_diag(gram), axis=-1)
+
+
+def gram_volume(vectors: ArrayLike, mask: ArrayLike) -> jax.Array:
+  """Volume of the parallelotope spanned by the present, L2-normalised vectors.
+
+  Args:
+    vectors: [..., K, D].
+    mask: [..., K]; nonzero marks present vectors.
+
+  Returns:
+    [...] sqrt(det(A^T A)) with A the present unit vectors as columns (1 if none present).
+  """
+  v = l2_normalize(vectors, mask)
+  return volume_from_gram(jnp.einsum('...kd,...ld->...kl', v, v), mask)
+
+
+def gram_contrastive_loss(emb: ArrayLike, mask: ArrayLike, anchor: int, tau: ArrayLike,
+                          batch_mask: ArrayLike | None = None) -> jax.Array:
+  """GRAM symmetric contrastive loss (Cicchetti et al., ICLR 2025) with missing modalities.
+
+  logits[i, j] = -Vol(anchor of i, present non-anchor modalities of j) / tau; the positive
+  of row i / column j is the diagonal. Pair (i, j) is valid iff i's anchor is present and
+  j has a present non-anchor modality; rows/columns with an invalid diagonal are dropped.
+
+  Args:
+    emb: [B, K, D] per-modality embeddings.
+    mask: [B, K]; nonzero marks present modalities.
+    anchor: static index of the anchor modality (e.g. text).
+    tau: temperature.
+    batch_mask: optional [B]; zero marks padding samples (all modalities missing).
+
+  Returns:
+    Scalar 0.5 * (row CE + column CE) averaged over valid diagonals; 0 if none.
+  """
+  emb = jnp.asarray(emb)
+  b, k, _ = emb.shape
+  if not 0 <= anchor < k:
+    raise ValueError(f'anchor {anchor} out of range for {k} modalities')
+  m = jnp.asarray(mask).astype(bool)
+  if batch_mask is not None:
+    m = m & jnp.asarray(batch_mask).astype(bool)[:, None]
+  e = l2_normalize(emb, m)
+  is_a = np.arange(k) == anchor
+  a = e[:, anchor]                                   # [B, D]
+  g_self = jnp.einsum('bkd,bld->bkl', e, e)          # [B, K, K]  Gram of sample j
+  cross = jnp.einsum('id,jkd->ijk', a, e)            # [B, B, K]  <anchor_i, mod_k of j>
+  a_sq = jnp.sum(jnp.square(a), axis=-1)             # [B]
+  gram = jnp.where(is_a[:, None], cross[:, :, None, :], g_self[None])
+  gram = jnp.where(is_a[None, :], cross[:, :, :, None], gram)
+  gram = jnp.where(is_a[:, None] & is_a[None, :], a_sq[:, None, None, None], gram)  # [B,B,K,K]
+  pair_mask = jnp.where(is_a, m[:, None, anchor:anchor + 1], m[None, :, :])          # [B,B,K]
+  vol = volume_from_gram(gram, pair_mask)            # [B, B]
+
+  has_anchor = m[:, anchor]
+  has_other = jnp.any(m & ~is_a, axis=-1)
+  valid = has_anchor[:, None] & has_other[None, :]
+  logits = -vol / tau
+  eye = jnp.eye(b, dtype=logits.dtype)
+  diag_ok = jnp.diagonal(valid)
+  rows = masked_soft_ce(logits, valid, eye, axis=1)
+  cols = masked_soft_ce(logits, valid, eye, axis=0)
+  total = jnp.sum(jnp.where(diag_ok, rows + cols, 0))
+  return 0.5 * total / jnp.maximum(jnp.sum(diag_ok), 1).astype(total.dtype)
+
+
+def pairwise_infonce_loss(emb: ArrayLike, mask: ArrayLike, tau: ArrayLike) -> jax.Array:
+  """CLIP-style symmetric InfoNCE averaged over modality pairs k < l.
+
+  Each pair uses only samples with both modalities present; pairs with fewer than 2 such
+  samples are left out of the average.
+
+  Args:
+    emb: [B, K, D] per-modality embeddings.
+    mask: [B, K]; nonzero marks present modalities.
+    tau: temperature; logits are cosine / tau.
+
+  Returns:
+    Scalar mean over usable pairs of 0.5 * (row CE + column CE); 0 if no pair is usable.
+  """
+  emb = jnp.asarray(emb)
+  b, k, _ = emb.shape
+  pairs = list(itertools.combinations(range(k), 2))
+  if not pairs:
+    return jnp.zeros((), emb.dtype)
+  ks, ls = (np.array(p) for p in zip(*pairs))
+  m = jnp.asarray(mask).astype(bool)
+  e = l2_normalize(emb, m)
+  logits = jnp.einsum('ipd,jpd->pij', e[:, ks], e[:, ls]) / tau   # [P, B, B]
+  ok = m[:, ks] & m[:, ls]                                         # [B, P]
+  ok = ok.T                                                        # [P, B]
+  valid = ok[:, :, None] & ok[:, None, :]
+  eye = jnp.eye(b, dtype=logits.dtype)
+  rows = masked_soft_ce(logits, valid, eye, axis=2)                # [P, B]
+  cols = masked_soft_ce(logits, valid, eye, axis=1)                # [P, B]
+  count = jnp.sum(ok, axis=1)
+  per_pair = 0.5 * jnp.sum(jnp.where(ok, rows + cols, 0), axis=1) / jnp.maximum(count, 1)
+  usable = count >= 2
+  total = jnp.sum(jnp.where(usable, per_pair, 0))
+  return total / jnp.maximum(jnp.sum(usable), 1).astype(total.dtype)

@@ -1,0 +1,25 @@
+"""Shared tiny configs and models for the test suite."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)  # configs/ is a plain folder of config files
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: end-to-end tests (still run in CI)')
+
+
+@pytest.fixture(scope='session')
+def dataset():
+  from ml_ecs.data.embedded import load_default
+  return load_default()
+
+
+@pytest.fixture(scope='session')
+def tiny_config():
+  from configs import tiny
+  return tiny.get_config()
