@@ -6,7 +6,7 @@ Override any field with --config.FIELD=VALUE, e.g. --config.data.num_clients=20.
 import ml_collections
 
 
-def backbone(width: int, layers: int, heads: int, max_len: int = 48) -> ml_collections.ConfigDict:
+def backbone(width: int, layers: int, heads: int, max_len: int = 32) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       width=width, layers=layers, heads=heads, mlp_ratio=4, max_len=max_len,
       lora_rank=4, lora_alpha=8.0, lora_targets=('qkv', 'attn_out', 'mlp_in', 'mlp_out')))
@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
       client_test_fraction=0.25,  # of each client's sequences
       dirichlet_alpha=0.5,
       modality_sets=(),           # explicit per-client modality tuples; empty = draw
-      modality_missing_rate=0.3,  # per client and modality, when drawn
+      num_device_types=3,         # clients of one type share modalities + encoders (a cohort); 0 = all differ
+      modality_missing_rate=0.3,  # per device type (or client) and modality, when drawn
       sample_missing_rate=0.1,    # per sample and present modality
       public_per_client=128,
       seed=0,
@@ -41,13 +42,13 @@ def get_config() -> ml_collections.ConfigDict:
       )),
   ))
   c.text = ml_collections.ConfigDict(dict(
-      vocab_size=384, instruction='describe the activity:', instr_len=8, answer_len=12))
+      vocab_size=384, instruction='describe the activity:', instr_len=10, answer_len=12))
   c.edge_model = model(backbone(width=64, layers=2, heads=4), encoder_width=32)
   c.server_model = model(backbone(width=128, layers=4, heads=4), encoder_width=64)
   c.pretrain = ml_collections.ConfigDict(dict(steps=300, batch_size=32, learning_rate=3e-3))
   c.train = ml_collections.ConfigDict(dict(
-      rounds=12, client_fraction=1.0, public_steps=4, private_steps=12, server_steps=12,
-      batch_size=16, learning_rate=3e-3, weight_decay=0.0, clip_norm=1.0, eval_every=3))
+      rounds=30, client_fraction=1.0, public_steps=4, private_steps=12, server_steps=12,
+      batch_size=16, learning_rate=3e-3, weight_decay=0.0, clip_norm=1.0, eval_every=5))
   c.method = ml_collections.ConfigDict(dict(
       name='ml_ecs',
       ccl='gram',                 # 'gram', 'infonce' or 'none'
@@ -55,7 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
       amt=True,                   # private LoRA + gates; False = shared LoRA only
       mma_weights='modality_samples',  # 'samples' (FedAvg), 'modality', 'modality_samples'
       se_ccl=True, lambda_se=0.5, tau_se=0.2,
-      fedprox_mu=0.0,
+      fedprox_mu=0.0,             # FedProx proximal weight on the shared LoRA
+      communicate=True,           # False = local-only training
+      zero_fill=False,            # baseline fusion: zero-filled missing modalities
+      modality_dropout=0.0,       # baseline: drop present modalities in training batches
   ))
   c.eval = ml_collections.ConfigDict(dict(max_test_per_client=64, max_server_test=256))
   return c

@@ -89,7 +89,7 @@ def test_partition_no_leakage_and_disjoint(dataset, tiny_config):
 @pytest.mark.parametrize('rate', [0.3, 0.6])
 def test_partition_missing_rates(dataset, tiny_config, rate):
   cfg = copy.deepcopy(tiny_config.data)
-  cfg.update(dict(num_clients=60, modality_sets=(), modality_missing_rate=rate,
+  cfg.update(dict(num_clients=60, modality_sets=(), num_device_types=0, modality_missing_rate=rate,
                   sample_missing_rate=rate, dirichlet_alpha=100.0, public_per_client=16))
   p = partition(dataset, cfg)
   n_mod = np.array([len(c.modalities) for c in p.clients])
@@ -135,3 +135,14 @@ def test_partition_bad_config(dataset, tiny_config):
   cfg.sample_missing_rate = 1.5
   with pytest.raises(ValueError, match='sample_missing_rate'):
     partition(dataset, cfg)
+
+
+def test_device_types_form_cohorts(dataset, tiny_config):
+  cfg = copy.deepcopy(tiny_config.data)
+  cfg.update(dict(num_clients=7, modality_sets=(), num_device_types=3))
+  cfg.encoders.accel = ('conv1d', 'transformer', 'mlp')
+  p = partition(dataset, cfg)
+  for c in p.clients:
+    same = p.clients[c.client_id % 3]
+    assert c.cohort_key == same.cohort_key
+  assert len(p.cohorts()) <= 3 and sum(len(c) for c in p.cohorts()) == 7

@@ -1,7 +1,7 @@
 """Split a dataset into a public split and N heterogeneous edge clients.
 
 Each client gets a modality set (explicit, or drawn with a modality-missing
-rate), an encoder architecture per modality, label-skewed private data
+rate, per client or per device type), an encoder architecture per modality, label-skewed private data
 (Dirichlet(alpha) over classes), a train/test split by sequence (no recording on
 both sides), per-sample missing-modality masks, and a subset of the public
 split. Clients with the same modality set and encoders form a cohort, whose
@@ -92,7 +92,21 @@ def _sample_masks(rng, n, k, rate):
   return mask
 
 
-def _modality_sets(rng, cfg, all_modalities):
+def _draw_modality_set(rng, rate, all_modalities):
+  keep = rng.random(len(all_modalities)) >= rate
+  if not keep.any():
+    keep[rng.integers(len(all_modalities))] = True
+  return tuple(m for m, k in zip(all_modalities, keep) if k)
+
+
+def _profiles(rng, cfg, all_modalities):
+  """Per client: (modality set, profile index used to pick its encoders).
+
+  Explicit `modality_sets` fix each client's set. Otherwise, with
+  `num_device_types` = K > 0, K device types are drawn and client c is of type
+  c mod K (same-type clients share structure and form one cohort); with K = 0
+  every client draws its own set.
+  """
   if cfg.get('modality_sets'):
     sets = [tuple(s) for s in cfg.modality_sets]
     if len(sets) != cfg.num_clients:
@@ -101,14 +115,14 @@ def _modality_sets(rng, cfg, all_modalities):
       unknown = set(s) - set(all_modalities)
       if unknown or not s:
         raise ValueError(f'data.modality_sets entry {s} must be a non-empty subset of {all_modalities}')
-    return [tuple(m for m in all_modalities if m in s) for s in sets]
-  out = []
-  for _ in range(cfg.num_clients):
-    keep = rng.random(len(all_modalities)) >= cfg.modality_missing_rate
-    if not keep.any():
-      keep[rng.integers(len(all_modalities))] = True
-    out.append(tuple(m for m, k in zip(all_modalities, keep) if k))
-  return out
+    return [(tuple(m for m in all_modalities if m in s), k) for k, s in enumerate(sets)]
+  types = cfg.get('num_device_types', 0)
+  if types < 0:
+    raise ValueError(f'data.num_device_types must be >= 0, got {types}')
+  if types:
+    drawn = [_draw_modality_set(rng, cfg.modality_missing_rate, all_modalities) for _ in range(types)]
+    return [(drawn[k % types], k % types) for k in range(cfg.num_clients)]
+  return [(_draw_modality_set(rng, cfg.modality_missing_rate, all_modalities), k) for k in range(cfg.num_clients)]
 
 
 def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partition:
@@ -131,15 +145,15 @@ def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partitio
   if len(seqs) < 2 * cfg.num_clients:
     raise ValueError(f'{len(seqs)} private sequences cannot give {cfg.num_clients} clients two sequences each')
   owner = _dirichlet_by_sequence(rng, seq_label, cfg.num_clients, ds.num_classes, cfg.dirichlet_alpha)
-  mod_sets = _modality_sets(rng, cfg, all_mods)
+  profiles = _profiles(rng, cfg, all_mods)
   clients = []
   for k in range(cfg.num_clients):
     idx = private_idx[np.isin(ds.sequence_ids[private_idx], seqs[owner == k])]
     train, test = _split_by_sequence(rng, idx, ds.sequence_ids, cfg.client_test_fraction)
     n_pub = min(cfg.public_per_client, len(pub_train))
     pub = np.sort(rng.choice(pub_train, n_pub, replace=False))
-    mods = mod_sets[k]
-    enc = tuple((m, cfg.encoders[m][k % len(cfg.encoders[m])]) for m in mods)
+    mods, profile = profiles[k]
+    enc = tuple((m, cfg.encoders[m][profile % len(cfg.encoders[m])]) for m in mods)
     masks = [_sample_masks(rng, len(x), len(mods), cfg.sample_missing_rate) for x in (train, test, pub)]
     clients.append(ClientSpec(k, mods, enc, train, test, pub, *masks))
   return Partition(tuple(clients), pub_train, pub_test)

@@ -1,0 +1,404 @@
+"""The ML-ECS round loop: vmapped client cohorts, MMA, server training, evaluation.
+
+A round: the server sends its fused representations of the public split and the
+aggregated shared LoRA down -> every sampled client (one jitted vmap per
+cohort) runs a public stage (LM + SE-CCL alignment to the server's
+representations, encoders frozen) and a private stage (LM + lambda_ccl * CCL)
+-> clients upload shared LoRA and public fused representations -> MMA
+aggregates the shared LoRA over all cohorts -> the server trains on the public
+split (LM + CCL + alignment to the MMA-weighted client representations).
+
+Method switches (config `method`) turn the same loop into the baselines and
+ablations: no communication (local only), plain FedAvg weights, FedProx,
+no CCL, no AMT (no private LoRA), no SE-CCL.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ml_ecs import aggregation, communication, params
+from ml_ecs.cohort_data import CohortData, SplitArrays, cohort_data, full_modality_split
+from ml_ecs.data.dataset import MultimodalDataset
+from ml_ecs.data.partition import Partition, partition
+from ml_ecs.evaluation import ROUGE_TYPES, TextScorer
+from ml_ecs.models.multimodal import MultimodalLM
+from ml_ecs.node import NodeProgram, StageSpec, make_optimizer, sub
+from ml_ecs.pretrain import pretrain_backbone
+from ml_ecs.text import TaskText, build_task_text
+
+
+def load_dataset(cfg: ml_collections.ConfigDict) -> MultimodalDataset:
+  """The dataset named by `data.name`: 'embedded' (shipped) or 'urfall' (files under data.path)."""
+  if cfg.name == 'embedded':
+    from ml_ecs.data.embedded import load_default
+    return load_default()
+  if cfg.name == 'urfall':
+    from ml_ecs.data.urfall import load_urfall
+    return load_urfall(cfg.path)
+  raise ValueError(f"data.name must be 'embedded' or 'urfall', got {cfg.name!r}")
+
+
+def method_flags(m: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Validated method switches."""
+  if m.ccl not in ('gram', 'infonce', 'none'):
+    raise ValueError(f"method.ccl must be 'gram', 'infonce' or 'none', got {m.ccl!r}")
+  if m.mma_weights not in aggregation.WEIGHTINGS:
+    raise ValueError(f'method.mma_weights must be one of {aggregation.WEIGHTINGS}, got {m.mma_weights!r}')
+  if not 0.0 <= m.modality_dropout < 1.0:
+    raise ValueError(f'method.modality_dropout must be in [0, 1), got {m.modality_dropout}')
+  return dict(communicate=bool(m.communicate), se_ccl=bool(m.se_ccl), amt=bool(m.amt),
+              ccl=m.ccl if m.lambda_ccl > 0 else 'none')
+
+
+@dataclasses.dataclass
+class Cohort:
+  """Clients of one structure: their stacked state, data and compiled functions."""
+  data: CohortData
+  program: NodeProgram
+  trainables: dict          # stacked [C, ...]
+  opt_state: dict           # {'public': ..., 'private': ...} stacked
+  client_ids: np.ndarray
+  num_sampled: int
+  round_fn: Callable
+  generate_fn: Callable
+
+
+def _stack_init(model_fn: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array) -> dict:
+  """Trainable parts of one freshly initialised model per key, stacked (one compiled init)."""
+  def init(key):
+    return sub(params.split_model(model_fn(nnx.Rngs(key)))[1], params.TRAINABLE)
+  return jax.jit(jax.vmap(init))(keys)
+
+
+class Federation:
+  """Holds the whole simulated federation and runs its rounds."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | None = None,
+               dataset: MultimodalDataset | None = None, log: Callable[[str], None] = print):
+    self.cfg = cfg
+    self.log = log
+    self.flags = method_flags(cfg.method)
+    self.ds = dataset if dataset is not None else load_dataset(cfg.data)
+    if workdir:
+      os.makedirs(workdir, exist_ok=True)
+    tok_path = os.path.join(workdir, 'tokenizer.json') if workdir else None
+    self.text: TaskText = build_task_text(self.ds, cfg.text, tok_path)
+    self.partition: Partition = partition(self.ds, cfg.data)
+    self.scorer = TextScorer(self.ds.descriptions)
+    self.modalities = self.ds.modality_names
+    self.shapes = {m: x.shape[1:] for m, x in self.ds.modalities.items()}
+    vocab = self.text.tokenizer.vocab_size
+    for name in ('edge_model', 'server_model'):
+      need = cfg[name].prompt_len + cfg.text.instr_len + cfg.text.answer_len
+      if need > cfg[name].backbone.max_len:
+        raise ValueError(f'{name}.backbone.max_len={cfg[name].backbone.max_len} is shorter than '
+                         f'prompt_len + text.instr_len + text.answer_len = {need}')
+    self.pretrain_info = {}
+    self.edge_frozen = self._backbone('edge_model', workdir)
+    self.server_frozen = self._backbone('server_model', workdir)
+    self.num_public = len(self.partition.public_train_idx)
+    self.rng = jax.random.key(cfg.seed)
+
+    # Stage specs (static): what each stage trains and optimises.
+    m, t = cfg.method, cfg.train
+    private_parts = tuple(p for p in params.TRAINABLE if self.flags['amt'] or p != 'private')
+    public_parts = tuple(p for p in private_parts if p != 'encoders')
+    self.public_spec = StageSpec(t.public_steps, public_parts,
+                                 lambda_align=m.lambda_se if self.flags['se_ccl'] and self.flags['communicate'] else 0.0)
+    self.private_spec = StageSpec(t.private_steps, private_parts,
+                                  lambda_ccl=m.lambda_ccl if self.flags['ccl'] != 'none' else 0.0,
+                                  fedprox_mu=m.fedprox_mu if self.flags['communicate'] else 0.0)
+    self.server_spec = StageSpec(t.server_steps, params.TRAINABLE,
+                                 lambda_ccl=m.lambda_ccl if self.flags['ccl'] != 'none' else 0.0,
+                                 lambda_align=m.lambda_se if self.flags['se_ccl'] and self.flags['communicate'] else 0.0)
+    self.optimizer = make_optimizer(t)
+    self._build_cohorts(vocab)
+    self._build_server(vocab)
+    self._build_accounting()
+    self.round = 0
+
+  # ------------------------------------------------------------------ setup
+  def _backbone(self, name: str, workdir: str | None) -> nnx.State:
+    """Pretrained frozen backbone of `name`, cached in workdir/backbones/."""
+    from flax import serialization
+    mcfg = self.cfg[name]
+    path = os.path.join(workdir, 'backbones', f'{name}.msgpack') if workdir else None
+    template = nnx.eval_shape(lambda: self._model(mcfg, self.modalities, {m: 'mlp' for m in self.modalities},
+                                                  nnx.Rngs(0)))
+    frozen_template = params.split_model(template)[1]['frozen']
+    if path and os.path.exists(path):
+      with open(path, 'rb') as f:
+        pure = serialization.msgpack_restore(f.read())
+    else:
+      backbone_state, info = pretrain_backbone(mcfg.backbone, mcfg.prompt_len, self.text, self.cfg.pretrain,
+                                               self.cfg.seed + (0 if name == 'edge_model' else 1))
+      self.pretrain_info[name] = info
+      pure = {'backbone': nnx.to_pure_dict(backbone_state)}
+      if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + '.tmp'
+        with open(tmp, 'wb') as f:
+          f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, pure)))
+        os.replace(tmp, path)
+    expected = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(frozen_template))
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), pure)
+    if got != expected:
+      raise ValueError(f'backbone weights for {name} ({path or "pretrained"}) do not match {name}.backbone; '
+                       'delete the cached file to retrain')
+    nnx.replace_by_pure_dict(frozen_template, jax.tree.map(jnp.asarray, pure))
+    return frozen_template
+
+  def _model(self, mcfg, modalities, encoder_types, rngs):
+    return MultimodalLM({m: self.shapes[m] for m in modalities}, encoder_types, self.modalities, mcfg,
+                        self.text.tokenizer.vocab_size, rngs=rngs)
+
+  def _program(self, graphdef, num_modalities: int) -> NodeProgram:
+    m, t = self.cfg.method, self.cfg.train
+    return NodeProgram(graphdef, num_modalities, jnp.asarray(self.text.instr), jnp.asarray(self.text.instr_mask),
+                       self.flags['ccl'], m.tau_ccl, m.tau_se, t.batch_size, self.optimizer,
+                       zero_fill=bool(m.zero_fill), modality_dropout=float(m.modality_dropout))
+
+  def _build_cohorts(self, vocab: int) -> None:
+    cfg = self.cfg
+    self.cohorts: list[Cohort] = []
+    init_rng = jax.random.key(cfg.seed + 17)
+    for k, clients in enumerate(self.partition.cohorts()):
+      mods = clients[0].modalities
+      enc = dict(clients[0].encoder_types)
+      model_fn = functools.partial(self._model, cfg.edge_model, mods, enc)
+      graphdef, _ = params.split_model(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+      program = self._program(graphdef, len(mods))
+      keys = jax.random.split(jax.random.fold_in(init_rng, k), len(clients))
+      trainables = _stack_init(model_fn, keys)
+      opt_state = {'public': jax.vmap(lambda tr: program.init_opt(tr, self.public_spec))(trainables),
+                   'private': jax.vmap(lambda tr: program.init_opt(tr, self.private_spec))(trainables)}
+      data = cohort_data(self.ds, self.text, clients, self.partition.public_train_idx, cfg.eval.max_test_per_client)
+      num_sampled = max(1, int(round(cfg.train.client_fraction * len(clients))))
+      self.cohorts.append(Cohort(data, program, trainables, opt_state, np.array([c.client_id for c in clients]),
+                                 num_sampled, self._make_round_fn(program), self._make_generate_fn(program)))
+    # Round-0 broadcast: every client starts from the same shared LoRA.
+    self.global_shared = jax.tree.map(lambda x: x[0], self.cohorts[0].trainables['shared'])
+    if self.flags['communicate']:
+      for c in self.cohorts:
+        c.trainables['shared'] = jax.tree.map(lambda g, x: jnp.broadcast_to(g, x.shape), self.global_shared,
+                                              c.trainables['shared'])
+    self.leaf_mod = aggregation.leaf_modalities(self.global_shared, self.modalities)
+    self._aggregate = jax.jit(functools.partial(aggregation.aggregate, leaf_mod=self.leaf_mod,
+                                                modality_aware=self.cfg.method.mma_weights != 'fedavg'))
+    self._aggregate_reps = jax.jit(aggregation.aggregate_representations, static_argnums=4)
+
+  def _build_server(self, vocab: int) -> None:
+    cfg = self.cfg
+    enc_types = {m: cfg.data.encoders[m][0] for m in self.modalities}
+    model_fn = functools.partial(self._model, cfg.server_model, self.modalities, enc_types)
+    graphdef, _ = params.split_model(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+    self.server_program = self._program(graphdef, len(self.modalities))
+    self.server_trainables = jax.tree.map(lambda x: x[0], _stack_init(model_fn, jax.random.key(cfg.seed + 29)[None]))
+    self.server_opt = self.server_program.init_opt(self.server_trainables, self.server_spec)
+    self.public_train = full_modality_split(self.ds, self.text, self.partition.public_train_idx)
+    self.public_test = full_modality_split(self.ds, self.text, self.partition.public_test_idx, cfg.eval.max_server_test)
+    prog, spec, frozen = self.server_program, self.server_spec, self.server_frozen
+    squeeze = lambda s: jax.tree.map(lambda x: x[0], s)
+
+    @jax.jit
+    def server_round(tr, opt, rng, targets, target_valid):
+      ctx = {'frozen': frozen, 'targets': targets, 'target_valid': target_valid}
+      tr, opt, metrics = prog.run_stage(tr, opt, squeeze(self.public_train), rng, ctx, spec)
+      z, _ = prog.encode_split(tr, frozen, squeeze(self.public_train))
+      return tr, opt, metrics, z
+
+    self._server_round = server_round
+    self._server_encode = jax.jit(lambda tr: prog.encode_split(tr, frozen, squeeze(self.public_train))[0])
+    self._server_generate = jax.jit(lambda tr: prog.generate_split(tr, frozen, squeeze(self.public_test),
+                                                                   cfg.text.answer_len))
+    self.server_z = self._server_encode(self.server_trainables)
+
+  def _make_round_fn(self, program: NodeProgram) -> Callable:
+    pub_spec, priv_spec, frozen = self.public_spec, self.private_spec, self.edge_frozen
+    communicate = self.flags['communicate']
+
+    def one_client(tr, opt, train, public, key, ctx):
+      k1, k2 = jax.random.split(key)
+      metrics = {}
+      if pub_spec.steps:
+        tr, opt_pub, m1 = program.run_stage(tr, opt['public'], public, k1, ctx, pub_spec)
+        opt = {**opt, 'public': opt_pub}
+        metrics.update({f'public_{k}': v for k, v in m1.items()})
+      if priv_spec.steps:
+        tr, opt_priv, m2 = program.run_stage(tr, opt['private'], train, k2, ctx, priv_spec)
+        opt = {**opt, 'private': opt_priv}
+        metrics.update({f'private_{k}': v for k, v in m2.items()})
+      z, valid = program.encode_split(tr, frozen, public)
+      return tr, opt, metrics, z, valid
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def round_fn(tr_all, opt_all, train_all, public_all, sel, rng, global_shared, server_z):
+      take = lambda t: jax.tree.map(lambda x: x[sel], t)
+      tr, opt, train, public = take(tr_all), take(opt_all), take(train_all), take(public_all)
+      if communicate:
+        tr = {**tr, 'shared': jax.tree.map(lambda g, x: jnp.broadcast_to(g, x.shape), global_shared, tr['shared'])}
+      ctx = {'frozen': frozen, 'targets': server_z, 'target_valid': jnp.ones(server_z.shape[:1]),
+             'ref_shared': global_shared}
+      keys = jax.random.split(rng, sel.shape[0])
+      tr, opt, metrics, z, valid = jax.vmap(one_client, in_axes=(0, 0, 0, 0, 0, None))(tr, opt, train, public, keys, ctx)
+      put = lambda full, part: jax.tree.map(lambda f, p: f.at[sel].set(p), full, part)
+      return put(tr_all, tr), put(opt_all, opt), metrics, tr['shared'], z, valid, public.ids
+
+    return round_fn
+
+  def _make_generate_fn(self, program: NodeProgram) -> Callable:
+    frozen, max_len = self.edge_frozen, self.cfg.text.answer_len
+    return jax.jit(jax.vmap(lambda tr, split: program.generate_split(tr, frozen, split, max_len)))
+
+  def _build_accounting(self) -> None:
+    n = len(self.partition.clients)
+    self.num_samples = np.zeros(n, np.int64)
+    self.num_mods = np.zeros(n, np.int64)
+    self.shared_bytes = np.zeros(n, np.int64)
+    self.reps_bytes = np.zeros(n, np.int64)
+    itemsize = jnp.dtype(jnp.float32).itemsize
+    leaf_bytes = [(m, int(np.prod(x.shape)) * x.dtype.itemsize)
+                  for m, x in zip(jax.tree.leaves(self.leaf_mod), jax.tree.leaves(self.global_shared))]
+    total_bytes = 0
+    for cohort in self.cohorts:
+      client_total = params.count(jax.tree.map(lambda x: x[0], cohort.trainables))[1] + params.count(self.edge_frozen)[1]
+      mods_idx = [self.modalities.index(m) for m in cohort.data.modalities]
+      for c in cohort.data.clients:
+        i = c.client_id
+        self.num_samples[i] = len(c.train_idx)
+        self.num_mods[i] = len(c.modalities)
+        self.shared_bytes[i] = sum(b for m, b in leaf_bytes if m < 0 or m in mods_idx)
+        self.reps_bytes[i] = len(c.public_idx) * self.cfg.edge_model.d_z * itemsize
+        total_bytes += client_total
+    server_total = params.count(self.server_trainables)[1] + params.count(self.server_frozen)[1]
+    self.total_model_bytes = total_bytes + server_total
+    self.weights = aggregation.client_weights(self.cfg.method.mma_weights, self.num_samples, self.num_mods)
+
+  # ------------------------------------------------------------------ rounds
+  def _next_key(self) -> jax.Array:
+    self.rng, key = jax.random.split(self.rng)
+    return key
+
+  def run_round(self) -> dict[str, Any]:
+    """One communication round; returns its training metrics."""
+    t0 = time.perf_counter()
+    key = self._next_key()
+    shared_list, w_list, pres_list, z_list, id_list, valid_list, metrics_list, sampled = [], [], [], [], [], [], [], []
+    for k, c in enumerate(self.cohorts):
+      ck = jax.random.fold_in(key, k)
+      n = len(c.client_ids)
+      sel = np.sort(np.asarray(jax.random.choice(jax.random.fold_in(ck, 1), n, (c.num_sampled,), replace=False)))
+      c.trainables, c.opt_state, metrics, shared, z, valid, ids = c.round_fn(
+          c.trainables, c.opt_state, c.data.train, c.data.public, jnp.asarray(sel), ck,
+          self.global_shared, self.server_z)
+      ids_sel = c.client_ids[sel]
+      sampled.append(ids_sel)
+      shared_list.append(shared)
+      w_list.append(jnp.asarray(self.weights[ids_sel]))
+      pres = np.zeros((len(sel), len(self.modalities)), np.float32)
+      pres[:, [self.modalities.index(m) for m in c.data.modalities]] = 1.0
+      pres_list.append(jnp.asarray(pres))
+      z_list.append(z)
+      id_list.append(ids)
+      valid_list.append(valid)
+      metrics_list.append((metrics, len(sel)))
+    sampled = np.concatenate(sampled)
+    out: dict[str, Any] = {}
+    if self.flags['communicate']:
+      self.global_shared, excluded = self._aggregate(tuple(shared_list), tuple(w_list), tuple(pres_list),
+                                                     self.global_shared)
+      out['mma/excluded'] = int(excluded)
+      targets, has_target = self._aggregate_reps(tuple(z_list), tuple(id_list), tuple(valid_list),
+                                                 tuple(w_list), self.num_public)
+    else:
+      targets, has_target = self.server_z, jnp.zeros((self.num_public,), bool)
+    self.server_trainables, self.server_opt, server_metrics, self.server_z = self._server_round(
+        self.server_trainables, self.server_opt, self._next_key(), targets, has_target.astype(jnp.float32))
+    # Client metrics: mean over sampled clients of every cohort.
+    keys = sorted({k for m, _ in metrics_list for k in m})
+    for k in keys:
+      vals = [np.asarray(m[k]) for m, _ in metrics_list if k in m]
+      out[f'client/{k}'] = float(np.concatenate([v.reshape(-1) for v in vals]).mean())
+    out.update({f'server/{k}': float(v) for k, v in server_metrics.items()})
+    comm = communication.round_bytes(self.shared_bytes, self.reps_bytes, sampled,
+                                     self.flags['communicate'], self.flags['communicate'] and self.flags['se_ccl'])
+    out.update(comm)
+    out['comm/ratio'] = (comm['comm/bytes_up'] + comm['comm/bytes_down']) / self.total_model_bytes
+    out['clients/sampled'] = int(len(sampled))
+    jax.block_until_ready(self.server_z)
+    self.round += 1
+    out['round'] = self.round
+    out['time/round_s'] = time.perf_counter() - t0
+    return out
+
+  def evaluate(self) -> dict[str, Any]:
+    """ROUGE and accuracy of every client on its test split and of the server on the public test split."""
+    t0 = time.perf_counter()
+    per_client: dict[str, dict[str, float]] = {}
+    for c in self.cohorts:
+      toks = np.asarray(c.generate_fn(c.trainables, c.data.test))
+      counts = np.asarray(c.data.test.count)
+      labels = np.asarray(c.data.test.labels)
+      for j, spec in enumerate(c.data.clients):
+        preds = self.text.tokenizer.decode(toks[j, :counts[j]])
+        idx = spec.test_idx[:counts[j]]
+        refs = [self.text.references[i] for i in idx]
+        per_client[str(spec.client_id)] = self.scorer.score(preds, refs, labels[j, :counts[j]].tolist())
+    toks = np.asarray(self._server_generate(self.server_trainables))
+    n = int(self.public_test.count[0])
+    idx = self.partition.public_test_idx[:n]
+    server_preds = self.text.tokenizer.decode(toks[:n])
+    server = self.scorer.score(server_preds, [self.text.references[i] for i in idx],
+                               self.ds.labels[idx].tolist())
+    out: dict[str, Any] = {'round': self.round}
+    for t in ROUGE_TYPES + ('accuracy',):
+      out[f'server/{t}'] = server[t]
+      vals = [per_client[c][t] for c in sorted(per_client, key=int)]
+      out[f'client/{t}_mean'] = float(np.mean(vals))
+    out['client/rougeLsum'] = {c: per_client[c]['rougeLsum'] for c in sorted(per_client, key=int)}
+    out['client/accuracy'] = {c: per_client[c]['accuracy'] for c in sorted(per_client, key=int)}
+    out['samples/server_prediction'] = server_preds[0] if server_preds else ''
+    out['time/eval_s'] = time.perf_counter() - t0
+    return out
+
+  def state(self) -> dict[str, Any]:
+    """Everything that changes during training, as a pytree of arrays (for checkpoints)."""
+    return {
+        'round': jnp.asarray(self.round),
+        'global_shared': self.global_shared,
+        'server_z': self.server_z,
+        'server': {'trainables': self.server_trainables, 'opt_state': self.server_opt},
+        'cohorts': [{'trainables': c.trainables, 'opt_state': c.opt_state} for c in self.cohorts],
+        'rng': jax.random.key_data(self.rng),
+    }
+
+  def load_state(self, state: dict[str, Any]) -> None:
+    """Inverse of `state`."""
+    self.round = int(state['round'])
+    self.global_shared = state['global_shared']
+    self.server_z = state['server_z']
+    self.server_trainables = state['server']['trainables']
+    self.server_opt = state['server']['opt_state']
+    for c, s in zip(self.cohorts, state['cohorts']):
+      c.trainables, c.opt_state = s['trainables'], s['opt_state']
+    self.rng = jax.random.wrap_key_data(state['rng'])
+
+  def model_summary(self) -> dict[str, Any]:
+    """Parameter counts of one edge model per cohort and of the server model."""
+    edge = []
+    for c in self.cohorts:
+      parts = {**jax.tree.map(lambda x: x[0], c.trainables), 'frozen': self.edge_frozen}
+      edge.append({'modalities': list(c.data.modalities), 'encoders': dict(c.data.clients[0].encoder_types),
+                   'clients': len(c.client_ids), 'params': params.count_parts(parts)})
+    server = params.count_parts({**self.server_trainables, 'frozen': self.server_frozen})
+    return {'edge_cohorts': edge, 'server': server, 'total_model_bytes': int(self.total_model_bytes)}

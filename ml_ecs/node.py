@@ -1,0 +1,170 @@
+"""Pure functions of one node (edge client or server) over its trainable pytree.
+
+A node's trainables are {'shared', 'private', 'encoders', 'connector'} states of
+`ml_ecs.params`; the frozen backbone comes in separately (once, unstacked, when a
+cohort is vmapped). A *stage* is a number of local optimizer steps on batches
+drawn from one split with a configurable objective:
+
+  loss = LM + lambda_ccl * CCL(projected modality embeddings)
+            + lambda_align * InfoNCE(z, targets[sample id])        (SE-CCL)
+            + mu / 2 * ||shared - reference shared||^2                 (FedProx)
+
+Client AMT runs a public stage (LM + SE-CCL, encoders frozen) then a private
+stage (LM + CCL, everything trainable); the server runs one stage on the public
+split with all three terms.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from ml_ecs import params
+from ml_ecs.cohort_data import SplitArrays
+from ml_ecs.losses import alignment_loss, gram_contrastive_loss, lm_loss, pairwise_infonce_loss
+
+Trainables = dict[str, nnx.State]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """Static description of a local training stage."""
+  steps: int
+  parts: tuple[str, ...]          # trainable parts updated in this stage
+  lambda_ccl: float = 0.0
+  lambda_align: float = 0.0
+  fedprox_mu: float = 0.0
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Clipped AdamW with the configured learning rate."""
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                     optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay))
+
+
+def sub(tree: Trainables, parts: tuple[str, ...]) -> Trainables:
+  return {p: tree[p] for p in parts}
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeProgram:
+  """The functions of one node structure (graphdef) under one method config."""
+  graphdef: Any
+  num_modalities: int
+  instr: jax.Array
+  instr_mask: jax.Array
+  ccl: str                    # 'gram', 'infonce' or 'none'
+  tau_ccl: float
+  tau_align: float
+  batch_size: int
+  optimizer: optax.GradientTransformation
+  zero_fill: bool = False         # baseline fusion: missing modalities enter z as zero inputs
+  modality_dropout: float = 0.0   # training only: drop each present modality w.p. p (keep >= 1)
+
+  def model(self, tr: Trainables, frozen: nnx.State) -> nnx.Module:
+    return params.merge_model(self.graphdef, {**tr, 'frozen': frozen})
+
+  def _instr(self, b: int):
+    return (jnp.broadcast_to(self.instr, (b,) + self.instr.shape),
+            jnp.broadcast_to(self.instr_mask, (b,) + self.instr_mask.shape))
+
+  def sample_batch(self, split: SplitArrays, rng: jax.Array) -> SplitArrays:
+    """`batch_size` samples drawn uniformly (with replacement) from one node's valid rows."""
+    idx = jnp.floor(jax.random.uniform(rng, (self.batch_size,)) * split.count).astype(jnp.int32)
+    idx = jnp.minimum(idx, jnp.maximum(split.count - 1, 0))
+    take = lambda x: x[idx]
+    return SplitArrays(inputs=jax.tree.map(take, split.inputs), mod_mask=take(split.mod_mask),
+                       count=split.count, answers=take(split.answers), answer_mask=take(split.answer_mask),
+                       labels=take(split.labels), ids=take(split.ids))
+
+  def encode(self, m, inputs, mod_mask):
+    """(projected, z) of a batch; with `zero_fill` missing inputs are zeros that enter the fusion."""
+    if not self.zero_fill:
+      return m.encode(inputs, mod_mask)
+    present = lambda i, x: mod_mask[:, i].astype(bool).reshape((-1,) + (1,) * (x.ndim - 1))
+    zeroed = {k: jnp.where(present(i, inputs[k]), inputs[k], 0.0) for i, k in enumerate(m.modalities)}
+    return m.encode(zeroed, jnp.ones_like(mod_mask))
+
+  def drop_modalities(self, mask: jax.Array, rng: jax.Array) -> jax.Array:
+    """Modality dropout: each present modality dropped w.p. `modality_dropout`, never all of a row."""
+    keep = jax.random.uniform(rng, mask.shape) >= self.modality_dropout
+    dropped = mask * keep
+    return jnp.where((dropped.sum(-1, keepdims=True) > 0), dropped, mask)
+
+  def ccl_loss(self, projected: jax.Array, mask: jax.Array) -> jax.Array:
+    if self.ccl == 'none' or self.num_modalities < 2:
+      return jnp.zeros(())
+    if self.ccl == 'gram':
+      return gram_contrastive_loss(projected, mask, 0, self.tau_ccl)
+    if self.ccl == 'infonce':
+      return pairwise_infonce_loss(projected, mask, self.tau_ccl)
+    raise ValueError(f"method.ccl must be 'gram', 'infonce' or 'none', got {self.ccl!r}")
+
+  def losses(self, tr: Trainables, frozen: nnx.State, batch: SplitArrays, spec: StageSpec,
+             ctx: dict[str, Any]) -> dict[str, jax.Array]:
+    """The loss terms of `spec` on one batch."""
+    m = self.model(tr, frozen)
+    projected, z = self.encode(m, batch.inputs, batch.mod_mask)
+    instr, instr_mask = self._instr(z.shape[0])
+    logits = m(z, instr, instr_mask, batch.answers, batch.answer_mask)
+    out = {'lm': lm_loss(logits, batch.answers, batch.answer_mask)}
+    if spec.lambda_ccl:
+      out['ccl'] = self.ccl_loss(projected, batch.mod_mask)
+    if spec.lambda_align:
+      valid = ctx['target_valid'][batch.ids]
+      out['align'] = alignment_loss(z, ctx['targets'][batch.ids], batch.ids, batch.ids,
+                                    jnp.ones_like(valid), valid, self.tau_align)
+    if spec.fedprox_mu:
+      sq = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), tr['shared'], ctx['ref_shared'])
+      out['prox'] = 0.5 * sum(jax.tree.leaves(sq))
+    return out
+
+  @staticmethod
+  def total(terms: dict[str, jax.Array], spec: StageSpec) -> jax.Array:
+    weights = {'lm': 1.0, 'ccl': spec.lambda_ccl, 'align': spec.lambda_align, 'prox': spec.fedprox_mu}
+    return sum(weights[k] * v for k, v in terms.items())
+
+  def init_opt(self, tr: Trainables, spec: StageSpec) -> optax.OptState:
+    return self.optimizer.init(sub(tr, spec.parts))
+
+  def run_stage(self, tr: Trainables, opt_state: optax.OptState, split: SplitArrays, rng: jax.Array,
+                ctx: dict[str, Any], spec: StageSpec) -> tuple[Trainables, optax.OptState, dict]:
+    """`spec.steps` optimizer steps; returns (trainables, opt_state, mean loss terms)."""
+    frozen = ctx['frozen']
+    fixed = {p: tr[p] for p in tr if p not in spec.parts}
+
+    def step(carry, key):
+      trained, opt_state = carry
+      k_batch, k_drop = jax.random.split(key)
+      batch = self.sample_batch(split, k_batch)
+      if self.modality_dropout > 0:
+        batch = dataclasses.replace(batch, mod_mask=self.drop_modalities(batch.mod_mask, k_drop))
+
+      def loss_fn(trained):
+        terms = self.losses({**trained, **fixed}, frozen, batch, spec, ctx)
+        return self.total(terms, spec), terms
+
+      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+      updates, opt_state = self.optimizer.update(grads, opt_state, trained)
+      return (optax.apply_updates(trained, updates), opt_state), {**terms, 'loss': loss}
+
+    (trained, opt_state), metrics = jax.lax.scan(
+        step, (sub(tr, spec.parts), opt_state), jax.random.split(rng, spec.steps))
+    return {**tr, **trained}, opt_state, jax.tree.map(jnp.mean, metrics)
+
+  def encode_split(self, tr: Trainables, frozen: nnx.State, split: SplitArrays) -> tuple[jax.Array, jax.Array]:
+    """(z [N, d_z], valid [N]) of every row of one node's split."""
+    _, z = self.encode(self.model(tr, frozen), split.inputs, split.mod_mask)
+    return z, jnp.arange(z.shape[0]) < split.count
+
+  def generate_split(self, tr: Trainables, frozen: nnx.State, split: SplitArrays, max_len: int) -> jax.Array:
+    """Greedy answer tokens [N, max_len] for every row of one node's split."""
+    m = self.model(tr, frozen)
+    _, z = self.encode(m, split.inputs, split.mod_mask)
+    instr, instr_mask = self._instr(z.shape[0])
+    return m.generate(z, instr, instr_mask, max_len)

@@ -1,0 +1,58 @@
+"""Pretraining of the frozen backbones on the task's text corpus.
+
+No pretrained LM can be downloaded here, so each backbone (edge SLM, server LLM)
+is first trained as a plain language model on the descriptions that follow the
+instruction, after a prefix of random soft-prompt vectors. It then knows the
+language of the answers but not which answer a sensor reading calls for; that
+mapping is what federated training has to learn through the soft prompt and
+LoRA. The result becomes the `Frozen` part of every node with that backbone.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from ml_ecs.losses import lm_loss
+from ml_ecs.models.decoder import DecoderLM
+from ml_ecs.models.variables import Frozen
+from ml_ecs.text import TaskText
+
+
+def pretrain_backbone(backbone_cfg: ml_collections.ConfigDict, prompt_len: int, text: TaskText,
+                      cfg: ml_collections.ConfigDict, seed: int) -> tuple[nnx.State, dict]:
+  """Trains a DecoderLM's base weights; returns (Frozen state, {'loss_first', 'loss_final'})."""
+  model = DecoderLM(backbone_cfg, text.tokenizer.vocab_size, rngs=nnx.Rngs(seed))
+  graphdef, frozen, rest = nnx.split(model, Frozen, ...)
+  answers = jnp.asarray(np.unique(text.answers, axis=0))
+  answer_mask = (answers != text.tokenizer.pad_id).astype(jnp.float32)
+  instr, instr_mask = jnp.asarray(text.instr), jnp.asarray(text.instr_mask)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)))
+
+  def loss_fn(frozen, key):
+    m = nnx.merge(graphdef, frozen, rest)
+    k1, k2 = jax.random.split(key)
+    idx = jax.random.randint(k1, (cfg.batch_size,), 0, answers.shape[0])
+    ans, am = answers[idx], answer_mask[idx]
+    b = cfg.batch_size
+    prefix = 0.02 * jax.random.normal(k2, (b, prompt_len, backbone_cfg.width))
+    x = jnp.concatenate([prefix, m.embed(jnp.broadcast_to(instr, (b, len(instr)))), m.embed(ans[:, :-1])], 1)
+    mask = jnp.concatenate([jnp.ones((b, prompt_len)), jnp.broadcast_to(instr_mask, (b, len(instr))), am[:, :-1]], 1)
+    logits, _ = m(x, mask)
+    return lm_loss(logits[:, -ans.shape[1]:], ans, am)
+
+  @jax.jit
+  def train(frozen, key):
+    def step(carry, key):
+      frozen, opt = carry
+      loss, grads = jax.value_and_grad(loss_fn)(frozen, key)
+      updates, opt = tx.update(grads, opt, frozen)
+      return (optax.apply_updates(frozen, updates), opt), loss
+    (frozen, _), losses = jax.lax.scan(step, (frozen, tx.init(frozen)), jax.random.split(key, cfg.steps))
+    return frozen, losses
+
+  frozen, losses = train(frozen, jax.random.key(seed + 1))
+  return frozen, {'loss_first': float(losses[0]), 'loss_final': float(losses[-1])}

@@ -1,0 +1,44 @@
+"""The algorithms compared by launch/compare.py, as overrides of the `method` config.
+
+All run in the same round loop on the same data, models and local step budget
+(public stage + private stage per round, server stage on the public split):
+
+  local          no communication: clients train alone, the server alone on public data.
+  fedavg         FedAvg over the LoRA (single shared adapter, sample weights), LM loss only.
+  fedprox        fedavg + proximal term mu/2 ||w - w_global||^2 on the shared LoRA.
+  mmfl           multimodal-FL baseline with missing-modality handling as in the
+                 FedMultimodal benchmark (Feng et al., KDD 2023): missing modalities are
+                 zero-filled into the fusion, trained with modality dropout
+                 (ModDrop, Neverova et al., 2015), aggregated with FedAvg.
+  ml_ecs         the full method: CCL + AMT + MMA + SE-CCL.
+  ml_ecs_no_ccl / _no_amt / _no_mma / _no_se_ccl   ablations, one component removed each.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+_PLAIN = dict(ccl='none', amt=False, mma_weights='fedavg', se_ccl=False, fedprox_mu=0.0,
+              zero_fill=False, modality_dropout=0.0, communicate=True)
+
+STRATEGIES: dict[str, dict] = {
+    'local': {**_PLAIN, 'communicate': False},
+    'fedavg': dict(_PLAIN),
+    'fedprox': {**_PLAIN, 'fedprox_mu': 0.01},
+    'mmfl': {**_PLAIN, 'zero_fill': True, 'modality_dropout': 0.2},
+    'ml_ecs': dict(ccl='gram', amt=True, mma_weights='modality_samples', se_ccl=True, fedprox_mu=0.0,
+                   zero_fill=False, modality_dropout=0.0, communicate=True),
+}
+STRATEGIES['ml_ecs_no_ccl'] = {**STRATEGIES['ml_ecs'], 'ccl': 'none'}
+STRATEGIES['ml_ecs_no_amt'] = {**STRATEGIES['ml_ecs'], 'amt': False}
+STRATEGIES['ml_ecs_no_mma'] = {**STRATEGIES['ml_ecs'], 'mma_weights': 'fedavg'}
+STRATEGIES['ml_ecs_no_se_ccl'] = {**STRATEGIES['ml_ecs'], 'se_ccl': False}
+
+
+def apply_strategy(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of `cfg` whose `method` runs strategy `name`."""
+  if name not in STRATEGIES:
+    raise ValueError(f'unknown method {name!r}: expected one of {sorted(STRATEGIES)}')
+  out = ml_collections.ConfigDict(cfg.to_dict())
+  out.method.update(STRATEGIES[name])
+  out.method.name = name
+  return out
