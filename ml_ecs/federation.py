@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import time
 from typing import Any, Callable
@@ -84,7 +86,10 @@ class Federation:
   """Holds the whole simulated federation and runs its rounds."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | None = None,
-               dataset: MultimodalDataset | None = None, log: Callable[[str], None] = print):
+               dataset: MultimodalDataset | None = None, log: Callable[[str], None] = print,
+               cache_dir: str | None = None):
+    """workdir receives the tokenizer; pretrained backbones are cached under
+    (cache_dir or workdir)/backbones, keyed by everything they depend on."""
     self.cfg = cfg
     self.log = log
     self.flags = method_flags(cfg.method)
@@ -104,8 +109,8 @@ class Federation:
         raise ValueError(f'{name}.backbone.max_len={cfg[name].backbone.max_len} is shorter than '
                          f'prompt_len + text.instr_len + text.answer_len = {need}')
     self.pretrain_info = {}
-    self.edge_frozen = self._backbone('edge_model', workdir)
-    self.server_frozen = self._backbone('server_model', workdir)
+    self.edge_frozen = self._backbone('edge_model', cache_dir or workdir)
+    self.server_frozen = self._backbone('server_model', cache_dir or workdir)
     self.num_public = len(self.partition.public_train_idx)
     self.rng = jax.random.key(cfg.seed)
 
@@ -128,11 +133,14 @@ class Federation:
     self.round = 0
 
   # ------------------------------------------------------------------ setup
-  def _backbone(self, name: str, workdir: str | None) -> nnx.State:
-    """Pretrained frozen backbone of `name`, cached in workdir/backbones/."""
+  def _backbone(self, name: str, cache_dir: str | None) -> nnx.State:
+    """Pretrained frozen backbone of `name`, cached in cache_dir/backbones/."""
     from flax import serialization
     mcfg = self.cfg[name]
-    path = os.path.join(workdir, 'backbones', f'{name}.msgpack') if workdir else None
+    key = json.dumps([mcfg.backbone.to_dict(), mcfg.prompt_len, self.cfg.text.to_dict(), self.cfg.pretrain.to_dict(),
+                      self.cfg.seed, self.cfg.data.name, self.cfg.data.path, name], sort_keys=True, default=str)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, 'backbones', f'{name}-{digest}.msgpack') if cache_dir else None
     template = nnx.eval_shape(lambda: self._model(mcfg, self.modalities, {m: 'mlp' for m in self.modalities},
                                                   nnx.Rngs(0)))
     frozen_template = params.split_model(template)[1]['frozen']

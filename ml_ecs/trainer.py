@@ -30,7 +30,8 @@ def round_line(row: dict[str, Any]) -> str:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True,
-          log: Callable[[str], None] | None = None, checkpoint: bool = True) -> list[dict[str, Any]]:
+          log: Callable[[str], None] | None = None, checkpoint: bool = True,
+          cache_dir: str | None = None) -> list[dict[str, Any]]:
   """Runs `cfg.train.rounds` rounds; evaluates at round 0, every `eval_every` rounds and at the end.
 
   Writes workdir/config.json, metrics.jsonl (one object per evaluated round),
@@ -40,7 +41,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True,
   log = log or (lambda s: tqdm.write(s))
   metrics_io.write_json(os.path.join(workdir, 'config.json'), json.loads(cfg.to_json_best_effort()))
   t0 = time.perf_counter()
-  fed = Federation(cfg, workdir=workdir, log=log)
+  fed = Federation(cfg, workdir=workdir, log=log, cache_dir=cache_dir)
   setup_s = time.perf_counter() - t0
   metrics_io.write_json(os.path.join(workdir, 'model_summary.json'),
                         {**fed.model_summary(), 'pretrain': fed.pretrain_info, 'setup_s': setup_s})

@@ -11,6 +11,11 @@ if ROOT not in sys.path:
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: end-to-end tests (still run in CI)')
+  # Many tests build federations whose jitted functions are identical (same tiny shapes):
+  # a persistent compilation cache shared by the xdist workers compiles each once.
+  import jax
+  from ml_ecs.compilation_cache import enable_compilation_cache
+  enable_compilation_cache(os.path.join(config.rootpath, '.pytest_cache', 'jax_cache'))
 
 
 @pytest.fixture(scope='session')

@@ -1,0 +1,37 @@
+"""Baselines and ablations on one grid; resumes a half-finished grid.
+
+  python launch/compare.py --config=configs/compare.py --workdir=/tmp/compare
+Writes DIR/results.csv, DIR/results.md, DIR/rouge_vs_round.png, DIR/rouge_vs_missing_rate.png
+and one run directory per cell under DIR/cells/.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ml_ecs.compare import run_grid
+from ml_ecs.compilation_cache import enable_compilation_cache
+from ml_ecs.trainer import train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Grid config (configs/compare.py).', lock_config=False)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  workdir = _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  # Cells share many identical programs (same shapes, same server/eval functions).
+  enable_compilation_cache(os.path.join(workdir, 'cache', 'jax'))
+  run_grid(_CONFIG.value, workdir,
+           lambda cfg, cdir, cache: train(cfg, cdir, progress=False, checkpoint=False, cache_dir=cache,
+                                          log=lambda s: print('   ', s, flush=True)))
+  print(f'wrote {workdir}/results.csv, results.md and plots', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

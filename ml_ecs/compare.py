@@ -1,0 +1,184 @@
+"""A resumable grid of runs (method x missing rate x clients x seed) and its reports."""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+from collections import defaultdict
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from ml_ecs import metrics_io
+from ml_ecs.strategies import apply_strategy
+
+CSV_FIELDS = ('method', 'missing_rate', 'num_clients', 'seed', 'client_rougeLsum', 'server_rougeLsum',
+              'client_accuracy', 'server_accuracy', 'comm_ratio', 'client_rougeLsum_by_client', 'rounds', 'wall_s')
+# Columns of the markdown table: (csv field, header, higher is better).
+TABLE_COLUMNS = (('client_rougeLsum', 'client ROUGE-LSum', True), ('server_rougeLsum', 'server ROUGE-LSum', True),
+                 ('client_accuracy', 'client acc', True), ('server_accuracy', 'server acc', True),
+                 ('comm_ratio', 'comm ratio / round', False))
+
+
+def _values(field: str, value, cast) -> list:
+  """A grid axis from a tuple or a comma-separated string (as typed on the command line)."""
+  items = value if isinstance(value, (tuple, list)) else [value]
+  items = [p for v in items for p in (v.split(',') if isinstance(v, str) else [v])]
+  try:
+    out = [cast(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
+  except ValueError:
+    raise ValueError(f'grid.{field}={value!r}: expected a comma-separated list of {cast.__name__}') from None
+  if not out:
+    raise ValueError(f'grid.{field} is empty')
+  return out
+
+
+def cells(grid: ml_collections.ConfigDict) -> list[tuple[str, float, int, int]]:
+  """Every (method, missing rate, clients, seed) of the grid."""
+  return list(itertools.product(_values('methods', grid.methods, str), _values('missing_rates', grid.missing_rates, float),
+                                _values('num_clients', grid.num_clients, int), _values('seeds', grid.seeds, int)))
+
+
+def cell_name(method: str, rate: float, clients: int, seed: int) -> str:
+  return f'{method}__mr{rate:g}__c{clients}__s{seed}'
+
+
+def cell_config(base: ml_collections.ConfigDict, method: str, rate: float, clients: int, seed: int):
+  cfg = apply_strategy(base, method)
+  del cfg['grid']
+  cfg.data.modality_missing_rate = rate
+  cfg.data.num_clients = clients
+  cfg.data.num_device_types = min(cfg.data.num_device_types, clients)
+  cfg.seed = seed
+  cfg.data.seed = seed
+  return cfg
+
+
+def cell_row(method, rate, clients, seed, summary: dict, rows: list[dict]) -> dict[str, Any]:
+  last = rows[-1]
+  return {'method': method, 'missing_rate': rate, 'num_clients': clients, 'seed': seed,
+          'client_rougeLsum': last['client/rougeLsum_mean'], 'server_rougeLsum': last['server/rougeLsum'],
+          'client_accuracy': last['client/accuracy_mean'], 'server_accuracy': last['server/accuracy'],
+          'comm_ratio': max((r.get('comm/ratio', 0.0) for r in rows), default=0.0),
+          'client_rougeLsum_by_client': json.dumps(last['client/rougeLsum'], sort_keys=True),
+          'rounds': last['round'], 'wall_s': summary.get('wall_s', float('nan'))}
+
+
+def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, log: Callable[[str], None] = print
+             ) -> list[dict[str, Any]]:
+  """Runs every cell not yet finished (a finished cell has summary.json), then writes the reports."""
+  cache = os.path.join(workdir, 'cache')
+  results = []
+  todo = cells(base.grid)
+  for i, (method, rate, clients, seed) in enumerate(todo):
+    cdir = os.path.join(workdir, 'cells', cell_name(method, rate, clients, seed))
+    summary_path = os.path.join(cdir, 'summary.json')
+    if os.path.exists(summary_path):
+      log(f'[{i + 1}/{len(todo)}] {cell_name(method, rate, clients, seed)}: done, skipped')
+    else:
+      log(f'[{i + 1}/{len(todo)}] {cell_name(method, rate, clients, seed)}: running')
+      train_fn(cell_config(base, method, rate, clients, seed), cdir, cache)
+    with open(summary_path) as f:
+      summary = json.load(f)
+    results.append(cell_row(method, rate, clients, seed, summary,
+                            metrics_io.read_jsonl(os.path.join(cdir, 'metrics.jsonl'))))
+    write_reports(results, workdir)
+  return results
+
+
+def write_reports(results: list[dict[str, Any]], workdir: str) -> None:
+  """results.csv, results.md and the two plots (atomically replaced)."""
+  tmp = os.path.join(workdir, 'results.csv.tmp')
+  with open(tmp, 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    w.writerows(results)
+  os.replace(tmp, os.path.join(workdir, 'results.csv'))
+  md = markdown_table(results)
+  tmp = os.path.join(workdir, 'results.md.tmp')
+  with open(tmp, 'w') as f:
+    f.write(md)
+  os.replace(tmp, os.path.join(workdir, 'results.md'))
+  plot(results, workdir)
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+  a = np.asarray(vals, float)
+  return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+  """One table per (missing rate, clients) setting: mean +- std over seeds, best per column in bold."""
+  groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+  for r in results:
+    groups[(r['missing_rate'], r['num_clients'])][r['method']].append(r)
+  out = ['# Results', '', 'Final-round values, mean ± std over seeds (n = number of seeds); best mean per column in **bold**.', '']
+  for (rate, clients), by_method in sorted(groups.items()):
+    out += [f'## missing rate {rate:g}, {clients} clients', '',
+            '| method | n | ' + ' | '.join(h for _, h, _ in TABLE_COLUMNS) + ' |',
+            '|---|---|' + '---|' * len(TABLE_COLUMNS)]
+    stats = {m: {c: _mean_std([r[c] for r in rs]) for c, _, _ in TABLE_COLUMNS} for m, rs in by_method.items()}
+    best = {}
+    for c, _, higher in TABLE_COLUMNS:
+      means = [s[c][0] for s in stats.values()]
+      best[c] = max(means) if higher else min(means)
+    for m, rs in by_method.items():
+      cols = []
+      for c, _, _ in TABLE_COLUMNS:
+        mean, std = stats[m][c]
+        fmt = f'{mean:.4f} ± {std:.4f}' if c != 'comm_ratio' else f'{mean:.3%}'
+        cols.append(f'**{fmt}**' if math.isclose(mean, best[c], rel_tol=1e-9, abs_tol=1e-12) else fmt)
+      out.append(f'| {m} | {len(rs)} | ' + ' | '.join(cols) + ' |')
+    out.append('')
+  return '\n'.join(out)
+
+
+def plot(results: list[dict[str, Any]], workdir: str) -> None:
+  """rouge_vs_round.png (per method, first clients setting, one panel per missing rate) and
+  rouge_vs_missing_rate.png (client and server, per method, first clients setting)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  methods = list(dict.fromkeys(r['method'] for r in results))
+  rates = sorted({r['missing_rate'] for r in results})
+  clients = sorted({r['num_clients'] for r in results})[0]
+  fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4), squeeze=False)
+  for ax, rate in zip(axes[0], rates):
+    for m in methods:
+      curves = []
+      for r in results:
+        if (r['method'], r['missing_rate'], r['num_clients']) != (m, rate, clients):
+          continue
+        rows = metrics_io.read_jsonl(os.path.join(workdir, 'cells', cell_name(m, rate, clients, r['seed']), 'metrics.jsonl'))
+        curves.append([(row['round'], row['client/rougeLsum_mean']) for row in rows])
+      if curves:
+        n = min(len(c) for c in curves)
+        x = [p[0] for p in curves[0][:n]]
+        ax.plot(x, np.mean([[p[1] for p in c[:n]] for c in curves], 0), marker='o', label=m)
+    ax.set(title=f'missing rate {rate:g}, {clients} clients', xlabel='round', ylabel='client ROUGE-LSum (mean)')
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  _save(fig, os.path.join(workdir, 'rouge_vs_round.png'))
+  plt.close(fig)
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, key, label in ((axes[0], 'client_rougeLsum', 'client'), (axes[1], 'server_rougeLsum', 'server')):
+    for m in methods:
+      ys = [np.mean([r[key] for r in results if (r['method'], r['missing_rate'], r['num_clients']) == (m, rate, clients)] or [np.nan])
+            for rate in rates]
+      ax.plot(rates, ys, marker='o', label=m)
+    ax.set(title=f'{label}, {clients} clients', xlabel='modality missing rate', ylabel='final ROUGE-LSum')
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  _save(fig, os.path.join(workdir, 'rouge_vs_missing_rate.png'))
+  plt.close(fig)
+
+
+def _save(fig, path: str) -> None:
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, path)

@@ -1,0 +1,121 @@
+"""Every baseline/ablation runs in the same loop, and each switch really removes its component."""
+import copy
+
+import jax
+import numpy as np
+import pytest
+
+from ml_ecs import compare
+from ml_ecs.federation import Federation
+from ml_ecs.strategies import STRATEGIES, apply_strategy
+
+_RUNS = {}
+
+
+def _one_cohort(cfg):
+  cfg = copy.deepcopy(cfg)
+  cfg.data.modality_sets = (('accel', 'depth', 'image'), ('accel', 'depth', 'image'), ('accel', 'depth', 'image'))
+  return cfg
+
+
+def _run(name, base, dataset, workdir, rounds=2):
+  """(federation before, metrics of each round, trainables before) of strategy `name`, cached."""
+  if name not in _RUNS:
+    fed = Federation(apply_strategy(_one_cohort(base), name), workdir=str(workdir), dataset=dataset, log=lambda s: None)
+    before = jax.tree.map(np.asarray, fed.cohorts[0].trainables)
+    metrics = [fed.run_round() for _ in range(rounds)]
+    _RUNS[name] = (fed, metrics, before)
+  return _RUNS[name]
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('strategies')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', sorted(STRATEGIES))
+def test_strategy_runs_two_rounds(name, tiny_config, dataset, cache_dir):
+  fed, metrics, _ = _run(name, tiny_config, dataset, cache_dir)
+  assert [m['round'] for m in metrics] == [1, 2]
+  assert np.isfinite(metrics[-1]['client/private_lm']) and np.isfinite(metrics[-1]['server/lm'])
+  ev = fed.evaluate()
+  assert 0.0 <= ev['client/rougeLsum_mean'] <= 1.0
+  if name == 'local':
+    assert metrics[-1]['comm/bytes_up'] == 0 and 'mma/excluded' not in metrics[-1]
+  else:
+    assert metrics[-1]['comm/lora_bytes_up'] > 0
+
+
+@pytest.mark.slow
+def test_ablation_switches_remove_their_component(tiny_config, dataset, cache_dir):
+  full = _run('ml_ecs', tiny_config, dataset, cache_dir)[1][-1]
+  assert {'client/private_ccl', 'client/public_align', 'server/align', 'server/ccl'} <= set(full)
+  # without CCL: no CCL term anywhere.
+  fed, m, _ = _run('ml_ecs_no_ccl', tiny_config, dataset, cache_dir)
+  assert 'client/private_ccl' not in m[-1] and 'server/ccl' not in m[-1] and fed.private_spec.lambda_ccl == 0
+  assert 'client/public_align' in m[-1]
+  # without SE-CCL: no alignment term, no representations sent.
+  fed, m, _ = _run('ml_ecs_no_se_ccl', tiny_config, dataset, cache_dir)
+  assert 'client/public_align' not in m[-1] and 'server/align' not in m[-1]
+  assert m[-1]['comm/reps_bytes_up'] == 0 and m[-1]['comm/lora_bytes_up'] > 0
+  # without MMA: FedAvg sample weights, no modality masking.
+  fed, _, _ = _run('ml_ecs_no_mma', tiny_config, dataset, cache_dir)
+  np.testing.assert_array_equal(fed.weights, fed.num_samples)
+  assert fed.cfg.method.mma_weights == 'fedavg'
+  full_fed = _run('ml_ecs', tiny_config, dataset, cache_dir)[0]
+  np.testing.assert_array_equal(full_fed.weights, full_fed.num_samples * full_fed.num_mods)
+  # without AMT: the private LoRA and gates are never trained.
+  fed, _, before = _run('ml_ecs_no_amt', tiny_config, dataset, cache_dir)
+  assert 'private' not in fed.private_spec.parts and 'private' not in fed.public_spec.parts
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, fed.cohorts[0].trainables['private']),
+               before['private'])
+  _, _, before_full = _run('ml_ecs', tiny_config, dataset, cache_dir)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                         jax.tree.map(np.asarray, full_fed.cohorts[0].trainables['private']), before_full['private'])
+  assert any(jax.tree.leaves(changed))
+
+
+@pytest.mark.slow
+def test_fedavg_with_one_client_equals_local(tiny_config, dataset, tmp_path):
+  base = copy.deepcopy(tiny_config)
+  base.data.num_clients = 1
+  base.data.modality_sets = (('accel', 'depth', 'image'),)
+  out = {}
+  for name in ('fedavg', 'local'):
+    fed = Federation(apply_strategy(base, name), workdir=str(tmp_path), dataset=dataset, log=lambda s: None)
+    for _ in range(2):
+      fed.run_round()
+    out[name] = jax.tree.map(np.asarray, fed.cohorts[0].trainables)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out['fedavg'], out['local'])
+
+
+def test_grid_reports_and_resume(tmp_path, tiny_config):
+  """The grid runner skips finished cells and writes csv/markdown/plots (fake training function)."""
+  base = copy.deepcopy(tiny_config)
+  base.grid = dict(methods=('fedavg', 'ml_ecs'), missing_rates=(0.3, 0.7), num_clients=(3,), seeds=(0, 1))
+  calls = []
+
+  def fake_train(cfg, cdir, cache):
+    import os
+    from ml_ecs import metrics_io
+    calls.append(os.path.basename(cdir))
+    score = 0.5 if cfg.method.name == 'ml_ecs' else 0.4
+    rows = [{'round': r, 'client/rougeLsum_mean': score * r / 2, 'server/rougeLsum': score, 'client/accuracy_mean': 0.5,
+             'server/accuracy': 0.6, 'comm/ratio': 0.01, 'client/rougeLsum': {'0': score}} for r in (0, 1, 2)]
+    os.makedirs(cdir, exist_ok=True)
+    metrics_io.write_jsonl(os.path.join(cdir, 'metrics.jsonl'), rows)
+    if len(calls) == 3:
+      raise KeyboardInterrupt   # interrupted before this cell's summary is written
+    metrics_io.write_json(os.path.join(cdir, 'summary.json'), {'wall_s': 1.0})
+
+  with pytest.raises(KeyboardInterrupt):
+    compare.run_grid(base, str(tmp_path), fake_train, log=lambda s: None)
+  assert len(calls) == 3
+  results = compare.run_grid(base, str(tmp_path), fake_train, log=lambda s: None)
+  assert len(calls) == 3 + 6 and len(results) == 8      # two finished cells were not redone
+  md = (tmp_path / 'results.md').read_text()
+  assert '| ml_ecs | 2 | **0.5000 ± 0.0000**' in md
+  assert (tmp_path / 'rouge_vs_round.png').stat().st_size > 1000
+  assert (tmp_path / 'rouge_vs_missing_rate.png').stat().st_size > 1000
+  assert len((tmp_path / 'results.csv').read_text().strip().splitlines()) == 9
