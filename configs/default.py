@@ -62,4 +62,6 @@ def get_config() -> ml_collections.ConfigDict:
       modality_dropout=0.0,       # baseline: drop present modalities in training batches
   ))
   c.eval = ml_collections.ConfigDict(dict(max_test_per_client=64, max_server_test=256))
+  # The client axis of every cohort is sharded over this many devices (0 = all visible).
+  c.mesh = ml_collections.ConfigDict(dict(num_devices=0))
   return c

@@ -12,7 +12,9 @@ variant calls that same function on the same state, data and RNG keys:
   loop          Python loop over clients, one jitted single-client call each (`steps` steps per call)
   vmap          one jitted vmap over the stacked client axis (frozen backbone in_axes=None)
   vmap_chunk{k} jax.lax.map(..., batch_size=k) over the client axis inside one jit
-  sharded       vmap with the client axis sharded over N forced CPU devices (subprocess, see below)
+  sharded       vmap, client axis sharded over N forced CPU devices: jit with NamedSharding(mesh,
+                P('clients')) in/out shardings, frozen backbone replicated (subprocess, see below)
+  sharded_shmap the same vmap under jax.shard_map over that mesh (each device runs its own clients)
   flower        real Flower objects in-process: flwr Server.fit_round + FedAvg + NumPyClients over an
                 in-process ClientProxy; each client's fit is the loop's jitted call
   limit         one shared set of trainables, all clients' samples in one batch (clients * batch), one
@@ -54,6 +56,7 @@ from flax import nnx
 from configs import default as default_config
 from ml_ecs import params
 from ml_ecs.cohort_data import SplitArrays
+from ml_ecs.losses import lm_loss
 from ml_ecs.models.multimodal import MultimodalLM
 from ml_ecs.node import NodeProgram, StageSpec, make_optimizer, sub
 
@@ -116,6 +119,13 @@ class Setup:
     """The benchmarked local update of one client: `steps` optimizer steps of run_stage."""
     tr, opt, metrics = self.program.run_stage(tr, opt, split, key, {'frozen': frozen}, self.spec)
     return tr, opt, metrics['loss']
+
+  def select(self, idx) -> 'Setup':
+    """The cohort of clients `idx` (repeats allowed) of this one, same program."""
+    idx = np.asarray(idx)
+    take = lambda t: jax.tree.map(lambda x: x[idx], t)
+    return dataclasses.replace(self, clients=len(idx), trainables=take(self.trainables),
+                               opt_state=take(self.opt_state), data=take(self.data), keys=self.keys[idx])
 
   def client(self, c: int) -> tuple:
     """(trainables, opt_state, split, key) of client c, unstacked."""
@@ -357,29 +367,44 @@ class LoopVariant(Variant):
 
 
 class LimitVariant(Variant):
-  """One shared set of trainables; every step runs the model once on all C*batch samples (each client's
-  batch drawn from its own data with its own key, as in the other variants) and makes one optimizer
-  update. The LM term is over the whole batch; the in-batch GRAM CCL term (b x b contrastive) is taken
-  within each client's b samples so that FLOPs match the per-client variants (a CCL over C*b samples
-  would be (C*b)^2). With C=1 it is exactly the per-client update."""
+  """One shared set of trainables; every step runs the model once on one flat batch of all C*batch
+  samples (each client's `batch` rows drawn from its own data with its own key, as in the other
+  variants) and makes one optimizer update. The LM term is the mean over the whole batch; the in-batch
+  GRAM CCL term (b x b contrastive) is taken within each client's b rows and averaged, so FLOPs match the
+  per-client variants (a CCL over all C*b rows would cost (C*b)^2). The loss terms are those of
+  NodeProgram.losses for this stage (LM + CCL), written out for the flat batch. With C=1 it is exactly
+  the per-client update.
+
+  (vmapping NodeProgram.losses over the client groups with the weights unbatched gives the same numbers
+  but was ~1.3x slower here: the weight cotangents are formed per group and then summed.)"""
   name = 'limit'
 
   def __init__(self, s: Setup):
     super().__init__(s)
     prog, spec = s.program, s.spec
+    if spec.lambda_align or spec.fedprox_mu:
+      raise ValueError('limit variant: only the LM + CCL stage is written out')
 
     def update(tr, opt, split, keys, frozen):
-      ctx = {'frozen': frozen}
       step_keys = jax.vmap(lambda k: jax.random.split(k, spec.steps))(keys)     # [C, S], as run_stage
 
       def step(carry, ks):
         trained, opt = carry
         k_batch = jax.vmap(lambda k: jax.random.split(k)[0])(ks)
-        batches = jax.vmap(prog.sample_batch)(split, k_batch)                 # [C, b, ...]
+        groups = jax.vmap(prog.sample_batch)(split, k_batch)                  # [C, b, ...]
+        c, b = groups.mod_mask.shape[:2]
+        flat = lambda x: x.reshape((c * b,) + x.shape[2:])
 
         def loss_fn(trained):
-          terms = jax.vmap(lambda b: prog.losses(trained, frozen, b, spec, ctx))(batches)
-          return jnp.mean(prog.total(terms, spec))
+          m = prog.model({**trained, **{p: tr[p] for p in tr if p not in spec.parts}}, frozen)
+          projected, z = prog.encode(m, jax.tree.map(flat, groups.inputs), flat(groups.mod_mask))
+          instr, instr_mask = prog._instr(c * b)
+          answers, answer_mask = flat(groups.answers), flat(groups.answer_mask)
+          loss = lm_loss(m(z, instr, instr_mask, answers, answer_mask), answers, answer_mask)
+          if spec.lambda_ccl:
+            per_group = jax.vmap(prog.ccl_loss)(projected.reshape((c, b) + projected.shape[1:]), groups.mod_mask)
+            loss = loss + spec.lambda_ccl * per_group.mean()
+          return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(trained)
         updates, opt = prog.optimizer.update(grads, opt, trained)
@@ -798,7 +823,11 @@ def _mib(b) -> str:
 
 def markdown(rows, mem_info, info, command, settings, elapsed_s) -> str:
   L = ['# ML-ECS local-update throughput', '',
-       'Written by `launch/bench.py` (see `benchmarks/README.md` for what each variant runs).', '',
+       'Written by `launch/bench.py` (see `benchmarks/README.md` for what each variant runs).', '']
+  if settings.get('clients') != [int(c) for c in _CLIENTS.default] or \
+      list(settings.get('workloads', {})) != list(_WORKLOADS.default):
+    L += ['**Partial grid** (not the default clients x workloads): a smoke run, not the reference numbers.', '']
+  L += [
        '## Command', '', '```', command, '```', '',
        f'Wall time of the run: {elapsed_s / 60:.1f} min.', '', '## Machine', '']
   L += [f'- {k}: `{v}`' for k, v in info.items()]
@@ -831,7 +860,8 @@ def markdown(rows, mem_info, info, command, settings, elapsed_s) -> str:
   checks = [r for r in rows if r['variant'] == 'vmap' and r.get('mem')]
   if checks:
     L += ['', 'Arguments of the compiled vmap call vs. clients x per-client bytes + frozen backbone '
-          '(+ keys, 8 B/client): the backbone is an argument once, not per client.', '',
+          '(+ keys, 8 B/client): the backbone is an argument once, not per client. (jit prunes arguments the '
+          'objective never reads, here the per-sample labels and ids, so XLA\'s figure is slightly lower.)', '',
           '| workload | clients | XLA argument bytes | C x per-client + frozen + keys |', '|---|---:|---:|---:|']
     for r in checks:
       p = mem_info[r['workload']]['per_client']

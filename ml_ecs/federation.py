@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ml_ecs import aggregation, communication, params
 from ml_ecs.cohort_data import CohortData, SplitArrays, cohort_data, full_modality_split
@@ -64,22 +65,38 @@ def method_flags(m: ml_collections.ConfigDict) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class Cohort:
-  """Clients of one structure: their stacked state, data and compiled functions."""
+  """Clients of one structure: their stacked state, data and compiled functions.
+
+  The client axis holds the `num_real` clients first, then zero-weight padding
+  clients (copies of client 0's data, id -1) up to a multiple of the device count;
+  padding never reaches aggregation or metrics.
+  """
   data: CohortData
   program: NodeProgram
-  trainables: dict          # stacked [C, ...]
+  trainables: dict          # stacked [C_pad, ...], sharded on the client axis
   opt_state: dict           # {'public': ..., 'private': ...} stacked
-  client_ids: np.ndarray
-  num_sampled: int
+  client_ids: np.ndarray    # [C_pad], -1 for padding
+  num_real: int
+  num_sampled: int          # real clients sampled per round
+  num_selected: int         # sampled + padding, a multiple of the device count
   round_fn: Callable
   generate_fn: Callable
 
 
-def _stack_init(model_fn: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array) -> dict:
+def _stack_init(model_fn: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array, out_shardings=None) -> dict:
   """Trainable parts of one freshly initialised model per key, stacked (one compiled init)."""
   def init(key):
     return sub(params.split_model(model_fn(nnx.Rngs(key)))[1], params.TRAINABLE)
-  return jax.jit(jax.vmap(init))(keys)
+  return jax.jit(jax.vmap(init), out_shardings=out_shardings)(keys)
+
+
+def _per_client_keys(key: jax.Array, positions: jax.Array) -> jax.Array:
+  """One key per client position, independent of how many clients are stacked or padded."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(positions)
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
 
 
 class Federation:
@@ -109,8 +126,16 @@ class Federation:
         raise ValueError(f'{name}.backbone.max_len={cfg[name].backbone.max_len} is shorter than '
                          f'prompt_len + text.instr_len + text.answer_len = {need}')
     self.pretrain_info = {}
+    ndev = cfg.get('mesh', {}).get('num_devices', 0) or jax.device_count()
+    if ndev > jax.device_count():
+      raise ValueError(f'mesh.num_devices={ndev} but only {jax.device_count()} devices are visible')
+    self.mesh = Mesh(np.array(jax.devices()[:ndev]), ('clients',))
+    self.client_sharding = NamedSharding(self.mesh, P('clients'))
+    self.replicated = NamedSharding(self.mesh, P())
     self.edge_frozen = self._backbone('edge_model', cache_dir or workdir)
     self.server_frozen = self._backbone('server_model', cache_dir or workdir)
+    # Frozen backbones: one copy per device, shared by every client on it.
+    self.edge_frozen, self.server_frozen = jax.device_put((self.edge_frozen, self.server_frozen), self.replicated)
     self.num_public = len(self.partition.public_train_idx)
     self.rng = jax.random.key(cfg.seed)
 
@@ -180,20 +205,30 @@ class Federation:
     cfg = self.cfg
     self.cohorts: list[Cohort] = []
     init_rng = jax.random.key(cfg.seed + 17)
+    ndev = self.mesh.size
     for k, clients in enumerate(self.partition.cohorts()):
+      n_real = len(clients)
+      num_sampled = max(1, int(round(cfg.train.client_fraction * n_real)))
+      num_selected = _round_up(num_sampled, ndev)
+      n_pad = _round_up(n_real + num_selected - num_sampled, ndev)
+      padded = list(clients) + [clients[0]] * (n_pad - n_real)
       mods = clients[0].modalities
       enc = dict(clients[0].encoder_types)
       model_fn = functools.partial(self._model, cfg.edge_model, mods, enc)
       graphdef, _ = params.split_model(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
       program = self._program(graphdef, len(mods))
-      keys = jax.random.split(jax.random.fold_in(init_rng, k), len(clients))
-      trainables = _stack_init(model_fn, keys)
-      opt_state = {'public': jax.vmap(lambda tr: program.init_opt(tr, self.public_spec))(trainables),
-                   'private': jax.vmap(lambda tr: program.init_opt(tr, self.private_spec))(trainables)}
-      data = cohort_data(self.ds, self.text, clients, self.partition.public_train_idx, cfg.eval.max_test_per_client)
-      num_sampled = max(1, int(round(cfg.train.client_fraction * len(clients))))
-      self.cohorts.append(Cohort(data, program, trainables, opt_state, np.array([c.client_id for c in clients]),
-                                 num_sampled, self._make_round_fn(program), self._make_generate_fn(program)))
+      keys = _per_client_keys(jax.random.fold_in(init_rng, k), jnp.arange(n_pad))
+      trainables = _stack_init(model_fn, keys, self.client_sharding)
+      init_opt = lambda tr, spec: jax.jit(jax.vmap(lambda t: program.init_opt(t, spec)),
+                                          out_shardings=self.client_sharding)(tr)
+      opt_state = {'public': init_opt(trainables, self.public_spec), 'private': init_opt(trainables, self.private_spec)}
+      data = cohort_data(self.ds, self.text, padded, self.partition.public_train_idx, cfg.eval.max_test_per_client)
+      data = dataclasses.replace(data, **{s: jax.device_put(getattr(data, s), self.client_sharding)
+                                          for s in ('train', 'test', 'public')})
+      ids = np.array([c.client_id for c in clients] + [-1] * (n_pad - n_real))
+      self.cohorts.append(Cohort(data, program, trainables, opt_state, ids, n_real, num_sampled, num_selected,
+                                 self._make_round_fn(program, full=num_selected == n_pad),
+                                 self._make_generate_fn(program)))
     # Round-0 broadcast: every client starts from the same shared LoRA.
     self.global_shared = jax.tree.map(lambda x: x[0], self.cohorts[0].trainables['shared'])
     if self.flags['communicate']:
@@ -215,6 +250,8 @@ class Federation:
     self.server_opt = self.server_program.init_opt(self.server_trainables, self.server_spec)
     self.public_train = full_modality_split(self.ds, self.text, self.partition.public_train_idx)
     self.public_test = full_modality_split(self.ds, self.text, self.partition.public_test_idx, cfg.eval.max_server_test)
+    (self.server_trainables, self.server_opt, self.public_train, self.public_test) = jax.device_put(
+        (self.server_trainables, self.server_opt, self.public_train, self.public_test), self.replicated)
     prog, spec, frozen = self.server_program, self.server_spec, self.server_frozen
     squeeze = lambda s: jax.tree.map(lambda x: x[0], s)
 
@@ -231,7 +268,8 @@ class Federation:
                                                                    cfg.text.answer_len))
     self.server_z = self._server_encode(self.server_trainables)
 
-  def _make_round_fn(self, program: NodeProgram) -> Callable:
+  def _make_round_fn(self, program: NodeProgram, full: bool) -> Callable:
+    """One jitted round of a cohort. `full`: every stacked client is selected (no gather/scatter)."""
     pub_spec, priv_spec, frozen = self.public_spec, self.private_spec, self.edge_frozen
     communicate = self.flags['communicate']
 
@@ -251,15 +289,17 @@ class Federation:
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def round_fn(tr_all, opt_all, train_all, public_all, sel, rng, global_shared, server_z):
-      take = lambda t: jax.tree.map(lambda x: x[sel], t)
+      take = (lambda t: t) if full else (lambda t: jax.tree.map(lambda x: x[sel], t))
       tr, opt, train, public = take(tr_all), take(opt_all), take(train_all), take(public_all)
       if communicate:
         tr = {**tr, 'shared': jax.tree.map(lambda g, x: jnp.broadcast_to(g, x.shape), global_shared, tr['shared'])}
       ctx = {'frozen': frozen, 'targets': server_z, 'target_valid': jnp.ones(server_z.shape[:1]),
              'ref_shared': global_shared}
-      keys = jax.random.split(rng, sel.shape[0])
+      keys = _per_client_keys(rng, sel)
       tr, opt, metrics, z, valid = jax.vmap(one_client, in_axes=(0, 0, 0, 0, 0, None))(tr, opt, train, public, keys, ctx)
-      put = lambda full, part: jax.tree.map(lambda f, p: f.at[sel].set(p), full, part)
+      if full:
+        return tr, opt, metrics, tr['shared'], z, valid, public.ids
+      put = lambda all_, part: jax.tree.map(lambda f, p: f.at[sel].set(p), all_, part)
       return put(tr_all, tr), put(opt_all, opt), metrics, tr['shared'], z, valid, public.ids
 
     return round_fn
@@ -281,7 +321,7 @@ class Federation:
     for cohort in self.cohorts:
       client_total = params.count(jax.tree.map(lambda x: x[0], cohort.trainables))[1] + params.count(self.edge_frozen)[1]
       mods_idx = [self.modalities.index(m) for m in cohort.data.modalities]
-      for c in cohort.data.clients:
+      for c in cohort.data.clients[:cohort.num_real]:
         i = c.client_id
         self.num_samples[i] = len(c.train_idx)
         self.num_mods[i] = len(c.modalities)
@@ -304,22 +344,25 @@ class Federation:
     shared_list, w_list, pres_list, z_list, id_list, valid_list, metrics_list, sampled = [], [], [], [], [], [], [], []
     for k, c in enumerate(self.cohorts):
       ck = jax.random.fold_in(key, k)
-      n = len(c.client_ids)
-      sel = np.sort(np.asarray(jax.random.choice(jax.random.fold_in(ck, 1), n, (c.num_sampled,), replace=False)))
+      real = np.sort(np.asarray(jax.random.choice(jax.random.fold_in(ck, 1), c.num_real, (c.num_sampled,),
+                                                  replace=False)))
+      padding = np.arange(c.num_real, c.num_real + c.num_selected - c.num_sampled)
+      sel = np.concatenate([real, padding])
       c.trainables, c.opt_state, metrics, shared, z, valid, ids = c.round_fn(
           c.trainables, c.opt_state, c.data.train, c.data.public, jnp.asarray(sel), ck,
           self.global_shared, self.server_z)
-      ids_sel = c.client_ids[sel]
-      sampled.append(ids_sel)
+      sampled.append(c.client_ids[real])
       shared_list.append(shared)
-      w_list.append(jnp.asarray(self.weights[ids_sel]))
+      w = np.zeros(len(sel), np.float32)
+      w[:len(real)] = self.weights[c.client_ids[real]]
+      w_list.append(jnp.asarray(w))
       pres = np.zeros((len(sel), len(self.modalities)), np.float32)
-      pres[:, [self.modalities.index(m) for m in c.data.modalities]] = 1.0
+      pres[:len(real), [self.modalities.index(m) for m in c.data.modalities]] = 1.0
       pres_list.append(jnp.asarray(pres))
       z_list.append(z)
       id_list.append(ids)
       valid_list.append(valid)
-      metrics_list.append((metrics, len(sel)))
+      metrics_list.append({name: np.asarray(v)[:len(real)] for name, v in metrics.items()})
     sampled = np.concatenate(sampled)
     out: dict[str, Any] = {}
     if self.flags['communicate']:
@@ -333,9 +376,9 @@ class Federation:
     self.server_trainables, self.server_opt, server_metrics, self.server_z = self._server_round(
         self.server_trainables, self.server_opt, self._next_key(), targets, has_target.astype(jnp.float32))
     # Client metrics: mean over sampled clients of every cohort.
-    keys = sorted({k for m, _ in metrics_list for k in m})
+    keys = sorted({k for m in metrics_list for k in m})
     for k in keys:
-      vals = [np.asarray(m[k]) for m, _ in metrics_list if k in m]
+      vals = [m[k] for m in metrics_list if k in m]
       out[f'client/{k}'] = float(np.concatenate([v.reshape(-1) for v in vals]).mean())
     out.update({f'server/{k}': float(v) for k, v in server_metrics.items()})
     comm = communication.round_bytes(self.shared_bytes, self.reps_bytes, sampled,
@@ -357,7 +400,7 @@ class Federation:
       toks = np.asarray(c.generate_fn(c.trainables, c.data.test))
       counts = np.asarray(c.data.test.count)
       labels = np.asarray(c.data.test.labels)
-      for j, spec in enumerate(c.data.clients):
+      for j, spec in enumerate(c.data.clients[:c.num_real]):
         preds = self.text.tokenizer.decode(toks[j, :counts[j]])
         idx = spec.test_idx[:counts[j]]
         refs = [self.text.references[i] for i in idx]
@@ -407,6 +450,6 @@ class Federation:
     for c in self.cohorts:
       parts = {**jax.tree.map(lambda x: x[0], c.trainables), 'frozen': self.edge_frozen}
       edge.append({'modalities': list(c.data.modalities), 'encoders': dict(c.data.clients[0].encoder_types),
-                   'clients': len(c.client_ids), 'params': params.count_parts(parts)})
+                   'clients': c.num_real, 'params': params.count_parts(parts)})
     server = params.count_parts({**self.server_trainables, 'frozen': self.server_frozen})
     return {'edge_cohorts': edge, 'server': server, 'total_model_bytes': int(self.total_model_bytes)}

@@ -1,0 +1,78 @@
+"""launch/bench.py: every variant it times runs the same local update (tiny sizes, no sharding)."""
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'launch'))
+import bench  # noqa: E402  (launch/bench.py)
+
+# Adam's first steps move each weight by ~lr * sign(grad); float reassociation between a batched
+# and an unbatched program changes results in the last bits only.
+ATOL, RTOL = 1e-4, 1e-4
+
+
+def _run(setup, name):
+  v = bench.make_variant(setup, name)
+  state = v.init()
+  v.compile(state)
+  state = v.call(state)
+  jax.block_until_ready(state)
+  return v, v.trainables(state)
+
+
+def _assert_same(a, b, what):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=ATOL, rtol=RTOL, err_msg=what)
+
+
+@pytest.fixture(scope='module')
+def setup():
+  return bench.make_setup(4, 'small', steps=1, width=32, layers=1, heads=2, samples_per_client=8)
+
+
+@pytest.fixture(scope='module')
+def loop_result(setup):
+  return _run(setup, 'loop')[1]
+
+
+def test_vmap_and_chunked_match_loop(setup, loop_result):
+  before = setup.trainables
+  moved = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+              for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(loop_result)))
+  assert moved > 1e-4, 'the local update did not change the trainables'
+  _assert_same(loop_result, _run(setup, 'vmap')[1], 'vmap vs loop')
+  _assert_same(loop_result, _run(setup, 'vmap_chunk2')[1], 'vmap_chunk2 vs loop')
+
+
+def test_limit_runs_and_is_the_same_update(setup, loop_result):
+  # Two clients with identical data and keys: the shared-weights step over both (one batch of 2*b
+  # samples, mean loss, one optimizer update) must equal that client's own update.
+  v, tr = _run(setup.select([0, 0]), 'limit')
+  assert v.mem and v.mem['arg'] > 0
+  _assert_same(jax.tree.map(lambda x: x[:1], loop_result), tr, 'limit (shared weights) vs loop')
+
+
+def test_flower_round_matches_loop(setup, loop_result):
+  pytest.importorskip('flwr')
+  # Round 1 starts every client from the same shared LoRA (the round-0 broadcast), so each client's
+  # state after one Flower round is its loop update.
+  _assert_same(loop_result, _run(setup, 'flower')[1], 'flower vs loop')
+
+
+def test_time_variant_and_report(setup):
+  row = bench.time_variant(bench.make_variant(setup, 'loop'), repeats=1, budget_s=60, max_mem=2**32)
+  assert row['client_steps_per_s'] > 0 and row['peak_bytes'] > 0
+  skipped = bench.time_variant(bench.make_variant(setup, 'vmap'), repeats=1, budget_s=1.0, max_mem=2**32,
+                               projected_s=10.0)
+  assert 'cell_budget_s' in skipped['skip']
+  per_client = bench.per_client_bytes(setup)
+  assert per_client['frozen_backbone_once'] > 0
+  assert per_client['total'] == sum(v for k, v in per_client.items() if k not in ('total', 'frozen_backbone_once'))
+  md = bench.markdown([row, skipped], {'small': dict(per_client=per_client, text=setup.text_lens)},
+                      bench.machine_info(), 'python launch/bench.py', {'steps': 1}, 1.0)
+  assert '| small | 4 | loop |' in md and 'skipped' in md
