@@ -252,25 +252,26 @@ class Federation:
     self.public_test = full_modality_split(self.ds, self.text, self.partition.public_test_idx, cfg.eval.max_server_test)
     (self.server_trainables, self.server_opt, self.public_train, self.public_test) = jax.device_put(
         (self.server_trainables, self.server_opt, self.public_train, self.public_test), self.replicated)
-    prog, spec, frozen = self.server_program, self.server_spec, self.server_frozen
+    prog, spec = self.server_program, self.server_spec
     squeeze = lambda s: jax.tree.map(lambda x: x[0], s)
+    # Frozen weights and data are arguments, not closure constants (which XLA would embed).
 
     @jax.jit
-    def server_round(tr, opt, rng, targets, target_valid):
+    def server_round(tr, opt, rng, targets, target_valid, frozen, public):
       ctx = {'frozen': frozen, 'targets': targets, 'target_valid': target_valid}
-      tr, opt, metrics = prog.run_stage(tr, opt, squeeze(self.public_train), rng, ctx, spec)
-      z, _ = prog.encode_split(tr, frozen, squeeze(self.public_train))
+      tr, opt, metrics = prog.run_stage(tr, opt, squeeze(public), rng, ctx, spec)
+      z, _ = prog.encode_split(tr, frozen, squeeze(public))
       return tr, opt, metrics, z
 
     self._server_round = server_round
-    self._server_encode = jax.jit(lambda tr: prog.encode_split(tr, frozen, squeeze(self.public_train))[0])
-    self._server_generate = jax.jit(lambda tr: prog.generate_split(tr, frozen, squeeze(self.public_test),
-                                                                   cfg.text.answer_len))
-    self.server_z = self._server_encode(self.server_trainables)
+    self._server_encode = jax.jit(lambda tr, frozen, public: prog.encode_split(tr, frozen, squeeze(public))[0])
+    self._server_generate = jax.jit(lambda tr, frozen, test: prog.generate_split(tr, frozen, squeeze(test),
+                                                                                cfg.text.answer_len))
+    self.server_z = self._server_encode(self.server_trainables, self.server_frozen, self.public_train)
 
   def _make_round_fn(self, program: NodeProgram, full: bool) -> Callable:
     """One jitted round of a cohort. `full`: every stacked client is selected (no gather/scatter)."""
-    pub_spec, priv_spec, frozen = self.public_spec, self.private_spec, self.edge_frozen
+    pub_spec, priv_spec = self.public_spec, self.private_spec
     communicate = self.flags['communicate']
 
     def one_client(tr, opt, train, public, key, ctx):
@@ -284,11 +285,11 @@ class Federation:
         tr, opt_priv, m2 = program.run_stage(tr, opt['private'], train, k2, ctx, priv_spec)
         opt = {**opt, 'private': opt_priv}
         metrics.update({f'private_{k}': v for k, v in m2.items()})
-      z, valid = program.encode_split(tr, frozen, public)
+      z, valid = program.encode_split(tr, ctx['frozen'], public)
       return tr, opt, metrics, z, valid
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def round_fn(tr_all, opt_all, train_all, public_all, sel, rng, global_shared, server_z):
+    def round_fn(tr_all, opt_all, train_all, public_all, sel, rng, global_shared, server_z, frozen):
       take = (lambda t: t) if full else (lambda t: jax.tree.map(lambda x: x[sel], t))
       tr, opt, train, public = take(tr_all), take(opt_all), take(train_all), take(public_all)
       if communicate:
@@ -296,7 +297,8 @@ class Federation:
       ctx = {'frozen': frozen, 'targets': server_z, 'target_valid': jnp.ones(server_z.shape[:1]),
              'ref_shared': global_shared}
       keys = _per_client_keys(rng, sel)
-      tr, opt, metrics, z, valid = jax.vmap(one_client, in_axes=(0, 0, 0, 0, 0, None))(tr, opt, train, public, keys, ctx)
+      tr, opt, metrics, z, valid = self._per_device(jax.vmap(one_client, in_axes=(0, 0, 0, 0, 0, None)), 5)(
+          tr, opt, train, public, keys, ctx)
       if full:
         return tr, opt, metrics, tr['shared'], z, valid, public.ids
       put = lambda all_, part: jax.tree.map(lambda f, p: f.at[sel].set(p), all_, part)
@@ -304,9 +306,20 @@ class Federation:
 
     return round_fn
 
+  def _per_device(self, f: Callable, num_client_args: int) -> Callable:
+    """`f` (vmapped over clients) run by `shard_map`: each device updates its own block of
+    clients with no cross-device traffic; trailing arguments are replicated. (Plain jit with
+    NamedSharding inputs lets XLA all-gather the vmapped per-client conv kernels onto every
+    device: measured slower than one device in launch/bench.py.)"""
+    def wrapped(*args):
+      specs = (P('clients'),) * num_client_args + (P(),) * (len(args) - num_client_args)
+      return jax.shard_map(f, mesh=self.mesh, in_specs=specs, out_specs=P('clients'))(*args)
+    return wrapped
+
   def _make_generate_fn(self, program: NodeProgram) -> Callable:
-    frozen, max_len = self.edge_frozen, self.cfg.text.answer_len
-    return jax.jit(jax.vmap(lambda tr, split: program.generate_split(tr, frozen, split, max_len)))
+    max_len = self.cfg.text.answer_len
+    gen = jax.vmap(lambda tr, split, frozen: program.generate_split(tr, frozen, split, max_len), in_axes=(0, 0, None))
+    return jax.jit(self._per_device(gen, 2))
 
   def _build_accounting(self) -> None:
     n = len(self.partition.clients)
@@ -350,7 +363,7 @@ class Federation:
       sel = np.concatenate([real, padding])
       c.trainables, c.opt_state, metrics, shared, z, valid, ids = c.round_fn(
           c.trainables, c.opt_state, c.data.train, c.data.public, jnp.asarray(sel), ck,
-          self.global_shared, self.server_z)
+          self.global_shared, self.server_z, self.edge_frozen)
       sampled.append(c.client_ids[real])
       shared_list.append(shared)
       w = np.zeros(len(sel), np.float32)
@@ -374,7 +387,8 @@ class Federation:
     else:
       targets, has_target = self.server_z, jnp.zeros((self.num_public,), bool)
     self.server_trainables, self.server_opt, server_metrics, self.server_z = self._server_round(
-        self.server_trainables, self.server_opt, self._next_key(), targets, has_target.astype(jnp.float32))
+        self.server_trainables, self.server_opt, self._next_key(), targets, has_target.astype(jnp.float32),
+        self.server_frozen, self.public_train)
     # Client metrics: mean over sampled clients of every cohort.
     keys = sorted({k for m in metrics_list for k in m})
     for k in keys:
@@ -397,7 +411,7 @@ class Federation:
     t0 = time.perf_counter()
     per_client: dict[str, dict[str, float]] = {}
     for c in self.cohorts:
-      toks = np.asarray(c.generate_fn(c.trainables, c.data.test))
+      toks = np.asarray(c.generate_fn(c.trainables, c.data.test, self.edge_frozen))
       counts = np.asarray(c.data.test.count)
       labels = np.asarray(c.data.test.labels)
       for j, spec in enumerate(c.data.clients[:c.num_real]):
@@ -405,7 +419,7 @@ class Federation:
         idx = spec.test_idx[:counts[j]]
         refs = [self.text.references[i] for i in idx]
         per_client[str(spec.client_id)] = self.scorer.score(preds, refs, labels[j, :counts[j]].tolist())
-    toks = np.asarray(self._server_generate(self.server_trainables))
+    toks = np.asarray(self._server_generate(self.server_trainables, self.server_frozen, self.public_test))
     n = int(self.public_test.count[0])
     idx = self.partition.public_test_idx[:n]
     server_preds = self.text.tokenizer.decode(toks[:n])

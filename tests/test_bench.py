@@ -11,7 +11,7 @@ import bench  # noqa: E402  (launch/bench.py)
 
 # Adam's first steps move each weight by ~lr * sign(grad); float reassociation between a batched
 # and an unbatched program changes results in the last bits only.
-ATOL, RTOL = 1e-4, 1e-4
+ATOL, RTOL = 2e-4, 1e-3
 
 
 def _run(setup, name):
