@@ -48,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.pretrain = ml_collections.ConfigDict(dict(steps=300, batch_size=32, learning_rate=3e-3))
   c.train = ml_collections.ConfigDict(dict(
       rounds=30, client_fraction=1.0, public_steps=4, private_steps=12, server_steps=12,
-      batch_size=16, learning_rate=3e-3, weight_decay=0.0, clip_norm=1.0, eval_every=5))
+      batch_size=16, learning_rate=3e-3, weight_decay=0.0, clip_norm=1.0, eval_every=5,
+      client_chunk=8,             # clients per vmapped block inside a cohort (lax.map); 0 = one vmap
+  ))
   c.method = ml_collections.ConfigDict(dict(
       name='ml_ecs',
       ccl='gram',                 # 'gram', 'infonce' or 'none'

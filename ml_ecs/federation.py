@@ -119,7 +119,6 @@ class Federation:
     self.scorer = TextScorer(self.ds.descriptions)
     self.modalities = self.ds.modality_names
     self.shapes = {m: x.shape[1:] for m, x in self.ds.modalities.items()}
-    vocab = self.text.tokenizer.vocab_size
     for name in ('edge_model', 'server_model'):
       need = cfg[name].prompt_len + cfg.text.instr_len + cfg.text.answer_len
       if need > cfg[name].backbone.max_len:
@@ -152,8 +151,8 @@ class Federation:
                                  lambda_ccl=m.lambda_ccl if self.flags['ccl'] != 'none' else 0.0,
                                  lambda_align=m.lambda_se if self.flags['se_ccl'] and self.flags['communicate'] else 0.0)
     self.optimizer = make_optimizer(t)
-    self._build_cohorts(vocab)
-    self._build_server(vocab)
+    self._build_cohorts()
+    self._build_server()
     self._build_accounting()
     self.round = 0
 
@@ -201,7 +200,7 @@ class Federation:
                        self.flags['ccl'], m.tau_ccl, m.tau_se, t.batch_size, self.optimizer,
                        zero_fill=bool(m.zero_fill), modality_dropout=float(m.modality_dropout))
 
-  def _build_cohorts(self, vocab: int) -> None:
+  def _build_cohorts(self) -> None:
     cfg = self.cfg
     self.cohorts: list[Cohort] = []
     init_rng = jax.random.key(cfg.seed + 17)
@@ -233,14 +232,15 @@ class Federation:
     self.global_shared = jax.tree.map(lambda x: x[0], self.cohorts[0].trainables['shared'])
     if self.flags['communicate']:
       for c in self.cohorts:
-        c.trainables['shared'] = jax.tree.map(lambda g, x: jnp.broadcast_to(g, x.shape), self.global_shared,
-                                              c.trainables['shared'])
+        c.trainables['shared'] = jax.device_put(
+            jax.tree.map(lambda g, x: jnp.broadcast_to(g, x.shape), self.global_shared, c.trainables['shared']),
+            self.client_sharding)
     self.leaf_mod = aggregation.leaf_modalities(self.global_shared, self.modalities)
     self._aggregate = jax.jit(functools.partial(aggregation.aggregate, leaf_mod=self.leaf_mod,
                                                 modality_aware=self.cfg.method.mma_weights != 'fedavg'))
     self._aggregate_reps = jax.jit(aggregation.aggregate_representations, static_argnums=4)
 
-  def _build_server(self, vocab: int) -> None:
+  def _build_server(self) -> None:
     cfg = self.cfg
     enc_types = {m: cfg.data.encoders[m][0] for m in self.modalities}
     model_fn = functools.partial(self._model, cfg.server_model, self.modalities, enc_types)
@@ -288,6 +288,15 @@ class Federation:
       z, valid = program.encode_split(tr, ctx['frozen'], public)
       return tr, opt, metrics, z, valid
 
+    chunk = self.cfg.train.get('client_chunk', 0)
+    if chunk:
+      # lax.map over blocks of `chunk` vmapped clients: bounded working set, better cache use
+      # (launch/bench.py picks k by measurement).
+      def per_client(tr, opt, train, public, keys, ctx):
+        return jax.lax.map(lambda a: one_client(*a, ctx), (tr, opt, train, public, keys), batch_size=chunk)
+    else:
+      per_client = jax.vmap(one_client, in_axes=(0, 0, 0, 0, 0, None))
+
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def round_fn(tr_all, opt_all, train_all, public_all, sel, rng, global_shared, server_z, frozen):
       take = (lambda t: t) if full else (lambda t: jax.tree.map(lambda x: x[sel], t))
@@ -297,8 +306,7 @@ class Federation:
       ctx = {'frozen': frozen, 'targets': server_z, 'target_valid': jnp.ones(server_z.shape[:1]),
              'ref_shared': global_shared}
       keys = _per_client_keys(rng, sel)
-      tr, opt, metrics, z, valid = self._per_device(jax.vmap(one_client, in_axes=(0, 0, 0, 0, 0, None)), 5)(
-          tr, opt, train, public, keys, ctx)
+      tr, opt, metrics, z, valid = self._per_device(per_client, 5)(tr, opt, train, public, keys, ctx)
       if full:
         return tr, opt, metrics, tr['shared'], z, valid, public.ids
       put = lambda all_, part: jax.tree.map(lambda f, p: f.at[sel].set(p), all_, part)

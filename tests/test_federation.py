@@ -122,3 +122,18 @@ def test_main_command_writes_results(tmp_path):
   assert json.load(open(out / 'config.json'))['train']['rounds'] == 2
   assert os.path.isdir(out / 'checkpoints' / '2')
   assert 'round   2' in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_chunked_cohort_equals_plain_vmap(tiny_config, workdir, dataset):
+  out = []
+  for chunk in (0, 1):
+    cfg = copy.deepcopy(tiny_config)
+    cfg.train.client_chunk = chunk
+    f = Federation(cfg, workdir=workdir, dataset=dataset, log=lambda s: None)
+    m = f.run_round()
+    out.append((m, _np(f.global_shared), _np(f.cohorts[0].trainables['private'])))
+  (m0, g0, p0), (m1, g1, p1) = out
+  np.testing.assert_allclose(m1['client/private_lm'], m0['client/private_lm'], rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g1, g0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p1, p0)

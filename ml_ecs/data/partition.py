@@ -136,6 +136,10 @@ def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partitio
       raise ValueError(f'data.{field} must be in [0, 1), got {cfg[field]}')
   rng = np.random.default_rng(cfg.seed)
   all_mods = ds.modality_names
+  missing = [m for m in all_mods if m not in cfg.encoders or not cfg.encoders[m]]
+  if missing:
+    raise ValueError(f'data.encoders has no encoder types for modalities {missing} of the dataset '
+                     f'(dataset modalities: {all_mods})')
   all_idx = np.arange(ds.num_samples)
   private_idx, public_idx = _split_by_sequence(rng, all_idx, ds.sequence_ids, cfg.public_fraction)
   pub_train, pub_test = _split_by_sequence(rng, public_idx, ds.sequence_ids, cfg.public_test_fraction)
