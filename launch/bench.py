@@ -265,10 +265,15 @@ class Variant:
     raise NotImplementedError
 
   def compile(self, state) -> None:
-    raise NotImplementedError
+    """Default: lower and compile `self.fn(*state, data, keys, frozen)`."""
+    t0 = time.perf_counter()
+    self.compiled = self.fn.lower(*state, self.s.data, self.s.keys, self.s.frozen).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.mem = _mem(self.compiled)
 
   def call(self, state):
-    raise NotImplementedError
+    tr, opt, _ = self.compiled(*state, self.s.data, self.s.keys, self.s.frozen)
+    return tr, opt
 
   def trainables(self, state) -> dict:
     return state[0]
@@ -304,16 +309,6 @@ class VmapVariant(Variant):
 
   def init(self):
     return _stacked_args(self.s)
-
-  def compile(self, state):
-    t0 = time.perf_counter()
-    self.compiled = self.fn.lower(*state, self.s.data, self.s.keys, self.s.frozen).compile()
-    self.compile_s = time.perf_counter() - t0
-    self.mem = _mem(self.compiled)
-
-  def call(self, state):
-    tr, opt, _ = self.compiled(*state, self.s.data, self.s.keys, self.s.frozen)
-    return tr, opt
 
 
 class LoopVariant(Variant):
@@ -416,16 +411,6 @@ class LimitVariant(Variant):
   def init(self):
     tr, opt, _, _ = self.s.client(0)
     return _copy(tr), _copy(opt)
-
-  def compile(self, state):
-    t0 = time.perf_counter()
-    self.compiled = self.fn.lower(*state, self.s.data, self.s.keys, self.s.frozen).compile()
-    self.compile_s = time.perf_counter() - t0
-    self.mem = _mem(self.compiled)
-
-  def call(self, state):
-    tr, opt, _ = self.compiled(*state, self.s.data, self.s.keys, self.s.frozen)
-    return tr, opt
 
   def trainables(self, state):
     return jax.tree.map(lambda x: x[None], state[0])
