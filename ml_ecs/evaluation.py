@@ -40,3 +40,24 @@ class TextScorer:
     scores = np.array([self._score(r, p) for r, p in zip(references, predictions)])
     acc = np.mean([self.classify(p) == int(y) for p, y in zip(predictions, labels)])
     return {**dict(zip(ROUGE_TYPES, scores.mean(0).tolist())), 'accuracy': float(acc)}
+
+
+def paraphrase_baselines(scorer: TextScorer) -> dict[str, float]:
+  """Reference points of ROUGE-LSum when the reference is one random paraphrase of the class:
+  'other_paraphrase' = mean score of a different paraphrase of the right class;
+  'oracle' = expected score of always answering the best single paraphrase of the right class."""
+  other, oracle = [], []
+  for paraphrases in scorer.descriptions:
+    per_answer = []
+    for answer in paraphrases:
+      scores = [scorer._score(ref, answer)[ROUGE_TYPES.index('rougeLsum')] for ref in paraphrases]
+      per_answer.append(float(np.mean(scores)))
+      other += [sc for ref, sc in zip(paraphrases, scores) if ref != answer]
+    oracle.append(max(per_answer))
+  return {'other_paraphrase': float(np.mean(other)), 'oracle': float(np.mean(oracle))}
+
+
+if __name__ == '__main__':
+  # python -m ml_ecs.evaluation: the ROUGE-LSum reference points of the embedded dataset.
+  from ml_ecs.data import synthetic
+  print(paraphrase_baselines(TextScorer(synthetic.DESCRIPTIONS)))
