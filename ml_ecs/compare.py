@@ -116,6 +116,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
   for r in results:
     groups[(r['missing_rate'], r['num_clients'])][r['method']].append(r)
   out = ['# Results', '', 'Final-round values, mean ± std over seeds (n = number of seeds); best mean per column in **bold**.', '']
+  out += pivot_table(results)
   for (rate, clients), by_method in sorted(groups.items()):
     out += [f'## missing rate {rate:g}, {clients} clients', '',
             '| method | n | ' + ' | '.join(h for _, h, _ in TABLE_COLUMNS) + ' |',
@@ -134,6 +135,38 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
       out.append(f'| {m} | {len(rs)} | ' + ' | '.join(cols) + ' |')
     out.append('')
   return '\n'.join(out)
+
+
+def pivot_table(results: list[dict[str, Any]]) -> list[str]:
+  """Markdown lines: per clients count, methods x missing rate of client and server ROUGE-LSum."""
+  methods = list(dict.fromkeys(r['method'] for r in results))
+  rates = sorted({r['missing_rate'] for r in results})
+  out = []
+  for clients in sorted({r['num_clients'] for r in results}):
+    cell = {}
+    for m in methods:
+      for rate in rates:
+        rs = [r for r in results if (r['method'], r['missing_rate'], r['num_clients']) == (m, rate, clients)]
+        for key in ('client_rougeLsum', 'server_rougeLsum'):
+          cell[m, rate, key] = _mean_std([r[key] for r in rs]) if rs else None
+    header = [f'client @{r:g}' for r in rates] + [f'server @{r:g}' for r in rates]
+    out += [f'## ROUGE-LSum by missing rate, {clients} clients', '', '| method | ' + ' | '.join(header) + ' |',
+            '|---|' + '---|' * len(header)]
+    best = {(rate, key): max((cell[m, rate, key][0] for m in methods if cell[m, rate, key]), default=None)
+            for rate in rates for key in ('client_rougeLsum', 'server_rougeLsum')}
+    for m in methods:
+      cols = []
+      for key in ('client_rougeLsum', 'server_rougeLsum'):
+        for rate in rates:
+          if cell[m, rate, key] is None:
+            cols.append('—')
+            continue
+          mean, std = cell[m, rate, key]
+          txt = f'{mean:.3f} ± {std:.3f}'
+          cols.append(f'**{txt}**' if math.isclose(mean, best[rate, key], rel_tol=1e-9) else txt)
+      out.append(f'| {m} | ' + ' | '.join(cols) + ' |')
+    out.append('')
+  return out
 
 
 def plot(results: list[dict[str, Any]], workdir: str) -> None:
