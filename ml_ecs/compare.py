@@ -193,8 +193,7 @@ def plot(results: list[dict[str, Any]], workdir: str) -> None:
         x = [p[0] for p in curves[0][:n]]
         ax.plot(x, np.mean([[p[1] for p in c[:n]] for c in curves], 0), marker='o', label=m)
     ax.set(title=f'missing rate {rate:g}, {clients} clients', xlabel='round', ylabel='client ROUGE-LSum (mean)')
-  axes[0][-1].legend(fontsize=7)
-  fig.tight_layout()
+  _legend(fig, axes.ravel())
   _save(fig, os.path.join(workdir, 'rouge_vs_round.png'))
   plt.close(fig)
 
@@ -205,10 +204,19 @@ def plot(results: list[dict[str, Any]], workdir: str) -> None:
             for rate in rates]
       ax.plot(rates, ys, marker='o', label=m)
     ax.set(title=f'{label}, {clients} clients', xlabel='modality missing rate', ylabel='final ROUGE-LSum')
-  axes[1].legend(fontsize=7)
-  fig.tight_layout()
+  _legend(fig, axes.ravel())
   _save(fig, os.path.join(workdir, 'rouge_vs_missing_rate.png'))
   plt.close(fig)
+
+
+def _legend(fig, axes) -> None:
+  """One legend for all panels (every method once), to the right of the figure."""
+  labels = {}
+  for ax in axes:
+    for h, l in zip(*ax.get_legend_handles_labels()):
+      labels.setdefault(l, h)
+  fig.tight_layout(rect=(0, 0, 0.86, 1))
+  fig.legend(list(labels.values()), list(labels), loc='center right', fontsize=8)
 
 
 def _save(fig, path: str) -> None:
