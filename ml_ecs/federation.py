@@ -155,6 +155,11 @@ class Federation:
     self._build_server()
     self._build_accounting()
     self.round = 0
+    for name, info in self.pretrain_info.items():
+      self.log(f"pretrained {name} backbone: LM loss {info['loss_first']:.2f} -> {info['loss_final']:.2f}")
+    sizes = ', '.join(f"{'+'.join(c.data.modalities)} x{c.num_real}" for c in self.cohorts)
+    self.log(f'{len(self.partition.clients)} clients in {len(self.cohorts)} cohorts ({sizes}) '
+             f'on {self.mesh.size} device(s); method {cfg.method.name}')
 
   # ------------------------------------------------------------------ setup
   def _backbone(self, name: str, cache_dir: str | None) -> nnx.State:
