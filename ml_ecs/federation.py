@@ -95,6 +95,11 @@ def _per_client_keys(key: jax.Array, positions: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(positions)
 
 
+def _broadcast_to_clients(global_tree, stacked):
+  """`global_tree` repeated along the leading client axis of `stacked` (same structure)."""
+  return jax.tree.map(lambda g, x: jnp.broadcast_to(g, x.shape), global_tree, stacked)
+
+
 def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
@@ -238,7 +243,7 @@ class Federation:
     if self.flags['communicate']:
       for c in self.cohorts:
         c.trainables['shared'] = jax.device_put(
-            jax.tree.map(lambda g, x: jnp.broadcast_to(g, x.shape), self.global_shared, c.trainables['shared']),
+            _broadcast_to_clients(self.global_shared, c.trainables['shared']),
             self.client_sharding)
     self.leaf_mod = aggregation.leaf_modalities(self.global_shared, self.modalities)
     self._aggregate = jax.jit(functools.partial(aggregation.aggregate, leaf_mod=self.leaf_mod,
@@ -253,25 +258,26 @@ class Federation:
     self.server_program = self._program(graphdef, len(self.modalities))
     self.server_trainables = jax.tree.map(lambda x: x[0], _stack_init(model_fn, jax.random.key(cfg.seed + 29)[None]))
     self.server_opt = self.server_program.init_opt(self.server_trainables, self.server_spec)
-    self.public_train = full_modality_split(self.ds, self.text, self.partition.public_train_idx)
-    self.public_test = full_modality_split(self.ds, self.text, self.partition.public_test_idx, cfg.eval.max_server_test)
+    # The server is one node: its splits are kept without the client axis.
+    squeeze = lambda split: jax.tree.map(lambda x: x[0], split)
+    self.public_train = squeeze(full_modality_split(self.ds, self.text, self.partition.public_train_idx))
+    self.public_test = squeeze(full_modality_split(self.ds, self.text, self.partition.public_test_idx,
+                                                   cfg.eval.max_server_test))
     (self.server_trainables, self.server_opt, self.public_train, self.public_test) = jax.device_put(
         (self.server_trainables, self.server_opt, self.public_train, self.public_test), self.replicated)
     prog, spec = self.server_program, self.server_spec
-    squeeze = lambda s: jax.tree.map(lambda x: x[0], s)
     # Frozen weights and data are arguments, not closure constants (which XLA would embed).
 
     @jax.jit
     def server_round(tr, opt, rng, targets, target_valid, frozen, public):
       ctx = {'frozen': frozen, 'targets': targets, 'target_valid': target_valid}
-      tr, opt, metrics = prog.run_stage(tr, opt, squeeze(public), rng, ctx, spec)
-      z, _ = prog.encode_split(tr, frozen, squeeze(public))
+      tr, opt, metrics = prog.run_stage(tr, opt, public, rng, ctx, spec)
+      z, _ = prog.encode_split(tr, frozen, public)
       return tr, opt, metrics, z
 
     self._server_round = server_round
-    self._server_encode = jax.jit(lambda tr, frozen, public: prog.encode_split(tr, frozen, squeeze(public))[0])
-    self._server_generate = jax.jit(lambda tr, frozen, test: prog.generate_split(tr, frozen, squeeze(test),
-                                                                                cfg.text.answer_len))
+    self._server_encode = jax.jit(lambda tr, frozen, public: prog.encode_split(tr, frozen, public)[0])
+    self._server_generate = jax.jit(lambda tr, frozen, test: prog.generate_split(tr, frozen, test, cfg.text.answer_len))
     self.server_z = self._server_encode(self.server_trainables, self.server_frozen, self.public_train)
 
   def _make_round_fn(self, program: NodeProgram, full: bool) -> Callable:
@@ -307,7 +313,7 @@ class Federation:
       take = (lambda t: t) if full else (lambda t: jax.tree.map(lambda x: x[sel], t))
       tr, opt, train, public = take(tr_all), take(opt_all), take(train_all), take(public_all)
       if communicate:
-        tr = {**tr, 'shared': jax.tree.map(lambda g, x: jnp.broadcast_to(g, x.shape), global_shared, tr['shared'])}
+        tr = {**tr, 'shared': _broadcast_to_clients(global_shared, tr['shared'])}
       ctx = {'frozen': frozen, 'targets': server_z, 'target_valid': jnp.ones(server_z.shape[:1]),
              'ref_shared': global_shared}
       keys = _per_client_keys(rng, sel)
@@ -433,7 +439,7 @@ class Federation:
         refs = [self.text.references[i] for i in idx]
         per_client[str(spec.client_id)] = self.scorer.score(preds, refs, labels[j, :counts[j]].tolist())
     toks = np.asarray(self._server_generate(self.server_trainables, self.server_frozen, self.public_test))
-    n = int(self.public_test.count[0])
+    n = int(self.public_test.count)
     idx = self.partition.public_test_idx[:n]
     server_preds = self.text.tokenizer.decode(toks[:n])
     server = self.scorer.score(server_preds, [self.text.references[i] for i in idx],
