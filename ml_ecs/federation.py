@@ -32,23 +32,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_ecs import aggregation, communication, params
 from ml_ecs.cohort_data import CohortData, SplitArrays, cohort_data, full_modality_split
 from ml_ecs.data.dataset import MultimodalDataset
+from ml_ecs.data.loaders import load_dataset
 from ml_ecs.data.partition import Partition, partition
 from ml_ecs.evaluation import ROUGE_TYPES, TextScorer
 from ml_ecs.models.multimodal import MultimodalLM
 from ml_ecs.node import NodeProgram, StageSpec, make_optimizer, sub
 from ml_ecs.pretrain import pretrain_backbone
 from ml_ecs.text import TaskText, build_task_text
-
-
-def load_dataset(cfg: ml_collections.ConfigDict) -> MultimodalDataset:
-  """The dataset named by `data.name`: 'embedded' (shipped) or 'urfall' (files under data.path)."""
-  if cfg.name == 'embedded':
-    from ml_ecs.data.embedded import load_default
-    return load_default()
-  if cfg.name == 'urfall':
-    from ml_ecs.data.urfall import load_urfall
-    return load_urfall(cfg.path)
-  raise ValueError(f"data.name must be 'embedded' or 'urfall', got {cfg.name!r}")
 
 
 def method_flags(m: ml_collections.ConfigDict) -> dict[str, Any]:
