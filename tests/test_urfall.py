@@ -264,7 +264,7 @@ def test_urfall_config_partitions_and_tokenizes(tmp_path):
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
   from configs import urfall as urfall_config
   from ml_ecs.data.partition import partition
-  from ml_ecs.federation import load_dataset
+  from ml_ecs.data.loaders import load_dataset
   from ml_ecs.text import build_task_text
   rng = np.random.default_rng(0)
   fall, run, frame, labels = [], [], [], []
