@@ -6,7 +6,7 @@ setup(
     version='0.1.0',
     description='ML-ECS: collaborative multimodal learning for edge-cloud synergies, in JAX/Flax',
     python_requires='>=3.11',
-    packages=find_packages(include=['ml_ecs', 'ml_ecs.*']),
+    packages=find_packages(include=['ml_ecs', 'ml_ecs.*', 'configs']),
     package_data={'ml_ecs.data': ['*.npz']},
     install_requires=[
         'jax>=0.7,<0.11',

@@ -2,6 +2,11 @@
 
 Run: python launch/train.py --config=configs/default.py --workdir=/tmp/ml_ecs
 Override any field with --config.FIELD=VALUE, e.g. --config.data.num_clients=20.
+
+Seeds: `seed` is the training seed (backbone pretraining, model initialisation, client
+sampling and batches); `data.seed` is the partition seed (public split, client modality
+sets, label skew, train/test split, missing-sample masks). Vary them separately.
+Every field is checked by ml_ecs.validation.validate before any work is done.
 """
 import ml_collections
 
@@ -20,7 +25,7 @@ def model(backbone_cfg: ml_collections.ConfigDict, encoder_width: int) -> ml_col
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0                      # training seed (see the module docstring)
   c.data = ml_collections.ConfigDict(dict(
       name='embedded',            # 'embedded' or 'urfall'
       path='',                    # directory of local files for real-data loaders
@@ -34,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
       modality_missing_rate=0.3,  # per device type (or client) and modality, when drawn
       sample_missing_rate=0.1,    # per sample and present modality
       public_per_client=128,
-      seed=0,
+      seed=0,                     # partition seed
       encoders=ml_collections.ConfigDict(dict(
           accel=('conv1d', 'transformer', 'mlp'),
           depth=('mlp',),
@@ -50,14 +55,16 @@ def get_config() -> ml_collections.ConfigDict:
       rounds=30, client_fraction=1.0, public_steps=4, private_steps=12, server_steps=12,
       batch_size=16, learning_rate=3e-3, weight_decay=0.0, clip_norm=1.0, eval_every=5,
       client_chunk=8,             # clients per vmapped block inside a cohort (lax.map); 0 = one vmap
+      checkpoint_every=5,         # rounds between checkpoints; the last round is always saved (0 = only it)
+      keep_checkpoints=2,         # newest checkpoints kept (>= 2: a corrupt newest falls back)
   ))
   c.method = ml_collections.ConfigDict(dict(
-      name='ml_ecs',
+      name='ml_ecs',              # a label; launch/compare.py applies ml_ecs.strategies by name
       ccl='gram',                 # 'gram', 'infonce' or 'none'
       lambda_ccl=0.1, tau_ccl=0.2,
       amt=True,                   # private LoRA + gates; False = shared LoRA only
-      mma_weights='modality_samples',  # 'samples' (FedAvg), 'modality', 'modality_samples'
-      se_ccl=True, lambda_se=0.5, tau_se=0.2,
+      mma='modality_samples',     # MMA client weights: 'samples' (FedAvg), 'modality', 'modality_samples'
+      se_ccl=True, lambda_se_ccl=0.5, tau_se_ccl=0.2,
       fedprox_mu=0.0,             # FedProx proximal weight on the shared LoRA
       communicate=True,           # False = local-only training
       zero_fill=False,            # baseline fusion: zero-filled missing modalities

@@ -1,13 +1,12 @@
-"""Baselines and ablations on one grid; resumes a half-finished grid.
+"""Baselines and ablations on one grid; resumes a half-finished grid, inside a cell too.
 
   python launch/compare.py --config=configs/compare.py --workdir=/tmp/compare
 Writes DIR/results.csv, DIR/results.md, DIR/rouge_vs_round.png, DIR/rouge_vs_missing_rate.png
-and one run directory per cell under DIR/cells/.
+and one run directory per cell under DIR/cells/. SIGTERM / Ctrl-C stop after the current
+round of the running cell (with a checkpoint); rerun the same command to go on.
 """
 import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -15,6 +14,7 @@ from ml_collections import config_flags
 from ml_ecs.compare import run_grid
 from ml_ecs.compilation_cache import enable_compilation_cache
 from ml_ecs.trainer import train
+from ml_ecs.validation import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Grid config (configs/compare.py).', lock_config=False)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
@@ -27,10 +27,18 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   # Cells share many identical programs (same shapes, same server/eval functions).
   enable_compilation_cache(os.path.join(workdir, 'cache', 'jax'))
-  run_grid(_CONFIG.value, workdir,
-           lambda cfg, cdir, cache: train(cfg, cdir, progress=False, checkpoint=False, cache_dir=cache,
-                                          log=lambda s: print('   ', s, flush=True)))
+
+  def run_cell(cfg, cdir, cache):
+    result = train(cfg, cdir, progress=False, cache_dir=cache, log=lambda s: print('   ', s, flush=True))
+    return result.status != 'interrupted'
+
+  try:
+    run_grid(_CONFIG.value, workdir, run_cell)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   print(f'wrote {workdir}/results.csv, results.md and plots', flush=True)
+  return 0
 
 
 if __name__ == '__main__':

@@ -1,13 +1,17 @@
-"""Orbax checkpoints of a federation's training state.
+"""Orbax checkpoints of a federation's `State`, with the metric rows written so far.
 
-The state pytree (nnx States, optax states, lists of cohorts) is saved as a flat
+The state pytree (nnx States, optax states, tuples of cohorts) is saved as a flat
 {key path: array} dict so that orbax sees plain arrays, and restored onto a
-template of the same structure (a freshly built federation of the same config).
+template of the same structure (a freshly initialised state of the same config),
+back on the template's devices and shardings. Orbax finalises a step atomically
+(written under a temporary name, then renamed), so a killed run never leaves a
+half-written step that looks complete; a step that is damaged all the same is
+skipped with a warning and the previous one is used.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -20,33 +24,58 @@ def _flatten(tree: Any) -> dict[str, np.ndarray]:
 
 
 class Checkpointer:
-  """Keeps the last `max_to_keep` round checkpoints under `directory`."""
+  """Keeps the newest `max_to_keep` round checkpoints under `directory`."""
 
   def __init__(self, directory: str, max_to_keep: int = 2):
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory),
-                                         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=('state', 'meta'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
-  def save(self, step: int, state: Any) -> None:
-    self.manager.save(step, args=ocp.args.StandardSave(_flatten(state)))
+  def save(self, step: int, state: Any, meta: dict[str, Any] | None = None) -> None:
+    """Writes `state` (a pytree of arrays) and `meta` (JSON) as step `step`, and waits for it."""
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_flatten(state)),
+                                                    meta=ocp.args.JsonSave(meta or {})), force=True)
     self.manager.wait_until_finished()
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def restore(self, template: Any, step: int | None = None) -> Any:
-    """The saved state at `step` (default latest), in the structure of `template`."""
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """(state, meta) saved at `step` (default latest), in the structure and shardings of `template`."""
     step = self.manager.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f'no checkpoint under {self.manager.directory}')
-    flat = self.manager.restore(step, args=ocp.args.StandardRestore(_flatten(template)))
+      raise FileNotFoundError(f'no checkpoint under {self.directory}')
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_flatten(template)), meta=ocp.args.JsonRestore()))
+    flat = restored['state']
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves = []
     for path, ref in paths:
       key = jax.tree_util.keystr(path)
       if key not in flat or np.shape(flat[key]) != np.shape(ref):
-        raise ValueError(f'checkpoint step {step} in {self.manager.directory} does not match this config at {key}')
-      leaves.append(jax.numpy.asarray(flat[key], dtype=ref.dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+        raise ValueError(f'checkpoint {self.step_dir(step)} does not match this config at {key}')
+      value = np.asarray(flat[key], dtype=ref.dtype)
+      leaves.append(jax.device_put(value, ref.sharding) if isinstance(ref, jax.Array) else value)
+    return jax.tree_util.tree_unflatten(treedef, leaves), dict(restored['meta'] or {})
+
+  def restore_latest_valid(self, template: Any, warn: Callable[[str], None]) -> tuple[int, Any, dict] | None:
+    """The newest step that restores cleanly, as (step, state, meta); damaged newer steps are
+    reported through `warn` (naming their directory) and skipped. None if there is none."""
+    for step in reversed(self.steps()):
+      try:
+        state, meta = self.restore(template, step)
+        return step, state, meta
+      except Exception as e:  # noqa: BLE001  (any damage: missing files, bad bytes, wrong shapes)
+        warn(f'WARNING: checkpoint {self.step_dir(step)} cannot be restored ({type(e).__name__}: '
+             f'{str(e).splitlines()[0][:200] if str(e) else ""}); falling back to the previous one')
+    return None
 
   def close(self) -> None:
     self.manager.close()

@@ -27,10 +27,6 @@ class SplitArrays:
   labels: jax.Array
   ids: jax.Array
 
-  @property
-  def num_clients(self) -> int:
-    return int(self.count.shape[0])
-
 
 def split_arrays(ds: MultimodalDataset, text: TaskText, modalities: Sequence[str],
                  index_lists: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -88,7 +84,3 @@ def full_modality_split(ds: MultimodalDataset, text: TaskText, idx: np.ndarray,
   return split_arrays(ds, text, mods, [idx], [np.ones((len(idx), len(mods)), np.float32)],
                       ids=[np.arange(len(idx))])
 
-
-def take_clients(split: SplitArrays, sel: jax.Array) -> SplitArrays:
-  """The clients at positions `sel` of a stacked split."""
-  return jax.tree.map(lambda x: x[sel], split)

@@ -1,16 +1,49 @@
 """Communication accounting: what crosses the network in a round, in bytes."""
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Accounting:
+  """Per-client payload sizes (indexed by client id) and the bytes of every model in the federation."""
+  shared_bytes: np.ndarray   # client's shared LoRA: backbone LoRA + adapters of its modalities
+  reps_bytes: np.ndarray     # client's fused representations of its public subset
+  total_model_bytes: int     # all edge models (trainables + frozen backbone each) + the server model
+
+  def round_bytes(self, sampled: np.ndarray, send_lora: bool, send_reps: bool) -> dict[str, float]:
+    """Bytes up/down of a round with the `sampled` client ids, and their ratio to all model bytes."""
+    out = round_bytes(self.shared_bytes, self.reps_bytes, sampled, send_lora, send_reps)
+    out['comm/ratio'] = (out['comm/bytes_up'] + out['comm/bytes_down']) / self.total_model_bytes
+    return out
+
+
+def accounting(clients: Sequence[tuple[int, Sequence[int], int, int]], leaf_bytes: Sequence[tuple[int, int]],
+               d_z: int, itemsize: int, server_bytes: int) -> Accounting:
+  """Accounting of a federation.
+
+  clients: (client id, indices of its modalities, number of public samples, bytes of its whole
+  model) per client; leaf_bytes: (modality index or -1, bytes) of every shared leaf.
+  """
+  n = len(clients)
+  shared, reps = np.zeros(n, np.int64), np.zeros(n, np.int64)
+  total = server_bytes
+  for cid, mods, num_public, model_bytes in clients:
+    shared[cid] = sum(b for m, b in leaf_bytes if m < 0 or m in mods)
+    reps[cid] = num_public * d_z * itemsize
+    total += model_bytes
+  return Accounting(shared, reps, int(total))
 
 
 def round_bytes(shared_bytes: np.ndarray, reps_bytes: np.ndarray, sampled: np.ndarray,
                 send_lora: bool, send_reps: bool) -> dict[str, int]:
   """Bytes up/down of a round for the `sampled` client ids, split into LoRA and representations.
 
-  shared_bytes[c]: client c's shared LoRA (backbone LoRA + adapters of its modalities);
-  reps_bytes[c]: fused representations of its public subset. Down: the aggregated shared
-  LoRA and the server's representations of that subset; up: the client's own of both.
+  Down: the aggregated shared LoRA and the server's representations of each client's public
+  subset; up: the client's own of both.
   """
   lora = int(shared_bytes[sampled].sum()) if send_lora else 0
   reps = int(reps_bytes[sampled].sum()) if send_reps else 0

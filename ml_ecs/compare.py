@@ -1,7 +1,13 @@
-"""A resumable grid of runs (method x missing rate x clients x seed) and its reports."""
+"""A resumable grid of runs (method x missing rate x clients x seed) and its reports.
+
+A cell's directory is named by its settings and a hash of its resolved config, so a
+changed setting never reuses a stale result; a cell interrupted mid-run resumes from its
+own checkpoint (ml_ecs.trainer), and a finished cell (summary.json) is not rerun.
+"""
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -15,7 +21,7 @@ import numpy as np
 from ml_ecs import metrics_io
 from ml_ecs.strategies import apply_strategy
 
-CSV_FIELDS = ('method', 'missing_rate', 'num_clients', 'seed', 'client_rougeLsum', 'server_rougeLsum',
+CSV_FIELDS = ('method', 'missing_rate', 'num_clients', 'seed', 'cell', 'client_rougeLsum', 'server_rougeLsum',
               'client_accuracy', 'server_accuracy', 'comm_ratio', 'client_rougeLsum_by_client', 'rounds', 'wall_s')
 # Columns of the markdown table: (csv field, header, higher is better).
 TABLE_COLUMNS = (('client_rougeLsum', 'client ROUGE-LSum', True), ('server_rougeLsum', 'server ROUGE-LSum', True),
@@ -46,6 +52,13 @@ def cell_name(method: str, rate: float, clients: int, seed: int) -> str:
   return f'{method}__mr{rate:g}__c{clients}__s{seed}'
 
 
+def cell_dir(workdir: str, method: str, rate: float, clients: int, seed: int,
+             cfg: ml_collections.ConfigDict) -> str:
+  """The cell's run directory: settings plus a hash of the resolved config."""
+  digest = hashlib.sha1(cfg.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:8]
+  return os.path.join(workdir, 'cells', f'{cell_name(method, rate, clients, seed)}__{digest}')
+
+
 def cell_config(base: ml_collections.ConfigDict, method: str, rate: float, clients: int, seed: int):
   cfg = apply_strategy(base, method)
   del cfg['grid']
@@ -57,34 +70,41 @@ def cell_config(base: ml_collections.ConfigDict, method: str, rate: float, clien
   return cfg
 
 
-def cell_row(method, rate, clients, seed, summary: dict, rows: list[dict]) -> dict[str, Any]:
-  last = rows[-1]
-  return {'method': method, 'missing_rate': rate, 'num_clients': clients, 'seed': seed,
+def cell_row(method, rate, clients, seed, cell: str, rows: list[dict], timings: list[dict]) -> dict[str, Any]:
+  """The results row of a finished cell (`cell`: its directory name under cells/)."""
+  last = [r for r in rows if 'client/rougeLsum_mean' in r][-1]
+  return {'method': method, 'missing_rate': rate, 'num_clients': clients, 'seed': seed, 'cell': cell,
           'client_rougeLsum': last['client/rougeLsum_mean'], 'server_rougeLsum': last['server/rougeLsum'],
           'client_accuracy': last['client/accuracy_mean'], 'server_accuracy': last['server/accuracy'],
           'comm_ratio': max((r.get('comm/ratio', 0.0) for r in rows), default=0.0),
           'client_rougeLsum_by_client': json.dumps(last['client/rougeLsum'], sort_keys=True),
-          'rounds': last['round'], 'wall_s': summary.get('wall_s', float('nan'))}
+          'rounds': last['round'], 'wall_s': max((t.get('time/elapsed_s', 0.0) for t in timings), default=float('nan'))}
 
 
 def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, log: Callable[[str], None] = print
              ) -> list[dict[str, Any]]:
-  """Runs every cell not yet finished (a finished cell has summary.json), then writes the reports."""
+  """Runs (or resumes) every cell not yet finished, writing the reports after each.
+
+  `train_fn(cfg, cell_dir, cache_dir)` runs one cell and returns whether it finished (False:
+  interrupted, e.g. by SIGTERM; the grid then stops, to resume on the next call).
+  """
   cache = os.path.join(workdir, 'cache')
   results = []
   todo = cells(base.grid)
   for i, (method, rate, clients, seed) in enumerate(todo):
-    cdir = os.path.join(workdir, 'cells', cell_name(method, rate, clients, seed))
-    summary_path = os.path.join(cdir, 'summary.json')
-    if os.path.exists(summary_path):
-      log(f'[{i + 1}/{len(todo)}] {cell_name(method, rate, clients, seed)}: done, skipped')
+    cfg = cell_config(base, method, rate, clients, seed)
+    cdir = cell_dir(workdir, method, rate, clients, seed, cfg)
+    name = os.path.basename(cdir)
+    if os.path.exists(os.path.join(cdir, 'summary.json')):
+      log(f'[{i + 1}/{len(todo)}] {name}: done, skipped')
     else:
-      log(f'[{i + 1}/{len(todo)}] {cell_name(method, rate, clients, seed)}: running')
-      train_fn(cell_config(base, method, rate, clients, seed), cdir, cache)
-    with open(summary_path) as f:
-      summary = json.load(f)
-    results.append(cell_row(method, rate, clients, seed, summary,
-                            metrics_io.read_jsonl(os.path.join(cdir, 'metrics.jsonl'))))
+      log(f'[{i + 1}/{len(todo)}] {name}: running')
+      if not train_fn(cfg, cdir, cache):
+        log(f'grid stopped in {name}; rerun the same command to resume')
+        return results
+    timing_path = os.path.join(cdir, 'timing.jsonl')
+    results.append(cell_row(method, rate, clients, seed, name, metrics_io.read_jsonl(os.path.join(cdir, 'metrics.jsonl')),
+                            metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else []))
     write_reports(results, workdir)
   return results
 
@@ -186,8 +206,8 @@ def plot(results: list[dict[str, Any]], workdir: str) -> None:
       for r in results:
         if (r['method'], r['missing_rate'], r['num_clients']) != (m, rate, clients):
           continue
-        rows = metrics_io.read_jsonl(os.path.join(workdir, 'cells', cell_name(m, rate, clients, r['seed']), 'metrics.jsonl'))
-        curves.append([(row['round'], row['client/rougeLsum_mean']) for row in rows])
+        rows = metrics_io.read_jsonl(os.path.join(workdir, 'cells', r['cell'], 'metrics.jsonl'))
+        curves.append([(row['round'], row['client/rougeLsum_mean']) for row in rows if 'client/rougeLsum_mean' in row])
       if curves:
         n = min(len(c) for c in curves)
         x = [p[0] for p in curves[0][:n]]

@@ -5,13 +5,11 @@ A node's trainables are {'shared', 'private', 'encoders', 'connector'} states of
 cohort is vmapped). A *stage* is a number of local optimizer steps on batches
 drawn from one split with a configurable objective:
 
-  loss = LM + lambda_ccl * CCL(projected modality embeddings)
-            + lambda_align * InfoNCE(z, targets[sample id])        (SE-CCL)
+  loss = LM + lambda_ccl * CCL(projected modality embeddings)           (ml_ecs.ccl)
+            + lambda_se_ccl * InfoNCE(z, targets[sample id])           (ml_ecs.se_ccl)
             + mu / 2 * ||shared - reference shared||^2                 (FedProx)
 
-Client AMT runs a public stage (LM + SE-CCL, encoders frozen) then a private
-stage (LM + CCL, everything trainable); the server runs one stage on the public
-split with all three terms.
+Which stages a client and the server run is AMT's business (ml_ecs.amt).
 """
 from __future__ import annotations
 
@@ -26,7 +24,9 @@ from flax import nnx
 
 from ml_ecs import params
 from ml_ecs.cohort_data import SplitArrays
-from ml_ecs.losses import alignment_loss, gram_contrastive_loss, lm_loss, pairwise_infonce_loss
+from ml_ecs.ccl import ccl_loss
+from ml_ecs.lm import lm_loss
+from ml_ecs.se_ccl import se_ccl_loss
 
 Trainables = dict[str, nnx.State]
 
@@ -37,7 +37,7 @@ class StageSpec:
   steps: int
   parts: tuple[str, ...]          # trainable parts updated in this stage
   lambda_ccl: float = 0.0
-  lambda_align: float = 0.0
+  lambda_se_ccl: float = 0.0
   fedprox_mu: float = 0.0
 
 
@@ -60,7 +60,7 @@ class NodeProgram:
   instr_mask: jax.Array
   ccl: str                    # 'gram', 'infonce' or 'none'
   tau_ccl: float
-  tau_align: float
+  tau_se_ccl: float
   batch_size: int
   optimizer: optax.GradientTransformation
   zero_fill: bool = False         # baseline fusion: missing modalities enter z as zero inputs
@@ -69,7 +69,8 @@ class NodeProgram:
   def model(self, tr: Trainables, frozen: nnx.State) -> nnx.Module:
     return params.merge_model(self.graphdef, {**tr, 'frozen': frozen})
 
-  def _instr(self, b: int):
+  def instructions(self, b: int) -> tuple[jax.Array, jax.Array]:
+    """The instruction tokens and mask repeated for a batch of b samples."""
     return (jnp.broadcast_to(self.instr, (b,) + self.instr.shape),
             jnp.broadcast_to(self.instr_mask, (b,) + self.instr_mask.shape))
 
@@ -96,29 +97,20 @@ class NodeProgram:
     dropped = mask * keep
     return jnp.where((dropped.sum(-1, keepdims=True) > 0), dropped, mask)
 
-  def ccl_loss(self, projected: jax.Array, mask: jax.Array) -> jax.Array:
-    if self.ccl == 'none' or self.num_modalities < 2:
-      return jnp.zeros(())
-    if self.ccl == 'gram':
-      return gram_contrastive_loss(projected, mask, 0, self.tau_ccl)
-    if self.ccl == 'infonce':
-      return pairwise_infonce_loss(projected, mask, self.tau_ccl)
-    raise ValueError(f"method.ccl must be 'gram', 'infonce' or 'none', got {self.ccl!r}")
-
   def losses(self, tr: Trainables, frozen: nnx.State, batch: SplitArrays, spec: StageSpec,
              ctx: dict[str, Any]) -> dict[str, jax.Array]:
     """The loss terms of `spec` on one batch."""
     m = self.model(tr, frozen)
     projected, z = self.encode(m, batch.inputs, batch.mod_mask)
-    instr, instr_mask = self._instr(z.shape[0])
+    instr, instr_mask = self.instructions(z.shape[0])
     logits = m(z, instr, instr_mask, batch.answers, batch.answer_mask)
     out = {'lm': lm_loss(logits, batch.answers, batch.answer_mask)}
     if spec.lambda_ccl:
-      out['ccl'] = self.ccl_loss(projected, batch.mod_mask)
-    if spec.lambda_align:
+      out['ccl'] = ccl_loss(self.ccl, projected, batch.mod_mask, self.tau_ccl)
+    if spec.lambda_se_ccl:
       valid = ctx['target_valid'][batch.ids]
-      out['align'] = alignment_loss(z, ctx['targets'][batch.ids], batch.ids, batch.ids,
-                                    jnp.ones_like(valid), valid, self.tau_align)
+      out['se_ccl'] = se_ccl_loss(z, ctx['targets'][batch.ids], batch.ids, batch.ids,
+                                  jnp.ones_like(valid), valid, self.tau_se_ccl)
     if spec.fedprox_mu:
       sq = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), tr['shared'], ctx['ref_shared'])
       out['prox'] = 0.5 * sum(jax.tree.leaves(sq))
@@ -126,7 +118,7 @@ class NodeProgram:
 
   @staticmethod
   def total(terms: dict[str, jax.Array], spec: StageSpec) -> jax.Array:
-    weights = {'lm': 1.0, 'ccl': spec.lambda_ccl, 'align': spec.lambda_align, 'prox': spec.fedprox_mu}
+    weights = {'lm': 1.0, 'ccl': spec.lambda_ccl, 'se_ccl': spec.lambda_se_ccl, 'prox': spec.fedprox_mu}
     return sum(weights[k] * v for k, v in terms.items())
 
   def init_opt(self, tr: Trainables, spec: StageSpec) -> optax.OptState:
@@ -166,5 +158,5 @@ class NodeProgram:
     """Greedy answer tokens [N, max_len] for every row of one node's split."""
     m = self.model(tr, frozen)
     _, z = self.encode(m, split.inputs, split.mod_mask)
-    instr, instr_mask = self._instr(z.shape[0])
+    instr, instr_mask = self.instructions(z.shape[0])
     return m.generate(z, instr, instr_mask, max_len)

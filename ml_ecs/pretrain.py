@@ -6,8 +6,13 @@ instruction, after a prefix of random soft-prompt vectors. It then knows the
 language of the answers but not which answer a sensor reading calls for; that
 mapping is what federated training has to learn through the soft prompt and
 LoRA. The result becomes the `Frozen` part of every node with that backbone.
+Pretrained weights are cached on disk, keyed by everything they depend on.
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ml_ecs.losses import lm_loss
+from ml_ecs.lm import lm_loss
 from ml_ecs.models.decoder import DecoderLM
 from ml_ecs.models.variables import Frozen
 from ml_ecs.text import TaskText
@@ -56,3 +61,39 @@ def pretrain_backbone(backbone_cfg: ml_collections.ConfigDict, prompt_len: int, 
 
   frozen, losses = train(frozen, jax.random.key(seed + 1))
   return frozen, {'loss_first': float(losses[0]), 'loss_final': float(losses[-1])}
+
+
+def cached_backbone(name: str, cfg: ml_collections.ConfigDict, text: TaskText, frozen_template: nnx.State,
+                    cache_dir: str | None) -> tuple[nnx.State, dict | None]:
+  """The pretrained frozen backbone of model `name` ('edge_model' or 'server_model') of config `cfg`.
+
+  Read from cache_dir/backbones/ when present, else pretrained (and written there atomically).
+  Returns (frozen state in the structure of `frozen_template`, pretraining info or None if cached).
+  """
+  from flax import serialization
+  mcfg = cfg[name]
+  key = json.dumps([mcfg.backbone.to_dict(), mcfg.prompt_len, cfg.text.to_dict(), cfg.pretrain.to_dict(),
+                    cfg.seed, cfg.data.name, cfg.data.path, name], sort_keys=True, default=str)
+  digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+  path = os.path.join(cache_dir, 'backbones', f'{name}-{digest}.msgpack') if cache_dir else None
+  info = None
+  if path and os.path.exists(path):
+    with open(path, 'rb') as f:
+      pure = serialization.msgpack_restore(f.read())
+  else:
+    backbone_state, info = pretrain_backbone(mcfg.backbone, mcfg.prompt_len, text, cfg.pretrain,
+                                             cfg.seed + (0 if name == 'edge_model' else 1))
+    pure = {'backbone': nnx.to_pure_dict(backbone_state)}
+    if path:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = path + '.tmp'
+      with open(tmp, 'wb') as f:
+        f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, pure)))
+      os.replace(tmp, path)
+  expected = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(frozen_template))
+  got = jax.tree.map(lambda x: tuple(np.shape(x)), pure)
+  if got != expected:
+    raise ValueError(f'backbone weights for {name} ({path or "pretrained"}) do not match {name}.backbone; '
+                     'delete the cached file to retrain')
+  nnx.replace_by_pure_dict(frozen_template, jax.tree.map(jnp.asarray, pure))
+  return frozen_template, info

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ml_collections
 
-_PLAIN = dict(ccl='none', amt=False, mma_weights='fedavg', se_ccl=False, fedprox_mu=0.0,
+_PLAIN = dict(ccl='none', amt=False, mma='samples', se_ccl=False, fedprox_mu=0.0,
               zero_fill=False, modality_dropout=0.0, communicate=True)
 
 STRATEGIES: dict[str, dict] = {
@@ -25,12 +25,12 @@ STRATEGIES: dict[str, dict] = {
     'fedavg': dict(_PLAIN),
     'fedprox': {**_PLAIN, 'fedprox_mu': 0.01},
     'mmfl': {**_PLAIN, 'zero_fill': True, 'modality_dropout': 0.2},
-    'ml_ecs': dict(ccl='gram', amt=True, mma_weights='modality_samples', se_ccl=True, fedprox_mu=0.0,
+    'ml_ecs': dict(ccl='gram', amt=True, mma='modality_samples', se_ccl=True, fedprox_mu=0.0,
                    zero_fill=False, modality_dropout=0.0, communicate=True),
 }
 STRATEGIES['ml_ecs_no_ccl'] = {**STRATEGIES['ml_ecs'], 'ccl': 'none'}
 STRATEGIES['ml_ecs_no_amt'] = {**STRATEGIES['ml_ecs'], 'amt': False}
-STRATEGIES['ml_ecs_no_mma'] = {**STRATEGIES['ml_ecs'], 'mma_weights': 'fedavg'}
+STRATEGIES['ml_ecs_no_mma'] = {**STRATEGIES['ml_ecs'], 'mma': 'samples'}
 STRATEGIES['ml_ecs_no_se_ccl'] = {**STRATEGIES['ml_ecs'], 'se_ccl': False}
 
 

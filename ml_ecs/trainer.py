@@ -1,17 +1,48 @@
-"""The main job: build a federation, run its rounds, write metrics, summary and checkpoints."""
+"""The main job: init a federation, run its rounds, write metrics, summary and checkpoints; resume.
+
+A workdir holds one run. Rerunning the same command on it continues from the newest
+valid checkpoint (state, RNG and metric rows), so a killed or preempted run loses at
+most `train.checkpoint_every` rounds and ends with the same metrics.jsonl and
+summary.json as an uninterrupted run. A finished run is never overwritten unless
+asked (`overwrite=True`); a run with a different config is refused, naming the fields.
+SIGTERM and Ctrl-C stop the run at the end of the current round, after a checkpoint.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import signal
 import time
 from typing import Any, Callable
 
+import jax
 import ml_collections
 from tqdm import tqdm
 
-from ml_ecs import metrics_io
+from ml_ecs import federation, metrics_io
 from ml_ecs.checkpoint import Checkpointer
-from ml_ecs.federation import Federation
+from ml_ecs.data.dataset import MultimodalDataset
+from ml_ecs.validation import validate
+
+# Files of a run that `overwrite` removes (caches such as backbones/ stay).
+RUN_OUTPUTS = ('config.json', 'metrics.jsonl', 'timing.jsonl', 'summary.json', 'model_summary.json',
+               'clients.json', 'tokenizer.json', 'checkpoints', 'tensorboard')
+
+
+class WorkdirConflict(RuntimeError):
+  """The workdir holds a run of another config."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  """How a call of `train` ended: 'complete', 'already_complete' or 'interrupted' (by a signal)."""
+  status: str
+  rows: list[dict[str, Any]]
+  workdir: str
+  resumed_from: int | None = None
+  signal_name: str | None = None
 
 
 def round_line(row: dict[str, Any]) -> str:
@@ -24,52 +55,166 @@ def round_line(row: dict[str, Any]) -> str:
     parts.append(f"acc c={row['client/accuracy_mean']:.2f} s={row['server/accuracy']:.2f}")
   if 'comm/bytes_up' in row:
     parts.append(f"up={row['comm/bytes_up'] / 1e3:.0f}kB ratio={row['comm/ratio']:.4%}")
-  if 'time/round_s' in row:
-    parts.append(f"{row['time/round_s']:.1f}s")
   return ' | '.join(parts)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True,
-          log: Callable[[str], None] | None = None, checkpoint: bool = True,
-          cache_dir: str | None = None) -> list[dict[str, Any]]:
-  """Runs `cfg.train.rounds` rounds; evaluates at round 0, every `eval_every` rounds and at the end.
+def config_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON values (what config.json holds)."""
+  return json.loads(cfg.to_json_best_effort())
 
-  Writes workdir/config.json, metrics.jsonl (one object per evaluated round),
-  summary.json, model_summary.json and checkpoints/ (orbax, last 2 evaluated rounds).
+
+def config_differences(saved: Any, current: Any, prefix: str = '') -> list[str]:
+  """Dotted names of the fields whose values differ between two config dicts."""
+  if isinstance(saved, dict) and isinstance(current, dict):
+    out = []
+    for k in sorted(set(saved) | set(current)):
+      name = f'{prefix}.{k}' if prefix else str(k)
+      if k not in saved or k not in current:
+        out.append(name)
+      else:
+        out += config_differences(saved[k], current[k], name)
+    return out
+  return [] if saved == current else [prefix]
+
+
+def _split_timing(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(deterministic metrics, wall-clock timings) of a row."""
+  timing = {k: v for k, v in row.items() if k.startswith('time/')}
+  return {k: v for k, v in row.items() if not k.startswith('time/')}, timing
+
+
+def _check_workdir(workdir: str, cfg_json: dict[str, Any], overwrite: bool, log: Callable[[str], None]) -> bool:
+  """Prepares `workdir`; returns True if it holds a finished run of this config."""
+  if overwrite:
+    for name in RUN_OUTPUTS:
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+    return False
+  cfg_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(cfg_path):
+    with open(cfg_path) as f:
+      saved = json.load(f)
+    diff = config_differences(saved, cfg_json)
+    if diff:
+      raise WorkdirConflict(
+          f'{workdir} holds a run with a different config (fields differ: {", ".join(diff)}); '
+          'use another --workdir, or --overwrite to start afresh there')
+  return os.path.exists(os.path.join(workdir, 'summary.json'))
+
+
+class _StopOnSignal:
+  """Turns SIGTERM / SIGINT into a request to stop after the current round (a second Ctrl-C kills)."""
+
+  def __init__(self, log: Callable[[str], None]):
+    self.log = log
+    self.received: str | None = None
+    self.previous: dict[int, Any] = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self.previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:   # not the main thread: signals stay as they are
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
+    self.log(f'received {self.received}: stopping after the current round (checkpoint, then exit)')
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+          log: Callable[[str], None] | None = None, checkpoint: bool = True, cache_dir: str | None = None,
+          overwrite: bool = False, dataset: MultimodalDataset | None = None) -> RunResult:
+  """Runs (or resumes) `cfg.train.rounds` rounds in `workdir`.
+
+  Evaluates at round 0, every `train.eval_every` rounds and at the end; checkpoints every
+  `train.checkpoint_every` rounds and at the end. Writes config.json, metrics.jsonl (one row
+  per round: training metrics, plus evaluation metrics on evaluated rounds), timing.jsonl
+  (wall-clock times per round), summary.json, model_summary.json, clients.json and
+  checkpoints/ (orbax). `dataset` replaces the config's data source.
   """
-  os.makedirs(workdir, exist_ok=True)
   log = log or (lambda s: tqdm.write(s))
-  metrics_io.write_json(os.path.join(workdir, 'config.json'), json.loads(cfg.to_json_best_effort()))
+  validate(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  cfg_json = config_dict(cfg)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if _check_workdir(workdir, cfg_json, overwrite, log):
+    log(f'{workdir} holds a complete run of this config ({cfg.train.rounds} rounds): nothing to do '
+        '(--overwrite starts it afresh)')
+    return RunResult('already_complete', metrics_io.read_jsonl(metrics_path), workdir)
+  metrics_io.write_json(os.path.join(workdir, 'config.json'), cfg_json)
+
   t0 = time.perf_counter()
-  fed = Federation(cfg, workdir=workdir, log=log, cache_dir=cache_dir)
+  setup, state = federation.init(cfg, workdir=workdir, dataset=dataset, log=log, cache_dir=cache_dir)
   setup_s = time.perf_counter() - t0
   metrics_io.write_json(os.path.join(workdir, 'model_summary.json'),
-                        {**fed.model_summary(), 'pretrain': fed.pretrain_info, 'setup_s': setup_s})
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints')) if checkpoint else None
+                        {**federation.model_summary(setup, state), 'pretrain': setup.pretrain_info,
+                         'setup_s': setup_s})
+  metrics_io.write_json(os.path.join(workdir, 'clients.json'), federation.clients_info(setup))
+  every = cfg.train.checkpoint_every
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.train.keep_checkpoints) if checkpoint else None
   rows: list[dict[str, Any]] = []
-  row = {**fed.evaluate(), 'time/setup_s': setup_s}
-  rows.append(row)
-  log(round_line(row))
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  metrics_io.write_jsonl(metrics_path, rows)
-  rounds = cfg.train.rounds
-  bar = tqdm(range(1, rounds + 1), desc=f'{cfg.method.name}', unit='round', disable=not progress,
-             dynamic_ncols=True)
-  for r in bar:
-    row = fed.run_round()
-    if r % cfg.train.eval_every == 0 or r == rounds:
-      row.update(fed.evaluate())
-      row['time/elapsed_s'] = time.perf_counter() - t0
-      rows.append(row)
-      metrics_io.write_jsonl(metrics_path, rows)
-      if ckpt is not None:
-        ckpt.save(r, fed.state())
-      bar.set_postfix(c=f"{row['client/rougeLsum_mean']:.3f}", s=f"{row['server/rougeLsum']:.3f}")
+  timings: list[dict[str, Any]] = []
+  resumed_from = None
+  timing_path = os.path.join(workdir, 'timing.jsonl')
+  if ckpt is not None:
+    found = ckpt.restore_latest_valid(state, log)
+    if found is not None:
+      resumed_from, state, meta = found
+      rows = meta['rows']
+      if os.path.exists(timing_path):
+        timings = [t for t in metrics_io.read_jsonl(timing_path) if t['round'] <= resumed_from]
+      timings.append({'round': resumed_from, 'event': 'resumed', 'time/setup_s': setup_s})
+      log(f'resuming from round {resumed_from} (checkpoint {ckpt.step_dir(resumed_from)})')
+  if resumed_from is None:
+    row, timing = _split_timing(federation.evaluate(setup, state))
+    rows.append(row)
+    timings.append({'round': 0, **timing, 'time/setup_s': setup_s})
     log(round_line(row))
+  metrics_io.write_jsonl(metrics_path, rows)
+  metrics_io.write_jsonl(timing_path, timings)
+
+  rounds = cfg.train.rounds
+  start = int(state.round)
+  bar = tqdm(total=rounds, initial=start, desc=cfg.method.name, unit='round', disable=not progress,
+             dynamic_ncols=True)
+  saved_at = resumed_from
+  with _StopOnSignal(log) as stop:
+    for r in range(start + 1, rounds + 1):
+      state, row = federation.run_round(setup, state)
+      if r % cfg.train.eval_every == 0 or r == rounds:
+        row.update(federation.evaluate(setup, state))
+        bar.set_postfix(c=f"{row['client/rougeLsum_mean']:.3f}", s=f"{row['server/rougeLsum']:.3f}")
+      row, timing = _split_timing(row)
+      rows.append(row)
+      timings.append({'round': r, **timing, 'time/elapsed_s': time.perf_counter() - t0})
+      metrics_io.write_jsonl(metrics_path, rows)
+      metrics_io.write_jsonl(timing_path, timings)
+      if ckpt is not None and (r == rounds or (every and r % every == 0) or stop.received):
+        ckpt.save(r, state, {'round': r, 'rows': rows})
+        saved_at = r
+      log(round_line(row))
+      bar.update(1)
+      if stop.received and r < rounds:
+        bar.close()
+        if ckpt is not None:
+          ckpt.close()
+        log(f'stopped by {stop.received} after round {r}; checkpoint at round {saved_at}. '
+            'Rerun the same command to resume.')
+        return RunResult('interrupted', rows, workdir, resumed_from, stop.received)
   bar.close()
   if ckpt is not None:
     ckpt.close()
-  summary = {**metrics_io.summarize(rows), 'rounds': rounds, 'wall_s': time.perf_counter() - t0,
-             'method': cfg.method.name}
+  summary = {**metrics_io.summarize(rows), 'rounds': rounds, 'method': cfg.method.name}
   metrics_io.write_json(os.path.join(workdir, 'summary.json'), summary)
-  return rows
+  return RunResult('complete', rows, workdir, resumed_from)

@@ -2,8 +2,8 @@
 
 Between encoders and connector sits one low-rank *modality adapter* per
 modality of the whole federation (``SharedLoRA``): these are the
-modality-specific shared parameters that MMA averages only over the clients
-that have the modality. Every node carries an adapter for every modality so
+modality-specific shared parameters (``ModalityLoRA``, tagged with their
+modality) that MMA averages only over the clients that have the modality. Every node carries an adapter for every modality so
 that the shared part has one structure on all clients; adapters of modalities a
 node lacks receive no gradient and zero aggregation weight.
 """
@@ -17,17 +17,17 @@ from flax import nnx
 import ml_collections
 
 from ml_ecs.models.connector import Connector
-from ml_ecs.models.decoder import DecoderLM, KVCache
+from ml_ecs.models.decoder import DecoderLM
 from ml_ecs.models.encoders import make_encoder
-from ml_ecs.models.variables import SharedLoRA
+from ml_ecs.models.variables import ModalityLoRA
 
 
 class ModalityAdapter(nnx.Module):
   """e + (alpha / r) e A B with B = 0 at init."""
 
-  def __init__(self, dim: int, rank: int, alpha: float, *, rngs: nnx.Rngs):
-    self.a = SharedLoRA(jax.random.normal(rngs.params(), (dim, rank)) / jnp.sqrt(dim))
-    self.b = SharedLoRA(jnp.zeros((rank, dim)))
+  def __init__(self, modality: str, dim: int, rank: int, alpha: float, *, rngs: nnx.Rngs):
+    self.a = ModalityLoRA(jax.random.normal(rngs.params(), (dim, rank)) / jnp.sqrt(dim), modality=modality)
+    self.b = ModalityLoRA(jnp.zeros((rank, dim)), modality=modality)
     self.scale = alpha / rank
 
   def __call__(self, e):
@@ -48,7 +48,7 @@ class MultimodalLM(nnx.Module):
         m: make_encoder(encoder_types[m], modality_shapes[m], cfg.encoder_width, cfg.d_enc, rngs=rngs)
         for m in self.modalities})
     self.adapters = nnx.Dict({
-        m: ModalityAdapter(cfg.d_enc, cfg.adapter_rank, cfg.lora_alpha, rngs=rngs)
+        m: ModalityAdapter(m, cfg.d_enc, cfg.adapter_rank, cfg.lora_alpha, rngs=rngs)
         for m in all_modalities})
     self.connector = Connector(self.modalities, cfg.d_enc, cfg.d_fuse, cfg.d_z, cfg.prompt_len,
                                cfg.backbone.width, rngs=rngs)

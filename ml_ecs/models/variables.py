@@ -14,6 +14,11 @@ class SharedLoRA(nnx.Variable):
   """Low-rank adapter weight that is communicated and aggregated (MMA)."""
 
 
+class ModalityLoRA(SharedLoRA):
+  """A shared adapter weight specific to one modality (metadata `modality`): MMA averages it only
+  over the clients that have that modality."""
+
+
 class PrivateLoRA(nnx.Variable):
   """Low-rank adapter weight that never leaves its client."""
 

@@ -1,11 +1,20 @@
-"""SE-CCL alignment loss: InfoNCE pulling representations towards targets of the same sample."""
+"""SE-CCL, SLM-enhanced CCL: bidirectional alignment of fused representations on public data.
+
+The server sends its fused representations z of the public split down; each client
+aligns its own z to them (InfoNCE, positives = same public sample id); the clients send
+theirs up and the server aligns to their weighted mean per sample (`se_ccl_targets`).
+Config: `method.se_ccl`, `method.lambda_se_ccl`, `method.tau_se_ccl`.
+Metric names: client/public_se_ccl, server/se_ccl.
+"""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from ml_ecs.losses.ccl import l2_normalize, masked_soft_ce
+from ml_ecs.ccl import l2_normalize, masked_soft_ce
 
 
 def _direction(logits: jax.Array, valid: jax.Array, pos: jax.Array) -> jax.Array:
@@ -18,7 +27,7 @@ def _direction(logits: jax.Array, valid: jax.Array, pos: jax.Array) -> jax.Array
   return total / jnp.maximum(jnp.sum(has), 1).astype(total.dtype)
 
 
-def alignment_loss(z: ArrayLike, targets: ArrayLike, z_ids: ArrayLike, target_ids: ArrayLike,
+def se_ccl_loss(z: ArrayLike, targets: ArrayLike, z_ids: ArrayLike, target_ids: ArrayLike,
                    z_mask: ArrayLike, target_mask: ArrayLike, tau: ArrayLike,
                    symmetric: bool = True) -> jax.Array:
   """InfoNCE aligning z to targets; positives are pairs with the same sample id.
@@ -51,3 +60,21 @@ def alignment_loss(z: ArrayLike, targets: ArrayLike, z_ids: ArrayLike, target_id
   if symmetric:
     loss = 0.5 * (loss + _direction(logits.T, valid.T, pos.T))
   return loss
+
+
+def se_ccl_targets(z: Sequence[jax.Array], ids: Sequence[jax.Array], valid: Sequence[jax.Array],
+                   weights: Sequence[jax.Array], num_public: int) -> tuple[jax.Array, jax.Array]:
+  """The server's alignment targets: weighted mean of uploaded client representations per public sample.
+
+  z[k]: [C_k, N, d]; ids[k]: [C_k, N] public positions; valid[k]: [C_k, N]; weights[k]: [C_k]
+  (one entry per cohort). Non-finite uploads get no weight.
+  Returns (targets [num_public, d], has_target [num_public]).
+  """
+  zs = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in z])
+  flat_ids = jnp.concatenate([i.reshape(-1) for i in ids])
+  wv = jnp.concatenate([(v * w[:, None]).reshape(-1) for v, w in zip(valid, weights)])
+  wv = jnp.where(jnp.isfinite(zs).all(-1), wv, 0.0)
+  zs = jnp.where(wv[:, None] > 0, zs, 0.0)
+  num = jax.ops.segment_sum(zs * wv[:, None], flat_ids, num_segments=num_public)
+  den = jax.ops.segment_sum(wv, flat_ids, num_segments=num_public)
+  return num / jnp.maximum(den, 1e-12)[:, None], den > 0

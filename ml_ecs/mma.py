@@ -1,15 +1,16 @@
-"""MMA: modality-aware aggregation of the shared LoRA, and of uploaded fused representations.
+"""MMA, modality-aware model aggregation of the clients' shared LoRA.
 
 All sampled clients of all cohorts are aggregated by one jitted weighted
 reduction over their stacked shared pytrees (cohorts are concatenated on the
 client axis; the shared part has the same structure on every edge client).
-Client weights:
-  'fedavg'           n_samples, every leaf over every client (plain FedAvg);
+Client weights (`method.mma`):
+  'samples'          n_samples, every leaf over every client (plain FedAvg);
   'modality'         number of modalities the client has;
   'modality_samples' number of modalities x n_samples.
-With the modality-aware weightings a modality adapter leaf (path under
-`adapters/<modality>`) is averaged only over the clients that have that
-modality. A client whose update has a NaN/Inf is excluded and counted.
+With the modality-aware weightings a modality-specific leaf (variable type
+`ModalityLoRA`, tagged with its modality) is averaged only over the clients that
+have that modality. A client whose update has a NaN/Inf is excluded and counted
+(metric mma/excluded).
 """
 from __future__ import annotations
 
@@ -18,29 +19,37 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-WEIGHTINGS = ('fedavg', 'modality', 'modality_samples')
+from ml_ecs.models.variables import ModalityLoRA
+
+WEIGHTINGS = ('samples', 'modality', 'modality_samples')
 
 
 def client_weights(kind: str, num_samples: np.ndarray, num_modalities: np.ndarray) -> np.ndarray:
   """Unnormalised per-client weights of a weighting kind."""
-  if kind == 'fedavg':
+  if kind == 'samples':
     return num_samples.astype(np.float32)
   if kind == 'modality':
     return num_modalities.astype(np.float32)
   if kind == 'modality_samples':
     return (num_modalities * num_samples).astype(np.float32)
-  raise ValueError(f'method.mma_weights must be one of {WEIGHTINGS}, got {kind!r}')
+  raise ValueError(f'method.mma must be one of {WEIGHTINGS}, got {kind!r}')
 
 
-def leaf_modalities(shared_template, modalities: Sequence[str]):
-  """Pytree like `shared_template` whose leaves are the modality index of an adapter leaf, else -1."""
-  def index(path, _):
-    keys = [getattr(k, 'key', getattr(k, 'idx', None)) for k in path]
-    if 'adapters' in keys:
-      return modalities.index(keys[keys.index('adapters') + 1])
-    return -1
-  return jax.tree_util.tree_map_with_path(index, shared_template)
+def leaf_modalities(shared: nnx.State, modalities: Sequence[str]):
+  """Pytree of `shared`'s structure whose leaves are the modality index of a `ModalityLoRA` leaf, else -1."""
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  variables = jax.tree.leaves(shared, is_leaf=is_var)
+  index = [modalities.index(v.get_metadata()['modality']) if isinstance(v, ModalityLoRA) else -1 for v in variables]
+  return jax.tree.unflatten(jax.tree.structure(shared), index)
+
+
+def presence(client_modalities: Sequence[str], modalities: Sequence[str], num_rows: int, num_real: int) -> np.ndarray:
+  """[num_rows, M] 0/1 modality presence of a cohort's selected rows (padding rows: all 0)."""
+  out = np.zeros((num_rows, len(modalities)), np.float32)
+  out[:num_real, [modalities.index(m) for m in client_modalities]] = 1.0
+  return out
 
 
 def is_finite(tree) -> jax.Array:
@@ -71,20 +80,3 @@ def aggregate(stacked: Sequence, weights: Sequence[jax.Array], presence: Sequenc
     return jnp.where(total > 0, mean, prev)
 
   return jax.tree.map(reduce, tree, previous, leaf_mod), jnp.sum(~finite)
-
-
-def aggregate_representations(z: Sequence[jax.Array], ids: Sequence[jax.Array], valid: Sequence[jax.Array],
-                              weights: Sequence[jax.Array], num_public: int) -> tuple[jax.Array, jax.Array]:
-  """Weighted mean of uploaded fused representations per public sample.
-
-  z[k]: [C_k, N, d]; ids[k]: [C_k, N] public positions; valid[k]: [C_k, N]; weights[k]: [C_k].
-  Returns (targets [num_public, d], has_target [num_public]).
-  """
-  zs = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in z])
-  flat_ids = jnp.concatenate([i.reshape(-1) for i in ids])
-  wv = jnp.concatenate([(v * w[:, None]).reshape(-1) for v, w in zip(valid, weights)])
-  wv = jnp.where(jnp.isfinite(zs).all(-1), wv, 0.0)
-  zs = jnp.where(wv[:, None] > 0, zs, 0.0)
-  num = jax.ops.segment_sum(zs * wv[:, None], flat_ids, num_segments=num_public)
-  den = jax.ops.segment_sum(wv, flat_ids, num_segments=num_public)
-  return num / jnp.maximum(den, 1e-12)[:, None], den > 0

@@ -1,4 +1,10 @@
-"""Cross-modal contrastive learning (CCL): GRAM volume loss and pairwise InfoNCE."""
+"""CCL, cross-modal contrastive learning: align a node's modality embeddings in one latent space.
+
+`method.ccl` picks the loss: 'gram' (GRAM volume loss, Cicchetti et al., ICLR 2025),
+'infonce' (pairwise CLIP-style InfoNCE) or 'none'; weight `method.lambda_ccl`,
+temperature `method.tau_ccl`. Missing modalities are masked out, never zero-filled.
+Metric names: client/private_ccl, server/ccl.
+"""
 from __future__ import annotations
 
 import itertools
@@ -156,3 +162,17 @@ def pairwise_infonce_loss(emb: ArrayLike, mask: ArrayLike, tau: ArrayLike) -> ja
   usable = count >= 2
   total = jnp.sum(jnp.where(usable, per_pair, 0))
   return total / jnp.maximum(jnp.sum(usable), 1).astype(total.dtype)
+
+
+CCL_KINDS = ('gram', 'infonce', 'none')
+
+
+def ccl_loss(kind: str, projected: jax.Array, mask: jax.Array, tau: float) -> jax.Array:
+  """The configured CCL loss of a batch of projected modality embeddings [B, K, D] (0 for < 2 modalities)."""
+  if kind == 'none' or projected.shape[1] < 2:
+    return jnp.zeros((), projected.dtype)
+  if kind == 'gram':
+    return gram_contrastive_loss(projected, mask, 0, tau)
+  if kind == 'infonce':
+    return pairwise_infonce_loss(projected, mask, tau)
+  raise ValueError(f'method.ccl must be one of {CCL_KINDS}, got {kind!r}')

@@ -1,0 +1,168 @@
+"""All config validation in one place: `validate(cfg)` before any work is done.
+
+Each error names the field, the value it has and what is allowed, in one line.
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from ml_ecs.ccl import CCL_KINDS
+from ml_ecs.data.loaders import DATA_SOURCES
+from ml_ecs.mma import WEIGHTINGS
+from ml_ecs.models.decoder import LORA_TARGETS
+from ml_ecs.models.encoders import ENCODER_TYPES
+
+
+class ConfigError(ValueError):
+  """A config field has a value that is not allowed."""
+
+
+def _get(cfg: ml_collections.ConfigDict, field: str) -> Any:
+  node = cfg
+  for part in field.split('.'):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      raise ConfigError(f'config field {field} is missing')
+    node = node[part]
+  return node
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+  raise ConfigError(f'config field {field} = {value!r}: expected {allowed}')
+
+
+def _int(cfg, field: str, lo: int | None = None, hi: int | None = None) -> int:
+  v = _get(cfg, field)
+  if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+    _fail(field, v, 'an integer')
+  if (lo is not None and v < lo) or (hi is not None and v > hi):
+    _fail(field, v, f'an integer in [{lo if lo is not None else "-inf"}, {hi if hi is not None else "inf"}]')
+  return int(v)
+
+
+def _float(cfg, field: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+           hi_open: bool = False) -> float:
+  v = _get(cfg, field)
+  if isinstance(v, bool) or not isinstance(v, numbers.Real) or v != v:
+    _fail(field, v, 'a number')
+  below = lo is not None and (v <= lo if lo_open else v < lo)
+  above = hi is not None and (v >= hi if hi_open else v > hi)
+  if below or above:
+    left = '(' if lo_open else '['
+    right = ')' if hi_open else ']'
+    _fail(field, v, f'a number in {left}{lo if lo is not None else "-inf"}, {hi if hi is not None else "inf"}{right}')
+  return float(v)
+
+
+def _choice(cfg, field: str, allowed: Sequence[Any]) -> Any:
+  v = _get(cfg, field)
+  if v not in allowed:
+    _fail(field, v, f'one of {tuple(allowed)}')
+  return v
+
+
+def _bool(cfg, field: str) -> bool:
+  v = _get(cfg, field)
+  if not isinstance(v, bool):
+    _fail(field, v, 'True or False')
+  return v
+
+
+def _model(cfg, name: str) -> None:
+  b = f'{name}.backbone'
+  for f in ('encoder_width', 'd_enc', 'adapter_rank', 'd_fuse', 'd_z', 'prompt_len'):
+    _int(cfg, f'{name}.{f}', 1)
+  _float(cfg, f'{name}.lora_alpha', 0.0, lo_open=True)
+  width, heads = _int(cfg, f'{b}.width', 1), _int(cfg, f'{b}.heads', 1)
+  if width % heads:
+    _fail(f'{b}.heads', heads, f'a divisor of {b}.width={width}')
+  _int(cfg, f'{b}.layers', 1)
+  _int(cfg, f'{b}.mlp_ratio', 1)
+  _int(cfg, f'{b}.lora_rank', 1)
+  _float(cfg, f'{b}.lora_alpha', 0.0, lo_open=True)
+  targets = _get(cfg, f'{b}.lora_targets')
+  if isinstance(targets, str) or not targets or any(t not in LORA_TARGETS for t in targets):
+    _fail(f'{b}.lora_targets', targets, f'a non-empty tuple of the decoder targets {LORA_TARGETS}')
+  need = cfg[name].prompt_len + cfg.text.instr_len + cfg.text.answer_len
+  max_len = _int(cfg, f'{b}.max_len', 1)
+  if need > max_len:
+    _fail(f'{b}.max_len', max_len, f'>= {name}.prompt_len + text.instr_len + text.answer_len = {need}')
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field of an experiment config; returns it unchanged or raises ConfigError."""
+  _int(cfg, 'seed', 0)
+  # data
+  _choice(cfg, 'data.name', DATA_SOURCES)
+  if cfg.data.name != 'embedded' and not _get(cfg, 'data.path'):
+    _fail('data.path', cfg.data.path, f'the directory of the {cfg.data.name!r} files (data.name={cfg.data.name!r})')
+  _int(cfg, 'data.num_clients', 1)
+  _int(cfg, 'data.seed', 0)
+  _float(cfg, 'data.public_fraction', 0.0, 1.0, lo_open=True, hi_open=True)
+  _float(cfg, 'data.public_test_fraction', 0.0, 1.0, lo_open=True, hi_open=True)
+  _float(cfg, 'data.client_test_fraction', 0.0, 1.0, lo_open=True, hi_open=True)
+  _float(cfg, 'data.dirichlet_alpha', 0.0, lo_open=True)
+  _int(cfg, 'data.num_device_types', 0)
+  _float(cfg, 'data.modality_missing_rate', 0.0, 1.0, hi_open=True)
+  _float(cfg, 'data.sample_missing_rate', 0.0, 1.0, hi_open=True)
+  _int(cfg, 'data.public_per_client', 1)
+  encoders = _get(cfg, 'data.encoders')
+  for modality, kinds in encoders.items():
+    if isinstance(kinds, str) or not kinds or any(k not in ENCODER_TYPES for k in kinds):
+      _fail(f'data.encoders.{modality}', kinds, f'a non-empty tuple of encoder types from {ENCODER_TYPES}')
+  sets = _get(cfg, 'data.modality_sets')
+  if sets:
+    if len(sets) != cfg.data.num_clients:
+      _fail('data.modality_sets', sets, f'one modality tuple per client (data.num_clients={cfg.data.num_clients})')
+    for s in sets:
+      unknown = [m for m in s if m not in encoders]
+      if not s or unknown:
+        _fail('data.modality_sets', sets, f'non-empty tuples of modalities from data.encoders {tuple(encoders)}')
+  # text and models
+  _int(cfg, 'text.vocab_size', 16)
+  _int(cfg, 'text.instr_len', 1)
+  _int(cfg, 'text.answer_len', 2)
+  if not isinstance(_get(cfg, 'text.instruction'), str):
+    _fail('text.instruction', cfg.text.instruction, 'a string')
+  _model(cfg, 'edge_model')
+  _model(cfg, 'server_model')
+  _int(cfg, 'pretrain.steps', 0)
+  _int(cfg, 'pretrain.batch_size', 1)
+  _float(cfg, 'pretrain.learning_rate', 0.0, 1.0, lo_open=True)
+  # training
+  rounds = _int(cfg, 'train.rounds', 0)
+  _float(cfg, 'train.client_fraction', 0.0, 1.0, lo_open=True)
+  for f in ('public_steps', 'private_steps', 'server_steps'):
+    _int(cfg, f'train.{f}', 0)
+  _int(cfg, 'train.batch_size', 1)
+  _float(cfg, 'train.learning_rate', 0.0, 1.0, lo_open=True)
+  _float(cfg, 'train.weight_decay', 0.0)
+  _float(cfg, 'train.clip_norm', 0.0, lo_open=True)
+  _int(cfg, 'train.eval_every', 1)
+  _int(cfg, 'train.checkpoint_every', 0)
+  _int(cfg, 'train.keep_checkpoints', 2)
+  _int(cfg, 'train.client_chunk', 0)
+  del rounds
+  # method
+  if not isinstance(_get(cfg, 'method.name'), str) or not cfg.method.name:
+    _fail('method.name', cfg.method.name, 'a non-empty string')
+  _choice(cfg, 'method.ccl', CCL_KINDS)
+  _float(cfg, 'method.lambda_ccl', 0.0)
+  _float(cfg, 'method.tau_ccl', 0.0, lo_open=True)
+  _bool(cfg, 'method.amt')
+  _choice(cfg, 'method.mma', WEIGHTINGS)
+  _bool(cfg, 'method.se_ccl')
+  _float(cfg, 'method.lambda_se_ccl', 0.0)
+  _float(cfg, 'method.tau_se_ccl', 0.0, lo_open=True)
+  _float(cfg, 'method.fedprox_mu', 0.0)
+  _bool(cfg, 'method.communicate')
+  _bool(cfg, 'method.zero_fill')
+  _float(cfg, 'method.modality_dropout', 0.0, 1.0, hi_open=True)
+  # evaluation and devices
+  _int(cfg, 'eval.max_test_per_client', 1)
+  _int(cfg, 'eval.max_server_test', 1)
+  _int(cfg, 'mesh.num_devices', 0)
+  return cfg
