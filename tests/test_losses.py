@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ml_ecs.losses import (alignment_loss, gram_contrastive_loss, gram_volume, lm_loss,
-                           pairwise_infonce_loss, token_accuracy)
+from ml_ecs.ccl import gram_contrastive_loss, gram_volume, pairwise_infonce_loss
+from ml_ecs.lm import lm_loss, token_accuracy
+from ml_ecs.se_ccl import se_ccl_loss
 
 RTOL = 1e-5
 SEEDS = range(4)
@@ -20,7 +21,7 @@ ACC = jax.jit(token_accuracy)
 VOL = jax.jit(gram_volume)
 GRAM = jax.jit(gram_contrastive_loss, static_argnums=2)
 PAIR = jax.jit(pairwise_infonce_loss)
-ALIGN = jax.jit(alignment_loss, static_argnames='symmetric')
+ALIGN = jax.jit(se_ccl_loss, static_argnames='symmetric')
 
 
 def assert_rel(actual, expected, rtol: float = RTOL, atol: float = 1e-7):
@@ -353,7 +354,7 @@ def test_alignment_masking_grad_empty():
   t_ids2[~tm] = 99
   l1 = ALIGN(f32(z), f32(t), z_ids, t_ids, zm, tm, tau)
   np.testing.assert_array_equal(l1, ALIGN(f32(z2), f32(t2), z_ids2, t_ids2, zm, tm, tau))
-  grad_fn = jax.jit(jax.grad(alignment_loss, argnums=(0, 1)), static_argnames='symmetric')
+  grad_fn = jax.jit(jax.grad(se_ccl_loss, argnums=(0, 1)), static_argnames='symmetric')
   gz, gt = grad_fn(f32(z), f32(t), z_ids, t_ids, zm, tm, tau)
   assert np.all(np.isfinite(gz)) and np.all(np.isfinite(gt))
   assert np.all(np.asarray(gz)[~zm] == 0) and np.all(np.asarray(gt)[~tm] == 0)
@@ -367,7 +368,7 @@ def test_alignment_jit_vmap():
   z, t = f32(rng.normal(size=(3, 6, 5))), f32(rng.normal(size=(3, 4, 5)))
   z_ids, t_ids = rng.integers(0, 3, size=(3, 6)), rng.integers(0, 3, size=(3, 4))
   zm, tm = rng.random((3, 6)) < 0.8, rng.random((3, 4)) < 0.8
-  f = jax.jit(jax.vmap(functools.partial(alignment_loss, tau=0.1, symmetric=True)))
+  f = jax.jit(jax.vmap(functools.partial(se_ccl_loss, tau=0.1, symmetric=True)))
   batched = f(z, t, z_ids, t_ids, zm, tm)
   assert_rel(batched, [ref_alignment(z[n], t[n], z_ids[n], t_ids[n], zm[n], tm[n], 0.1, True)
                        for n in range(3)])

@@ -11,31 +11,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = r'''
 import json, sys
-sys.path.insert(0, sys.argv[1])
 import jax
-from jax.sharding import PartitionSpec as P
 from configs import tiny
+from ml_ecs import federation
 from ml_ecs.compilation_cache import enable_compilation_cache
-from ml_ecs.federation import Federation
 enable_compilation_cache(sys.argv[3])
 cfg = tiny.get_config()
 cfg.train.client_fraction = float(sys.argv[4])
-fed = Federation(cfg, workdir=sys.argv[2], log=lambda s: None)
-rows = [fed.run_round() for _ in range(2)]
-rows.append(fed.evaluate())
-leaf = jax.tree.leaves(fed.cohorts[0].trainables)[0]
-frozen = jax.tree.leaves(fed.edge_frozen)[0]
+setup, state = federation.init(cfg, workdir=sys.argv[2], log=lambda s: None)
+rows = []
+for _ in range(2):
+  state, m = federation.run_round(setup, state)
+  rows.append(m)
+rows.append(federation.evaluate(setup, state))
+leaf = jax.tree.leaves(state.cohorts[0].trainables)[0]
+frozen = jax.tree.leaves(setup.edge_frozen)[0]
 print('RESULT ' + json.dumps({
     'devices': jax.device_count(), 'rows': rows,
-    'stacked': [len(c.client_ids) for c in fed.cohorts], 'real': [c.num_real for c in fed.cohorts],
+    'stacked': [len(c.client_ids) for c in setup.cohorts], 'real': [c.num_real for c in setup.cohorts],
     'client_spec': str(leaf.sharding.spec), 'frozen_replicated': frozen.sharding.is_fully_replicated,
-    'global_shared': [float(abs(x).sum()) for x in jax.tree.leaves(fed.global_shared)]}, default=float))
+    'global_shared': [float(abs(x).sum()) for x in jax.tree.leaves(state.global_shared)]}, default=float))
 '''
 
 
 def _run(devices, workdir, cache, fraction):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu')
-  res = subprocess.run([sys.executable, '-c', PROBE, ROOT, str(workdir), str(cache), str(fraction)],
+  res = subprocess.run([sys.executable, '-c', PROBE, '', str(workdir), str(cache), str(fraction)],
                        capture_output=True, text=True, env=env, timeout=900)
   assert res.returncode == 0, res.stderr[-4000:]
   line = [l for l in res.stdout.splitlines() if l.startswith('RESULT ')][-1]

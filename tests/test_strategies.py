@@ -1,12 +1,12 @@
 """Every baseline/ablation runs in the same loop, and each switch really removes its component."""
 import copy
+import os
 
 import jax
 import numpy as np
 import pytest
 
-from ml_ecs import compare
-from ml_ecs.federation import Federation
+from ml_ecs import compare, federation
 from ml_ecs.strategies import STRATEGIES, apply_strategy
 
 _RUNS = {}
@@ -19,12 +19,16 @@ def _one_cohort(cfg):
 
 
 def _run(name, base, dataset, workdir, rounds=2):
-  """(federation before, metrics of each round, trainables before) of strategy `name`, cached."""
+  """((setup, final state), metrics of each round, trainables before) of strategy `name`, cached."""
   if name not in _RUNS:
-    fed = Federation(apply_strategy(_one_cohort(base), name), workdir=str(workdir), dataset=dataset, log=lambda s: None)
-    before = jax.tree.map(np.asarray, fed.cohorts[0].trainables)
-    metrics = [fed.run_round() for _ in range(rounds)]
-    _RUNS[name] = (fed, metrics, before)
+    setup, state = federation.init(apply_strategy(_one_cohort(base), name), workdir=str(workdir), dataset=dataset,
+                                   log=lambda s: None)
+    before = jax.tree.map(np.asarray, state.cohorts[0].trainables)
+    metrics = []
+    for _ in range(rounds):
+      state, m = federation.run_round(setup, state)
+      metrics.append(m)
+    _RUNS[name] = ((setup, state), metrics, before)
   return _RUNS[name]
 
 
@@ -36,10 +40,10 @@ def cache_dir(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(STRATEGIES))
 def test_strategy_runs_two_rounds(name, tiny_config, dataset, cache_dir):
-  fed, metrics, _ = _run(name, tiny_config, dataset, cache_dir)
+  (setup, state), metrics, _ = _run(name, tiny_config, dataset, cache_dir)
   assert [m['round'] for m in metrics] == [1, 2]
   assert np.isfinite(metrics[-1]['client/private_lm']) and np.isfinite(metrics[-1]['server/lm'])
-  ev = fed.evaluate()
+  ev = federation.evaluate(setup, state)
   assert 0.0 <= ev['client/rougeLsum_mean'] <= 1.0
   if name == 'local':
     assert metrics[-1]['comm/bytes_up'] == 0 and 'mma/excluded' not in metrics[-1]
@@ -50,29 +54,30 @@ def test_strategy_runs_two_rounds(name, tiny_config, dataset, cache_dir):
 @pytest.mark.slow
 def test_ablation_switches_remove_their_component(tiny_config, dataset, cache_dir):
   full = _run('ml_ecs', tiny_config, dataset, cache_dir)[1][-1]
-  assert {'client/private_ccl', 'client/public_align', 'server/align', 'server/ccl'} <= set(full)
+  assert {'client/private_ccl', 'client/public_se_ccl', 'server/se_ccl', 'server/ccl'} <= set(full)
   # without CCL: no CCL term anywhere.
-  fed, m, _ = _run('ml_ecs_no_ccl', tiny_config, dataset, cache_dir)
-  assert 'client/private_ccl' not in m[-1] and 'server/ccl' not in m[-1] and fed.private_spec.lambda_ccl == 0
-  assert 'client/public_align' in m[-1]
+  (setup, _), m, _ = _run('ml_ecs_no_ccl', tiny_config, dataset, cache_dir)
+  assert 'client/private_ccl' not in m[-1] and 'server/ccl' not in m[-1] and setup.stages.private.lambda_ccl == 0
+  assert 'client/public_se_ccl' in m[-1]
   # without SE-CCL: no alignment term, no representations sent.
-  fed, m, _ = _run('ml_ecs_no_se_ccl', tiny_config, dataset, cache_dir)
-  assert 'client/public_align' not in m[-1] and 'server/align' not in m[-1]
+  (setup, _), m, _ = _run('ml_ecs_no_se_ccl', tiny_config, dataset, cache_dir)
+  assert 'client/public_se_ccl' not in m[-1] and 'server/se_ccl' not in m[-1]
   assert m[-1]['comm/reps_bytes_up'] == 0 and m[-1]['comm/lora_bytes_up'] > 0
   # without MMA: FedAvg sample weights, no modality masking.
-  fed, _, _ = _run('ml_ecs_no_mma', tiny_config, dataset, cache_dir)
-  np.testing.assert_array_equal(fed.weights, fed.num_samples)
-  assert fed.cfg.method.mma_weights == 'fedavg'
-  full_fed = _run('ml_ecs', tiny_config, dataset, cache_dir)[0]
-  np.testing.assert_array_equal(full_fed.weights, full_fed.num_samples * full_fed.num_mods)
+  num_samples = lambda s: np.array([len(c.train_idx) for c in s.partition.clients])
+  num_mods = lambda s: np.array([len(c.modalities) for c in s.partition.clients])
+  (setup, _), _, _ = _run('ml_ecs_no_mma', tiny_config, dataset, cache_dir)
+  np.testing.assert_array_equal(setup.weights, num_samples(setup))
+  assert setup.cfg.method.mma == 'samples'
+  (full_setup, full_state), _, before_full = _run('ml_ecs', tiny_config, dataset, cache_dir)
+  np.testing.assert_array_equal(full_setup.weights, num_samples(full_setup) * num_mods(full_setup))
   # without AMT: the private LoRA and gates are never trained.
-  fed, _, before = _run('ml_ecs_no_amt', tiny_config, dataset, cache_dir)
-  assert 'private' not in fed.private_spec.parts and 'private' not in fed.public_spec.parts
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, fed.cohorts[0].trainables['private']),
+  (setup, state), _, before = _run('ml_ecs_no_amt', tiny_config, dataset, cache_dir)
+  assert 'private' not in setup.stages.private.parts and 'private' not in setup.stages.public.parts
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.cohorts[0].trainables['private']),
                before['private'])
-  _, _, before_full = _run('ml_ecs', tiny_config, dataset, cache_dir)
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
-                         jax.tree.map(np.asarray, full_fed.cohorts[0].trainables['private']), before_full['private'])
+                         jax.tree.map(np.asarray, full_state.cohorts[0].trainables['private']), before_full['private'])
   assert any(jax.tree.leaves(changed))
 
 
@@ -83,10 +88,11 @@ def test_fedavg_with_one_client_equals_local(tiny_config, dataset, tmp_path):
   base.data.modality_sets = (('accel', 'depth', 'image'),)
   out = {}
   for name in ('fedavg', 'local'):
-    fed = Federation(apply_strategy(base, name), workdir=str(tmp_path), dataset=dataset, log=lambda s: None)
+    setup, state = federation.init(apply_strategy(base, name), workdir=str(tmp_path), dataset=dataset,
+                                   log=lambda s: None)
     for _ in range(2):
-      fed.run_round()
-    out[name] = jax.tree.map(np.asarray, fed.cohorts[0].trainables)
+      state, _ = federation.run_round(setup, state)
+    out[name] = jax.tree.map(np.asarray, state.cohorts[0].trainables)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out['fedavg'], out['local'])
 
 
@@ -106,11 +112,12 @@ def test_grid_reports_and_resume(tmp_path, tiny_config):
     os.makedirs(cdir, exist_ok=True)
     metrics_io.write_jsonl(os.path.join(cdir, 'metrics.jsonl'), rows)
     if len(calls) == 3:
-      raise KeyboardInterrupt   # interrupted before this cell's summary is written
-    metrics_io.write_json(os.path.join(cdir, 'summary.json'), {'wall_s': 1.0})
+      return False              # interrupted (e.g. SIGTERM) before this cell's summary is written
+    metrics_io.write_json(os.path.join(cdir, 'summary.json'), {})
+    metrics_io.write_jsonl(os.path.join(cdir, 'timing.jsonl'), [{'round': 2, 'time/elapsed_s': 1.0}])
+    return True
 
-  with pytest.raises(KeyboardInterrupt):
-    compare.run_grid(base, str(tmp_path), fake_train, log=lambda s: None)
+  assert len(compare.run_grid(base, str(tmp_path), fake_train, log=lambda s: None)) == 2
   assert len(calls) == 3
   results = compare.run_grid(base, str(tmp_path), fake_train, log=lambda s: None)
   assert len(calls) == 3 + 6 and len(results) == 8      # two finished cells were not redone
@@ -119,3 +126,13 @@ def test_grid_reports_and_resume(tmp_path, tiny_config):
   assert (tmp_path / 'rouge_vs_round.png').stat().st_size > 1000
   assert (tmp_path / 'rouge_vs_missing_rate.png').stat().st_size > 1000
   assert len((tmp_path / 'results.csv').read_text().strip().splitlines()) == 9
+
+
+def test_cell_directory_changes_with_any_setting(tiny_config):
+  base = copy.deepcopy(tiny_config)
+  base.grid = dict(methods=('fedavg',), missing_rates=(0.3,), num_clients=(3,), seeds=(0,))
+  cfg = compare.cell_config(base, 'fedavg', 0.3, 3, 0)
+  first = compare.cell_dir('/w', 'fedavg', 0.3, 3, 0, cfg)
+  cfg.train.rounds += 1
+  assert compare.cell_dir('/w', 'fedavg', 0.3, 3, 0, cfg) != first
+  assert os.path.basename(first).startswith('fedavg__mr0.3__c3__s0__')

@@ -1,0 +1,145 @@
+"""The main job resumes exactly: SIGKILL mid-run, SIGTERM, finished runs, other configs, grid cells."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ml_ecs import compare, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ['--config.train.rounds=4', '--config.train.eval_every=2', '--config.train.checkpoint_every=1', '--noprogress']
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, os.path.join(ROOT, 'launch', 'train.py'), '--config=' + os.path.join(ROOT, 'configs', 'tiny.py'),
+          f'--workdir={workdir}', *FLAGS, *extra]
+
+
+def _env():
+  # Reruns reuse compiled programs (JAX's persistent cache, shared with the rest of the suite).
+  cache = os.path.join(ROOT, '.pytest_cache', 'jax_cache')
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', JAX_PLATFORMS='cpu')
+
+
+def _run(workdir, *extra):
+  res = subprocess.run(_cmd(workdir, *extra), capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
+  return res.returncode, res.stdout + res.stderr
+
+
+def _start_and_signal(workdir, sig, after_checkpoint: int):
+  """Starts the main job and sends `sig` once checkpoint `after_checkpoint` is finalised."""
+  proc = subprocess.Popen(_cmd(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                          cwd=ROOT)
+  target = os.path.join(workdir, 'checkpoints', str(after_checkpoint))
+  deadline = time.time() + 600
+  while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  assert proc.poll() is None, 'the run ended before it could be signalled: ' + proc.stdout.read()[-2000:]
+  proc.send_signal(sig)
+  out, _ = proc.communicate(timeout=600)
+  return proc.returncode, out
+
+
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """An uninterrupted run of the command: (workdir, metrics.jsonl text, summary.json text)."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  rc, out = _run(workdir)
+  assert rc == 0, out[-3000:]
+  return workdir, _read(os.path.join(workdir, 'metrics.jsonl')), _read(os.path.join(workdir, 'summary.json'))
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_identical_results(reference, tmp_path):
+  _, metrics, summary = reference
+  rc, out = _start_and_signal(str(tmp_path), signal.SIGKILL, after_checkpoint=1)
+  assert rc == -signal.SIGKILL
+  assert not (tmp_path / 'summary.json').exists()
+  rc, out = _run(str(tmp_path))
+  assert rc == 0, out[-3000:]
+  assert 'resuming from round ' in out
+  assert _read(tmp_path / 'metrics.jsonl') == metrics
+  assert _read(tmp_path / 'summary.json') == summary
+  rows = [json.loads(line) for line in metrics.splitlines()]
+  assert [r['round'] for r in rows] == [0, 1, 2, 3, 4]
+  assert not any(k.startswith('time/') for r in rows for k in r)   # wall-clock times live in timing.jsonl
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path):
+  _, metrics, summary = reference
+  rc, out = _start_and_signal(str(tmp_path), signal.SIGTERM, after_checkpoint=1)
+  assert rc == 128 + signal.SIGTERM, out[-3000:]
+  assert 'Traceback' not in out
+  stopped = [line for line in out.splitlines() if 'stopped by SIGTERM after round' in line]
+  assert stopped, out[-3000:]
+  last_round = int(stopped[0].split('after round ')[1].split(';')[0])
+  assert (tmp_path / 'checkpoints' / str(last_round)).is_dir()      # saved at the end of the round it was in
+  rows = [json.loads(line) for line in _read(tmp_path / 'metrics.jsonl').splitlines()]
+  assert rows[-1]['round'] == last_round
+  rc, out = _run(str(tmp_path))
+  assert rc == 0 and f'resuming from round {last_round}' in out, out[-3000:]
+  assert _read(tmp_path / 'metrics.jsonl') == metrics
+  assert _read(tmp_path / 'summary.json') == summary
+
+
+@pytest.mark.slow
+def test_finished_run_is_kept_other_config_refused_overwrite_restarts(reference):
+  workdir, metrics, _ = reference
+  rc, out = _run(workdir)
+  assert rc == 0 and 'holds a complete run' in out
+  assert _read(os.path.join(workdir, 'metrics.jsonl')) == metrics
+  rc, out = _run(workdir, '--config.train.batch_size=4', '--config.method.lambda_ccl=0.5')
+  assert rc == 2 and 'method.lambda_ccl, train.batch_size' in out and 'Traceback' not in out
+  assert _read(os.path.join(workdir, 'metrics.jsonl')) == metrics
+  rc, out = _run(workdir, '--config.train.rounds=1', '--overwrite')
+  assert rc == 0, out[-3000:]
+  rows = [json.loads(line) for line in _read(os.path.join(workdir, 'metrics.jsonl')).splitlines()]
+  assert [r['round'] for r in rows] == [0, 1] and 'resuming' not in out
+
+
+def test_bad_config_is_refused_before_anything_is_written(tmp_path):
+  rc, out = _run(str(tmp_path), '--config.train.eval_every=0')
+  assert rc == 2 and 'train.eval_every = 0' in out and 'Traceback' not in out
+  assert not (tmp_path / 'config.json').exists()
+
+
+def test_config_differences_names_nested_fields():
+  saved = {'a': 1, 'train': {'rounds': 4, 'lr': 0.1}, 'gone': 1}
+  current = {'a': 1, 'train': {'rounds': 5, 'lr': 0.1}, 'new': 2}
+  assert trainer.config_differences(saved, current) == ['gone', 'new', 'train.rounds']
+
+
+@pytest.mark.slow
+def test_grid_resumes_inside_a_cell(tiny_config, dataset, tmp_path):
+  """SIGTERM during a cell stops the grid after that round; the next call resumes the cell from its checkpoint."""
+  base = copy.deepcopy(tiny_config)
+  base.train.update(dict(rounds=3, eval_every=3, checkpoint_every=1))
+  base.grid = dict(methods=('fedavg',), missing_rates=(0.3,), num_clients=(3,), seeds=(0,))
+  logs = []
+
+  def run_cell(cfg, cdir, cache, stop_after=None):
+    def log(line):
+      logs.append(line)
+      if stop_after is not None and line.startswith(f'round {stop_after:>3}'):
+        os.kill(os.getpid(), signal.SIGTERM)   # handled by the trainer: stop after this round
+    return trainer.train(cfg, cdir, progress=False, cache_dir=cache, log=log).status != 'interrupted'
+
+  first = compare.run_grid(base, str(tmp_path), lambda c, d, k: run_cell(c, d, k, stop_after=1), log=logs.append)
+  assert first == [] and any('grid stopped in' in line for line in logs)
+  logs.clear()
+  results = compare.run_grid(base, str(tmp_path), run_cell, log=logs.append)
+  assert len(results) == 1 and results[0]['rounds'] == 3
+  assert any(line.startswith('resuming from round 1') for line in logs)
+  assert not any(line.startswith('round   1') for line in logs)   # round 1 was not redone
