@@ -1,13 +1,12 @@
-"""launch/bench.py: every variant it times runs the same local update (tiny sizes, no sharding)."""
-import os
-import sys
+"""ml_ecs.benchmark: every variant it times runs the same local update as the federation (tiny sizes)."""
+import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'launch'))
-import bench  # noqa: E402  (launch/bench.py)
+from ml_ecs import amt, benchmark as bench, federation
 
 # Adam's first steps move each weight by ~lr * sign(grad); float reassociation between a batched
 # and an unbatched program changes results in the last bits only.
@@ -76,3 +75,24 @@ def test_time_variant_and_report(setup):
   md = bench.markdown([row, skipped], {'small': dict(per_client=per_client, text=setup.text_lens)},
                       bench.machine_info(), 'python launch/bench.py', {'steps': 1}, 1.0)
   assert '| small | 4 | loop |' in md and 'skipped' in md
+
+
+def test_vmap_is_the_federation_cohort_update(setup):
+  """The benchmark's vmap (cohort_map of the private stage) equals what the federation's own jitted
+  cohort round computes on the same stacked state, data and keys: make_cohort_round with a stage
+  set whose public stage is empty and whose private stage is the benchmark's spec."""
+  s = setup
+  stages = amt.Stages(public=dataclasses.replace(s.spec, steps=0), private=s.spec, server=s.spec)
+  round_fn = federation.make_cohort_round(s.program, stages, federation.client_mesh(1), chunk=0,
+                                          communicate=False, full=True)
+  rng = jax.random.key(7)
+  positions = jnp.arange(s.clients)
+  # The federation folds the client position into the round key, then amt.client_update splits it
+  # into (public, private) stage keys: the benchmark gets the private ones.
+  keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(rng, i))[1])(positions)
+  copy = lambda t: jax.tree.map(lambda x: x.copy(), t)
+  opt = {'public': (), 'private': copy(s.opt_state)}
+  out = round_fn(copy(s.trainables), opt, s.data, s.data, positions, rng,
+                 jax.tree.map(lambda x: x[0], s.trainables['shared']), jnp.zeros((1, 1)), s.frozen)
+  bench_tr = _run(dataclasses.replace(s, keys=keys), 'vmap')[1]
+  _assert_same(out.trainables, bench_tr, 'federation cohort round vs benchmark vmap')
