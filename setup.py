@@ -20,12 +20,14 @@ setup(
         'numpy>=1.26,<3',
         'tqdm>=4.66,<5',
         'matplotlib>=3.8,<4',
+        # TensorBoard event files without TensorFlow: 0.7 MB (+ protobuf, already pulled in).
+        'tensorboardX>=2.6,<3',
     ],
     extras_require={
         # Reading Hugging Face checkpoints/tokenizers and dataset files a user already has;
         # heavy (torch/tensorflow-sized) and not needed by the main job or the tests.
         'loaders': ['transformers>=4.45,<6', 'datasets>=3,<5', 'tensorflow-datasets>=4.9,<5'],
-        'test': ['pytest>=8,<10', 'pytest-xdist>=3.5,<4'],
+        'test': ['pytest>=8,<10', 'pytest-xdist>=3.5,<4', 'tensorboard>=2.15,<3'],  # its event reader
         'bench': ['flwr>=1.10,<2'],
     },
 )
