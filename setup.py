@@ -24,9 +24,10 @@ setup(
         'tensorboardX>=2.6,<3',
     ],
     extras_require={
-        # Reading Hugging Face checkpoints/tokenizers and dataset files a user already has;
-        # heavy (torch/tensorflow-sized) and not needed by the main job or the tests.
-        'loaders': ['transformers>=4.45,<6', 'datasets>=3,<5', 'tensorflow-datasets>=4.9,<5'],
+        # The hf/tfds dataset sources of ml_ecs/data/loaders.py (no TensorFlow: TFDS reads
+        # array_record with numpy; importlib_resources is a TFDS import it does not declare).
+        'data': ['datasets>=4,<6', 'pyarrow>=15', 'tensorflow-datasets>=4.9.4,<5', 'array-record>=0.5',
+                 'importlib_resources>=6'],
         'test': ['pytest>=8,<10', 'pytest-xdist>=3.5,<4', 'tensorboard>=2.15,<3'],  # its event reader
         'bench': ['flwr>=1.10,<2'],
     },

@@ -78,9 +78,10 @@ def cohort_data(ds: MultimodalDataset, text: TaskText, clients: Sequence[ClientS
 
 def full_modality_split(ds: MultimodalDataset, text: TaskText, idx: np.ndarray,
                         max_len: int | None = None) -> SplitArrays:
-  """A single-'client' split with every modality present (the server's view of public data)."""
+  """A single-'client' split with every modality the data has (the server's view of public
+  data): the mask is 1 except where the dataset itself misses a sample's modality."""
   idx = idx[:max_len] if max_len is not None else idx
   mods = ds.modality_names
-  return split_arrays(ds, text, mods, [idx], [np.ones((len(idx), len(mods)), np.float32)],
+  return split_arrays(ds, text, mods, [idx], [ds.presence(mods)[idx].astype(np.float32)],
                       ids=[np.arange(len(idx))])
 

@@ -18,6 +18,10 @@ class MultimodalDataset:
     class_names: one short name per class.
     descriptions: per class, several paraphrases of its text description.
     text_ids: int32 [N]; which paraphrase of its class is sample i's target.
+    present: optional modality -> bool [N]; False marks a sample whose modality is
+      missing in the data itself (its values are meaningless; loaders store 0).
+      None (the default) means every modality of every sample is present. Partitioning
+      never shows a missing sample's modality to a node (ml_ecs/data/partition.py).
   """
 
   modalities: dict[str, np.ndarray]
@@ -26,6 +30,7 @@ class MultimodalDataset:
   class_names: tuple[str, ...]
   descriptions: tuple[tuple[str, ...], ...]
   text_ids: np.ndarray
+  present: dict[str, np.ndarray] | None = None
 
   def __post_init__(self):
     n = len(self.labels)
@@ -41,6 +46,22 @@ class MultimodalDataset:
       raise ValueError('descriptions must have one tuple of paraphrases per class')
     if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
       raise ValueError(f'labels must lie in [0, {len(self.class_names)})')
+    if self.present is not None:
+      self._check_present(n)
+
+  def _check_present(self, n: int) -> None:
+    unknown = set(self.present) - set(self.modalities)
+    if unknown:
+      raise ValueError(f'present has modalities {sorted(unknown)} that are not in modalities '
+                       f'{list(self.modalities)}')
+    for name, p in self.present.items():
+      if p.dtype != np.bool_ or p.shape != (n,):
+        raise ValueError(f'present[{name!r}] has dtype {p.dtype} and shape {p.shape}, '
+                         f'expected bool ({n},)')
+    none = np.flatnonzero(~self.presence(self.modality_names).any(1))
+    if none.size:
+      raise ValueError(f'{none.size} samples have no modality present (first: sample {none[0]}); '
+                       'every sample needs at least one')
 
   @property
   def num_samples(self) -> int:
@@ -54,6 +75,17 @@ class MultimodalDataset:
   def modality_names(self) -> tuple[str, ...]:
     return tuple(self.modalities)
 
+  @property
+  def all_present(self) -> bool:
+    """True when no sample misses any modality."""
+    return self.present is None or all(bool(p.all()) for p in self.present.values())
+
+  def presence(self, modalities: tuple[str, ...] | list[str]) -> np.ndarray:
+    """bool [N, K]: whether sample i has modality `modalities[k]` in the data."""
+    cols = [self.present[m] if self.present is not None and m in self.present
+            else np.ones(self.num_samples, bool) for m in modalities]
+    return np.stack(cols, 1) if cols else np.ones((self.num_samples, 0), bool)
+
   def texts(self) -> list[str]:
     """The reference text of every sample."""
     return [self.descriptions[c][t] for c, t in zip(self.labels, self.text_ids)]
@@ -66,4 +98,5 @@ class MultimodalDataset:
         labels=self.labels[idx],
         sequence_ids=self.sequence_ids[idx],
         text_ids=self.text_ids[idx],
+        present=None if self.present is None else {k: v[idx] for k, v in self.present.items()},
     )

@@ -4,7 +4,9 @@ Each client gets a modality set (explicit, or drawn with a modality-missing
 rate, per client or per device type), an encoder architecture per modality, label-skewed private data
 (Dirichlet(alpha) over classes), a train/test split by sequence (no recording on
 both sides), per-sample missing-modality masks, and a subset of the public
-split. Clients with the same modality set and encoders form a cohort, whose
+split. Samples whose modality is missing in the data itself (`MultimodalDataset.present`)
+are always masked as missing, and a client never gets a sample with none of its
+modalities present. Clients with the same modality set and encoders form a cohort, whose
 arrays are stacked on a leading client axis for `jax.vmap`.
 Everything is a deterministic function of the config and the seed.
 """
@@ -92,6 +94,23 @@ def _sample_masks(rng, n, k, rate):
   return mask
 
 
+def _available_masks(rng, ds: MultimodalDataset, idx: np.ndarray, mods: tuple[str, ...],
+                     rate: float) -> tuple[np.ndarray, np.ndarray]:
+  """(idx, [n, K] masks) honouring the dataset's own missing samples (`ds.present`).
+
+  Samples with none of `mods` present are dropped (the node could not observe them).
+  The drawn per-sample masks are multiplied by the availability; a row left empty gets
+  one available modality back, drawn uniformly, so every kept sample has an input.
+  """
+  avail = ds.presence(mods)[idx]
+  keep = avail.any(1)
+  idx, avail = idx[keep], avail[keep]
+  mask = _sample_masks(rng, len(idx), len(mods), rate) * avail
+  for r in np.flatnonzero(mask.sum(1) == 0):
+    mask[r, rng.choice(np.flatnonzero(avail[r]))] = 1.0
+  return idx, mask
+
+
 def _draw_modality_set(rng, rate, all_modalities):
   keep = rng.random(len(all_modalities)) >= rate
   if not keep.any():
@@ -158,7 +177,15 @@ def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partitio
     pub = np.sort(rng.choice(pub_train, n_pub, replace=False))
     mods, profile = profiles[k]
     enc = tuple((m, cfg.encoders[m][profile % len(cfg.encoders[m])]) for m in mods)
-    masks = [_sample_masks(rng, len(x), len(mods), cfg.sample_missing_rate) for x in (train, test, pub)]
+    if ds.all_present:
+      masks = [_sample_masks(rng, len(x), len(mods), cfg.sample_missing_rate) for x in (train, test, pub)]
+    else:
+      (train, test, pub), masks = zip(*[_available_masks(rng, ds, x, mods, cfg.sample_missing_rate)
+                                        for x in (train, test, pub)])
+      for split, ix in (('train', train), ('test', test)):
+        if not len(ix):
+          raise ValueError(f'client {k} (modalities {mods}) has no {split} sample with any of its '
+                           'modalities present in the dataset')
     clients.append(ClientSpec(k, mods, enc, train, test, pub, *masks))
   return Partition(tuple(clients), pub_train, pub_test)
 
