@@ -65,7 +65,7 @@ def _gates_fn(cfg: ml_collections.ConfigDict):
   block = nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0)))
 
   def gates(logits):
-    block.gate.value = jnp.asarray(logits, jnp.float32)
+    block.gate.set_value(jnp.asarray(logits, jnp.float32))
     return np.asarray(block.mix_gates())
   return gates
 

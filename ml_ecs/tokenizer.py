@@ -104,6 +104,10 @@ class HFTokenizer:
     """Loads the tokenizer files of a local directory (tokenizer.json or vocab.json + merges.txt)."""
     if not os.path.isdir(path):
       raise FileNotFoundError(f'Hugging Face tokenizer directory {path} not found')
+    files = set(os.listdir(path))
+    if 'tokenizer.json' not in files and not {'vocab.json', 'merges.txt'} <= files:
+      raise ValueError(f'cannot load a Hugging Face tokenizer from {path}: expected tokenizer.json or '
+                       f'vocab.json + merges.txt, found {sorted(files)}')
     from transformers import AutoTokenizer
     try:
       tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
