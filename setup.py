@@ -25,6 +25,9 @@ setup(
         # Reading Hugging Face checkpoints/tokenizers and dataset files a user already has;
         # heavy (torch/tensorflow-sized) and not needed by the main job or the tests.
         'loaders': ['transformers>=4.45,<6', 'datasets>=3,<5', 'tensorflow-datasets>=4.9,<5'],
+        # Importing/exporting Hugging Face GPT-2-family checkpoints and PEFT adapters
+        # (ml_ecs.models.hf_gpt2, ml_ecs.peft_io); no torch needed.
+        'hf': ['transformers>=4.45,<6', 'safetensors>=0.4,<1'],
         'test': ['pytest>=8,<10', 'pytest-xdist>=3.5,<4'],
         'bench': ['flwr>=1.10,<2'],
     },
