@@ -24,6 +24,9 @@ setup(
         'tensorboardX>=2.6,<3',
     ],
     extras_require={
+        # Importing/exporting Hugging Face GPT-2-family checkpoints and PEFT adapters
+        # (ml_ecs.models.hf_gpt2, ml_ecs.peft_io); no torch needed.
+        'hf': ['transformers>=4.45,<6', 'safetensors>=0.4,<1'],
         # The hf/tfds dataset sources of ml_ecs/data/loaders.py (no TensorFlow: TFDS reads
         # array_record with numpy; importlib_resources is a TFDS import it does not declare).
         'data': ['datasets>=4,<6', 'pyarrow>=15', 'tensorflow-datasets>=4.9.4,<5', 'array-record>=0.5',

@@ -32,8 +32,12 @@ def pretrain_backbone(backbone_cfg: ml_collections.ConfigDict, prompt_len: int, 
   """Trains a DecoderLM's base weights; returns (Frozen state, {'loss_first', 'loss_final'})."""
   model = DecoderLM(backbone_cfg, text.tokenizer.vocab_size, rngs=nnx.Rngs(seed))
   graphdef, frozen, rest = nnx.split(model, Frozen, ...)
-  answers = jnp.asarray(np.unique(text.answers, axis=0))
-  answer_mask = (answers != text.tokenizer.pad_id).astype(jnp.float32)
+  # Unique (answer, mask) rows; the mask comes from the tokenizer, not from `ids != pad_id`,
+  # because a tokenizer may pad with its end-of-text id (HFTokenizer: GPT-2's pad = eos).
+  la = text.answers.shape[1]
+  rows = np.unique(np.concatenate([text.answers, text.answer_mask.astype(text.answers.dtype)], 1), axis=0)
+  answers = jnp.asarray(rows[:, :la])
+  answer_mask = jnp.asarray(rows[:, la:], jnp.float32)
   instr, instr_mask = jnp.asarray(text.instr), jnp.asarray(text.instr_mask)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)))
 

@@ -8,13 +8,13 @@ import ml_collections
 import numpy as np
 
 from ml_ecs.data.dataset import MultimodalDataset
-from ml_ecs.tokenizer import TextTokenizer
+from ml_ecs.tokenizer import HFTokenizer, TextTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskText:
   """Tokenised instruction (shared by all samples) and answers (one per sample)."""
-  tokenizer: TextTokenizer
+  tokenizer: TextTokenizer | HFTokenizer
   instr: np.ndarray        # int32 [Li]
   instr_mask: np.ndarray   # float32 [Li]
   answers: np.ndarray      # int32 [N, La], ends with <eos>
@@ -23,10 +23,14 @@ class TaskText:
 
 
 def build_task_text(ds: MultimodalDataset, cfg: ml_collections.ConfigDict,
-                    tokenizer_path: str | os.PathLike | None = None) -> TaskText:
-  """Loads the tokenizer at `tokenizer_path` if it exists, else trains one on the
+                    tokenizer_path: str | os.PathLike | None = None,
+                    tokenizer: TextTokenizer | HFTokenizer | None = None) -> TaskText:
+  """Uses `tokenizer` if given (e.g. the one of an imported Hugging Face backbone);
+  else loads the tokenizer at `tokenizer_path` if it exists, else trains one on the
   dataset's descriptions and the instruction (and saves it there)."""
-  if tokenizer_path is not None and os.path.exists(tokenizer_path):
+  if tokenizer is not None:
+    tok = tokenizer
+  elif tokenizer_path is not None and os.path.exists(tokenizer_path):
     tok = TextTokenizer.load(tokenizer_path)
   else:
     corpus = [t for d in ds.descriptions for t in d] + [cfg.instruction]

@@ -67,3 +67,90 @@ class TextTokenizer:
         row = row[:row.index(self.eos_id)]
       out.append(self.tok.decode([t for t in row if t != self.pad_id]).strip())
     return out
+
+
+class HFTokenizer:
+  """A Hugging Face (transformers) tokenizer behind `TextTokenizer`'s interface.
+
+  Used with imported GPT-2-family backbones (`ml_ecs.models.hf_gpt2`).
+
+  Padding convention: GPT-2 has no pad token. Unless the tokenizer defines one,
+  ``pad_id = eos_id`` (``<|endoftext|>``), as is usual for GPT-2. Padding
+  positions are identified by the *mask* that `encode` returns, never by
+  comparing ids with `pad_id` (that would also drop the real end-of-text
+  token); `decode` cuts at the first ``eos_id``, so the two conventions agree.
+  No BOS or other special tokens are added by `encode` (GPT-2 adds none).
+
+  `vocab_size` is the number of rows of the model's embedding table, which may
+  exceed the tokenizer's own size (checkpoints often pad the vocabulary).
+  """
+
+  def __init__(self, tokenizer, vocab_size: int | None = None):
+    """tokenizer: a transformers tokenizer; vocab_size: the model's vocabulary (default len(tokenizer))."""
+    self.tok = tokenizer
+    if tokenizer.eos_token_id is None:
+      raise ValueError(f'Hugging Face tokenizer {getattr(tokenizer, "name_or_path", "")!r} has no eos_token: '
+                       'expected one (GPT-2 uses <|endoftext|>)')
+    self.eos_id = int(tokenizer.eos_token_id)
+    self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
+    n = len(tokenizer)
+    self._vocab_size = n if vocab_size is None else int(vocab_size)
+    if self._vocab_size < n:
+      raise ValueError(f'tokenizer {getattr(tokenizer, "name_or_path", "")!r} has {n} tokens, more than the '
+                       f'model vocabulary of {self._vocab_size}')
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike, vocab_size: int | None = None) -> 'HFTokenizer':
+    """Loads the tokenizer files of a local directory (tokenizer.json or vocab.json + merges.txt)."""
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f'Hugging Face tokenizer directory {path} not found')
+    files = set(os.listdir(path))
+    if 'tokenizer.json' not in files and not {'vocab.json', 'merges.txt'} <= files:
+      raise ValueError(f'cannot load a Hugging Face tokenizer from {path}: expected tokenizer.json or '
+                       f'vocab.json + merges.txt, found {sorted(files)}')
+    from transformers import AutoTokenizer
+    try:
+      tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+      raise ValueError(f'cannot load a Hugging Face tokenizer from {path}: expected tokenizer.json or '
+                       f'vocab.json + merges.txt (and tokenizer_config.json): {e}') from e
+    return cls(tok, vocab_size)
+
+  load = from_pretrained
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the tokenizer files into directory `path` (transformers' save_pretrained)."""
+    self.tok.save_pretrained(os.fspath(path))
+
+  @property
+  def vocab_size(self) -> int:
+    return self._vocab_size
+
+  def encode(self, texts: Sequence[str], length: int, add_eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [N, length], mask float32 [N, length]), right-padded with pad_id (mask 0)."""
+    ids = np.full((len(texts), length), self.pad_id, np.int32)
+    mask = np.zeros((len(texts), length), np.float32)
+    batch = self.tok(list(texts), add_special_tokens=False)['input_ids']
+    for i, seq in enumerate(batch):
+      seq = list(seq) + ([self.eos_id] if add_eos else [])
+      if len(seq) > length:
+        raise ValueError(f'text {texts[i]!r} needs {len(seq)} tokens, more than the configured length {length}')
+      ids[i, :len(seq)] = seq
+      mask[i, :len(seq)] = 1.0
+    return ids, mask
+
+  def decode(self, ids: np.ndarray) -> list[str]:
+    """Texts of a batch of generated ids, each cut at its first eos (pad ids dropped)."""
+    out = []
+    for row in np.asarray(ids).tolist():
+      if self.eos_id in row:
+        row = row[:row.index(self.eos_id)]
+      out.append(self.tok.decode([t for t in row if t != self.pad_id]).strip())
+    return out
+
+
+def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> 'TextTokenizer | HFTokenizer':
+  """A directory of Hugging Face tokenizer files -> HFTokenizer; a tokenizers JSON file -> TextTokenizer."""
+  if os.path.isdir(path):
+    return HFTokenizer.from_pretrained(path, vocab_size)
+  return TextTokenizer.load(path)

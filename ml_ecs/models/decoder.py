@@ -3,9 +3,25 @@
 Pre-LayerNorm blocks, learned positions, tied input/output embeddings, causal
 plus key-padding attention mask. Base weights are `Frozen`; each block has a
 learned pair of gates that mixes its shared and private LoRA adapters.
+
+Backbone config fields (ml_collections): width, layers, heads, mlp_ratio,
+max_len, lora_rank, lora_alpha, lora_targets, and optional architecture fields
+whose defaults are the original behaviour (the ones a Hugging Face GPT-2
+checkpoint sets, see `ml_ecs.models.hf_gpt2`):
+
+- ``activation``: MLP nonlinearity, a key of `ACTIVATIONS` (default
+  ``'gelu_new'``, the tanh approximation, which is what ``jax.nn.gelu`` computes;
+  ``'gelu'`` is the exact erf form).
+- ``ln_eps``: LayerNorm epsilon (default 1e-5, as GPT-2).
+- ``mlp_dim``: MLP hidden size; overrides ``mlp_ratio * width`` when set (GPT-2's
+  ``n_inner``).
+- ``scale_attn_weights``: divide attention scores by sqrt(head_dim) (default True).
+- ``scale_attn_by_inverse_layer_idx``: also divide them by layer index + 1
+  (default False).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -18,6 +34,31 @@ from ml_ecs.models.variables import Frozen, Gate
 
 LORA_TARGETS = ('qkv', 'attn_out', 'mlp_in', 'mlp_out')
 
+# MLP activations by their Hugging Face names (transformers.activations.ACT2FN).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_new': jax.nn.gelu,            # tanh approximation (jax's default)
+    'gelu_pytorch_tanh': jax.nn.gelu,
+    'gelu_fast': jax.nn.gelu,
+    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'swish': jax.nn.silu,
+}
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The MLP activation called `name` (a key of ACTIVATIONS)."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f'backbone activation {name!r} is not supported; expected one of {sorted(ACTIVATIONS)}')
+  return ACTIVATIONS[name]
+
+
+def mlp_dim(cfg: ml_collections.ConfigDict) -> int:
+  """Hidden size of the MLP: cfg.mlp_dim if set, else cfg.mlp_ratio * cfg.width."""
+  dim = cfg.get('mlp_dim', None)
+  return int(dim) if dim else cfg.mlp_ratio * cfg.width
+
 
 class KVCache(NamedTuple):
   """Keys and values of every layer: [layers, B, T_max, heads, head_dim] each."""
@@ -28,33 +69,49 @@ class KVCache(NamedTuple):
 class LayerNorm(nnx.Module):
   """LayerNorm with frozen scale and bias."""
 
-  def __init__(self, dim: int):
+  def __init__(self, dim: int, eps: float = 1e-5):
     self.scale = Frozen(jnp.ones((dim,)))
     self.bias = Frozen(jnp.zeros((dim,)))
+    self.eps = eps
 
   def __call__(self, x):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) * jax.lax.rsqrt(var + 1e-5) * self.scale[...] + self.bias[...]
+    return (x - mu) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
 
 
 class Block(nnx.Module):
   """One pre-LN transformer block."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, layer_idx: int = 0):
     d, r, a = cfg.width, cfg.lora_rank, cfg.lora_alpha
     rank = lambda name: r if name in cfg.lora_targets else 0
+    eps = cfg.get('ln_eps', 1e-5)
     self.heads = cfg.heads
-    self.ln1 = LayerNorm(d)
+    self.activation = cfg.get('activation', 'gelu_new')
+    activation_fn(self.activation)  # fail at construction on an unknown name
+    self.scale_attn_weights = bool(cfg.get('scale_attn_weights', True))
+    # Extra division of the attention scores (GPT-2's scale_attn_by_inverse_layer_idx).
+    self.inv_layer_scale = (float(layer_idx + 1)
+                            if cfg.get('scale_attn_by_inverse_layer_idx', False) else None)
+    self.ln1 = LayerNorm(d, eps)
     self.qkv = LoRALinear(d, 3 * d, rank('qkv'), a, rngs=rngs)
     self.attn_out = LoRALinear(d, d, rank('attn_out'), a, rngs=rngs,
                                init_std=0.02 / (2 * cfg.layers) ** 0.5)
-    self.ln2 = LayerNorm(d)
-    self.mlp_in = LoRALinear(d, cfg.mlp_ratio * d, rank('mlp_in'), a, rngs=rngs)
-    self.mlp_out = LoRALinear(cfg.mlp_ratio * d, d, rank('mlp_out'), a, rngs=rngs,
+    self.ln2 = LayerNorm(d, eps)
+    self.mlp_in = LoRALinear(d, mlp_dim(cfg), rank('mlp_in'), a, rngs=rngs)
+    self.mlp_out = LoRALinear(mlp_dim(cfg), d, rank('mlp_out'), a, rngs=rngs,
                               init_std=0.02 / (2 * cfg.layers) ** 0.5)
     # Gate logits; gates = 2 * sigmoid(logit) start at 1 for both adapters.
     self.gate = Gate(jnp.zeros((2,)))
+
+  def mix_gates(self) -> jax.Array:
+    """[2] weights (shared, private) of the two LoRA adapters, as used by `__call__`.
+
+    The one definition of the gate form: export (`ml_ecs.peft_io`) reads the
+    gates through this method.
+    """
+    return 2.0 * jax.nn.sigmoid(self.gate[...])
 
   def __call__(self, x, key_mask, start, k_cache=None, v_cache=None):
     """x [B,T,d] at absolute positions start..start+T-1; key_mask [B,S].
@@ -64,7 +121,7 @@ class Block(nnx.Module):
     """
     b, t, d = x.shape
     hd = d // self.heads
-    g = 2.0 * jax.nn.sigmoid(self.gate[...])
+    g = self.mix_gates()
     q, k, v = jnp.split(self.qkv(self.ln1(x), g), 3, axis=-1)
     q, k, v = (y.reshape(b, t, self.heads, hd) for y in (q, k, v))
     if k_cache is not None:
@@ -73,12 +130,16 @@ class Block(nnx.Module):
     s = k.shape[1]
     q_pos = start + jnp.arange(t)
     allowed = (jnp.arange(s)[None, :] <= q_pos[:, None])[None] & key_mask[:, None, :].astype(bool)
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(hd).astype(x.dtype)
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+    if self.scale_attn_weights:
+      scores = scores / jnp.sqrt(hd).astype(x.dtype)
+    if self.inv_layer_scale is not None:
+      scores = scores / jnp.asarray(self.inv_layer_scale, x.dtype)
     scores = jnp.where(allowed[:, None], scores, jnp.finfo(scores.dtype).min)
     attn = jax.nn.softmax(scores, axis=-1)
     y = jnp.einsum('bhqk,bkhd->bqhd', attn, v).reshape(b, t, d)
     x = x + self.attn_out(y, g)
-    x = x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x), g)), g)
+    x = x + self.mlp_out(activation_fn(self.activation)(self.mlp_in(self.ln2(x), g)), g)
     return x, k, v
 
 
@@ -90,8 +151,8 @@ class DecoderLM(nnx.Module):
     self.vocab_size = vocab_size
     self.wte = Frozen(0.02 * jax.random.normal(rngs.params(), (vocab_size, cfg.width)))
     self.wpe = Frozen(0.01 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.width)))
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.layers)])
-    self.ln_f = LayerNorm(cfg.width)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs, layer_idx=i) for i in range(cfg.layers)])
+    self.ln_f = LayerNorm(cfg.width, cfg.get('ln_eps', 1e-5))
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     return self.wte[...][tokens]
