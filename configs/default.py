@@ -27,8 +27,13 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # training seed (see the module docstring)
   c.data = ml_collections.ConfigDict(dict(
-      name='embedded',            # 'embedded' or 'urfall'
-      path='',                    # directory of local files for real-data loaders
+      name='embedded',            # 'embedded', 'urfall', 'npz', 'hf' or 'tfds' (ml_ecs/data/loaders.py)
+      path='',                    # file or directory of local files for the other sources
+      split='train',              # split read by 'hf' / 'tfds'
+      columns=ml_collections.ConfigDict(dict(
+          modalities=(),          # 'name' or 'name=column' entries; () = every array-valued column
+          label='label', sequence_id='', text='')),   # '' = none (one sequence per sample / class names)
+      class_names=(),             # names of plain integer labels
       num_clients=8,
       public_fraction=0.2,        # of all sequences; shared by server and clients
       public_test_fraction=0.3,   # of the public sequences; the server's test split

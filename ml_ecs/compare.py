@@ -18,7 +18,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from ml_ecs import metrics_io
+from ml_ecs import metrics_io, report
 from ml_ecs.strategies import apply_strategy
 
 CSV_FIELDS = ('method', 'missing_rate', 'num_clients', 'seed', 'cell', 'client_rougeLsum', 'server_rougeLsum',
@@ -122,7 +122,7 @@ def write_reports(results: list[dict[str, Any]], workdir: str) -> None:
   with open(tmp, 'w') as f:
     f.write(md)
   os.replace(tmp, os.path.join(workdir, 'results.md'))
-  plot(results, workdir)
+  report.report_grid(workdir, out_dir=workdir)
 
 
 def _mean_std(vals: list[float]) -> tuple[float, float]:
@@ -187,59 +187,3 @@ def pivot_table(results: list[dict[str, Any]]) -> list[str]:
       out.append(f'| {m} | ' + ' | '.join(cols) + ' |')
     out.append('')
   return out
-
-
-def plot(results: list[dict[str, Any]], workdir: str) -> None:
-  """rouge_vs_round.png (per method, first clients setting, one panel per missing rate) and
-  rouge_vs_missing_rate.png (client and server, per method, first clients setting)."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  methods = list(dict.fromkeys(r['method'] for r in results))
-  rates = sorted({r['missing_rate'] for r in results})
-  clients = sorted({r['num_clients'] for r in results})[0]
-  fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4), squeeze=False)
-  for ax, rate in zip(axes[0], rates):
-    for m in methods:
-      curves = []
-      for r in results:
-        if (r['method'], r['missing_rate'], r['num_clients']) != (m, rate, clients):
-          continue
-        rows = metrics_io.read_jsonl(os.path.join(workdir, 'cells', r['cell'], 'metrics.jsonl'))
-        curves.append([(row['round'], row['client/rougeLsum_mean']) for row in rows if 'client/rougeLsum_mean' in row])
-      if curves:
-        n = min(len(c) for c in curves)
-        x = [p[0] for p in curves[0][:n]]
-        ax.plot(x, np.mean([[p[1] for p in c[:n]] for c in curves], 0), marker='o', label=m)
-    ax.set(title=f'missing rate {rate:g}, {clients} clients', xlabel='round', ylabel='client ROUGE-LSum (mean)')
-  _legend(fig, axes.ravel())
-  _save(fig, os.path.join(workdir, 'rouge_vs_round.png'))
-  plt.close(fig)
-
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, key, label in ((axes[0], 'client_rougeLsum', 'client'), (axes[1], 'server_rougeLsum', 'server')):
-    for m in methods:
-      ys = [np.mean([r[key] for r in results if (r['method'], r['missing_rate'], r['num_clients']) == (m, rate, clients)] or [np.nan])
-            for rate in rates]
-      ax.plot(rates, ys, marker='o', label=m)
-    ax.set(title=f'{label}, {clients} clients', xlabel='modality missing rate', ylabel='final ROUGE-LSum')
-  _legend(fig, axes.ravel())
-  _save(fig, os.path.join(workdir, 'rouge_vs_missing_rate.png'))
-  plt.close(fig)
-
-
-def _legend(fig, axes) -> None:
-  """One legend for all panels (every method once), to the right of the figure."""
-  labels = {}
-  for ax in axes:
-    for h, l in zip(*ax.get_legend_handles_labels()):
-      labels.setdefault(l, h)
-  fig.tight_layout(rect=(0, 0, 0.86, 1))
-  fig.legend(list(labels.values()), list(labels), loc='center right', fontsize=8)
-
-
-def _save(fig, path: str) -> None:
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ml_ecs import federation, metrics_io
 from ml_ecs.checkpoint import Checkpointer
 from ml_ecs.data.dataset import MultimodalDataset
+from ml_ecs.metric_writer import MetricWriter
 from ml_ecs.validation import validate
 
 # Files of a run that `overwrite` removes (caches such as backbones/ stay).
@@ -140,8 +141,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   Evaluates at round 0, every `train.eval_every` rounds and at the end; checkpoints every
   `train.checkpoint_every` rounds and at the end. Writes config.json, metrics.jsonl (one row
   per round: training metrics, plus evaluation metrics on evaluated rounds), timing.jsonl
-  (wall-clock times per round), summary.json, model_summary.json, clients.json and
-  checkpoints/ (orbax). `dataset` replaces the config's data source.
+  (wall-clock times per round), TensorBoard events (tensorboard/: both, and the config),
+  summary.json, model_summary.json, clients.json and checkpoints/ (orbax). `dataset` replaces the config's data source.
   """
   log = log or (lambda s: tqdm.write(s))
   validate(cfg)
@@ -183,6 +184,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     log(round_line(row))
   metrics_io.write_jsonl(metrics_path, rows)
   metrics_io.write_jsonl(timing_path, timings)
+  # TensorBoard: a resumed run drops the earlier attempt's points after its checkpoint.
+  writer = MetricWriter(workdir, purge_step=None if resumed_from is None else resumed_from + 1)
+  if resumed_from is None:
+    writer.write_config(cfg_json)
+    writer.write_row(0, {**rows[0], **timings[0]})
 
   rounds = cfg.train.rounds
   start = int(state.round)
@@ -200,6 +206,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
       timings.append({'round': r, **timing, 'time/elapsed_s': time.perf_counter() - t0})
       metrics_io.write_jsonl(metrics_path, rows)
       metrics_io.write_jsonl(timing_path, timings)
+      writer.write_row(r, {**row, **timings[-1]})
       if ckpt is not None and (r == rounds or (every and r % every == 0) or stop.received):
         ckpt.save(r, state, {'round': r, 'rows': rows})
         saved_at = r
@@ -207,12 +214,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
       bar.update(1)
       if stop.received and r < rounds:
         bar.close()
+        writer.close()
         if ckpt is not None:
           ckpt.close()
         log(f'stopped by {stop.received} after round {r}; checkpoint at round {saved_at}. '
             'Rerun the same command to resume.')
         return RunResult('interrupted', rows, workdir, resumed_from, stop.received)
   bar.close()
+  writer.close()
   if ckpt is not None:
     ckpt.close()
   summary = {**metrics_io.summarize(rows), 'rounds': rounds, 'method': cfg.method.name}

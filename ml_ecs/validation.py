@@ -11,7 +11,7 @@ from typing import Any
 import ml_collections
 
 from ml_ecs.ccl import CCL_KINDS
-from ml_ecs.data.loaders import DATA_SOURCES
+from ml_ecs.data.loaders import DATA_SOURCES, check_data_config
 from ml_ecs.mma import WEIGHTINGS
 from ml_ecs.models.decoder import LORA_TARGETS
 from ml_ecs.models.encoders import ENCODER_TYPES
@@ -99,6 +99,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(cfg, 'data.name', DATA_SOURCES)
   if cfg.data.name != 'embedded' and not _get(cfg, 'data.path'):
     _fail('data.path', cfg.data.path, f'the directory of the {cfg.data.name!r} files (data.name={cfg.data.name!r})')
+  try:
+    check_data_config(cfg.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _int(cfg, 'data.num_clients', 1)
   _int(cfg, 'data.seed', 0)
   _float(cfg, 'data.public_fraction', 0.0, 1.0, lo_open=True, hi_open=True)

@@ -71,8 +71,6 @@ def test_from_arrays_marks_nan_rows_missing():
   assert not ds.all_present
   np.testing.assert_array_equal(ds.presence(('depth', 'accel'))[[3, 10, 0]],
                                 [[True, False], [False, True], [True, True]])
-  sub = ds.subset(np.array([3, 4]))
-  np.testing.assert_array_equal(sub.present['accel'], [False, True])
   # without NaN rows: no presence masks at all; defaults for sequences and texts
   full = from_arrays({'a': np.zeros((3, 2))}, [0, 1, 1], ('x', 'y'))
   assert full.present is None and full.all_present

@@ -143,3 +143,22 @@ def test_grid_resumes_inside_a_cell(tiny_config, dataset, tmp_path):
   assert len(results) == 1 and results[0]['rounds'] == 3
   assert any(line.startswith('resuming from round 1') for line in logs)
   assert not any(line.startswith('round   1') for line in logs)   # round 1 was not redone
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_the_metrics_of_the_run(reference):
+  """The main job's event files (read with TensorBoard's own reader) hold every scalar of metrics.jsonl."""
+  ea_mod = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
+  from ml_ecs.metric_writer import flatten_row
+  workdir, metrics, _ = reference
+  acc = ea_mod.EventAccumulator(os.path.join(workdir, 'tensorboard'), size_guidance={ea_mod.SCALARS: 0})
+  acc.Reload()
+  tags = set(acc.Tags()['scalars'])
+  rows = [json.loads(line) for line in metrics.splitlines()]
+  for row in rows:
+    scalars, _ = flatten_row({k: v for k, v in row.items() if k != 'round'})
+    for tag, value in scalars.items():
+      assert tag in tags, tag
+      events = {e.step: e.value for e in acc.Scalars(tag)}
+      assert events[row['round']] == pytest.approx(value, rel=1e-6, abs=1e-7), (tag, row['round'])
+  assert 'time/round_s' in tags and 'client/rougeLsum/0' in tags

@@ -1,5 +1,6 @@
 """Every baseline/ablation runs in the same loop, and each switch really removes its component."""
 import copy
+import json
 import os
 
 import jax
@@ -110,6 +111,7 @@ def test_grid_reports_and_resume(tmp_path, tiny_config):
     rows = [{'round': r, 'client/rougeLsum_mean': score * r / 2, 'server/rougeLsum': score, 'client/accuracy_mean': 0.5,
              'server/accuracy': 0.6, 'comm/ratio': 0.01, 'client/rougeLsum': {'0': score}} for r in (0, 1, 2)]
     os.makedirs(cdir, exist_ok=True)
+    metrics_io.write_json(os.path.join(cdir, 'config.json'), json.loads(cfg.to_json_best_effort()))
     metrics_io.write_jsonl(os.path.join(cdir, 'metrics.jsonl'), rows)
     if len(calls) == 3:
       return False              # interrupted (e.g. SIGTERM) before this cell's summary is written

@@ -89,14 +89,3 @@ class MultimodalDataset:
   def texts(self) -> list[str]:
     """The reference text of every sample."""
     return [self.descriptions[c][t] for c, t in zip(self.labels, self.text_ids)]
-
-  def subset(self, idx: np.ndarray) -> 'MultimodalDataset':
-    """The samples at `idx`, same classes and descriptions."""
-    return dataclasses.replace(
-        self,
-        modalities={k: v[idx] for k, v in self.modalities.items()},
-        labels=self.labels[idx],
-        sequence_ids=self.sequence_ids[idx],
-        text_ids=self.text_ids[idx],
-        present=None if self.present is None else {k: v[idx] for k, v in self.present.items()},
-    )
