@@ -1,11 +1,16 @@
-"""Baseline/ablation grid: methods x missing rate x clients x seeds (launch/compare.py).
+"""The comparison protocol (launch/compare.py): equal tuning, then the grid, then a reproduction check.
 
-The missing rate is the per-device-type modality-missing rate (which modalities a
-device type lacks); per-sample missingness stays at data.sample_missing_rate.
-Every method gets the same data, models, rounds and local steps (no per-method tuning).
+  python launch/compare.py --config=configs/compare.py --workdir=/tmp/compare --max_minutes=100
 
-Full grid: python launch/compare.py --config=configs/compare.py --workdir=/tmp/compare
-README grid: add --config.grid.num_clients=5, --config.grid.seeds=0,1
+Run the same command again (and again) until it prints that the grid is complete: every
+stage resumes (tuning trials, grid cells, inside a cell from its checkpoint).
+Stages: (1) tuning: `tune.trials` random-search trials per method in `tune.methods` on a
+validation split cut from the clients' training data (tuning seeds apart from the grid's);
+ablations reuse ML-ECS's values; (2) the grid: methods x missing rates x clients x
+partition seeds x training seeds, each cell scored by the mean of its last `grid.last_k`
+evaluations; (3) `grid.reproduce` finished cells rerun from scratch and compared.
+The missing rate is the per-device-type modality-missing rate; the modality sets of each
+rate are drawn with `grid.modality_seed`, the same for every partition seed.
 """
 import ml_collections
 
@@ -15,11 +20,23 @@ from ml_ecs.strategies import STRATEGIES
 
 def get_config() -> ml_collections.ConfigDict:
   c = default.get_config()
-  c.train.update(dict(rounds=15, eval_every=5))
+  c.train.update(dict(rounds=50, eval_every=5, checkpoint_every=10))
+  c.data.client_val_fraction = 0.2   # the same partition for tuning and grid; val never used by the grid
   c.grid = ml_collections.ConfigDict(dict(
       methods=tuple(STRATEGIES),
       missing_rates=(0.3, 0.5, 0.7),
-      num_clients=(3, 5, 10, 20),
-      seeds=(0, 1, 2),
+      num_clients=(5,),
+      partition_seeds=(0, 1, 2, 3, 4),
+      train_seeds=(0, 1),
+      modality_seed=0,
+      last_k=3,
+      tuned='',                     # set by launch/compare.py after tuning (WORKDIR/tuned.json)
+      reproduce=3,
+  ))
+  c.tune = ml_collections.ConfigDict(dict(
+      methods=('local', 'fedavg', 'fedprox', 'mmfl', 'ml_ecs'),
+      trials=8,
+      seed=0,
+      partition_seed=100, train_seed=100, missing_rate=0.5,
   ))
   return c

@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
       public_fraction=0.2,        # of all sequences; shared by server and clients
       public_test_fraction=0.3,   # of the public sequences; the server's test split
       client_test_fraction=0.25,  # of each client's sequences
+      client_val_fraction=0.0,    # of each client's training sequences (and of the public train split): tuning only
       dirichlet_alpha=0.5,
       modality_sets=(),           # explicit per-client modality tuples; empty = draw
       num_device_types=3,         # clients of one type share modalities + encoders (a cohort); 0 = all differ
@@ -45,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
       sample_missing_rate=0.1,    # per sample and present modality
       public_per_client=128,
       seed=0,                     # partition seed
+      modality_seed=-1,           # >= 0: draws the modality sets apart from the partition seed (-1: from it)
       encoders=ml_collections.ConfigDict(dict(
           accel=('conv1d', 'transformer', 'mlp'),
           depth=('mlp',),
@@ -75,7 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
       zero_fill=False,            # baseline fusion: zero-filled missing modalities
       modality_dropout=0.0,       # baseline: drop present modalities in training batches
   ))
-  c.eval = ml_collections.ConfigDict(dict(max_test_per_client=64, max_server_test=256))
+  c.eval = ml_collections.ConfigDict(dict(
+      max_test_per_client=64, max_server_test=256,
+      split='test',               # 'val': evaluate on the validation splits (tuning), never the test data
+  ))
   # The client axis of every cohort is sharded over this many devices (0 = all visible).
   c.mesh = ml_collections.ConfigDict(dict(num_devices=0))
   return c

@@ -52,12 +52,22 @@ def split_arrays(ds: MultimodalDataset, text: TaskText, modalities: Sequence[str
 
 @dataclasses.dataclass(frozen=True)
 class CohortData:
-  """Train, test and public splits of one cohort's clients (same modality set)."""
+  """Train, test and public splits of one cohort's clients (same modality set), and the
+  validation split when the partition cut one (data.client_val_fraction > 0)."""
   clients: tuple[ClientSpec, ...]
   modalities: tuple[str, ...]
   train: SplitArrays
   test: SplitArrays
   public: SplitArrays
+  val: SplitArrays | None = None
+
+  def eval_split(self, name: str) -> tuple[SplitArrays, list[np.ndarray]]:
+    """(stacked split, per-client dataset indices) evaluated as `name` ('test' or 'val')."""
+    if name == 'val':
+      if self.val is None:
+        raise ValueError("eval.split='val' needs data.client_val_fraction > 0")
+      return self.val, [c.val_idx for c in self.clients]
+    return self.test, [c.test_idx for c in self.clients]
 
 
 def cohort_data(ds: MultimodalDataset, text: TaskText, clients: Sequence[ClientSpec],
@@ -73,6 +83,8 @@ def cohort_data(ds: MultimodalDataset, text: TaskText, clients: Sequence[ClientS
                         max_len=max_test),
       public=split_arrays(ds, text, mods, [c.public_idx for c in clients], [c.public_mask for c in clients],
                           ids=[np.array([pos_of[int(j)] for j in c.public_idx], np.int64) for c in clients]),
+      val=split_arrays(ds, text, mods, [c.val_idx for c in clients], [c.val_mask for c in clients], max_len=max_test)
+      if len(clients[0].val_idx) else None,
   )
 
 

@@ -112,6 +112,7 @@ class Setup:
   server_program: NodeProgram
   public_train: SplitArrays        # the server's view (all modalities), without a client axis
   public_test: SplitArrays
+  public_val: SplitArrays | None   # the server's validation split (data.client_val_fraction > 0)
   leaf_mod: Any                    # modality index per shared leaf (-1: not modality-specific)
   weights: np.ndarray              # MMA weight per client id
   accounting: communication.Accounting
@@ -253,7 +254,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
                         out_shardings=client_sharding)(trainables)
     data = cohort_data(ds, text, padded, part.public_train_idx, cfg.eval.max_test_per_client)
     data = dataclasses.replace(data, **{s: jax.device_put(getattr(data, s), client_sharding)
-                                        for s in ('train', 'test', 'public')})
+                                        for s in ('train', 'test', 'public', 'val') if getattr(data, s) is not None})
     ids = np.array([c.client_id for c in clients] + [-1] * (n_pad - n_real))
     cohorts.append(CohortSetup(data, prog, ids, n_real, num_sampled, num_selected,
                                make_cohort_round(prog, stages, mesh, cfg.train.client_chunk, bool(m.communicate),
@@ -278,8 +279,10 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   squeeze = lambda split: jax.tree.map(lambda x: x[0], split)
   public_train = squeeze(full_modality_split(ds, text, part.public_train_idx))
   public_test = squeeze(full_modality_split(ds, text, part.public_test_idx, cfg.eval.max_server_test))
-  server_tr, server_opt, public_train, public_test = jax.device_put(
-      (server_tr, server_opt, public_train, public_test), replicated)
+  public_val = (squeeze(full_modality_split(ds, text, part.public_val_idx, cfg.eval.max_server_test))
+                if len(part.public_val_idx) else None)
+  server_tr, server_opt, public_train, public_test, public_val = jax.device_put(
+      (server_tr, server_opt, public_train, public_test, public_val), replicated)
   spec = stages.server
 
   # Frozen weights and data are arguments, not closure constants (which XLA would embed).
@@ -313,7 +316,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   setup = Setup(
       cfg=cfg, dataset=ds, text=text, partition=part, scorer=TextScorer(ds.descriptions), modalities=modalities,
       mesh=mesh, stages=stages, edge_frozen=edge_frozen, server_frozen=server_frozen, cohorts=tuple(cohorts),
-      server_program=server_prog, public_train=public_train, public_test=public_test, leaf_mod=leaf_mod,
+      server_program=server_prog, public_train=public_train, public_test=public_test, public_val=public_val,
+      leaf_mod=leaf_mod,
       weights=mma.client_weights(m.mma, num_samples, num_mods), accounting=acct, pretrain_info=pretrain_info,
       aggregate_fn=jax.jit(functools.partial(mma.aggregate, leaf_mod=leaf_mod, modality_aware=m.mma != 'samples')),
       targets_fn=jax.jit(se_ccl.se_ccl_targets, static_argnums=4),
@@ -400,22 +404,26 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   return new_state, metrics
 
 
-def evaluate(setup: Setup, state: State) -> dict[str, Any]:
-  """ROUGE and accuracy of every client on its test split and of the server on the public test split."""
+def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
+  """ROUGE and accuracy of every client on its test split and of the server on the public test split
+  (split='val': the validation splits cut for tuning; never the test data)."""
   t0 = time.perf_counter()
   text, scorer = setup.text, setup.scorer
   per_client: dict[str, dict[str, float]] = {}
   for c, cs in zip(setup.cohorts, state.cohorts):
-    toks = np.asarray(c.generate_fn(cs.trainables, c.data.test, setup.edge_frozen))
-    counts = np.asarray(c.data.test.count)
-    labels = np.asarray(c.data.test.labels)
+    data, index_lists = c.data.eval_split(split)
+    toks = np.asarray(c.generate_fn(cs.trainables, data, setup.edge_frozen))
+    counts = np.asarray(data.count)
+    labels = np.asarray(data.labels)
     for j, spec in enumerate(c.data.clients[:c.num_real]):
       preds = text.tokenizer.decode(toks[j, :counts[j]])
-      refs = [text.references[i] for i in spec.test_idx[:counts[j]]]
+      refs = [text.references[i] for i in index_lists[j][:counts[j]]]
       per_client[str(spec.client_id)] = scorer.score(preds, refs, labels[j, :counts[j]].tolist())
-  toks = np.asarray(setup.server_generate_fn(state.server.trainables, setup.server_frozen, setup.public_test))
-  n = int(setup.public_test.count)
-  idx = setup.partition.public_test_idx[:n]
+  server_split, server_idx = ((setup.public_val, setup.partition.public_val_idx) if split == 'val'
+                              else (setup.public_test, setup.partition.public_test_idx))
+  toks = np.asarray(setup.server_generate_fn(state.server.trainables, setup.server_frozen, server_split))
+  n = int(server_split.count)
+  idx = server_idx[:n]
   server_preds = text.tokenizer.decode(toks[:n])
   server = scorer.score(server_preds, [text.references[i] for i in idx], setup.dataset.labels[idx].tolist())
   out: dict[str, Any] = {'round': int(state.round)}

@@ -178,7 +178,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
       timings.append({'round': resumed_from, 'event': 'resumed', 'time/setup_s': setup_s})
       log(f'resuming from round {resumed_from} (checkpoint {ckpt.step_dir(resumed_from)})')
   if resumed_from is None:
-    row, timing = _split_timing(federation.evaluate(setup, state))
+    row, timing = _split_timing(federation.evaluate(setup, state, cfg.eval.split))
     rows.append(row)
     timings.append({'round': 0, **timing, 'time/setup_s': setup_s})
     log(round_line(row))
@@ -199,7 +199,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     for r in range(start + 1, rounds + 1):
       state, row = federation.run_round(setup, state)
       if r % cfg.train.eval_every == 0 or r == rounds:
-        row.update(federation.evaluate(setup, state))
+        row.update(federation.evaluate(setup, state, cfg.eval.split))
         bar.set_postfix(c=f"{row['client/rougeLsum_mean']:.3f}", s=f"{row['server/rougeLsum']:.3f}")
       row, timing = _split_timing(row)
       rows.append(row)

@@ -108,6 +108,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _float(cfg, 'data.public_fraction', 0.0, 1.0, lo_open=True, hi_open=True)
   _float(cfg, 'data.public_test_fraction', 0.0, 1.0, lo_open=True, hi_open=True)
   _float(cfg, 'data.client_test_fraction', 0.0, 1.0, lo_open=True, hi_open=True)
+  _float(cfg, 'data.client_val_fraction', 0.0, 1.0, hi_open=True)
+  _int(cfg, 'data.modality_seed', -1)
   _float(cfg, 'data.dirichlet_alpha', 0.0, lo_open=True)
   _int(cfg, 'data.num_device_types', 0)
   _float(cfg, 'data.modality_missing_rate', 0.0, 1.0, hi_open=True)
@@ -168,5 +170,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # evaluation and devices
   _int(cfg, 'eval.max_test_per_client', 1)
   _int(cfg, 'eval.max_server_test', 1)
+  if _choice(cfg, 'eval.split', ('test', 'val')) == 'val' and not cfg.data.client_val_fraction:
+    _fail('eval.split', 'val', "'test', or 'val' with data.client_val_fraction > 0")
   _int(cfg, 'mesh.num_devices', 0)
   return cfg

@@ -147,3 +147,36 @@ def test_device_types_form_cohorts(dataset, tiny_config):
     same = p.clients[c.client_id % 3]
     assert c.cohort_key == same.cohort_key
   assert len(p.cohorts()) <= 3 and sum(len(c) for c in p.cohorts()) == 7
+
+
+def test_validation_split_is_cut_from_training_sequences_only(dataset, tiny_config):
+  import copy
+  from ml_ecs.data.partition import partition
+  cfg = copy.deepcopy(tiny_config)
+  assert all(len(c.val_idx) == 0 for c in partition(dataset, cfg.data).clients)
+  cfg.data.client_val_fraction = 0.25
+  p = partition(dataset, cfg.data)
+  seq = dataset.sequence_ids
+  for c in p.clients:
+    assert len(c.val_idx) and len(c.train_idx) and c.val_mask.shape == (len(c.val_idx), len(c.modalities))
+    for other in (c.train_idx, c.test_idx):
+      assert not set(seq[c.val_idx]) & set(seq[other])      # whole recordings, never shared
+    assert set(c.public_idx) <= set(p.public_train_idx)
+  assert len(p.public_val_idx) and not set(seq[p.public_val_idx]) & set(seq[p.public_train_idx])
+  assert not set(p.public_val_idx) & set(p.public_test_idx)
+
+
+def test_modality_seed_fixes_modality_sets_across_partition_seeds(dataset, tiny_config):
+  import copy
+  from ml_ecs.data.partition import partition
+  cfg = copy.deepcopy(tiny_config)
+  cfg.data.update(dict(modality_sets=(), num_clients=6, num_device_types=3, modality_missing_rate=0.5))
+  sets = lambda seed, mseed: [c.modalities for c in partition(dataset, dict_cfg(cfg, seed, mseed)).clients]
+
+  def dict_cfg(c, seed, mseed):
+    out = copy.deepcopy(c.data)
+    out.seed, out.modality_seed = seed, mseed
+    return out
+
+  assert sets(0, 5) == sets(1, 5) == sets(2, 5)
+  assert len({tuple(sets(s, -1)) for s in range(6)}) > 1       # -1: drawn with the partition, as before

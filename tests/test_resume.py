@@ -126,7 +126,8 @@ def test_grid_resumes_inside_a_cell(tiny_config, dataset, tmp_path):
   """SIGTERM during a cell stops the grid after that round; the next call resumes the cell from its checkpoint."""
   base = copy.deepcopy(tiny_config)
   base.train.update(dict(rounds=3, eval_every=3, checkpoint_every=1))
-  base.grid = dict(methods=('fedavg',), missing_rates=(0.3,), num_clients=(3,), seeds=(0,))
+  base.grid = dict(methods=('fedavg',), missing_rates=(0.3,), num_clients=(3,), partition_seeds=(0,),
+                   train_seeds=(0,), modality_seed=-1, last_k=1, tuned='', reproduce=0)
   logs = []
 
   def run_cell(cfg, cdir, cache, stop_after=None):

@@ -36,6 +36,9 @@ class ClientSpec:
   train_mask: np.ndarray
   test_mask: np.ndarray
   public_mask: np.ndarray
+  # Validation split cut from the client's training sequences (data.client_val_fraction > 0).
+  val_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int64))
+  val_mask: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
   @property
   def cohort_key(self) -> tuple:
@@ -48,6 +51,7 @@ class Partition:
   clients: tuple[ClientSpec, ...]
   public_train_idx: np.ndarray
   public_test_idx: np.ndarray
+  public_val_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int64))
 
   def cohorts(self) -> list[list[ClientSpec]]:
     """Clients grouped by (modality set, encoder types), in order of first appearance."""
@@ -162,17 +166,29 @@ def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partitio
   all_idx = np.arange(ds.num_samples)
   private_idx, public_idx = _split_by_sequence(rng, all_idx, ds.sequence_ids, cfg.public_fraction)
   pub_train, pub_test = _split_by_sequence(rng, public_idx, ds.sequence_ids, cfg.public_test_fraction)
+  val_fraction = cfg.get('client_val_fraction', 0.0)
+  # Validation splits (for tuning) come from their own stream, so that they are cut only when asked for.
+  val_rng = np.random.default_rng([cfg.seed, 101])
+  pub_val = np.zeros((0,), np.int64)
+  if val_fraction:
+    pub_train, pub_val = _split_by_sequence(val_rng, pub_train, ds.sequence_ids, val_fraction)
 
   seqs, first = np.unique(ds.sequence_ids[private_idx], return_index=True)
   seq_label = ds.labels[private_idx][first]
   if len(seqs) < 2 * cfg.num_clients:
     raise ValueError(f'{len(seqs)} private sequences cannot give {cfg.num_clients} clients two sequences each')
   owner = _dirichlet_by_sequence(rng, seq_label, cfg.num_clients, ds.num_classes, cfg.dirichlet_alpha)
-  profiles = _profiles(rng, cfg, all_mods)
+  modality_seed = cfg.get('modality_seed', -1)
+  # modality_seed >= 0 fixes the modality sets apart from the partition seed (grids: one set of
+  # device types per missing rate, whatever the partition seed).
+  profiles = _profiles(rng if modality_seed < 0 else np.random.default_rng([modality_seed, 7]), cfg, all_mods)
   clients = []
   for k in range(cfg.num_clients):
     idx = private_idx[np.isin(ds.sequence_ids[private_idx], seqs[owner == k])]
     train, test = _split_by_sequence(rng, idx, ds.sequence_ids, cfg.client_test_fraction)
+    val = None
+    if val_fraction:
+      train, val = _split_by_sequence(val_rng, train, ds.sequence_ids, val_fraction)
     n_pub = min(cfg.public_per_client, len(pub_train))
     pub = np.sort(rng.choice(pub_train, n_pub, replace=False))
     mods, profile = profiles[k]
@@ -186,8 +202,18 @@ def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partitio
         if not len(ix):
           raise ValueError(f'client {k} (modalities {mods}) has no {split} sample with any of its '
                            'modalities present in the dataset')
-    clients.append(ClientSpec(k, mods, enc, train, test, pub, *masks))
-  return Partition(tuple(clients), pub_train, pub_test)
+    extra = {}
+    if val is not None:
+      if ds.all_present:
+        val_mask = _sample_masks(val_rng, len(val), len(mods), cfg.sample_missing_rate)
+      else:
+        val, val_mask = _available_masks(val_rng, ds, val, mods, cfg.sample_missing_rate)
+      if not len(val) or not len(train):
+        raise ValueError(f'client {k} has too few sequences for data.client_val_fraction={val_fraction}: '
+                         f'{len(train)} train / {len(val)} validation samples')
+      extra = dict(val_idx=val, val_mask=val_mask)
+    clients.append(ClientSpec(k, mods, enc, train, test, pub, *masks, **extra))
+  return Partition(tuple(clients), pub_train, pub_test, pub_val)
 
 
 def pad_indices(index_lists: Sequence[np.ndarray], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

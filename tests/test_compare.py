@@ -1,0 +1,174 @@
+"""The comparison protocol: grid resume, last-k scores, bootstrap intervals, tuning, reproduction check."""
+import copy
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from ml_ecs import compare, metrics_io, stats, tuning
+
+
+def _base(tiny_config, **grid):
+  base = copy.deepcopy(tiny_config)
+  base.grid = dict(methods=('fedavg', 'ml_ecs'), missing_rates=(0.3, 0.7), num_clients=(3,), partition_seeds=(0, 1),
+                   train_seeds=(0,), modality_seed=0, last_k=3, tuned='', reproduce=0)
+  base.grid.update(grid)
+  return base
+
+
+def _fake_train(calls, stop_at=None, gain=0.1):
+  """A stand-in for ml_ecs.trainer.train: deterministic rows; ml_ecs beats fedavg by `gain` on every client."""
+  def train(cfg, cdir, cache):
+    calls.append(os.path.basename(cdir))
+    base = 0.4 + 0.01 * cfg.data.seed + 0.001 * cfg.seed
+    score = base + (gain if cfg.method.name == 'ml_ecs' else 0.0)
+    rows = []
+    for r in range(5):
+      level = score - 0.05 * (4 - r)      # still rising: the last 3 evaluations average below the final one
+      rows.append({'round': r, 'client/rougeLsum_mean': level, 'server/rougeLsum': level / 2,
+                   'client/accuracy_mean': 0.5, 'server/accuracy': 0.6, 'comm/ratio': 0.01,
+                   'client/rougeLsum': {'0': level, '1': level + 0.02, '2': level - 0.02},
+                   'client/accuracy': {'0': 0.5, '1': 0.5, '2': 0.5}})
+    os.makedirs(cdir, exist_ok=True)
+    metrics_io.write_json(os.path.join(cdir, 'config.json'), json.loads(cfg.to_json_best_effort()))
+    metrics_io.write_jsonl(os.path.join(cdir, 'metrics.jsonl'), rows)
+    if stop_at is not None and len(calls) == stop_at:
+      return False                  # interrupted (e.g. SIGTERM) before this cell's summary is written
+    metrics_io.write_json(os.path.join(cdir, 'summary.json'), {})
+    metrics_io.write_jsonl(os.path.join(cdir, 'timing.jsonl'), [{'round': 4, 'time/elapsed_s': 1.0}])
+    return True
+  return train
+
+
+def test_grid_resumes_scores_last_k_and_pairs_differences(tmp_path, tiny_config):
+  base = _base(tiny_config)
+  calls = []
+  assert len(compare.run_grid(base, str(tmp_path), _fake_train(calls, stop_at=3), log=lambda s: None)) == 2
+  assert len(calls) == 3
+  results = compare.run_grid(base, str(tmp_path), _fake_train(calls), log=lambda s: None)
+  assert len(calls) == 3 + 6 and len(results) == 8      # two finished cells were not redone
+  r = next(x for x in results if x['method'] == 'fedavg' and x['partition_seed'] == 1)
+  assert r['client_rougeLsum'] == pytest.approx(0.41 - 0.05)     # mean of rounds 2..4: 0.31, 0.36, 0.41
+  assert r['final_client_rougeLsum'] == pytest.approx(0.41)
+  assert math.isnan(r['plateau_client'])                          # 5 evaluations < 2 * last_k
+  assert json.loads(r['client_rougeLsum_by_client'])['1'] == pytest.approx(0.36 + 0.02)
+  md = (tmp_path / 'results.md').read_text()
+  assert 'best baseline of this setting (**fedavg**' in md
+  assert '| ml_ecs | **+0.100 [+0.100, +0.100]** | **+0.050 [+0.050, +0.050]** |' in md
+  assert (tmp_path / 'rouge_vs_round.png').stat().st_size > 1000
+  assert (tmp_path / 'rouge_vs_missing_rate.png').stat().st_size > 1000
+  header = (tmp_path / 'results.csv').read_text().splitlines()[0]
+  assert 'partition_seed' in header and 'train_seed' in header
+  env = metrics_io.read_jsonl(str(tmp_path / 'environment.jsonl'))
+  assert len(env) == 2 and env[0]['cpu'] and env[0]['packages']['jax'] and 'xla_flags' in env[0]
+
+
+def test_deadline_stops_before_a_new_cell(tmp_path, tiny_config):
+  calls = []
+  out = compare.run_grid(_base(tiny_config), str(tmp_path), _fake_train(calls), log=lambda s: None, deadline=0.0)
+  assert out == [] and calls == []
+
+
+def test_unknown_method_refused_before_any_cell(tmp_path, tiny_config):
+  with pytest.raises(ValueError, match=r"grid.methods has unknown methods \['nope'\]"):
+    compare.run_grid(_base(tiny_config, methods=('fedavg', 'nope')), str(tmp_path), _fake_train([]), log=print)
+  assert not (tmp_path / 'cells').exists()
+
+
+def test_cell_directory_changes_with_any_setting(tiny_config):
+  base = _base(tiny_config)
+  cell = ('fedavg', 0.3, 3, 0, 1)
+  cfg = compare.cell_config(base, cell)
+  assert (cfg.data.seed, cfg.seed, cfg.data.modality_seed) == (0, 1, 0)    # partition and training seeds apart
+  first = compare.cell_dir('/w', cell, cfg)
+  cfg.train.rounds += 1
+  assert compare.cell_dir('/w', cell, cfg) != first
+  assert os.path.basename(first).startswith('fedavg__mr0.3__c3__p0__t1__')
+
+
+def test_tuned_values_per_method_and_ablations_use_ml_ecs(tmp_path, tiny_config):
+  path = tmp_path / 'tuned.json'
+  path.write_text(json.dumps({'fedavg': {'overrides': {'train.learning_rate': 1e-3}},
+                              'ml_ecs': {'overrides': {'train.learning_rate': 5e-3, 'method.lambda_ccl': 0.3}}}))
+  base = _base(tiny_config, tuned=str(path))
+  tuned = compare.tuned_values(base.grid)
+  assert compare.cell_config(base, ('fedavg', 0.3, 3, 0, 0), tuned).train.learning_rate == 1e-3
+  ablation = compare.cell_config(base, ('ml_ecs_no_se_ccl', 0.3, 3, 0, 0), tuned)
+  assert ablation.train.learning_rate == 5e-3 and ablation.method.lambda_ccl == 0.3 and not ablation.method.se_ccl
+  with pytest.raises(FileNotFoundError, match='grid.tuned'):
+    compare.tuned_values(_base(tiny_config, tuned=str(tmp_path / 'missing.json')).grid)
+
+
+def test_tuning_gives_every_method_the_same_budget_on_validation_data(tmp_path, tiny_config):
+  base = _base(tiny_config)
+  base.data.client_val_fraction = 0.2
+  base.tune = dict(methods=('fedavg', 'fedprox', 'ml_ecs'), trials=3, seed=0, partition_seed=100, train_seed=100,
+                   missing_rate=0.5)
+  seen = []
+
+  def fake(cfg, tdir, cache):
+    seen.append((cfg.method.name, cfg.eval.split, cfg.data.seed, cfg.seed, cfg.train.learning_rate))
+    lr = cfg.train.learning_rate
+    rows = [{'round': r, 'client/rougeLsum_mean': -abs(math.log(lr / 2e-3)), 'server/rougeLsum': 0.0}
+            for r in range(4)]
+    os.makedirs(tdir, exist_ok=True)
+    metrics_io.write_jsonl(os.path.join(tdir, 'metrics.jsonl'), rows)
+    metrics_io.write_json(os.path.join(tdir, 'summary.json'), {})
+    return True
+
+  best = tuning.run_tuning(base, str(tmp_path), fake, log=lambda s: None)
+  counts = {m: sum(1 for s in seen if s[0] == m) for m in ('fedavg', 'fedprox', 'ml_ecs')}
+  assert counts == {'fedavg': 3, 'fedprox': 3, 'ml_ecs': 3}
+  assert {s[1] for s in seen} == {'val'} and {(s[2], s[3]) for s in seen} == {(100, 100)}
+  for m in counts:                                     # the trial whose lr is closest to 2e-3 wins
+    lrs = [s[4] for s in seen if s[0] == m]
+    assert best[m]['overrides']['train.learning_rate'] == min(lrs, key=lambda x: abs(math.log(x / 2e-3)))
+  assert set(best['fedprox']['overrides']) == {'train.learning_rate', 'method.fedprox_mu'}
+  assert json.loads((tmp_path / 'tuned.json').read_text()).keys() == best.keys()
+  seen.clear()
+  tuning.run_tuning(base, str(tmp_path), fake, log=lambda s: None)
+  assert not seen                                      # finished trials are not redone
+  base.data.client_val_fraction = 0.0
+  with pytest.raises(ValueError, match='client_val_fraction'):
+    tuning.run_tuning(base, str(tmp_path / 'b'), fake, log=lambda s: None)
+
+
+def test_trials_are_deterministic_and_inside_the_space():
+  a, b = tuning.draw_trials('ml_ecs', 8, 0), tuning.draw_trials('ml_ecs', 8, 0)
+  assert a == b and len(a) == 8 and tuning.draw_trials('ml_ecs', 8, 1) != a
+  for point in a:
+    for field, (_, lo, hi) in tuning.search_space('ml_ecs').items():
+      assert lo <= point[field] <= hi
+
+
+def test_reproduction_check(tmp_path, tiny_config):
+  base = _base(tiny_config)
+  calls = []
+  results = compare.run_grid(base, str(tmp_path), _fake_train(calls), log=lambda s: None)
+  records = compare.reproduce(base, str(tmp_path), _fake_train(calls), count=3, log=lambda s: None)
+  assert len(records) == 3 and all(r['identical'] for r in records)
+  compare.write_reports(results, str(tmp_path))
+  assert '## Reproduction check' in (tmp_path / 'results.md').read_text()
+
+
+def test_cluster_bootstrap():
+  ci = stats.cluster_bootstrap_ci([[0.1, 0.3], [0.2], [0.0, 0.2, 0.4]])
+  assert ci['mean'] == pytest.approx(1.2 / 6) and ci['units'] == 3 and ci['n'] == 6
+  assert ci['lo'] <= ci['mean'] <= ci['hi'] and ci['lo'] >= 0.0 and ci['hi'] <= 0.4
+  same = stats.cluster_bootstrap_ci([[0.5, 0.5], [0.5]])
+  assert same['lo'] == pytest.approx(0.5) and same['hi'] == pytest.approx(0.5)
+  one = stats.cluster_bootstrap_ci([[0.1, 0.2]])
+  assert math.isnan(one['lo']) and one['units'] == 1
+  rng = np.random.default_rng(0)           # more runs -> a narrower interval
+  narrow = stats.cluster_bootstrap_ci([rng.normal(0.1, 0.05, 4) for _ in range(40)])
+  wide = stats.cluster_bootstrap_ci([rng.normal(0.1, 0.05, 4) for _ in range(4)])
+  assert narrow['hi'] - narrow['lo'] < wide['hi'] - wide['lo'] and narrow['lo'] < 0.1 < narrow['hi']
+
+
+def test_last_k_and_plateau():
+  rows = [{'round': 0, 'm': 0.0}, {'round': 1}, {'round': 2, 'm': 1.0}, {'round': 3, 'm': 2.0}, {'round': 4, 'm': 4.0}]
+  assert stats.last_k_mean(rows, 'm', 2) == 3.0 and stats.last_k_mean(rows, 'm', 3) == pytest.approx(7 / 3)
+  assert stats.plateau(rows, 'm', 2) == pytest.approx(3.0 - 0.5)
+  assert math.isnan(stats.plateau(rows, 'm', 3))
