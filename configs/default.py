@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
       modality_missing_rate=0.3,  # per device type (or client) and modality, when drawn
       sample_missing_rate=0.1,    # per sample and present modality
       public_per_client=128,
+      label_fraction=1.0,         # of each client's private training windows that carry their answer text;
+                                  # the rest is unlabelled: no LM loss, still used by CCL
+      public_labels=True,         # False: clients see the public split unlabelled (public stage = SE-CCL only)
+      server_label_fraction=1.0,  # of the server's public training samples that carry their answer text
       seed=0,                     # partition seed
       modality_seed=-1,           # >= 0: draws the modality sets apart from the partition seed (-1: from it)
       encoders=ml_collections.ConfigDict(dict(
@@ -57,21 +61,39 @@ def get_config() -> ml_collections.ConfigDict:
       vocab_size=384, instruction='describe the activity:', instr_len=10, answer_len=12))
   c.edge_model = model(backbone(width=64, layers=2, heads=4), encoder_width=32)
   c.server_model = model(backbone(width=128, layers=4, heads=4), encoder_width=64)
-  c.pretrain = ml_collections.ConfigDict(dict(steps=300, batch_size=32, learning_rate=3e-3))
+  c.pretrain = ml_collections.ConfigDict(dict(
+      steps=300, batch_size=32, learning_rate=3e-3,
+      corpus='answers',           # 'answers': the answer paraphrases; 'generic': random word sequences over
+  ))                              # the answers' vocabulary, never an answer sentence (ml_ecs/pretrain.py)
   c.train = ml_collections.ConfigDict(dict(
       rounds=30, client_fraction=1.0, public_steps=4, private_steps=12, server_steps=12,
       batch_size=16, learning_rate=3e-3, weight_decay=0.0, clip_norm=1.0, eval_every=5,
+      lr_schedule='warmup_cosine',  # 'constant' or 'warmup_cosine' (per stage optimizer, over rounds x its steps)
+      warmup_steps=10,            # linear warm-up steps of 'warmup_cosine' (capped below the total)
       client_chunk=8,             # clients per vmapped block inside a cohort (lax.map); 0 = one vmap
       checkpoint_every=5,         # rounds between checkpoints; the last round is always saved (0 = only it)
       keep_checkpoints=2,         # newest checkpoints kept (>= 2: a corrupt newest falls back)
   ))
   c.method = ml_collections.ConfigDict(dict(
       name='ml_ecs',              # a label; launch/compare.py applies ml_ecs.strategies by name
+      # CCL (ml_ecs/ccl.py)
       ccl='gram',                 # 'gram', 'infonce' or 'none'
       lambda_ccl=0.1, tau_ccl=0.2,
+      ccl_anchor='text',          # GRAM anchor: 'text' (answer-text embedding, as GRAM) or 'modality' (node's first)
+      # AMT (ml_ecs/amt.py)
       amt=True,                   # private LoRA + gates; False = shared LoRA only
-      mma='modality_samples',     # MMA client weights: 'samples' (FedAvg), 'modality', 'modality_samples'
+      gates='convex',             # 'convex': g*shared + (1-g)*private; 'scaled': 2*sigmoid per adapter (original)
+      gate_init=2.0,              # convex gate logit at init: g = sigmoid(2) = 0.88 toward shared
+      # MMA (ml_ecs/mma.py)
+      modality_params='projection',  # modality-specific shared parameters: 'projection' (same init on every
+                                     # holder, from modality name + seed) or 'adapter' (original LoRA adapters)
+      mma_backbone='samples',     # backbone shared LoRA weights: 'samples', 'modality', 'modality_samples'
+      mma_modality='observations',  # modality leaves: 'observations' (present samples), 'client', 'samples'
+      # SE-CCL (ml_ecs/se_ccl.py)
       se_ccl=True, lambda_se_ccl=0.5, tau_se_ccl=0.2,
+      se_ccl_head='mlp',          # 'mlp': align a private projection head's output, 'none': align z itself
+      se_ccl_warmup=2,            # no alignment (either side) before this 0-based round
+      se_ccl_reliability='lm',    # 'lm': align only to sides whose LM loss is <= one's own; 'none'
       fedprox_mu=0.0,             # FedProx proximal weight on the shared LoRA
       communicate=True,           # False = local-only training
       zero_fill=False,            # baseline fusion: zero-filled missing modalities

@@ -3,6 +3,14 @@
 `method.ccl` picks the loss: 'gram' (GRAM volume loss, Cicchetti et al., ICLR 2025),
 'infonce' (pairwise CLIP-style InfoNCE) or 'none'; weight `method.lambda_ccl`,
 temperature `method.tau_ccl`. Missing modalities are masked out, never zero-filled.
+`method.ccl_anchor` picks GRAM's anchor: 'text' (faithful default, as in GRAM: the
+embedding of the sample's answer text, i.e. the mean of the frozen backbone's token
+embeddings of the answer through a trainable text projection, `MultimodalLM.text_embedding`;
+present for labelled samples only; a training loss only, so nothing leaks into evaluation)
+or 'modality' (the node's first modality, the original). Positives are by sample id:
+other rows of the batch with the same sample id (duplicates: batches are drawn with
+replacement) or the same sequence id (windows of one recording) are excluded from the
+negatives (`exclude`), in both losses.
 Metric names: client/private_ccl, server/ccl.
 """
 from __future__ import annotations
@@ -79,8 +87,16 @@ def gram_volume(vectors: ArrayLike, mask: ArrayLike) -> jax.Array:
   return volume_from_gram(jnp.einsum('...kd,...ld->...kl', v, v), mask)
 
 
+def _drop_false_negatives(valid: jax.Array, exclude: ArrayLike | None) -> jax.Array:
+  """valid [..., B, B] without the off-diagonal pairs marked in exclude [B, B]."""
+  if exclude is None:
+    return valid
+  ex = jnp.asarray(exclude).astype(bool) & ~jnp.eye(valid.shape[-1], dtype=bool)
+  return valid & ~ex
+
+
 def gram_contrastive_loss(emb: ArrayLike, mask: ArrayLike, anchor: int, tau: ArrayLike,
-                          batch_mask: ArrayLike | None = None) -> jax.Array:
+                          batch_mask: ArrayLike | None = None, exclude: ArrayLike | None = None) -> jax.Array:
   """GRAM symmetric contrastive loss (Cicchetti et al., ICLR 2025) with missing modalities.
 
   logits[i, j] = -Vol(anchor of i, present non-anchor modalities of j) / tau; the positive
@@ -93,6 +109,7 @@ def gram_contrastive_loss(emb: ArrayLike, mask: ArrayLike, anchor: int, tau: Arr
     anchor: static index of the anchor modality (e.g. text).
     tau: temperature.
     batch_mask: optional [B]; zero marks padding samples (all modalities missing).
+    exclude: optional [B, B] bool; off-diagonal True pairs are not negatives (false negatives).
 
   Returns:
     Scalar 0.5 * (row CE + column CE) averaged over valid diagonals; 0 if none.
@@ -118,7 +135,7 @@ def gram_contrastive_loss(emb: ArrayLike, mask: ArrayLike, anchor: int, tau: Arr
 
   has_anchor = m[:, anchor]
   has_other = jnp.any(m & ~is_a, axis=-1)
-  valid = has_anchor[:, None] & has_other[None, :]
+  valid = _drop_false_negatives(has_anchor[:, None] & has_other[None, :], exclude)
   logits = -vol / tau
   eye = jnp.eye(b, dtype=logits.dtype)
   diag_ok = jnp.diagonal(valid)
@@ -128,7 +145,8 @@ def gram_contrastive_loss(emb: ArrayLike, mask: ArrayLike, anchor: int, tau: Arr
   return 0.5 * total / jnp.maximum(jnp.sum(diag_ok), 1).astype(total.dtype)
 
 
-def pairwise_infonce_loss(emb: ArrayLike, mask: ArrayLike, tau: ArrayLike) -> jax.Array:
+def pairwise_infonce_loss(emb: ArrayLike, mask: ArrayLike, tau: ArrayLike,
+                          exclude: ArrayLike | None = None) -> jax.Array:
   """CLIP-style symmetric InfoNCE averaged over modality pairs k < l.
 
   Each pair uses only samples with both modalities present; pairs with fewer than 2 such
@@ -138,6 +156,7 @@ def pairwise_infonce_loss(emb: ArrayLike, mask: ArrayLike, tau: ArrayLike) -> ja
     emb: [B, K, D] per-modality embeddings.
     mask: [B, K]; nonzero marks present modalities.
     tau: temperature; logits are cosine / tau.
+    exclude: optional [B, B] bool; off-diagonal True pairs are not negatives.
 
   Returns:
     Scalar mean over usable pairs of 0.5 * (row CE + column CE); 0 if no pair is usable.
@@ -153,7 +172,7 @@ def pairwise_infonce_loss(emb: ArrayLike, mask: ArrayLike, tau: ArrayLike) -> ja
   logits = jnp.einsum('ipd,jpd->pij', e[:, ks], e[:, ls]) / tau   # [P, B, B]
   ok = m[:, ks] & m[:, ls]                                         # [B, P]
   ok = ok.T                                                        # [P, B]
-  valid = ok[:, :, None] & ok[:, None, :]
+  valid = _drop_false_negatives(ok[:, :, None] & ok[:, None, :], exclude)
   eye = jnp.eye(b, dtype=logits.dtype)
   rows = masked_soft_ce(logits, valid, eye, axis=2)                # [P, B]
   cols = masked_soft_ce(logits, valid, eye, axis=1)                # [P, B]
@@ -165,14 +184,17 @@ def pairwise_infonce_loss(emb: ArrayLike, mask: ArrayLike, tau: ArrayLike) -> ja
 
 
 CCL_KINDS = ('gram', 'infonce', 'none')
+CCL_ANCHORS = ('text', 'modality')
 
 
-def ccl_loss(kind: str, projected: jax.Array, mask: jax.Array, tau: float) -> jax.Array:
-  """The configured CCL loss of a batch of projected modality embeddings [B, K, D] (0 for < 2 modalities)."""
+def ccl_loss(kind: str, projected: jax.Array, mask: jax.Array, tau: float,
+             exclude: jax.Array | None = None) -> jax.Array:
+  """The configured CCL loss of a batch of views [B, K, D] (0 for < 2 views); GRAM anchors
+  on view 0 (the text embedding with the text anchor); `exclude` as in the losses."""
   if kind == 'none' or projected.shape[1] < 2:
     return jnp.zeros((), projected.dtype)
   if kind == 'gram':
-    return gram_contrastive_loss(projected, mask, 0, tau)
+    return gram_contrastive_loss(projected, mask, 0, tau, exclude=exclude)
   if kind == 'infonce':
-    return pairwise_infonce_loss(projected, mask, tau)
+    return pairwise_infonce_loss(projected, mask, tau, exclude=exclude)
   raise ValueError(f'method.ccl must be one of {CCL_KINDS}, got {kind!r}')

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import os
 import time
+from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -37,8 +38,8 @@ from ml_ecs.cohort_map import CLIENT_AXIS, cohort_map
 from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.data.loaders import load_dataset
 from ml_ecs.data.partition import Partition, partition
-from ml_ecs.evaluation import ROUGE_TYPES, TextScorer
-from ml_ecs.models.multimodal import MultimodalLM
+from ml_ecs.evaluation import SCORE_NAMES, TextScorer
+from ml_ecs.models.multimodal import MultimodalLM, model_options
 from ml_ecs.node import NodeProgram, make_optimizer, sub
 from ml_ecs.pretrain import cached_backbone
 from ml_ecs.text import TaskText, build_task_text
@@ -114,13 +115,15 @@ class Setup:
   public_test: SplitArrays
   public_val: SplitArrays | None   # the server's validation split (data.client_val_fraction > 0)
   leaf_mod: Any                    # modality index per shared leaf (-1: not modality-specific)
-  weights: np.ndarray              # MMA weight per client id
+  weights: np.ndarray              # MMA weight per client id (backbone LoRA)
+  modality_weights: np.ndarray     # [clients, M] MMA weight of the modality-specific leaves
   accounting: communication.Accounting
   pretrain_info: dict
   aggregate_fn: Callable
   targets_fn: Callable
   server_round_fn: Callable
   server_generate_fn: Callable
+  server_reliability_fn: Callable  # the server's SE-CCL reliability (LM loss on its labelled public split)
 
   @property
   def num_public(self) -> int:
@@ -174,13 +177,14 @@ def make_cohort_round(program: NodeProgram, stages: amt.Stages, mesh: Mesh, chun
   update = cohort_map(functools.partial(amt.client_update, program, stages), 5, chunk=chunk, mesh=mesh)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def round_fn(tr_all, opt_all, train_all, public_all, sel, rng, global_shared, server_z, frozen) -> CohortRound:
+  def round_fn(tr_all, opt_all, train_all, public_all, sel, rng, global_shared, server_z, frozen,
+               se_ctx=None) -> CohortRound:
     take = (lambda t: t) if full else (lambda t: jax.tree.map(lambda x: x[sel], t))
     tr, opt, train, public = take(tr_all), take(opt_all), take(train_all), take(public_all)
     if communicate:
       tr = {**tr, 'shared': _broadcast_to_clients(global_shared, tr['shared'])}
     ctx = {'frozen': frozen, 'targets': server_z, 'target_valid': jnp.ones(server_z.shape[:1]),
-           'ref_shared': global_shared}
+           'ref_shared': global_shared, **(se_ctx or {})}
     out = update(tr, opt, train, public, _per_client_keys(rng, sel), ctx)
     if full:
       tr_all, opt_all = out.trainables, out.opt_state
@@ -217,13 +221,15 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   m = cfg.method
 
   def model_fn(mcfg, mods, enc, rngs):
-    return MultimodalLM({k: shapes[k] for k in mods}, enc, modalities, mcfg, text.tokenizer.vocab_size, rngs=rngs)
+    return MultimodalLM({k: shapes[k] for k in mods}, enc, modalities, mcfg, text.tokenizer.vocab_size, rngs=rngs,
+                        **model_options(cfg))
 
   def program(fn, num_modalities):
     graphdef, _ = params.split_model(nnx.eval_shape(lambda: fn(nnx.Rngs(0))))
     return NodeProgram(graphdef, num_modalities, jnp.asarray(text.instr), jnp.asarray(text.instr_mask),
                        m.ccl if m.lambda_ccl > 0 else 'none', m.tau_ccl, m.tau_se_ccl, cfg.train.batch_size,
-                       optimizer, zero_fill=bool(m.zero_fill), modality_dropout=float(m.modality_dropout))
+                       optimizer, zero_fill=bool(m.zero_fill), modality_dropout=float(m.modality_dropout),
+                       ccl_anchor=m.ccl_anchor)
 
   # Frozen backbones: pretrained (or cached), one copy per device.
   pretrain_info, frozen = {}, {}
@@ -252,7 +258,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     trainables = stack_init(fn, keys, client_sharding)
     opt_state = jax.jit(jax.vmap(functools.partial(amt.init_opt_state, prog, stages)),
                         out_shardings=client_sharding)(trainables)
-    data = cohort_data(ds, text, padded, part.public_train_idx, cfg.eval.max_test_per_client)
+    data = cohort_data(ds, text, padded, part.public_train_idx, cfg.eval.max_test_per_client,
+                       cfg.data.label_fraction, cfg.data.public_labels, cfg.data.seed)
     data = dataclasses.replace(data, **{s: jax.device_put(getattr(data, s), client_sharding)
                                         for s in ('train', 'test', 'public', 'val') if getattr(data, s) is not None})
     ids = np.array([c.client_id for c in clients] + [-1] * (n_pad - n_real))
@@ -277,7 +284,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   server_tr = jax.tree.map(lambda x: x[0], stack_init(server_fn, jax.random.key(cfg.seed + 29)[None]))
   server_opt = server_prog.init_opt(server_tr, stages.server)
   squeeze = lambda split: jax.tree.map(lambda x: x[0], split)
-  public_train = squeeze(full_modality_split(ds, text, part.public_train_idx))
+  public_train = squeeze(full_modality_split(ds, text, part.public_train_idx,
+                                             label_fraction=cfg.data.server_label_fraction, label_seed=cfg.data.seed))
   public_test = squeeze(full_modality_split(ds, text, part.public_test_idx, cfg.eval.max_server_test))
   public_val = (squeeze(full_modality_split(ds, text, part.public_val_idx, cfg.eval.max_server_test))
                 if len(part.public_val_idx) else None)
@@ -310,19 +318,27 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
                                   params.count(server_tr)[1] + params.count(server_frozen)[1])
   num_samples = np.zeros(len(part.clients), np.int64)
   num_mods = np.zeros(len(part.clients), np.int64)
+  has, observations = np.zeros((2, len(part.clients), len(modalities)), np.float32)
   for spec_ in part.clients:
     num_samples[spec_.client_id], num_mods[spec_.client_id] = len(spec_.train_idx), len(spec_.modalities)
+    cols = [modalities.index(x) for x in spec_.modalities]
+    has[spec_.client_id, cols] = 1.0
+    observations[spec_.client_id, cols] = np.asarray(spec_.train_mask, np.float32).sum(0)
+  weights = mma.client_weights(m.mma_backbone, num_samples, num_mods)
 
   setup = Setup(
       cfg=cfg, dataset=ds, text=text, partition=part, scorer=TextScorer(ds.descriptions), modalities=modalities,
       mesh=mesh, stages=stages, edge_frozen=edge_frozen, server_frozen=server_frozen, cohorts=tuple(cohorts),
       server_program=server_prog, public_train=public_train, public_test=public_test, public_val=public_val,
       leaf_mod=leaf_mod,
-      weights=mma.client_weights(m.mma, num_samples, num_mods), accounting=acct, pretrain_info=pretrain_info,
-      aggregate_fn=jax.jit(functools.partial(mma.aggregate, leaf_mod=leaf_mod, modality_aware=m.mma != 'samples')),
+      weights=weights, modality_weights=mma.modality_weights(m.mma_modality, weights, has, observations),
+      accounting=acct, pretrain_info=pretrain_info,
+      aggregate_fn=jax.jit(functools.partial(mma.aggregate, leaf_mod=leaf_mod,
+                                             modality_aware=m.mma_modality != 'samples')),
       targets_fn=jax.jit(se_ccl.se_ccl_targets, static_argnums=4),
       server_round_fn=server_round,
-      server_generate_fn=jax.jit(lambda tr, fr, test: server_prog.generate_split(tr, fr, test, cfg.text.answer_len)))
+      server_generate_fn=jax.jit(lambda tr, fr, test: server_prog.generate_split(tr, fr, test, cfg.text.answer_len)),
+      server_reliability_fn=jax.jit(server_prog.split_lm))
   state = State(cohorts=tuple(cohort_states), server=NodeState(server_tr, server_opt), global_shared=global_shared,
                 server_z=server_z, round=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(cfg.seed)))
   log(f'{len(part.clients)} clients in {len(cohorts)} cohorts ({cohort_layout(setup)}) on {mesh.size} device(s) '
@@ -360,22 +376,23 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   rng, server_key = jax.random.split(rng)
   outs, weights, presences, sampled, new_cohorts = [], [], [], [], []
   metric_values: dict[str, list[np.ndarray]] = {}
+  se_ctx, server_loss = se_ccl.round_context(setup, state)
   for k, (c, cs) in enumerate(zip(setup.cohorts, state.cohorts)):
     ck = jax.random.fold_in(key, k)
     real = sample_clients(c, jax.random.fold_in(ck, 1))
     sel = np.concatenate([real, np.arange(c.num_real, c.num_real + c.num_selected - c.num_sampled)])
     out = c.round_fn(cs.trainables, cs.opt_state, c.data.train, c.data.public, jnp.asarray(sel), ck,
-                     state.global_shared, state.server_z, setup.edge_frozen)
+                     state.global_shared, state.server_z, setup.edge_frozen, se_ctx)
     new_cohorts.append(NodeState(out.trainables, out.opt_state))
     outs.append(out)
     sampled.append(c.client_ids[real])
     w = np.zeros(len(sel), np.float32)
     w[:len(real)] = setup.weights[c.client_ids[real]]
     weights.append(jnp.asarray(w))
-    presences.append(jnp.asarray(mma.presence(c.data.modalities, setup.modalities, len(sel), len(real))))
+    presences.append(jnp.asarray(mma.rows(setup.modality_weights, c.client_ids[real], len(sel))))
     for name, v in out.metrics.items():
-      if name.endswith('_ccl') and not name.endswith('se_ccl') and c.program.num_modalities < 2:
-        continue   # a single-modality client has no CCL term
+      if name.endswith('_ccl') and not name.endswith('se_ccl') and not c.program.has_ccl:
+        continue   # a client with a single view has no CCL term
       metric_values.setdefault(name, []).append(np.asarray(v)[:len(real)])
   sampled = np.concatenate(sampled)
   metrics: dict[str, Any] = {}
@@ -384,8 +401,11 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
     global_shared, excluded = setup.aggregate_fn(tuple(o.shared for o in outs), tuple(weights), tuple(presences),
                                                  global_shared)
     metrics['mma/excluded'] = int(excluded)
+    up_weights = se_ccl.server_upload_weights(setup, state, outs, weights, server_loss)
     targets, has_target = setup.targets_fn(tuple(o.z for o in outs), tuple(o.public_ids for o in outs),
-                                           tuple(o.z_valid for o in outs), tuple(weights), setup.num_public)
+                                           tuple(o.z_valid for o in outs), up_weights, setup.num_public)
+    if setup.sends_representations:
+      metrics.update(se_ccl.server_metrics(up_weights, has_target, server_loss))
   else:
     targets, has_target = state.server_z, jnp.zeros((setup.num_public,), bool)
   server_tr, server_opt, server_metrics, server_z = setup.server_round_fn(
@@ -404,21 +424,36 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   return new_state, metrics
 
 
-def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
-  """ROUGE and accuracy of every client on its test split and of the server on the public test split
-  (split='val': the validation splits cut for tuning; never the test data)."""
-  t0 = time.perf_counter()
+def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test') -> dict[str, dict[str, float]]:
+  """Scores of every real client's generations on its `split` ('test' or 'val'), given each cohort's trainables."""
   text, scorer = setup.text, setup.scorer
   per_client: dict[str, dict[str, float]] = {}
-  for c, cs in zip(setup.cohorts, state.cohorts):
+  for c, tr in zip(setup.cohorts, trainables):
     data, index_lists = c.data.eval_split(split)
-    toks = np.asarray(c.generate_fn(cs.trainables, data, setup.edge_frozen))
+    toks = np.asarray(c.generate_fn(tr, data, setup.edge_frozen))
     counts = np.asarray(data.count)
     labels = np.asarray(data.labels)
     for j, spec in enumerate(c.data.clients[:c.num_real]):
       preds = text.tokenizer.decode(toks[j, :counts[j]])
       refs = [text.references[i] for i in index_lists[j][:counts[j]]]
       per_client[str(spec.client_id)] = scorer.score(preds, refs, labels[j, :counts[j]].tolist())
+  return per_client
+
+
+def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
+  """ROUGE and accuracy of every client on its test split and of the server on the public test split
+  (split='val': the validation splits cut for tuning; never the test data).
+
+  client/*: the personalised models (what each client trains and uses); with communication
+  also client/global_*: the global model, the aggregated shared LoRA in each client's model
+  with the private LoRA off (`amt.global_view`). *_multi: multi-reference ROUGE-LSum.
+  """
+  t0 = time.perf_counter()
+  text, scorer = setup.text, setup.scorer
+  per_client = _score_clients(setup, [cs.trainables for cs in state.cohorts], split)
+  per_global = _score_clients(setup, [amt.global_view(cs.trainables, state.global_shared,
+                                                      model_options(setup.cfg)['gates'])
+                                      for cs in state.cohorts], split) if setup.communicate else {}
   server_split, server_idx = ((setup.public_val, setup.partition.public_val_idx) if split == 'val'
                               else (setup.public_test, setup.partition.public_test_idx))
   toks = np.asarray(setup.server_generate_fn(state.server.trainables, setup.server_frozen, server_split))
@@ -428,11 +463,13 @@ def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
   server = scorer.score(server_preds, [text.references[i] for i in idx], setup.dataset.labels[idx].tolist())
   out: dict[str, Any] = {'round': int(state.round)}
   ids = sorted(per_client, key=int)
-  for t in ROUGE_TYPES + ('accuracy',):
+  for t in SCORE_NAMES:
     out[f'server/{t}'] = server[t]
     out[f'client/{t}_mean'] = float(np.mean([per_client[c][t] for c in ids]))
-  out['client/rougeLsum'] = {c: per_client[c]['rougeLsum'] for c in ids}
-  out['client/accuracy'] = {c: per_client[c]['accuracy'] for c in ids}
+    if per_global:
+      out[f'client/global_{t}_mean'] = float(np.mean([per_global[c][t] for c in ids]))
+  for t in ('rougeLsum', 'rougeLsum_multi', 'accuracy'):
+    out[f'client/{t}'] = {c: per_client[c][t] for c in ids}
   out['samples/server_prediction'] = server_preds[0] if server_preds else ''
   out['time/eval_s'] = time.perf_counter() - t0
   return out

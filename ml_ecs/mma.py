@@ -3,14 +3,25 @@
 All sampled clients of all cohorts are aggregated by one jitted weighted
 reduction over their stacked shared pytrees (cohorts are concatenated on the
 client axis; the shared part has the same structure on every edge client).
-Client weights (`method.mma`):
-  'samples'          n_samples, every leaf over every client (plain FedAvg);
+Two weightings, because the evidence behind the two kinds of shared parameters differs:
+
+`method.mma_backbone`, client weights of the backbone's shared LoRA (and every other
+shared leaf that is not modality-specific):
+  'samples'          n_samples (plain FedAvg; faithful default: every private sample is
+                     equal evidence for the backbone, whatever modalities it came with);
   'modality'         number of modalities the client has;
-  'modality_samples' number of modalities x n_samples.
-With the modality-aware weightings a modality-specific leaf (variable type
-`ModalityLoRA`, tagged with its modality) is averaged only over the clients that
-have that modality. A client whose update has a NaN/Inf is excluded and counted
-(metric mma/excluded).
+  'modality_samples' number of modalities x n_samples (the original).
+`method.mma_modality`, weights of a modality-specific leaf (variable type
+`ModalityLoRA`, tagged with its modality; the shared modality projections of
+`ml_ecs.models.multimodal`, which all holders of the modality share in coordinates
+and initialisation):
+  'observations'     the number of the client's private training samples in which the
+                     modality is actually present (per-sample presence counts; faithful
+                     default): only holders of the modality contribute;
+  'client'           the backbone weight, over the clients whose modality set has the
+                     modality (the original modality-aware rule);
+  'samples'          the backbone weight over every client (plain FedAvg of the leaf).
+A client whose update has a NaN/Inf is excluded and counted (metric mma/excluded).
 """
 from __future__ import annotations
 
@@ -24,17 +35,40 @@ from flax import nnx
 from ml_ecs.models.variables import ModalityLoRA
 
 WEIGHTINGS = ('samples', 'modality', 'modality_samples')
+MODALITY_WEIGHTINGS = ('observations', 'client', 'samples')
 
 
 def client_weights(kind: str, num_samples: np.ndarray, num_modalities: np.ndarray) -> np.ndarray:
-  """Unnormalised per-client weights of a weighting kind."""
+  """Unnormalised per-client weights of a weighting kind (`method.mma_backbone`)."""
   if kind == 'samples':
     return num_samples.astype(np.float32)
   if kind == 'modality':
     return num_modalities.astype(np.float32)
   if kind == 'modality_samples':
     return (num_modalities * num_samples).astype(np.float32)
-  raise ValueError(f'method.mma must be one of {WEIGHTINGS}, got {kind!r}')
+  raise ValueError(f'method.mma_backbone must be one of {WEIGHTINGS}, got {kind!r}')
+
+
+def modality_weights(kind: str, weights: np.ndarray, has: np.ndarray, observations: np.ndarray) -> np.ndarray:
+  """[clients, M] weights of the modality-specific leaves (`method.mma_modality`).
+
+  weights: [clients] backbone weights; has: [clients, M] 0/1 modality sets;
+  observations: [clients, M] private training samples with the modality present.
+  """
+  if kind == 'observations':
+    return observations.astype(np.float32)
+  if kind == 'client':
+    return (weights[:, None] * has).astype(np.float32)
+  if kind == 'samples':
+    return np.broadcast_to(weights[:, None], has.shape).astype(np.float32)
+  raise ValueError(f'method.mma_modality must be one of {MODALITY_WEIGHTINGS}, got {kind!r}')
+
+
+def rows(table: np.ndarray, client_ids: np.ndarray, num_rows: int) -> np.ndarray:
+  """`table[client_ids]` padded with zero rows to num_rows (padding clients weigh nothing)."""
+  out = np.zeros((num_rows,) + table.shape[1:], np.float32)
+  out[:len(client_ids)] = table[client_ids]
+  return out
 
 
 def leaf_modalities(shared: nnx.State, modalities: Sequence[str]):
@@ -43,13 +77,6 @@ def leaf_modalities(shared: nnx.State, modalities: Sequence[str]):
   variables = jax.tree.leaves(shared, is_leaf=is_var)
   index = [modalities.index(v.get_metadata()['modality']) if isinstance(v, ModalityLoRA) else -1 for v in variables]
   return jax.tree.unflatten(jax.tree.structure(shared), index)
-
-
-def presence(client_modalities: Sequence[str], modalities: Sequence[str], num_rows: int, num_real: int) -> np.ndarray:
-  """[num_rows, M] 0/1 modality presence of a cohort's selected rows (padding rows: all 0)."""
-  out = np.zeros((num_rows, len(modalities)), np.float32)
-  out[:num_real, [modalities.index(m) for m in client_modalities]] = 1.0
-  return out
 
 
 def is_finite(tree) -> jax.Array:
@@ -62,9 +89,11 @@ def aggregate(stacked: Sequence, weights: Sequence[jax.Array], presence: Sequenc
               previous, leaf_mod, modality_aware: bool):
   """Weighted mean of the clients' shared pytrees (one array per cohort in each sequence).
 
-  stacked[k]: cohort k's shared pytree with leading client axis; weights[k]: [C_k];
-  presence[k]: [C_k, M] 0/1 modality presence; previous: the current global shared pytree
-  (kept for a leaf no valid client contributes to). Returns (new global, number excluded).
+  stacked[k]: cohort k's shared pytree with leading client axis; weights[k]: [C_k] weights of
+  the leaves that are not modality-specific; presence[k]: [C_k, M] weights of modality m's
+  leaves (`modality_weights`; used iff modality_aware, else `weights` everywhere); previous:
+  the current global shared pytree (kept for a leaf no valid client contributes to).
+  Returns (new global, number excluded).
   """
   tree = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stacked)
   w = jnp.concatenate(weights)
@@ -73,7 +102,7 @@ def aggregate(stacked: Sequence, weights: Sequence[jax.Array], presence: Sequenc
   w = jnp.where(finite, w, 0.0)
 
   def reduce(x, prev, m):
-    wl = w * pres[:, m] if (modality_aware and m >= 0) else w
+    wl = jnp.where(finite, pres[:, m], 0.0) if (modality_aware and m >= 0) else w
     total = wl.sum()
     x = jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
     mean = jnp.tensordot(wl, x, axes=1) / jnp.maximum(total, 1e-12)

@@ -5,9 +5,13 @@ A node's trainables are {'shared', 'private', 'encoders', 'connector'} states of
 cohort is vmapped). A *stage* is a number of local optimizer steps on batches
 drawn from one split with a configurable objective:
 
-  loss = LM + lambda_ccl * CCL(projected modality embeddings)           (ml_ecs.ccl)
-            + lambda_se_ccl * InfoNCE(z, targets[sample id])           (ml_ecs.se_ccl)
-            + mu / 2 * ||shared - reference shared||^2                 (FedProx)
+  loss = LM (labelled samples only: answer_mask is zero on unlabelled ones)
+            + lambda_ccl * CCL(text anchor, projected modality embeddings)  (ml_ecs.ccl)
+            + lambda_se_ccl * InfoNCE(head(z), targets[sample id])          (ml_ecs.se_ccl)
+            + mu / 2 * ||shared - reference shared||^2                      (FedProx)
+
+Each stage has its own optimizer (`StageSpec.optimizer`, `make_optimizer`), with a
+constant or warm-up + cosine learning rate over that stage's total local steps.
 
 Which stages a client and the server run is AMT's business (ml_ecs.amt).
 """
@@ -39,12 +43,26 @@ class StageSpec:
   lambda_ccl: float = 0.0
   lambda_se_ccl: float = 0.0
   fedprox_mu: float = 0.0
+  optimizer: Any = None           # this stage's optimizer; None = the program's
+  reliability: bool = False       # SE-CCL: align only to a server at least as reliable (ml_ecs.se_ccl)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Clipped AdamW with the configured learning rate."""
+LR_SCHEDULES = ('constant', 'warmup_cosine')
+
+
+def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int = 0):
+  """`train.learning_rate`, or with `train.lr_schedule = 'warmup_cosine'` a linear warm-up from 0
+  over `train.warmup_steps` then cosine decay to 0 at `total_steps` (an optimizer's step count)."""
+  if cfg.get('lr_schedule', 'constant') == 'constant' or total_steps <= 0:
+    return cfg.learning_rate
+  warmup = min(int(cfg.get('warmup_steps', 0)), total_steps - 1)
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total_steps, end_value=0.0)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int = 0) -> optax.GradientTransformation:
+  """Clipped AdamW with the configured learning rate (schedule over `total_steps`)."""
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                     optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay))
+                     optax.adamw(learning_rate(cfg, total_steps), weight_decay=cfg.weight_decay))
 
 
 def sub(tree: Trainables, parts: tuple[str, ...]) -> Trainables:
@@ -65,6 +83,15 @@ class NodeProgram:
   optimizer: optax.GradientTransformation
   zero_fill: bool = False         # baseline fusion: missing modalities enter z as zero inputs
   modality_dropout: float = 0.0   # training only: drop each present modality w.p. p (keep >= 1)
+  ccl_anchor: str = 'modality'    # 'text' (answer text embedding) or 'modality' (the node's first)
+
+  @property
+  def has_ccl(self) -> bool:
+    """Whether this node has a CCL term: >= 2 views (text anchor + modalities, or >= 2 modalities)."""
+    return self.ccl != 'none' and self.num_modalities + (self.ccl_anchor == 'text') >= 2
+
+  def opt(self, spec: StageSpec) -> optax.GradientTransformation:
+    return spec.optimizer if spec.optimizer is not None else self.optimizer
 
   def model(self, tr: Trainables, frozen: nnx.State) -> nnx.Module:
     return params.merge_model(self.graphdef, {**tr, 'frozen': frozen})
@@ -81,7 +108,8 @@ class NodeProgram:
     take = lambda x: x[idx]
     return SplitArrays(inputs=jax.tree.map(take, split.inputs), mod_mask=take(split.mod_mask),
                        count=split.count, answers=take(split.answers), answer_mask=take(split.answer_mask),
-                       labels=take(split.labels), ids=take(split.ids))
+                       labels=take(split.labels), ids=take(split.ids),
+                       seq=None if split.seq is None else take(split.seq))
 
   def encode(self, m, inputs, mod_mask):
     """(projected, z) of a batch; with `zero_fill` missing inputs are zeros that enter the fusion."""
@@ -106,15 +134,41 @@ class NodeProgram:
     logits = m(z, instr, instr_mask, batch.answers, batch.answer_mask)
     out = {'lm': lm_loss(logits, batch.answers, batch.answer_mask)}
     if spec.lambda_ccl:
-      out['ccl'] = ccl_loss(self.ccl, projected, batch.mod_mask, self.tau_ccl)
+      out['ccl'] = self.ccl_term(m, projected, batch)
     if spec.lambda_se_ccl:
       valid = ctx['target_valid'][batch.ids]
-      out['se_ccl'] = se_ccl_loss(z, ctx['targets'][batch.ids], batch.ids, batch.ids,
+      out['se_ccl'] = se_ccl_loss(m.align(z), ctx['targets'][batch.ids], batch.ids, batch.ids,
                                   jnp.ones_like(valid), valid, self.tau_se_ccl)
     if spec.fedprox_mu:
       sq = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), tr['shared'], ctx['ref_shared'])
       out['prox'] = 0.5 * sum(jax.tree.leaves(sq))
     return out
+
+  def ccl_term(self, m, projected: jax.Array, batch: SplitArrays) -> jax.Array:
+    """CCL of a batch. With the text anchor the views are [answer text, modalities...] and
+    the text is present for labelled samples only; pairs of different rows with the same sample
+    id (duplicates of sampling with replacement) or the same sequence id (windows of one
+    recording) are excluded from the negatives."""
+    same = batch.ids[:, None] == batch.ids[None, :]
+    if batch.seq is not None:
+      same = same | (batch.seq[:, None] == batch.seq[None, :])
+    if self.ccl_anchor == 'text':
+      has_text = batch.answer_mask.sum(-1) > 0
+      anchor = m.text_embedding(batch.answers, batch.answer_mask)
+      views = jnp.concatenate([anchor[:, None], projected], axis=1)
+      mask = jnp.concatenate([has_text[:, None].astype(batch.mod_mask.dtype), batch.mod_mask], axis=1)
+      return ccl_loss(self.ccl, views, mask, self.tau_ccl, exclude=same)
+    return ccl_loss(self.ccl, projected, batch.mod_mask, self.tau_ccl, exclude=same)
+
+  def split_lm(self, tr: Trainables, frozen: nnx.State, split: SplitArrays) -> jax.Array:
+    """Teacher-forced LM loss over every labelled row of a split (inf if it has none): the
+    reliability measure of SE-CCL (ml_ecs.se_ccl)."""
+    m = self.model(tr, frozen)
+    _, z = self.encode(m, split.inputs, split.mod_mask)
+    instr, instr_mask = self.instructions(z.shape[0])
+    logits = m(z, instr, instr_mask, split.answers, split.answer_mask)
+    loss = lm_loss(logits, split.answers, split.answer_mask)
+    return jnp.where(split.answer_mask.sum() > 0, loss, jnp.inf)
 
   @staticmethod
   def total(terms: dict[str, jax.Array], spec: StageSpec) -> jax.Array:
@@ -122,7 +176,7 @@ class NodeProgram:
     return sum(weights[k] * v for k, v in terms.items())
 
   def init_opt(self, tr: Trainables, spec: StageSpec) -> optax.OptState:
-    return self.optimizer.init(sub(tr, spec.parts))
+    return self.opt(spec).init(sub(tr, spec.parts))
 
   def run_stage(self, tr: Trainables, opt_state: optax.OptState, split: SplitArrays, rng: jax.Array,
                 ctx: dict[str, Any], spec: StageSpec) -> tuple[Trainables, optax.OptState, dict]:
@@ -142,7 +196,7 @@ class NodeProgram:
         return self.total(terms, spec), terms
 
       (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
-      updates, opt_state = self.optimizer.update(grads, opt_state, trained)
+      updates, opt_state = self.opt(spec).update(grads, opt_state, trained)
       return (optax.apply_updates(trained, updates), opt_state), {**terms, 'loss': loss}
 
     (trained, opt_state), metrics = jax.lax.scan(
@@ -150,9 +204,11 @@ class NodeProgram:
     return {**tr, **trained}, opt_state, jax.tree.map(jnp.mean, metrics)
 
   def encode_split(self, tr: Trainables, frozen: nnx.State, split: SplitArrays) -> tuple[jax.Array, jax.Array]:
-    """(z [N, d_z], valid [N]) of every row of one node's split."""
-    _, z = self.encode(self.model(tr, frozen), split.inputs, split.mod_mask)
-    return z, jnp.arange(z.shape[0]) < split.count
+    """(SE-CCL representations [N, d] (the projection head's output, or z without a head),
+    valid [N]) of every row of one node's split."""
+    m = self.model(tr, frozen)
+    _, z = self.encode(m, split.inputs, split.mod_mask)
+    return m.align(z), jnp.arange(z.shape[0]) < split.count
 
   def generate_split(self, tr: Trainables, frozen: nnx.State, split: SplitArrays, max_len: int) -> jax.Array:
     """Greedy answer tokens [N, max_len] for every row of one node's split."""

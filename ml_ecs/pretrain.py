@@ -7,6 +7,13 @@ language of the answers but not which answer a sensor reading calls for; that
 mapping is what federated training has to learn through the soft prompt and
 LoRA. The result becomes the `Frozen` part of every node with that backbone.
 Pretrained weights are cached on disk, keyed by everything they depend on.
+
+`pretrain.corpus` picks the text: 'answers' (the answer paraphrases, as above: the
+backbone already knows every answer sentence) or 'generic' (`generic_corpus`: random
+word sequences over the words of the answers, built offline from the dataset's own
+descriptions, with every sequence that equals an answer sentence dropped). With 'generic'
+the backbone knows the vocabulary and token statistics but none of the answer sentences,
+so producing an answer has to be learned in federated training.
 """
 from __future__ import annotations
 
@@ -26,6 +33,27 @@ from ml_ecs.models.decoder import DecoderLM
 from ml_ecs.models.variables import Frozen
 from ml_ecs.text import TaskText
 
+CORPORA = ('answers', 'generic')
+
+
+def generic_corpus(text: TaskText, num: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [n, La], mask [n, La]) of up to `num` random word sequences (2 to 8 words drawn
+  uniformly from the answers' vocabulary) that fit the answer length and are not an answer."""
+  answers = {' '.join(r.lower().split()) for r in text.references}
+  vocab = sorted({w for r in text.references for w in r.lower().split()})
+  rng = np.random.default_rng([seed, 7])
+  sentences = []
+  for _ in range(num):
+    words = ' '.join(rng.choice(vocab, size=int(rng.integers(2, 9))))
+    if words not in answers:
+      sentences.append(words)
+  la = text.answers.shape[1]
+  ids, mask = text.tokenizer.encode(sentences, 8 * la)
+  keep = mask.sum(1) <= la
+  if not keep.any():
+    raise ValueError('pretrain.corpus=generic: no generic sentence fits text.answer_len')
+  return ids[keep, :la], mask[keep, :la]
+
 
 def pretrain_backbone(backbone_cfg: ml_collections.ConfigDict, prompt_len: int, text: TaskText,
                       cfg: ml_collections.ConfigDict, seed: int) -> tuple[nnx.State, dict]:
@@ -35,7 +63,9 @@ def pretrain_backbone(backbone_cfg: ml_collections.ConfigDict, prompt_len: int, 
   # Unique (answer, mask) rows; the mask comes from the tokenizer, not from `ids != pad_id`,
   # because a tokenizer may pad with its end-of-text id (HFTokenizer: GPT-2's pad = eos).
   la = text.answers.shape[1]
-  rows = np.unique(np.concatenate([text.answers, text.answer_mask.astype(text.answers.dtype)], 1), axis=0)
+  tokens, token_mask = ((text.answers, text.answer_mask) if cfg.get('corpus', 'answers') == 'answers'
+                        else generic_corpus(text, seed=seed))
+  rows = np.unique(np.concatenate([tokens, token_mask.astype(tokens.dtype)], 1), axis=0)
   answers = jnp.asarray(rows[:, :la])
   answer_mask = jnp.asarray(rows[:, la:], jnp.float32)
   instr, instr_mask = jnp.asarray(text.instr), jnp.asarray(text.instr_mask)

@@ -10,27 +10,35 @@ All run in the same round loop on the same data, models and local step budget
                  FedMultimodal benchmark (Feng et al., KDD 2023): missing modalities are
                  zero-filled into the fusion, trained with modality dropout
                  (ModDrop, Neverova et al., 2015), aggregated with FedAvg.
-  ml_ecs         the full method: CCL + AMT + MMA + SE-CCL.
-  ml_ecs_no_ccl / _no_amt / _no_mma / _no_se_ccl   ablations, one component removed each.
+  ml_ecs         the full method as in MISSION.md: text-anchored GRAM CCL, AMT with convex
+                 gates, MMA over shared modality projections (backbone by samples, modality
+                 leaves by present observations), SE-CCL through projection heads with
+                 warm-up and reliability weighting.
+  ml_ecs_no_ccl / _no_amt / _no_mma / _no_se_ccl   ablations, one component removed each
+                 (_no_mma: plain FedAvg weights for every shared leaf).
+
+Architecture options (modality_params) are the same for every method, so all methods
+train the same models; the learning-rate schedule is `train.lr_schedule` (every method).
 """
 from __future__ import annotations
 
 import ml_collections
 
-_PLAIN = dict(ccl='none', amt=False, mma='samples', se_ccl=False, fedprox_mu=0.0,
-              zero_fill=False, modality_dropout=0.0, communicate=True)
+_PLAIN = dict(ccl='none', amt=False, mma_backbone='samples', mma_modality='samples', se_ccl=False,
+              fedprox_mu=0.0, zero_fill=False, modality_dropout=0.0, communicate=True)
 
 STRATEGIES: dict[str, dict] = {
     'local': {**_PLAIN, 'communicate': False},
     'fedavg': dict(_PLAIN),
     'fedprox': {**_PLAIN, 'fedprox_mu': 0.01},
     'mmfl': {**_PLAIN, 'zero_fill': True, 'modality_dropout': 0.2},
-    'ml_ecs': dict(ccl='gram', amt=True, mma='modality_samples', se_ccl=True, fedprox_mu=0.0,
-                   zero_fill=False, modality_dropout=0.0, communicate=True),
+    'ml_ecs': dict(ccl='gram', ccl_anchor='text', amt=True, gates='convex', mma_backbone='samples',
+                   mma_modality='observations', se_ccl=True, se_ccl_head='mlp', se_ccl_reliability='lm',
+                   fedprox_mu=0.0, zero_fill=False, modality_dropout=0.0, communicate=True),
 }
 STRATEGIES['ml_ecs_no_ccl'] = {**STRATEGIES['ml_ecs'], 'ccl': 'none'}
 STRATEGIES['ml_ecs_no_amt'] = {**STRATEGIES['ml_ecs'], 'amt': False}
-STRATEGIES['ml_ecs_no_mma'] = {**STRATEGIES['ml_ecs'], 'mma': 'samples'}
+STRATEGIES['ml_ecs_no_mma'] = {**STRATEGIES['ml_ecs'], 'mma_backbone': 'samples', 'mma_modality': 'samples'}
 STRATEGIES['ml_ecs_no_se_ccl'] = {**STRATEGIES['ml_ecs'], 'se_ccl': False}
 
 

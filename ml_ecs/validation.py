@@ -10,9 +10,14 @@ from typing import Any
 
 import ml_collections
 
-from ml_ecs.ccl import CCL_KINDS
+from ml_ecs.ccl import CCL_ANCHORS, CCL_KINDS
 from ml_ecs.data.loaders import DATA_SOURCES, check_data_config
-from ml_ecs.mma import WEIGHTINGS
+from ml_ecs.mma import MODALITY_WEIGHTINGS, WEIGHTINGS
+from ml_ecs.models.decoder import GATE_FORMS
+from ml_ecs.models.multimodal import MODALITY_PARAMS
+from ml_ecs.node import LR_SCHEDULES
+from ml_ecs.pretrain import CORPORA
+from ml_ecs.se_ccl import HEADS, RELIABILITY
 from ml_ecs.models.decoder import LORA_TARGETS
 from ml_ecs.models.encoders import ENCODER_TYPES
 
@@ -115,6 +120,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _float(cfg, 'data.modality_missing_rate', 0.0, 1.0, hi_open=True)
   _float(cfg, 'data.sample_missing_rate', 0.0, 1.0, hi_open=True)
   _int(cfg, 'data.public_per_client', 1)
+  _float(cfg, 'data.label_fraction', 0.0, 1.0, lo_open=True)
+  _bool(cfg, 'data.public_labels')
+  _float(cfg, 'data.server_label_fraction', 0.0, 1.0, lo_open=True)
   encoders = _get(cfg, 'data.encoders')
   for modality, kinds in encoders.items():
     if isinstance(kinds, str) or not kinds or any(k not in ENCODER_TYPES for k in kinds):
@@ -138,6 +146,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _int(cfg, 'pretrain.steps', 0)
   _int(cfg, 'pretrain.batch_size', 1)
   _float(cfg, 'pretrain.learning_rate', 0.0, 1.0, lo_open=True)
+  _choice(cfg, 'pretrain.corpus', CORPORA)
   # training
   rounds = _int(cfg, 'train.rounds', 0)
   _float(cfg, 'train.client_fraction', 0.0, 1.0, lo_open=True)
@@ -147,6 +156,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _float(cfg, 'train.learning_rate', 0.0, 1.0, lo_open=True)
   _float(cfg, 'train.weight_decay', 0.0)
   _float(cfg, 'train.clip_norm', 0.0, lo_open=True)
+  _choice(cfg, 'train.lr_schedule', LR_SCHEDULES)
+  _int(cfg, 'train.warmup_steps', 0)
   _int(cfg, 'train.eval_every', 1)
   _int(cfg, 'train.checkpoint_every', 0)
   _int(cfg, 'train.keep_checkpoints', 2)
@@ -158,11 +169,22 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(cfg, 'method.ccl', CCL_KINDS)
   _float(cfg, 'method.lambda_ccl', 0.0)
   _float(cfg, 'method.tau_ccl', 0.0, lo_open=True)
+  _choice(cfg, 'method.ccl_anchor', CCL_ANCHORS)
   _bool(cfg, 'method.amt')
-  _choice(cfg, 'method.mma', WEIGHTINGS)
+  _choice(cfg, 'method.gates', GATE_FORMS)
+  _float(cfg, 'method.gate_init', -20.0, 20.0)
+  _choice(cfg, 'method.modality_params', MODALITY_PARAMS)
+  _choice(cfg, 'method.mma_backbone', WEIGHTINGS)
+  _choice(cfg, 'method.mma_modality', MODALITY_WEIGHTINGS)
   _bool(cfg, 'method.se_ccl')
   _float(cfg, 'method.lambda_se_ccl', 0.0)
   _float(cfg, 'method.tau_se_ccl', 0.0, lo_open=True)
+  _choice(cfg, 'method.se_ccl_head', HEADS)
+  _int(cfg, 'method.se_ccl_warmup', 0)
+  _choice(cfg, 'method.se_ccl_reliability', RELIABILITY)
+  if cfg.method.se_ccl_head == 'none' and cfg.edge_model.d_z != cfg.server_model.d_z:
+    _fail('method.se_ccl_head', 'none', f"'mlp' when edge_model.d_z ({cfg.edge_model.d_z}) != "
+          f'server_model.d_z ({cfg.server_model.d_z}): z is aligned directly')
   _float(cfg, 'method.fedprox_mu', 0.0)
   _bool(cfg, 'method.communicate')
   _bool(cfg, 'method.zero_fill')

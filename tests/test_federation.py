@@ -59,13 +59,16 @@ def test_two_rounds_aggregate_shared_and_keep_private(fed):
     assert np.isfinite(metrics[k]), k
   assert metrics['mma/excluded'] == 0 and metrics['comm/ratio'] > 0
   # The new global shared LoRA is the MMA mean of the clients' locally trained shared LoRA.
-  w = np.concatenate([setup.weights[c.client_ids] for c in setup.cohorts])
-  pres = np.concatenate([np.tile([[m in c.data.modalities for m in setup.modalities]], (len(c.client_ids), 1))
+  # Backbone leaves by the client weights, modality leaves by the per-modality weights (faithful default:
+  # the client's present observations of the modality; padding clients, id -1, weigh nothing).
+  real = lambda ids: ids >= 0
+  w = np.concatenate([np.where(real(c.client_ids), setup.weights[c.client_ids], 0) for c in setup.cohorts])
+  pres = np.concatenate([np.where(real(c.client_ids)[:, None], setup.modality_weights[c.client_ids], 0)
                          for c in setup.cohorts]).astype(np.float32)
   stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *[_np(c.trainables['shared']) for c in state.cohorts])
 
   def expected(x, m):
-    wl = w * pres[:, m] if m >= 0 else w
+    wl = pres[:, m] if m >= 0 else w
     return np.tensordot(wl, x, 1) / wl.sum()
 
   ref = jax.tree.map(expected, stacked, setup.leaf_mod)
@@ -95,7 +98,10 @@ def test_private_ccl_metric_leaves_out_single_modality_clients(fed):
                                                                   state.cohorts[-1].opt_state)),
                            single[0].data.train, single[0].data.public, jnp.arange(single[0].num_selected),
                            jax.random.key(0), state.global_shared, state.server_z, setup.edge_frozen)
-  assert float(np.max(np.abs(np.asarray(out.metrics['private_ccl'])))) == 0.0   # the zero it would average in
+  # Text-anchored GRAM (the default) gives a single-modality client a CCL term (answer text <-> its
+  # modality); with the modality anchor it has none and run_round leaves its zero out of the mean.
+  assert single[0].program.has_ccl and float(np.min(np.abs(np.asarray(out.metrics['private_ccl'])))) > 0.0
+  assert not dataclasses.replace(single[0].program, ccl_anchor='modality').has_ccl
   _, metrics = federation.run_round(setup, jax.tree.map(jnp.copy, state))
   multi = sum(c.num_sampled for c in setup.cohorts if c.program.num_modalities >= 2)
   assert multi >= 1 and metrics['clients/sampled'] > multi
@@ -149,8 +155,8 @@ def test_checkpoint_roundtrip_and_fallback(fed, tmp_path):
 def test_bad_method_config_is_a_clear_error(tiny_config):
   from ml_ecs.validation import ConfigError, validate
   cfg = copy.deepcopy(tiny_config)
-  cfg.method.mma = 'median'
-  with pytest.raises(ConfigError, match=r"method.mma = 'median': expected one of \('samples'"):
+  cfg.method.mma_backbone = 'median'
+  with pytest.raises(ConfigError, match=r"method.mma_backbone = 'median': expected one of \('samples'"):
     validate(cfg)
   cfg = copy.deepcopy(tiny_config)
   cfg.edge_model.backbone.lora_targets = ('qkv', 'attn')

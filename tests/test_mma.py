@@ -45,7 +45,9 @@ def test_aggregate_matches_numpy(modality_aware):
   prev = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), cohorts[0])
   leaf_mod = mma.leaf_modalities(prev, MODS)
   assert leaf_mod['backbone']['w'] == -1 and leaf_mod['adapters']['image']['a'] == 2
-  out, excluded = mma.aggregate(cohorts, weights, presence, prev, leaf_mod, modality_aware)
+  # aggregate takes the modality leaves' weights directly ([C, M]); the 'client' rule is weight x presence.
+  mod_w = [wt[:, None] * p for wt, p in zip(weights, presence)]
+  out, excluded = mma.aggregate(cohorts, weights, mod_w, prev, leaf_mod, modality_aware)
   assert int(excluded) == 0
   w = np.concatenate([np.asarray(x) for x in weights])
   pres = np.concatenate([np.asarray(p) for p in presence])
@@ -78,7 +80,7 @@ def test_client_weights():
   np.testing.assert_array_equal(mma.client_weights('samples', n, k), [10, 20])
   np.testing.assert_array_equal(mma.client_weights('modality', n, k), [3, 1])
   np.testing.assert_array_equal(mma.client_weights('modality_samples', n, k), [30, 20])
-  with pytest.raises(ValueError, match='method.mma'):
+  with pytest.raises(ValueError, match='method.mma_backbone'):
     mma.client_weights('median', n, k)
 
 

@@ -69,9 +69,13 @@ def test_ablation_switches_remove_their_component(tiny_config, dataset, cache_di
   num_mods = lambda s: np.array([len(c.modalities) for c in s.partition.clients])
   (setup, _), _, _ = _run('ml_ecs_no_mma', tiny_config, dataset, cache_dir)
   np.testing.assert_array_equal(setup.weights, num_samples(setup))
-  assert setup.cfg.method.mma == 'samples'
+  assert setup.cfg.method.mma_backbone == 'samples' and setup.cfg.method.mma_modality == 'samples'
   (full_setup, full_state), _, before_full = _run('ml_ecs', tiny_config, dataset, cache_dir)
-  np.testing.assert_array_equal(full_setup.weights, num_samples(full_setup) * num_mods(full_setup))
+  # Faithful ML-ECS: the backbone by samples, the modality leaves by present observations.
+  np.testing.assert_array_equal(full_setup.weights, num_samples(full_setup))
+  obs = np.stack([[c.train_mask[:, c.modalities.index(m)].sum() if m in c.modalities else 0
+                   for m in full_setup.modalities] for c in full_setup.partition.clients])
+  np.testing.assert_array_equal(full_setup.modality_weights, obs)
   # without AMT: the private LoRA and gates are never trained.
   (setup, state), _, before = _run('ml_ecs_no_amt', tiny_config, dataset, cache_dir)
   assert 'private' not in setup.stages.private.parts and 'private' not in setup.stages.public.parts

@@ -18,6 +18,9 @@ checkpoint sets, see `ml_ecs.models.hf_gpt2`):
 - ``scale_attn_weights``: divide attention scores by sqrt(head_dim) (default True).
 - ``scale_attn_by_inverse_layer_idx``: also divide them by layer index + 1
   (default False).
+- ``gates``: form of the shared/private mixing gates, ``'scaled'`` (default,
+  2 * sigmoid) or ``'convex'``; ``gate_init``: the convex shared-gate logit (default 2.0).
+  Set from ``method.gates`` / ``method.gate_init`` by `ml_ecs.models.multimodal.model_options`.
 """
 from __future__ import annotations
 
@@ -33,6 +36,10 @@ from ml_ecs.models.lora import LoRALinear
 from ml_ecs.models.variables import Frozen, Gate
 
 LORA_TARGETS = ('qkv', 'attn_out', 'mlp_in', 'mlp_out')
+GATE_FORMS = ('scaled', 'convex')
+# Gate logits under which `Block.mix_gates()` is (1, 0): the shared adapter alone at full weight
+# (the global model of `ml_ecs.amt.global_view`).
+SHARED_ONLY_LOGITS = {'scaled': (0.0, -40.0), 'convex': (40.0, 0.0)}
 
 # MLP activations by their Hugging Face names (transformers.activations.ACT2FN).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -102,15 +109,26 @@ class Block(nnx.Module):
     self.mlp_in = LoRALinear(d, mlp_dim(cfg), rank('mlp_in'), a, rngs=rngs)
     self.mlp_out = LoRALinear(mlp_dim(cfg), d, rank('mlp_out'), a, rngs=rngs,
                               init_std=0.02 / (2 * cfg.layers) ** 0.5)
-    # Gate logits; gates = 2 * sigmoid(logit) start at 1 for both adapters.
-    self.gate = Gate(jnp.zeros((2,)))
+    # Gate logits (see `mix_gates`): 'scaled' starts both adapters at 1; 'convex' starts the
+    # shared weight at sigmoid(gate_init) (0.88 for 2.0), the private one at 1 - that.
+    self.gate_form = cfg.get('gates', 'scaled')
+    if self.gate_form not in GATE_FORMS:
+      raise ValueError(f'backbone gates {self.gate_form!r}: expected one of {GATE_FORMS}')
+    init = jnp.array([cfg.get('gate_init', 2.0), 0.0]) if self.gate_form == 'convex' else jnp.zeros((2,))
+    self.gate = Gate(init)
 
   def mix_gates(self) -> jax.Array:
     """[2] weights (shared, private) of the two LoRA adapters, as used by `__call__`.
 
+    'scaled': 2 * sigmoid(logits), each in (0, 2), both 1 at init (the original form);
+    'convex': (g, 1 - g) with g = sigmoid(logit_shared - logit_private), i.e. the AMT mix
+    g * shared + (1 - g) * private (MISSION.md), initialised toward shared.
     The one definition of the gate form: export (`ml_ecs.peft_io`) reads the
     gates through this method.
     """
+    if self.gate_form == 'convex':
+      g = jax.nn.sigmoid(self.gate[...][0] - self.gate[...][1])
+      return jnp.stack([g, 1.0 - g])
     return 2.0 * jax.nn.sigmoid(self.gate[...])
 
   def __call__(self, x, key_mask, start, k_cache=None, v_cache=None):

@@ -1,15 +1,35 @@
 """The node model M = {E, C, B}: modality encoders, connector and LoRA backbone.
 
-Between encoders and connector sits one low-rank *modality adapter* per
-modality of the whole federation (``SharedLoRA``): these are the
-modality-specific shared parameters (``ModalityLoRA``, tagged with their
-modality) that MMA averages only over the clients that have the modality. Every node carries an adapter for every modality so
-that the shared part has one structure on all clients; adapters of modalities a
-node lacks receive no gradient and zero aggregation weight.
+Between encoders and connector sits one modality-specific shared module per
+modality of the whole federation: these are the parameters (``ModalityLoRA``,
+tagged with their modality) that MMA averages only over the clients that have
+the modality. Two kinds (`method.modality_params`):
+
+- ``'projection'`` (faithful default): a shared per-modality linear map d_enc -> d_enc
+  after the private encoder (``ModalityProjection``) with the same architecture and
+  the same initialisation on every node, drawn from a key derived from the modality
+  name and the training seed (`modality_key`), never from the client. All holders of
+  a modality thus start from one map and their private encoders learn to feed it
+  (private representation, shared head, as in LG-FedAvg), so averaging it is
+  averaging parameters that live in the same coordinates.
+- ``'adapter'``: the original residual low-rank adapter e + s e A B on the private
+  encoder's output (its init comes from the client's key; averaged across encoders
+  whose output coordinates are unrelated).
+
+Every node carries the module of every modality so that the shared part has one
+structure on all clients; those of modalities a node lacks receive no gradient
+and zero aggregation weight.
+
+Optional parts (`model_options` turns the `method` config into constructor flags):
+``text_proj`` (text-anchored CCL: frozen token embeddings of the answer, mean over
+tokens, trainable projection into the CCL space) and ``se_head`` (SE-CCL projection
+head: a small private MLP on z used only for the alignment loss).
 """
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,26 +54,98 @@ class ModalityAdapter(nnx.Module):
     return e + self.scale * (e @ self.a[...]) @ self.b[...]
 
 
+MODALITY_PARAMS = ('projection', 'adapter')
+
+
+def modality_key(modality: str, seed: int) -> jax.Array:
+  """The init key of a modality's shared module: a function of the modality name and the
+  training seed only, so every node holding the modality draws the same initialisation."""
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(modality.encode()) & 0x7FFFFFFF)
+
+
+class ModalityProjection(nnx.Module):
+  """Shared per-modality map e W + b (d -> d); W orthogonal from `modality_key`, b = 0."""
+
+  def __init__(self, modality: str, dim: int, seed: int):
+    w = jax.nn.initializers.orthogonal()(modality_key(modality, seed), (dim, dim))
+    self.kernel = ModalityLoRA(w, modality=modality)
+    self.bias = ModalityLoRA(jnp.zeros((dim,)), modality=modality)
+
+  def __call__(self, e):
+    return e @ self.kernel[...] + self.bias[...]
+
+
+class ProjectionHead(nnx.Module):
+  """Linear -> GELU -> Linear: the SE-CCL projection head on z (private)."""
+
+  def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs):
+    self.l1 = nnx.Linear(d_in, d_in, rngs=rngs)
+    self.l2 = nnx.Linear(d_in, d_out, rngs=rngs)
+
+  def __call__(self, z):
+    return self.l2(jax.nn.gelu(self.l1(z)))
+
+
+def model_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """MultimodalLM keyword arguments of an experiment config's `method` (and seed).
+
+  The SE-CCL head outputs edge_model.d_z features on every node (edge and server), so
+  the communicated representations keep their size. Without AMT the gates stay in the
+  'scaled' form at their init (shared weight 1), the plain LoRA model.
+  """
+  m = cfg.method
+  return dict(modality_params=m.modality_params, shared_seed=int(cfg.seed),
+              text_anchor=m.ccl != 'none' and m.lambda_ccl > 0 and m.ccl_anchor == 'text',
+              se_head_dim=int(cfg.edge_model.d_z) if m.se_ccl_head == 'mlp' else 0,
+              gates=m.gates if m.amt else 'scaled', gate_init=float(m.gate_init))
+
+
 class MultimodalLM(nnx.Module):
-  """Encoders for this node's modalities + adapters + connector + decoder LM."""
+  """Encoders for this node's modalities + shared modality modules + connector + decoder LM."""
 
   def __init__(self, modality_shapes: Mapping[str, Sequence[int]], encoder_types: Mapping[str, str],
                all_modalities: Sequence[str], cfg: ml_collections.ConfigDict, vocab_size: int,
-               *, rngs: nnx.Rngs):
-    """cfg: the model config (encoder, connector and backbone fields, see configs/)."""
+               *, rngs: nnx.Rngs, modality_params: str = 'adapter', shared_seed: int = 0,
+               text_anchor: bool = False, se_head_dim: int = 0, gates: str = 'scaled', gate_init: float = 2.0):
+    """cfg: the model config (encoder, connector and backbone fields, see configs/); the keyword
+    options come from the method config (`model_options`); their defaults are the original model."""
     self.modalities = tuple(m for m in all_modalities if m in modality_shapes)
     if not self.modalities:
       raise ValueError('a node needs at least one modality')
+    if modality_params not in MODALITY_PARAMS:
+      raise ValueError(f'modality_params {modality_params!r}: expected one of {MODALITY_PARAMS}')
     self.encoders = nnx.Dict({
         m: make_encoder(encoder_types[m], modality_shapes[m], cfg.encoder_width, cfg.d_enc, rngs=rngs)
         for m in self.modalities})
-    self.adapters = nnx.Dict({
-        m: ModalityAdapter(m, cfg.d_enc, cfg.adapter_rank, cfg.lora_alpha, rngs=rngs)
-        for m in all_modalities})
+    if modality_params == 'adapter':
+      self.adapters = nnx.Dict({
+          m: ModalityAdapter(m, cfg.d_enc, cfg.adapter_rank, cfg.lora_alpha, rngs=rngs)
+          for m in all_modalities})
+    else:
+      self.adapters = nnx.Dict({m: ModalityProjection(m, cfg.d_enc, shared_seed) for m in all_modalities})
     self.connector = Connector(self.modalities, cfg.d_enc, cfg.d_fuse, cfg.d_z, cfg.prompt_len,
                                cfg.backbone.width, rngs=rngs)
-    self.backbone = DecoderLM(cfg.backbone, vocab_size, rngs=rngs)
+    backbone_cfg = cfg.backbone
+    if gates != 'scaled':
+      backbone_cfg = ml_collections.ConfigDict({**cfg.backbone.to_dict(), 'gates': gates, 'gate_init': gate_init})
+    self.backbone = DecoderLM(backbone_cfg, vocab_size, rngs=rngs)
     self.prompt_len = cfg.prompt_len
+    self.text_proj = nnx.Linear(cfg.backbone.width, cfg.d_fuse, rngs=rngs) if text_anchor else None
+    self.se_head = ProjectionHead(cfg.d_z, se_head_dim, rngs=rngs) if se_head_dim else None
+
+  def text_embedding(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """The CCL text anchor [B, d_fuse]: mean of the frozen token embeddings of `tokens` [B, L]
+    over `mask`, through the trainable text projection."""
+    if self.text_proj is None:
+      raise ValueError('this model has no text projection (method.ccl_anchor != "text")')
+    emb = jax.lax.stop_gradient(self.backbone.embed(tokens))
+    m = mask.astype(emb.dtype)[..., None]
+    mean = (emb * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    return self.text_proj(mean)
+
+  def align(self, z: jax.Array) -> jax.Array:
+    """The SE-CCL representation of z: the projection head's output, or z itself without a head."""
+    return z if self.se_head is None else self.se_head(z)
 
   def encode(self, inputs: Mapping[str, jax.Array], mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(projected modality embeddings [B,K,d_fuse], fused representation z [B,d_z]).
