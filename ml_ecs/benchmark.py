@@ -127,6 +127,7 @@ def make_setup(clients: int, workload: str, steps: int, *, width: int = 64, laye
   batch = batch or wl['batch']
   seq = seq or wl['seq']
   cfg = default_config.get_config()
+  cfg.train.lr_schedule = 'constant'   # a schedule's warm-up starts at lr 0: the timed step would not move
   ds = _dataset()
   modalities = ds.modality_names
   shapes = {m: x.shape[1:] for m, x in ds.modalities.items()}
