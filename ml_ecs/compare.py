@@ -20,6 +20,7 @@ import numpy as np
 
 from ml_ecs import metrics_io, report
 from ml_ecs.strategies import apply_strategy
+from ml_ecs.validation import ConfigError, validate
 
 CSV_FIELDS = ('method', 'missing_rate', 'num_clients', 'seed', 'cell', 'client_rougeLsum', 'server_rougeLsum',
               'client_accuracy', 'server_accuracy', 'comm_ratio', 'client_rougeLsum_by_client', 'rounds', 'wall_s')
@@ -81,6 +82,25 @@ def cell_row(method, rate, clients, seed, cell: str, rows: list[dict], timings: 
           'rounds': last['round'], 'wall_s': max((t.get('time/elapsed_s', 0.0) for t in timings), default=float('nan'))}
 
 
+def check_grid(base: ml_collections.ConfigDict) -> tuple[list[tuple[str, float, int, int]], list]:
+  """Every cell and its validated config, before any cell runs; ConfigError names the grid field or cell."""
+  try:
+    todo = cells(base.grid)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  configs = []
+  for method, rate, clients, seed in todo:
+    try:
+      cfg = cell_config(base, method, rate, clients, seed)
+    except ValueError as e:
+      raise ConfigError(f'grid.methods: {e}') from None
+    try:
+      configs.append(validate(cfg))
+    except ConfigError as e:
+      raise ConfigError(f'cell {cell_name(method, rate, clients, seed)}: {e}') from None
+  return todo, configs
+
+
 def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, log: Callable[[str], None] = print
              ) -> list[dict[str, Any]]:
   """Runs (or resumes) every cell not yet finished, writing the reports after each.
@@ -90,9 +110,8 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, 
   """
   cache = os.path.join(workdir, 'cache')
   results = []
-  todo = cells(base.grid)
-  for i, (method, rate, clients, seed) in enumerate(todo):
-    cfg = cell_config(base, method, rate, clients, seed)
+  todo, configs = check_grid(base)
+  for i, ((method, rate, clients, seed), cfg) in enumerate(zip(todo, configs)):
     cdir = cell_dir(workdir, method, rate, clients, seed, cfg)
     name = os.path.basename(cdir)
     if os.path.exists(os.path.join(cdir, 'summary.json')):
