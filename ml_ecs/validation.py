@@ -221,6 +221,8 @@ def check_partition(cfg: ml_collections.ConfigDict, dataset) -> None:
   try:
     part = partition(dataset, cfg.data)
   except ValueError as e:
+    if 'private sequences cannot give' in str(e):
+      _fail('data.num_clients', cfg.data.num_clients, f'fewer clients: {e}')
     raise ConfigError(f'data config does not fit the dataset: {e}') from None
   if not len(part.public_train_idx):
     _fail('data.public_fraction', cfg.data.public_fraction, 'a fraction leaving at least one public training '
