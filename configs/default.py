@@ -73,9 +73,35 @@ def get_config() -> ml_collections.ConfigDict:
       client_chunk=8,             # clients per vmapped block inside a cohort (lax.map); 0 = one vmap
       checkpoint_every=5,         # rounds between checkpoints; the last round is always saved (0 = only it)
       keep_checkpoints=2,         # newest checkpoints kept (>= 2: a corrupt newest falls back)
+      # Simulated faults (ml_ecs/faults.py), drawn from the round key (deterministic, resume-exact):
+      dropout_rate=0.0,           # P(a sampled client fails after training, before its upload)
+      straggler_rate=0.0,         # P(a sampled client is slow): its time is 1 + Exp(straggler_slowdown)
+      straggler_slowdown=2.0,     # mean extra time of a straggler, in units of a normal client's round time
+      deadline=1.5,               # the server waits this long (same unit); later uploads are late
+      straggler_policy='drop',    # late uploads: 'drop', or 'discount' (weight x deadline / time)
+  ))
+  # Robust aggregation of the shared-LoRA updates (update = uploaded shared - global before the round).
+  c.aggregation = ml_collections.ConfigDict(dict(
+      clip_norm=0.0,              # clip each client's update to this L2 norm (0 = off)
+      rule='mean',                # 'mean' (MMA weights), 'norm_outlier' (reject norm > median + k * MAD),
+                                  # 'trimmed_mean' or 'median' (coordinate-wise, unweighted)
+      outlier_k=3.0,              # k of 'norm_outlier'
+      trim_fraction=0.1,          # fraction trimmed at each end by 'trimmed_mean'
+  ))
+  # Central DP (DP-FedAvg) of the aggregated shared LoRA; see README "Faults and privacy".
+  c.dp = ml_collections.ConfigDict(dict(
+      enabled=False,
+      clip_norm=1.0,              # per-client update clipping bound S
+      noise_multiplier=1.0,       # z: Gaussian noise std = z * S * (largest client weight / total weight)
+      delta=1e-5,
+      accountant='rdp',           # 'rdp' or 'pld' (dp-accounting)
+      noise_representations=False,  # also clip + noise the SE-CCL representations the server aggregates
+      repr_clip_norm=1.0,         # per-client bound on the L2 norm of its uploaded representation matrix
+      repr_noise_multiplier=1.0,
   ))
   c.method = ml_collections.ConfigDict(dict(
-      name='ml_ecs',              # a label; launch/compare.py applies ml_ecs.strategies by name
+      name='ml_ecs',              # a strategy of ml_ecs/strategies.py; the main job and the grid apply it
+                                  # (method fields given on the command line override the strategy's)
       # CCL (ml_ecs/ccl.py)
       ccl='gram',                 # 'gram', 'infonce' or 'none'
       lambda_ccl=0.1, tau_ccl=0.2,

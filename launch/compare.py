@@ -33,8 +33,8 @@ def main(argv):
   log = lambda s: tqdm.write(s)
   deadline = time.time() + 60 * _MAX_MINUTES.value if _MAX_MINUTES.value else None
   try:
-    compare.check_grid(cfg.grid)
-  except ValueError as e:
+    compare.check_grid(cfg)
+  except (ConfigError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   os.makedirs(workdir, exist_ok=True)

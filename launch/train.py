@@ -6,6 +6,11 @@
 Rerunning a command continues from the newest checkpoint in --workdir; a finished run is
 left as it is unless --overwrite. SIGTERM / Ctrl-C stop after the current round with a
 checkpoint (exit status 143 / 130); rerun the same command to resume.
+
+`method.name` selects a strategy of ml_ecs/strategies.py (fedavg, fedprox, local, ...), which sets
+the method fields it controls; `--config.method.FIELD=...` given on the command line wins over it
+(e.g. --config.method.name=fedprox --config.method.fedprox_mu=0.1). Exit status 2: a config, data
+or workdir error (one `error:` line); 3: the whole federation diverged.
 """
 import os
 import signal
@@ -14,8 +19,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from ml_ecs.faults import FederationDiverged
+from ml_ecs.strategies import apply_strategy
 from ml_ecs.trainer import WorkdirConflict, train
-from ml_ecs.validation import ConfigError
+from ml_ecs.validation import ConfigError, DataError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                           lock_config=True)
@@ -25,13 +32,28 @@ _OVERWRITE = flags.DEFINE_boolean('overwrite', False, 'Delete the run in --workd
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def resolved_config():
+  """The config with strategy method.name applied; method fields set on the command line win."""
+  cfg = _CONFIG.value
+  overrides = config_flags.get_override_values(flags.FLAGS['config'])
+  keep = [k.split('.', 1)[1] for k in overrides if k.startswith('method.') and k != 'method.name']
+  try:
+    return apply_strategy(cfg, cfg.method.name, keep=keep)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def main(argv):
   del argv
   try:
-    result = train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
-  except (ConfigError, WorkdirConflict) as e:
+    cfg = resolved_config()
+    result = train(cfg, _WORKDIR.value, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
+  except (ConfigError, DataError, WorkdirConflict) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except FederationDiverged as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 3
   if result.status == 'interrupted':
     return 128 + int(getattr(signal, result.signal_name))
   if result.status == 'complete':

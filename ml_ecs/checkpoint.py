@@ -52,8 +52,12 @@ class Checkpointer:
     step = self.manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint under {self.directory}')
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_flatten(template)), meta=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_flatten(template)), meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:   # orbax's own message names no checkpoint
+      raise ValueError(f'checkpoint {self.step_dir(step)} does not match this config ({type(e).__name__}: '
+                       f'{str(e)[:200]})') from e
     flat = restored['state']
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves = []

@@ -31,6 +31,7 @@ import numpy as np
 
 from ml_ecs import environment, metrics_io, report, stats
 from ml_ecs.strategies import STRATEGIES, apply_strategy
+from ml_ecs.validation import ConfigError, validate
 
 BASELINES = ('local', 'fedavg', 'fedprox', 'mmfl')
 # (results field, metrics key, header): the headline metrics, where the runs hold them.
@@ -63,12 +64,25 @@ def _values(field: str, value, cast) -> list:
   return out
 
 
-def check_grid(grid: ml_collections.ConfigDict) -> None:
-  """Every method known, every axis non-empty, before the first cell runs."""
-  unknown = [m for m in _values('methods', grid.methods, str) if m not in STRATEGIES]
-  if unknown:
-    raise ValueError(f'grid.methods has unknown methods {unknown}: expected names from {sorted(STRATEGIES)}')
-  cells(grid)
+def check_grid(base: ml_collections.ConfigDict) -> tuple[list[Cell], list[ml_collections.ConfigDict]]:
+  """Every cell and its validated config (tuned values applied), before any cell runs; ConfigError
+  names the grid field or the cell."""
+  try:
+    unknown = [m for m in _values('methods', base.grid.methods, str) if m not in STRATEGIES]
+    if unknown:
+      raise ValueError(f'grid.methods has unknown methods {unknown}: expected names from {sorted(STRATEGIES)}')
+    todo = cells(base.grid)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  tuned = tuned_values(base.grid)
+  configs = []
+  for cell in todo:
+    cfg = cell_config(base, cell, tuned)
+    try:
+      configs.append(validate(cfg))
+    except ConfigError as e:
+      raise ConfigError(f'cell {cell_name(*cell)}: {e}') from None
+  return todo, configs
 
 
 def cells(grid: ml_collections.ConfigDict) -> list[Cell]:
@@ -171,18 +185,15 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, 
   the cells with an ETA.
   """
   from tqdm import tqdm
-  check_grid(base.grid)
+  todo, configs = check_grid(base)
   os.makedirs(workdir, exist_ok=True)
   _record_environment(workdir, 'grid')
-  tuned = tuned_values(base.grid)
   last_k = base.grid.get('last_k', 3)
   cache = os.path.join(workdir, 'cache')
   results = []
-  todo = cells(base.grid)
   bar = tqdm(total=len(todo), desc='grid', unit='cell', disable=not progress, dynamic_ncols=True)
   try:
-    for i, cell in enumerate(todo):
-      cfg = cell_config(base, cell, tuned)
+    for i, (cell, cfg) in enumerate(zip(todo, configs)):
       cdir = cell_dir(workdir, cell, cfg)
       name = os.path.basename(cdir)
       if os.path.exists(os.path.join(cdir, 'summary.json')):

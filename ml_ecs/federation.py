@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ml_ecs import amt, communication, mma, params, se_ccl
+from ml_ecs import amt, communication, faults, mma, params, privacy, robust, se_ccl
 from ml_ecs.cohort_data import CohortData, SplitArrays, cohort_data, full_modality_split
 from ml_ecs.cohort_map import CLIENT_AXIS, cohort_map
 from ml_ecs.data.dataset import MultimodalDataset
@@ -94,6 +94,7 @@ class CohortSetup:
   num_selected: int         # sampled + padding, a multiple of the device count
   round_fn: Callable[..., CohortRound]
   generate_fn: Callable
+  resync_fn: Callable | None = None   # re-syncs diverged clients (ml_ecs.faults.make_resync)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +267,11 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     cohorts.append(CohortSetup(data, prog, ids, n_real, num_sampled, num_selected,
                                make_cohort_round(prog, stages, mesh, cfg.train.client_chunk, bool(m.communicate),
                                                  full=num_selected == n_pad),
-                               make_generate(prog, mesh, cfg.text.answer_len)))
+                               make_generate(prog, mesh, cfg.text.answer_len),
+                               faults.make_resync(lambda key, fn=fn: sub(params.split_model(fn(nnx.Rngs(key)))[1],
+                                                                          params.TRAINABLE),
+                                                  functools.partial(amt.init_opt_state, prog, stages), keys,
+                                                  client_sharding)))
     cohort_states.append(NodeState(trainables, opt_state))
 
   # Round-0 broadcast: every client starts from the same shared LoRA.
@@ -333,8 +338,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
       leaf_mod=leaf_mod,
       weights=weights, modality_weights=mma.modality_weights(m.mma_modality, weights, has, observations),
       accounting=acct, pretrain_info=pretrain_info,
-      aggregate_fn=jax.jit(functools.partial(mma.aggregate, leaf_mod=leaf_mod,
-                                             modality_aware=m.mma_modality != 'samples')),
+      aggregate_fn=jax.jit(functools.partial(robust.aggregate, leaf_mod=leaf_mod,
+                                             modality_aware=m.mma_modality != 'samples', **robust.options(cfg))),
       targets_fn=jax.jit(se_ccl.se_ccl_targets, static_argnums=4),
       server_round_fn=server_round,
       server_generate_fn=jax.jit(lambda tr, fr, test: server_prog.generate_split(tr, fr, test, cfg.text.answer_len)),
@@ -362,22 +367,28 @@ def sample_clients(cohort: CohortSetup, key: jax.Array) -> np.ndarray:
   return np.sort(np.asarray(jax.random.choice(key, cohort.num_real, (cohort.num_sampled,), replace=False)))
 
 
-def _client_metric_mean(values: list[np.ndarray]) -> float:
-  return float(np.concatenate([v.reshape(-1) for v in values]).mean()) if values else float('nan')
-
-
 def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   """One communication round; returns the new state and the round's training metrics.
 
   The cohorts' trainables and optimizer states of `state` are donated (consumed).
+  Diverged clients are re-synced first, faults are drawn for the sampled clients, and the
+  survivors' uploads are aggregated robustly (ml_ecs.faults, ml_ecs.robust).
   """
   t0 = time.perf_counter()
+  cfg = setup.cfg
   rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
   rng, server_key = jax.random.split(rng)
-  outs, weights, presences, sampled, new_cohorts = [], [], [], [], []
+  fault_key = jax.random.fold_in(key, faults.FAULT_STREAM)
+  outs, weights, presences, sampled, new_cohorts, row_ids = [], [], [], [], [], []
+  resynced, dropped_ids, late_ids, diverged_ids, uploaded_ids = [], [], [], [], []
   metric_values: dict[str, list[np.ndarray]] = {}
   se_ctx, server_loss = se_ccl.round_context(setup, state)
   for k, (c, cs) in enumerate(zip(setup.cohorts, state.cohorts)):
+    bad = ~np.asarray(faults.clients_finite(cs.trainables))
+    bad[c.num_real:] = False
+    if bad.any() and c.resync_fn is not None:   # diverged last round: re-sync from the global model
+      cs = NodeState(*c.resync_fn(cs.trainables, cs.opt_state, jnp.asarray(bad), state.global_shared))
+      resynced += c.client_ids[bad].tolist()
     ck = jax.random.fold_in(key, k)
     real = sample_clients(c, jax.random.fold_in(ck, 1))
     sel = np.concatenate([real, np.arange(c.num_real, c.num_real + c.num_selected - c.num_sampled)])
@@ -385,37 +396,78 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
                      state.global_shared, state.server_z, setup.edge_frozen, se_ctx)
     new_cohorts.append(NodeState(out.trainables, out.opt_state))
     outs.append(out)
-    sampled.append(c.client_ids[real])
+    ids = c.client_ids[real]
+    sampled.append(ids)
+    factor, dropped, late = faults.draw_faults(jax.random.fold_in(fault_key, k), len(real), cfg.train)
+    finite = np.array(mma.is_finite(out.shared))[:len(real)]
+    for v in out.metrics.values():
+      finite &= np.isfinite(np.asarray(v)[:len(real)])
+    dropped_ids += ids[dropped].tolist()
+    late_ids += ids[late].tolist()
+    diverged_ids += ids[~finite].tolist()
+    up = factor > 0
+    uploaded_ids += ids[up].tolist()
+    row_ids.append(c.client_ids[sel])
     w = np.zeros(len(sel), np.float32)
-    w[:len(real)] = setup.weights[c.client_ids[real]]
+    w[:len(real)] = setup.weights[ids] * factor
     weights.append(jnp.asarray(w))
-    presences.append(jnp.asarray(mma.rows(setup.modality_weights, c.client_ids[real], len(sel))))
+    rows_ = mma.rows(setup.modality_weights, c.client_ids[real], len(sel))
+    rows_[:len(real)] *= factor[:, None]          # dropped / late uploads weigh nothing (or less) here too
+    presences.append(jnp.asarray(rows_))
     for name, v in out.metrics.items():
       if name.endswith('_ccl') and not name.endswith('se_ccl') and not c.program.has_ccl:
         continue   # a client with a single view has no CCL term
-      metric_values.setdefault(name, []).append(np.asarray(v)[:len(real)])
+      metric_values.setdefault(name, []).append(np.asarray(v)[:len(real)][up & finite])   # what the server hears
   sampled = np.concatenate(sampled)
+  row_ids = np.concatenate(row_ids)
   metrics: dict[str, Any] = {}
   global_shared = state.global_shared
   if setup.communicate:
-    global_shared, excluded = setup.aggregate_fn(tuple(o.shared for o in outs), tuple(weights), tuple(presences),
-                                                 global_shared)
-    metrics['mma/excluded'] = int(excluded)
-    up_weights = se_ccl.server_upload_weights(setup, state, outs, weights, server_loss)
-    targets, has_target = setup.targets_fn(tuple(o.z for o in outs), tuple(o.public_ids for o in outs),
-                                           tuple(o.z_valid for o in outs), up_weights, setup.num_public)
+    agg = setup.aggregate_fn(tuple(o.shared for o in outs), tuple(weights), tuple(presences), global_shared,
+                             jax.random.fold_in(key, faults.NOISE_STREAM))
+    global_shared = agg.shared
+    part = np.asarray(agg.participated)
+    metrics['mma/excluded'] = int(np.asarray(agg.nonfinite).sum())
+    metrics['agg/participants'] = int(part.sum())
+    metrics['agg/rejected'] = int(np.asarray(agg.rejected).sum())
+    metrics['agg/rejected_ids'] = sorted(row_ids[np.asarray(agg.rejected)].tolist())
+    metrics['agg/clipped'] = int(np.asarray(agg.clipped).sum())
+    norms = np.asarray(agg.norms)[part]
+    metrics['agg/update_norm_median'] = float(np.median(norms)) if norms.size else 0.0
+    metrics['agg/update_norm_max'] = float(norms.max()) if norms.size else 0.0
+    # Representations count only from the clients whose LoRA update was accepted, weighted by reliability.
+    bounds = np.cumsum([0] + [len(w) for w in weights])
+    tw = tuple(w * jnp.asarray(part[a:b]) for w, a, b in zip(weights, bounds[:-1], bounds[1:]))
+    up_weights = se_ccl.server_upload_weights(setup, state, outs, tw, server_loss)
+    zs, dp = tuple(o.z for o in outs), cfg.dp
+    if dp.enabled and dp.noise_representations:
+      zs = tuple(robust.clip_representations(z, o.z_valid, dp.repr_clip_norm) for z, o in zip(zs, outs))
+    targets, has_target = setup.targets_fn(zs, tuple(o.public_ids for o in outs), tuple(o.z_valid for o in outs),
+                                           up_weights, setup.num_public)
+    if dp.enabled and dp.noise_representations:
+      targets = robust.noise_representation_targets(
+          tuple(o.z_valid for o in outs), up_weights, tuple(o.public_ids for o in outs), setup.num_public,
+          jax.random.fold_in(key, faults.NOISE_STREAM + 1), dp.repr_clip_norm, dp.repr_noise_multiplier, targets)
     if setup.sends_representations:
       metrics.update(se_ccl.server_metrics(up_weights, has_target, server_loss))
+    if dp.enabled:
+      metrics.update(privacy.round_metrics(dp, cfg.train.client_fraction, int(state.round) + 1))
   else:
     targets, has_target = state.server_z, jnp.zeros((setup.num_public,), bool)
   server_tr, server_opt, server_metrics, server_z = setup.server_round_fn(
       state.server.trainables, state.server.opt_state, server_key, targets, has_target.astype(jnp.float32),
       setup.server_frozen, setup.public_train)
   for name in sorted(metric_values):
-    metrics[f'client/{name}'] = _client_metric_mean(metric_values[name])
+    metrics[f'client/{name}'] = faults.finite_mean(metric_values[name])
   metrics.update({f'server/{k}': float(v) for k, v in server_metrics.items()})
+  metrics['server/diverged'] = int(not all(np.isfinite(float(v)) for v in server_metrics.values()))
   metrics.update(setup.accounting.round_bytes(sampled, setup.communicate, setup.sends_representations))
   metrics['clients/sampled'] = int(len(sampled))
+  metrics['clients/diverged_ids'] = sorted(diverged_ids)
+  metrics['clients/resynced_ids'] = sorted(resynced)
+  metrics['faults/dropped'] = len(dropped_ids)
+  metrics['faults/late'] = len(late_ids)
+  metrics['faults/survivors'] = len(uploaded_ids)
   jax.block_until_ready(server_z)
   new_state = State(cohorts=tuple(new_cohorts), server=NodeState(server_tr, server_opt), global_shared=global_shared,
                     server_z=server_z, round=state.round + 1, rng=jax.random.key_data(rng))
@@ -424,20 +476,27 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   return new_state, metrics
 
 
-def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test') -> dict[str, dict[str, float]]:
-  """Scores of every real client's generations on its `split` ('test' or 'val'), given each cohort's trainables."""
+def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test'
+                   ) -> tuple[dict[str, dict[str, float]], list[int]]:
+  """Scores of every real client's generations on its `split` ('test' or 'val'), given each cohort's
+  trainables, and the ids of the clients left out because their weights are not finite."""
   text, scorer = setup.text, setup.scorer
   per_client: dict[str, dict[str, float]] = {}
+  diverged: list[int] = []   # non-finite clients: left out of every client mean (ml_ecs.faults)
   for c, tr in zip(setup.cohorts, trainables):
     data, index_lists = c.data.eval_split(split)
     toks = np.asarray(c.generate_fn(tr, data, setup.edge_frozen))
     counts = np.asarray(data.count)
     labels = np.asarray(data.labels)
+    finite = np.asarray(faults.clients_finite(tr))
     for j, spec in enumerate(c.data.clients[:c.num_real]):
+      if not finite[j]:
+        diverged.append(int(spec.client_id))
+        continue
       preds = text.tokenizer.decode(toks[j, :counts[j]])
       refs = [text.references[i] for i in index_lists[j][:counts[j]]]
       per_client[str(spec.client_id)] = scorer.score(preds, refs, labels[j, :counts[j]].tolist())
-  return per_client
+  return per_client, diverged
 
 
 def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
@@ -450,10 +509,10 @@ def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
   """
   t0 = time.perf_counter()
   text, scorer = setup.text, setup.scorer
-  per_client = _score_clients(setup, [cs.trainables for cs in state.cohorts], split)
+  per_client, diverged = _score_clients(setup, [cs.trainables for cs in state.cohorts], split)
   per_global = _score_clients(setup, [amt.global_view(cs.trainables, state.global_shared,
                                                       model_options(setup.cfg)['gates'])
-                                      for cs in state.cohorts], split) if setup.communicate else {}
+                                      for cs in state.cohorts], split)[0] if setup.communicate else {}
   server_split, server_idx = ((setup.public_val, setup.partition.public_val_idx) if split == 'val'
                               else (setup.public_test, setup.partition.public_test_idx))
   toks = np.asarray(setup.server_generate_fn(state.server.trainables, setup.server_frozen, server_split))
@@ -465,11 +524,13 @@ def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
   ids = sorted(per_client, key=int)
   for t in SCORE_NAMES:
     out[f'server/{t}'] = server[t]
-    out[f'client/{t}_mean'] = float(np.mean([per_client[c][t] for c in ids]))
+    out[f'client/{t}_mean'] = float(np.mean([per_client[c][t] for c in ids])) if ids else float('nan')
     if per_global:
-      out[f'client/global_{t}_mean'] = float(np.mean([per_global[c][t] for c in ids]))
+      gids = sorted(per_global, key=int)
+      out[f'client/global_{t}_mean'] = float(np.mean([per_global[c][t] for c in gids])) if gids else float('nan')
   for t in ('rougeLsum', 'rougeLsum_multi', 'accuracy'):
     out[f'client/{t}'] = {c: per_client[c][t] for c in ids}
+  out['client/diverged_ids'] = sorted(diverged)
   out['samples/server_prediction'] = server_preds[0] if server_preds else ''
   out['time/eval_s'] = time.perf_counter() - t0
   return out

@@ -22,6 +22,8 @@ train the same models; the learning-rate schedule is `train.lr_schedule` (every 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import ml_collections
 
 _PLAIN = dict(ccl='none', amt=False, mma_backbone='samples', mma_modality='samples', se_ccl=False,
@@ -42,11 +44,23 @@ STRATEGIES['ml_ecs_no_mma'] = {**STRATEGIES['ml_ecs'], 'mma_backbone': 'samples'
 STRATEGIES['ml_ecs_no_se_ccl'] = {**STRATEGIES['ml_ecs'], 'se_ccl': False}
 
 
-def apply_strategy(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """A copy of `cfg` whose `method` runs strategy `name`."""
+def apply_strategy(cfg: ml_collections.ConfigDict, name: str, keep: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """A copy of `cfg` whose `method` runs strategy `name`.
+
+  How `method.name` and explicit `method.*` values combine: the strategy sets every method
+  field it controls, except the fields named in `keep` (e.g. `fedprox_mu` given on the
+  command line), which keep their value in `cfg`; fields the strategy does not control
+  (lambda_*, tau_*) are left as they are. `strategy_overrides` names what then differs.
+  """
   if name not in STRATEGIES:
-    raise ValueError(f'unknown method {name!r}: expected one of {sorted(STRATEGIES)}')
+    raise ValueError(f'config field method.name = {name!r}: expected one of {tuple(STRATEGIES)}')
   out = ml_collections.ConfigDict(cfg.to_dict())
-  out.method.update(STRATEGIES[name])
+  out.method.update({k: v for k, v in STRATEGIES[name].items() if k not in set(keep)})
   out.method.name = name
   return out
+
+
+def strategy_overrides(method: ml_collections.ConfigDict) -> dict:
+  """The method fields whose values differ from what strategy `method.name` sets ({} = the plain strategy)."""
+  fields = STRATEGIES.get(method.name, {})
+  return {k: method[k] for k, v in fields.items() if k in method and method[k] != v}

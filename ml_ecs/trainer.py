@@ -21,11 +21,13 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
-from ml_ecs import federation, metrics_io
+from ml_ecs import faults, federation, metrics_io, privacy
 from ml_ecs.checkpoint import Checkpointer
 from ml_ecs.data.dataset import MultimodalDataset
+from ml_ecs.data.loaders import load_dataset
 from ml_ecs.metric_writer import MetricWriter
-from ml_ecs.validation import validate
+from ml_ecs.strategies import strategy_overrides
+from ml_ecs.validation import DataError, check_devices, check_partition, validate
 
 # Files of a run that `overwrite` removes (caches such as backbones/ stay).
 RUN_OUTPUTS = ('config.json', 'metrics.jsonl', 'timing.jsonl', 'summary.json', 'model_summary.json',
@@ -57,6 +59,22 @@ def round_line(row: dict[str, Any]) -> str:
   if 'comm/bytes_up' in row:
     parts.append(f"up={row['comm/bytes_up'] / 1e3:.0f}kB ratio={row['comm/ratio']:.4%}")
   return ' | '.join(parts)
+
+
+def fault_lines(row: dict[str, Any]) -> list[str]:
+  """Log lines for the faults of a round: diverged, re-synced and rejected clients."""
+  r, out = row['round'], []
+  if row.get('clients/resynced_ids'):
+    out.append(f"round {r}: re-synced diverged clients {row['clients/resynced_ids']} from the global model "
+               '(shared LoRA = global, private parts re-initialised, optimizer reset)')
+  if row.get('clients/diverged_ids'):
+    out.append(f"round {r}: clients {row['clients/diverged_ids']} diverged (non-finite); excluded from "
+               'aggregation and client means, re-synced next round')
+  if row.get('client/diverged_ids'):
+    out.append(f"round {r}: evaluation left out diverged clients {row['client/diverged_ids']}")
+  if row.get('agg/rejected_ids'):
+    out.append(f"round {r}: rejected the updates of clients {row['agg/rejected_ids']} as norm outliers")
+  return out
 
 
 def config_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -146,6 +164,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   """
   log = log or (lambda s: tqdm.write(s))
   validate(cfg)
+  check_devices(cfg, jax.device_count())
+  if dataset is None:
+    try:
+      dataset = load_dataset(cfg.data)
+    except (OSError, ValueError) as e:   # a missing or malformed data file: the loaders name it
+      raise DataError(f'data.path = {cfg.data.path!r} ({cfg.data.name}): {e}') from None
+  check_partition(cfg, dataset)
   os.makedirs(workdir, exist_ok=True)
   cfg_json = config_dict(cfg)
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
@@ -201,6 +226,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
       if r % cfg.train.eval_every == 0 or r == rounds:
         row.update(federation.evaluate(setup, state, cfg.eval.split))
         bar.set_postfix(c=f"{row['client/rougeLsum_mean']:.3f}", s=f"{row['server/rougeLsum']:.3f}")
+      for line in fault_lines(row):
+        log(line)
       row, timing = _split_timing(row)
       rows.append(row)
       timings.append({'round': r, **timing, 'time/elapsed_s': time.perf_counter() - t0})
@@ -212,6 +239,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
         saved_at = r
       log(round_line(row))
       bar.update(1)
+      try:
+        faults.check_round(row)
+      except faults.FederationDiverged:
+        bar.close()
+        writer.close()
+        if ckpt is not None:
+          ckpt.close()
+        raise
       if stop.received and r < rounds:
         bar.close()
         writer.close()
@@ -224,6 +259,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   writer.close()
   if ckpt is not None:
     ckpt.close()
-  summary = {**metrics_io.summarize(rows), 'rounds': rounds, 'method': cfg.method.name}
+  summary = {**metrics_io.summarize(rows), 'rounds': rounds, 'method': cfg.method.name,
+             'method_overrides': strategy_overrides(cfg.method)}
+  if cfg.dp.enabled:
+    summary['dp'] = {'epsilon': privacy.epsilon(cfg.dp, cfg.train.client_fraction, rounds),
+                     'delta': float(cfg.dp.delta), 'noise_multiplier': float(cfg.dp.noise_multiplier),
+                     'clip_norm': float(cfg.dp.clip_norm), 'accountant': cfg.dp.accountant,
+                     'representations_noised': bool(cfg.dp.noise_representations)}
   metrics_io.write_json(os.path.join(workdir, 'summary.json'), summary)
   return RunResult('complete', rows, workdir, resumed_from)

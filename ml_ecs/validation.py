@@ -20,10 +20,19 @@ from ml_ecs.pretrain import CORPORA
 from ml_ecs.se_ccl import HEADS, RELIABILITY
 from ml_ecs.models.decoder import LORA_TARGETS
 from ml_ecs.models.encoders import ENCODER_TYPES
+from ml_ecs.strategies import STRATEGIES
+
+AGGREGATION_RULES = ('mean', 'norm_outlier', 'trimmed_mean', 'median')
+STRAGGLER_POLICIES = ('drop', 'discount')
+ACCOUNTANTS = ('rdp', 'pld')
 
 
 class ConfigError(ValueError):
   """A config field has a value that is not allowed."""
+
+
+class DataError(ValueError):
+  """A data file is missing or malformed (the message names the file)."""
 
 
 def _get(cfg: ml_collections.ConfigDict, field: str) -> Any:
@@ -163,9 +172,32 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _int(cfg, 'train.keep_checkpoints', 2)
   _int(cfg, 'train.client_chunk', 0)
   del rounds
+  # simulated faults
+  _float(cfg, 'train.dropout_rate', 0.0, 1.0, hi_open=True)
+  _float(cfg, 'train.straggler_rate', 0.0, 1.0)
+  _float(cfg, 'train.straggler_slowdown', 0.0, lo_open=True)
+  _float(cfg, 'train.deadline', 1.0)
+  _choice(cfg, 'train.straggler_policy', STRAGGLER_POLICIES)
+  # robust aggregation and differential privacy
+  _float(cfg, 'aggregation.clip_norm', 0.0)
+  rule = _choice(cfg, 'aggregation.rule', AGGREGATION_RULES)
+  _float(cfg, 'aggregation.outlier_k', 0.0, lo_open=True)
+  _float(cfg, 'aggregation.trim_fraction', 0.0, 0.5, hi_open=True)
+  dp = _bool(cfg, 'dp.enabled')
+  _float(cfg, 'dp.clip_norm', 0.0, lo_open=True)
+  _float(cfg, 'dp.noise_multiplier', 0.0)
+  _float(cfg, 'dp.delta', 0.0, 1.0, lo_open=True, hi_open=True)
+  _choice(cfg, 'dp.accountant', ACCOUNTANTS)
+  _bool(cfg, 'dp.noise_representations')
+  _float(cfg, 'dp.repr_clip_norm', 0.0, lo_open=True)
+  _float(cfg, 'dp.repr_noise_multiplier', 0.0)
+  if dp and rule in ('trimmed_mean', 'median'):
+    _fail('aggregation.rule', rule, "'mean' or 'norm_outlier' with dp.enabled=True (the DP noise is calibrated "
+          'to a weighted mean)')
   # method
-  if not isinstance(_get(cfg, 'method.name'), str) or not cfg.method.name:
-    _fail('method.name', cfg.method.name, 'a non-empty string')
+  _choice(cfg, 'method.name', tuple(STRATEGIES))
+  if dp and not _bool(cfg, 'method.communicate'):
+    _fail('dp.enabled', True, 'False when method.communicate=False (nothing is aggregated)')
   _choice(cfg, 'method.ccl', CCL_KINDS)
   _float(cfg, 'method.lambda_ccl', 0.0)
   _float(cfg, 'method.tau_ccl', 0.0, lo_open=True)
@@ -196,3 +228,35 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail('eval.split', 'val', "'test', or 'val' with data.client_val_fraction > 0")
   _int(cfg, 'mesh.num_devices', 0)
   return cfg
+
+
+def check_devices(cfg: ml_collections.ConfigDict, device_count: int) -> None:
+  """mesh.num_devices against the devices JAX sees (called once JAX is up)."""
+  n = _int(cfg, 'mesh.num_devices', 0)
+  if n > device_count:
+    _fail('mesh.num_devices', n, f'0 (all) or at most the {device_count} visible device(s)')
+
+
+def check_partition(cfg: ml_collections.ConfigDict, dataset) -> None:
+  """The data-dependent checks: the config's partition of `dataset` can be trained and evaluated.
+
+  Raises ConfigError naming the field (public/test fractions that leave a split empty,
+  too many clients for the sequences, a batch larger than every client's data).
+  """
+  from ml_ecs.data.partition import partition   # data code, imported only when data is at hand
+  try:
+    part = partition(dataset, cfg.data)
+  except ValueError as e:
+    if 'private sequences cannot give' in str(e):
+      _fail('data.num_clients', cfg.data.num_clients, f'fewer clients: {e}')
+    raise ConfigError(f'data config does not fit the dataset: {e}') from None
+  if not len(part.public_train_idx):
+    _fail('data.public_fraction', cfg.data.public_fraction, 'a fraction leaving at least one public training '
+          f'sequence (the dataset has {len(set(dataset.sequence_ids.tolist()))} sequences)')
+  if not len(part.public_test_idx):
+    _fail('data.public_test_fraction', cfg.data.public_test_fraction, 'a fraction of the public sequences that '
+          'leaves at least one for the server test split (or raise data.public_fraction)')
+  largest = max(len(c.train_idx) for c in part.clients)
+  if cfg.train.batch_size > largest:
+    _fail('train.batch_size', cfg.train.batch_size, f'at most the largest client training split ({largest} '
+          'samples; batches are drawn with replacement)')
