@@ -31,7 +31,9 @@ setup(
         # array_record with numpy; importlib_resources is a TFDS import it does not declare).
         'data': ['datasets>=4,<6', 'pyarrow>=15', 'tensorflow-datasets>=4.9.4,<5', 'array-record>=0.5',
                  'importlib_resources>=6'],
-        'test': ['pytest>=8,<10', 'pytest-xdist>=3.5,<4', 'tensorboard>=2.15,<3'],  # its event reader
+        'test': ['pytest>=8,<10', 'pytest-xdist>=3.5,<4',
+                 'tensorboard>=2.15,<3',   # its event reader, to check the events we write
+                 'nbformat>=5.9,<6', 'nbclient>=0.10,<1', 'ipykernel>=6.29,<8'],   # running the notebook
         'bench': ['flwr>=1.10,<2'],
     },
 )

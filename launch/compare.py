@@ -28,12 +28,15 @@ def main(argv):
   # Cells share many identical programs (same shapes, same server/eval functions).
   enable_compilation_cache(os.path.join(workdir, 'cache', 'jax'))
 
+  from tqdm import tqdm
+  log = lambda s: tqdm.write(s)
+
   def run_cell(cfg, cdir, cache):
-    result = train(cfg, cdir, progress=False, cache_dir=cache, log=lambda s: print('   ', s, flush=True))
+    result = train(cfg, cdir, progress=False, cache_dir=cache, log=lambda s: log('    ' + s))
     return result.status != 'interrupted'
 
   try:
-    run_grid(_CONFIG.value, workdir, run_cell)
+    run_grid(_CONFIG.value, workdir, run_cell, log=log, progress=True)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

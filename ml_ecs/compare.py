@@ -81,31 +81,40 @@ def cell_row(method, rate, clients, seed, cell: str, rows: list[dict], timings: 
           'rounds': last['round'], 'wall_s': max((t.get('time/elapsed_s', 0.0) for t in timings), default=float('nan'))}
 
 
-def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, log: Callable[[str], None] = print
-             ) -> list[dict[str, Any]]:
+def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, log: Callable[[str], None] = print,
+             progress: bool = False) -> list[dict[str, Any]]:
   """Runs (or resumes) every cell not yet finished, writing the reports after each.
 
   `train_fn(cfg, cell_dir, cache_dir)` runs one cell and returns whether it finished (False:
   interrupted, e.g. by SIGTERM; the grid then stops, to resume on the next call).
+  `progress`: a bar over the cells with an ETA from the cells run so far.
   """
+  from tqdm import tqdm
   cache = os.path.join(workdir, 'cache')
   results = []
   todo = cells(base.grid)
-  for i, (method, rate, clients, seed) in enumerate(todo):
-    cfg = cell_config(base, method, rate, clients, seed)
-    cdir = cell_dir(workdir, method, rate, clients, seed, cfg)
-    name = os.path.basename(cdir)
-    if os.path.exists(os.path.join(cdir, 'summary.json')):
-      log(f'[{i + 1}/{len(todo)}] {name}: done, skipped')
-    else:
-      log(f'[{i + 1}/{len(todo)}] {name}: running')
-      if not train_fn(cfg, cdir, cache):
-        log(f'grid stopped in {name}; rerun the same command to resume')
-        return results
-    timing_path = os.path.join(cdir, 'timing.jsonl')
-    results.append(cell_row(method, rate, clients, seed, name, metrics_io.read_jsonl(os.path.join(cdir, 'metrics.jsonl')),
-                            metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else []))
-    write_reports(results, workdir)
+  bar = tqdm(total=len(todo), desc='grid', unit='cell', disable=not progress, dynamic_ncols=True)
+  try:
+    for i, (method, rate, clients, seed) in enumerate(todo):
+      cfg = cell_config(base, method, rate, clients, seed)
+      cdir = cell_dir(workdir, method, rate, clients, seed, cfg)
+      name = os.path.basename(cdir)
+      if os.path.exists(os.path.join(cdir, 'summary.json')):
+        log(f'[{i + 1}/{len(todo)}] {name}: done, skipped')
+        bar.total -= 1          # finished earlier: not part of this call's ETA
+        bar.refresh()
+      else:
+        log(f'[{i + 1}/{len(todo)}] {name}: running')
+        if not train_fn(cfg, cdir, cache):
+          log(f'grid stopped in {name}; rerun the same command to resume')
+          return results
+        bar.update(1)
+      timing_path = os.path.join(cdir, 'timing.jsonl')
+      results.append(cell_row(method, rate, clients, seed, name, metrics_io.read_jsonl(os.path.join(cdir, 'metrics.jsonl')),
+                              metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else []))
+      write_reports(results, workdir)
+  finally:
+    bar.close()
   return results
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -204,6 +205,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   backbones are cached under (cache_dir or workdir)/backbones. `dataset` replaces the config's
   data source (an in-memory MultimodalDataset)."""
   ds = dataset if dataset is not None else load_dataset(cfg.data)
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
   bb = backbones.resolve(cfg, log=log)   # HF checkpoints read here, once each (ml_ecs/backbones.py)
   text = build_task_text(ds, cfg.text, f'{workdir}/tokenizer.json' if workdir else None, tokenizer=bb.tokenizer)
   mcfgs = bb.models                      # edge_model / server_model with the resolved backbones
@@ -459,3 +462,18 @@ def clients_info(setup: Setup) -> list[dict[str, Any]]:
                   'encoders': dict(spec.encoder_types), 'cohort': k, 'num_train': int(len(spec.train_idx)),
                   'num_test': int(len(spec.test_idx)), 'num_public': int(len(spec.public_idx))})
   return sorted(out, key=lambda r: r['client_id'])
+
+
+def answer_examples(setup: Setup, state: State, per_class: int = 1) -> list[dict[str, Any]]:
+  """The server's generated answers for the first `per_class` public test samples of each class,
+  beside their references."""
+  toks = np.asarray(setup.server_generate_fn(state.server.trainables, setup.server_frozen, setup.public_test))
+  idx = setup.partition.public_test_idx[:int(setup.public_test.count)]
+  out, seen = [], {}
+  for j, i in enumerate(idx):
+    label = int(setup.dataset.labels[i])
+    if seen.get(label, 0) < per_class:
+      seen[label] = seen.get(label, 0) + 1
+      out.append({'class': setup.dataset.class_names[label], 'reference': setup.text.references[i],
+                  'generated': setup.text.tokenizer.decode(toks[j:j + 1])[0]})
+  return sorted(out, key=lambda r: r['class'])

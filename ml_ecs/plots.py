@@ -16,8 +16,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 GREY = '#8c8c8c'
-LOSS_KEYS = (('client/private_ccl', 'client CCL (private)'), ('client/public_align', 'client SE-CCL align (public)'),
-             ('server/ccl', 'server CCL'), ('server/align', 'server SE-CCL align'))
+LOSS_KEYS = (('client/private_ccl', 'client CCL (private)'), ('client/public_se_ccl', 'client SE-CCL (public)'),
+             ('server/ccl', 'server CCL'), ('server/se_ccl', 'server SE-CCL'))
 LM_KEYS = (('client/private_lm', 'client LM (private)'), ('client/public_lm', 'client LM (public)'),
            ('server/lm', 'server LM'))
 
@@ -161,6 +161,20 @@ def plot_clients(rows: Sequence[Mapping[str, Any]], clients: Sequence[Mapping[st
   else:
     axes[-1].text(0.99, 0.99, 'modality sets unknown (no clients.json)', ha='right', va='top',
                   transform=axes[-1].transAxes, fontsize=7, color=GREY)
+  return _finish(fig, path)
+
+
+def plot_modality_heatmap(clients: Sequence[Mapping[str, Any]], modalities: Sequence[str] | None = None, ax=None,
+                          path: str | None = None):
+  """Client x modality presence (clients.json records): which client holds which modality, by cohort."""
+  fig, (ax,) = _axes(ax, 1, size=(max(3.0, 0.9 * len(modalities or ()) + 2.0), 0.35 * len(clients) + 1.5))
+  mods = list(modalities or dict.fromkeys(m for c in clients for m in c.get('modalities', ())))
+  grid = [[1.0 if m in c.get('modalities', ()) else 0.0 for m in mods] for c in clients]
+  ax.imshow(grid, cmap='Greens', vmin=0, vmax=1.3, aspect='auto')
+  ax.set_xticks(range(len(mods)), mods)
+  ax.set_yticks(range(len(clients)), [f"client {c['client_id']} (cohort {c.get('cohort', '?')})" for c in clients],
+                fontsize=8)
+  ax.set(title='modalities held by each client')
   return _finish(fig, path)
 
 

@@ -10,7 +10,34 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 PAD, EOS = '<pad>', '<eos>'
 
 
-class TextTokenizer:
+class _Codec:
+  """encode/decode shared by both tokenizers; subclasses give `_ids(texts)`, `_text(ids)`, `pad_id`, `eos_id`."""
+  pad_id: int
+  eos_id: int
+
+  def encode(self, texts: Sequence[str], length: int, add_eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [N, length], mask float32 [N, length]), right-padded with pad_id (mask 0)."""
+    ids = np.full((len(texts), length), self.pad_id, np.int32)
+    mask = np.zeros((len(texts), length), np.float32)
+    for i, seq in enumerate(self._ids(list(texts))):
+      seq = list(seq) + ([self.eos_id] if add_eos else [])
+      if len(seq) > length:
+        raise ValueError(f'text {texts[i]!r} needs {len(seq)} tokens, more than the configured length {length}')
+      ids[i, :len(seq)] = seq
+      mask[i, :len(seq)] = 1.0
+    return ids, mask
+
+  def decode(self, ids: np.ndarray) -> list[str]:
+    """Texts of a batch of generated ids, each cut at its first eos (pad ids dropped)."""
+    out = []
+    for row in np.asarray(ids).tolist():
+      if self.eos_id in row:
+        row = row[:row.index(self.eos_id)]
+      out.append(self._text([t for t in row if t != self.pad_id]).strip())
+    return out
+
+
+class TextTokenizer(_Codec):
   """A `tokenizers` byte-level BPE with <pad> = 0 and <eos> = 1."""
 
   def __init__(self, tokenizer: Tokenizer):
@@ -47,29 +74,14 @@ class TextTokenizer:
   def vocab_size(self) -> int:
     return self.tok.get_vocab_size()
 
-  def encode(self, texts: Sequence[str], length: int, add_eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [N, length], mask float32 [N, length]), right-padded with <pad>."""
-    ids = np.zeros((len(texts), length), np.int32)
-    mask = np.zeros((len(texts), length), np.float32)
-    for i, enc in enumerate(self.tok.encode_batch(list(texts))):
-      seq = enc.ids + ([self.eos_id] if add_eos else [])
-      if len(seq) > length:
-        raise ValueError(f'text {texts[i]!r} needs {len(seq)} tokens, more than the configured length {length}')
-      ids[i, :len(seq)] = seq
-      mask[i, :len(seq)] = 1.0
-    return ids, mask
+  def _ids(self, texts: list[str]) -> list[list[int]]:
+    return [enc.ids for enc in self.tok.encode_batch(texts)]
 
-  def decode(self, ids: np.ndarray) -> list[str]:
-    """Texts of a batch of generated ids, each cut at its first <eos>."""
-    out = []
-    for row in np.asarray(ids).tolist():
-      if self.eos_id in row:
-        row = row[:row.index(self.eos_id)]
-      out.append(self.tok.decode([t for t in row if t != self.pad_id]).strip())
-    return out
+  def _text(self, ids: list[int]) -> str:
+    return self.tok.decode(ids)
 
 
-class HFTokenizer:
+class HFTokenizer(_Codec):
   """A Hugging Face (transformers) tokenizer behind `TextTokenizer`'s interface.
 
   Used with imported GPT-2-family backbones (`ml_ecs.models.hf_gpt2`).
@@ -126,27 +138,11 @@ class HFTokenizer:
   def vocab_size(self) -> int:
     return self._vocab_size
 
-  def encode(self, texts: Sequence[str], length: int, add_eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [N, length], mask float32 [N, length]), right-padded with pad_id (mask 0)."""
-    ids = np.full((len(texts), length), self.pad_id, np.int32)
-    mask = np.zeros((len(texts), length), np.float32)
-    batch = self.tok(list(texts), add_special_tokens=False)['input_ids']
-    for i, seq in enumerate(batch):
-      seq = list(seq) + ([self.eos_id] if add_eos else [])
-      if len(seq) > length:
-        raise ValueError(f'text {texts[i]!r} needs {len(seq)} tokens, more than the configured length {length}')
-      ids[i, :len(seq)] = seq
-      mask[i, :len(seq)] = 1.0
-    return ids, mask
+  def _ids(self, texts: list[str]) -> list[list[int]]:
+    return self.tok(texts, add_special_tokens=False)['input_ids']
 
-  def decode(self, ids: np.ndarray) -> list[str]:
-    """Texts of a batch of generated ids, each cut at its first eos (pad ids dropped)."""
-    out = []
-    for row in np.asarray(ids).tolist():
-      if self.eos_id in row:
-        row = row[:row.index(self.eos_id)]
-      out.append(self.tok.decode([t for t in row if t != self.pad_id]).strip())
-    return out
+  def _text(self, ids: list[int]) -> str:
+    return self.tok.decode(ids)
 
 
 def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> 'TextTokenizer | HFTokenizer':

@@ -29,8 +29,8 @@ def run_rows(rounds: int = 4, eval_every: int = 2, multi: bool = False, seed: in
     row: dict = {'round': r}
     if r > 0:
       row.update({'client/private_lm': 3.0 - 0.1 * r, 'client/public_lm': 3.1 - 0.1 * r, 'server/lm': 2.5 - 0.1 * r,
-                  'client/private_ccl': 1.5, 'client/public_align': 2.0 - 0.2 * r, 'server/ccl': 2.1,
-                  'server/align': 1.6 - 0.3 * r, 'comm/lora_bytes_up': 1000 * r, 'comm/reps_bytes_up': 300,
+                  'client/private_ccl': 1.5, 'client/public_se_ccl': 2.0 - 0.2 * r, 'server/ccl': 2.1,
+                  'server/se_ccl': 1.6 - 0.3 * r, 'comm/lora_bytes_up': 1000 * r, 'comm/reps_bytes_up': 300,
                   'comm/lora_bytes_down': 1000, 'comm/reps_bytes_down': 300, 'comm/bytes_up': 1000 * r + 300,
                   'time/round_s': 0.1})
     if r == 0 or r % eval_every == 0 or r == rounds:
@@ -116,7 +116,7 @@ def test_losses_panels():
   fig = plots.plot_losses(run_rows(rounds=3))
   assert {l.get_label() for l in fig.axes[0].get_lines()} == {label for _, label in plots.LOSS_KEYS}
   assert {l.get_label() for l in fig.axes[1].get_lines()} == {label for _, label in plots.LM_KEYS}
-  align = next(l for l in fig.axes[0].get_lines() if l.get_label() == 'server SE-CCL align')
+  align = next(l for l in fig.axes[0].get_lines() if l.get_label() == 'server SE-CCL')
   assert list(align.get_xdata()) == [1, 2, 3]
   assert list(align.get_ydata()) == pytest.approx([1.3, 1.0, 0.7])
 
