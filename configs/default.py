@@ -11,10 +11,13 @@ Every field is checked by ml_ecs.validation.validate before any work is done.
 import ml_collections
 
 
-def backbone(width: int, layers: int, heads: int, max_len: int = 32) -> ml_collections.ConfigDict:
+def backbone(width: int, layers: int, heads: int, max_len: int = 32, hf: str = '') -> ml_collections.ConfigDict:
+  """hf: '' = our own decoder, pretrained on the task text; else a Hugging Face GPT-2-family
+  hub name or checkpoint directory, whose config then decides width/layers/heads/mlp/max_len
+  (ml_ecs/backbones.py); the LoRA fields stay these."""
   return ml_collections.ConfigDict(dict(
       width=width, layers=layers, heads=heads, mlp_ratio=4, max_len=max_len,
-      lora_rank=4, lora_alpha=8.0, lora_targets=('qkv', 'attn_out', 'mlp_in', 'mlp_out')))
+      lora_rank=4, lora_alpha=8.0, lora_targets=('qkv', 'attn_out', 'mlp_in', 'mlp_out'), hf=hf))
 
 
 def model(backbone_cfg: ml_collections.ConfigDict, encoder_width: int) -> ml_collections.ConfigDict:

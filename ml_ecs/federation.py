@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ml_ecs import amt, communication, faults, mma, params, privacy, robust, se_ccl
+from ml_ecs import amt, backbones, communication, faults, mma, params, privacy, robust, se_ccl
 from ml_ecs.cohort_data import CohortData, SplitArrays, cohort_data, full_modality_split
 from ml_ecs.cohort_map import CLIENT_AXIS, cohort_map
 from ml_ecs.data.dataset import MultimodalDataset
@@ -125,6 +125,8 @@ class Setup:
   server_round_fn: Callable
   server_generate_fn: Callable
   server_reliability_fn: Callable  # the server's SE-CCL reliability (LM loss on its labelled public split)
+  backbones: dict[str, Any] = dataclasses.field(default_factory=dict)   # backbones.Backbones.describe()
+  model_cfgs: dict[str, Any] = dataclasses.field(default_factory=dict)  # model configs, resolved backbones
 
   @property
   def num_public(self) -> int:
@@ -211,7 +213,9 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   ds = dataset if dataset is not None else load_dataset(cfg.data)
   if workdir:
     os.makedirs(workdir, exist_ok=True)
-  text = build_task_text(ds, cfg.text, f'{workdir}/tokenizer.json' if workdir else None)
+  bb = backbones.resolve(cfg, log=log)   # HF checkpoints read here, once each (ml_ecs/backbones.py)
+  text = build_task_text(ds, cfg.text, f'{workdir}/tokenizer.json' if workdir else None, tokenizer=bb.tokenizer)
+  mcfgs = bb.models                      # edge_model / server_model with the resolved backbones
   part = partition(ds, cfg.data)
   modalities = ds.modality_names
   shapes = {m: x.shape[1:] for m, x in ds.modalities.items()}
@@ -221,9 +225,9 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   optimizer = make_optimizer(cfg.train)
   m = cfg.method
 
-  def model_fn(mcfg, mods, enc, rngs):
-    return MultimodalLM({k: shapes[k] for k in mods}, enc, modalities, mcfg, text.tokenizer.vocab_size, rngs=rngs,
-                        **model_options(cfg))
+  def model_fn(name, mods, enc, rngs):
+    return MultimodalLM({k: shapes[k] for k in mods}, enc, modalities, mcfgs[name],
+                        bb.vocab_size(name, text.tokenizer.vocab_size), rngs=rngs, **model_options(cfg))
 
   def program(fn, num_modalities):
     graphdef, _ = params.split_model(nnx.eval_shape(lambda: fn(nnx.Rngs(0))))
@@ -232,15 +236,19 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
                        optimizer, zero_fill=bool(m.zero_fill), modality_dropout=float(m.modality_dropout),
                        ccl_anchor=m.ccl_anchor)
 
-  # Frozen backbones: pretrained (or cached), one copy per device.
-  pretrain_info, frozen = {}, {}
-  for name in ('edge_model', 'server_model'):
-    template = nnx.eval_shape(lambda: model_fn(cfg[name], modalities, {k: 'mlp' for k in modalities}, nnx.Rngs(0)))
-    frozen[name], info = cached_backbone(name, cfg, text, params.split_model(template)[1]['frozen'],
-                                         cache_dir or workdir)
+  # Frozen backbones: Hugging Face checkpoints, or pretrained (or cached); one copy per device.
+  pretrain_info, frozen, placed = {}, {}, {}
+  for name in backbones.MODELS:
+    template = nnx.eval_shape(lambda: model_fn(name, modalities, {k: 'mlp' for k in modalities}, nnx.Rngs(0)))
+    template = params.split_model(template)[1]['frozen']
+    if bb.sources[name] != 'pretrained':
+      frozen[name] = backbones.frozen_state(bb, name, template, replicated, placed)
+      continue
+    frozen[name], info = cached_backbone(name, cfg, text, template, cache_dir or workdir, bb.tokenizer_id)
     if info:
       pretrain_info[name] = info
       log(f"pretrained {name} backbone: LM loss {info['loss_first']:.2f} -> {info['loss_final']:.2f}")
+  bb.weights.clear()   # the host copies of HF weights; the device copies are in `frozen`
   edge_frozen, server_frozen = jax.device_put((frozen['edge_model'], frozen['server_model']), replicated)
 
   # Cohorts: stacked, padded, sharded on the client axis.
@@ -253,7 +261,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     num_selected = _round_up(num_sampled, ndev)
     n_pad = _round_up(n_real + num_selected - num_sampled, ndev)
     padded = list(clients) + [clients[0]] * (n_pad - n_real)
-    fn = functools.partial(model_fn, cfg.edge_model, clients[0].modalities, dict(clients[0].encoder_types))
+    fn = functools.partial(model_fn, 'edge_model', clients[0].modalities, dict(clients[0].encoder_types))
     prog = program(fn, len(clients[0].modalities))
     keys = _per_client_keys(jax.random.fold_in(init_rng, k), jnp.arange(n_pad))
     trainables = stack_init(fn, keys, client_sharding)
@@ -283,7 +291,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   leaf_mod = mma.leaf_modalities(global_shared, modalities)
 
   # Server: one node with every modality, trained on the public split.
-  server_fn = functools.partial(model_fn, cfg.server_model, modalities,
+  server_fn = functools.partial(model_fn, 'server_model', modalities,
                                 {k: cfg.data.encoders[k][0] for k in modalities})
   server_prog = program(server_fn, len(modalities))
   server_tr = jax.tree.map(lambda x: x[0], stack_init(server_fn, jax.random.key(cfg.seed + 29)[None]))
@@ -343,7 +351,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
       targets_fn=jax.jit(se_ccl.se_ccl_targets, static_argnums=4),
       server_round_fn=server_round,
       server_generate_fn=jax.jit(lambda tr, fr, test: server_prog.generate_split(tr, fr, test, cfg.text.answer_len)),
-      server_reliability_fn=jax.jit(server_prog.split_lm))
+      server_reliability_fn=jax.jit(server_prog.split_lm), backbones=bb.describe(), model_cfgs=mcfgs)
   state = State(cohorts=tuple(cohort_states), server=NodeState(server_tr, server_opt), global_shared=global_shared,
                 server_z=server_z, round=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(cfg.seed)))
   log(f'{len(part.clients)} clients in {len(cohorts)} cohorts ({cohort_layout(setup)}) on {mesh.size} device(s) '
@@ -545,7 +553,8 @@ def model_summary(setup: Setup, state: State) -> dict[str, Any]:
     edge.append({'modalities': list(c.data.modalities), 'encoders': dict(c.data.clients[0].encoder_types),
                  'clients': c.num_real, 'params': params.count_parts(parts)})
   server = params.count_parts({**state.server.trainables, 'frozen': setup.server_frozen})
-  return {'edge_cohorts': edge, 'server': server, 'total_model_bytes': int(setup.accounting.total_model_bytes)}
+  return {'edge_cohorts': edge, 'server': server, 'total_model_bytes': int(setup.accounting.total_model_bytes),
+          'backbones': setup.backbones}
 
 
 def clients_info(setup: Setup) -> list[dict[str, Any]]:

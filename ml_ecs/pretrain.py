@@ -98,16 +98,20 @@ def pretrain_backbone(backbone_cfg: ml_collections.ConfigDict, prompt_len: int, 
 
 
 def cached_backbone(name: str, cfg: ml_collections.ConfigDict, text: TaskText, frozen_template: nnx.State,
-                    cache_dir: str | None) -> tuple[nnx.State, dict | None]:
+                    cache_dir: str | None, tokenizer_id: str = '') -> tuple[nnx.State, dict | None]:
   """The pretrained frozen backbone of model `name` ('edge_model' or 'server_model') of config `cfg`.
 
   Read from cache_dir/backbones/ when present, else pretrained (and written there atomically).
+  `tokenizer_id` names a tokenizer other than the run's own BPE (the Hugging Face checkpoint
+  whose tokenizer the text uses); it is part of the cache key.
   Returns (frozen state in the structure of `frozen_template`, pretraining info or None if cached).
   """
   from flax import serialization
   mcfg = cfg[name]
-  key = json.dumps([mcfg.backbone.to_dict(), mcfg.prompt_len, cfg.text.to_dict(), cfg.pretrain.to_dict(),
-                    cfg.seed, cfg.data.name, cfg.data.path, name], sort_keys=True, default=str)
+  backbone = {k: v for k, v in mcfg.backbone.to_dict().items() if k != 'hf'}  # '' here: our own
+  key = [backbone, mcfg.prompt_len, cfg.text.to_dict(), cfg.pretrain.to_dict(),
+         cfg.seed, cfg.data.name, cfg.data.path, name] + ([tokenizer_id] if tokenizer_id else [])
+  key = json.dumps(key, sort_keys=True, default=str)
   digest = hashlib.sha1(key.encode()).hexdigest()[:12]
   path = os.path.join(cache_dir, 'backbones', f'{name}-{digest}.msgpack') if cache_dir else None
   info = None

@@ -100,9 +100,13 @@ def _model(cfg, name: str) -> None:
   targets = _get(cfg, f'{b}.lora_targets')
   if isinstance(targets, str) or not targets or any(t not in LORA_TARGETS for t in targets):
     _fail(f'{b}.lora_targets', targets, f'a non-empty tuple of the decoder targets {LORA_TARGETS}')
+  hf = cfg[name].backbone.get('hf', '')
+  if not isinstance(hf, str):
+    _fail(f'{b}.hf', hf, "'' (our own pretrained backbone) or a Hugging Face GPT-2 hub name or checkpoint directory")
   need = cfg[name].prompt_len + cfg.text.instr_len + cfg.text.answer_len
   max_len = _int(cfg, f'{b}.max_len', 1)
-  if need > max_len:
+  # With hf set the checkpoint decides max_len (n_positions); ml_ecs.backbones checks it at init.
+  if need > max_len and not hf:
     _fail(f'{b}.max_len', max_len, f'>= {name}.prompt_len + text.instr_len + text.answer_len = {need}')
 
 

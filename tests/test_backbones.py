@@ -1,0 +1,140 @@
+"""Hugging Face backbones in the federation (`backbone.hf`, ml_ecs.backbones) and sizing of
+configs at realistic sizes (ml_ecs.sizing), with the tiny GPT-2 of tests/fixtures/hf_gpt2."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+pytest.importorskip('transformers')
+pytest.importorskip('safetensors')
+
+from ml_ecs import backbones, export, peft_io, sizing  # noqa: E402
+from ml_ecs.models.decoder import DecoderLM  # noqa: E402
+from ml_ecs.models.hf_gpt2 import export_hf_gpt2, load_hf_gpt2  # noqa: E402
+from ml_ecs.tokenizer import TextTokenizer  # noqa: E402
+from ml_ecs.validation import ConfigError, validate  # noqa: E402
+
+BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'hf_gpt2', 'base')
+
+
+def hf_config(edge: str = BASE, server: str = BASE):
+  """configs/tiny.py with HF backbones; the fixture's tokenizer needs 13 instruction and 27 answer
+  tokens, so prompt 4 + 14 + 28 = 46 fits its n_positions of 64."""
+  from configs import tiny
+  c = tiny.get_config()
+  c.edge_model.backbone.hf, c.server_model.backbone.hf = edge, server
+  for m in (c.edge_model, c.server_model):
+    m.backbone.max_len = 48   # used by our own backbone only
+  c.text.update(dict(instr_len=14, answer_len=28))
+  return c
+
+
+def test_checkpoint_decides_architecture_and_tokenizer():
+  cfg = validate(hf_config(server=''))
+  logged = []
+  bb = backbones.resolve(cfg, log=logged.append)
+  edge = bb.models['edge_model'].backbone
+  assert (edge.width, edge.layers, edge.heads, edge.max_len, edge.hf) == (32, 2, 2, 64, BASE)
+  assert (edge.lora_rank, edge.lora_alpha) == (cfg.edge_model.backbone.lora_rank, cfg.edge_model.backbone.lora_alpha)
+  assert logged == [f'edge_model.backbone from {BASE}: layers 1 -> 2, max_len 48 -> 64 (the checkpoint decides)']
+  # our server backbone keeps its config and is built on the checkpoint's tokenizer
+  assert bb.models['server_model'].backbone.width == 48 and bb.sources['server_model'] == 'pretrained'
+  assert bb.tokenizer.eos_id == 0 and bb.vocab_sizes == {'edge_model': 320, 'server_model': 320}
+  assert bb.tokenizer_id == BASE
+  assert set(bb.weights) == {BASE}
+
+
+def test_backbone_errors(tmp_path):
+  # a checkpoint with another vocabulary (our own BPE): edge and server cannot share a tokenizer
+  tok = TextTokenizer.train(['walking sitting lying'], 300)
+  bcfg = load_hf_gpt2(BASE, load_tokenizer=False).config
+  other = export_hf_gpt2(nnx.to_pure_dict(nnx.state(DecoderLM(bcfg, tok.vocab_size, rngs=nnx.Rngs(0)))),
+                         bcfg, tmp_path / 'other', tokenizer=tok)
+  with pytest.raises(ConfigError, match=r"edge_model.backbone.hf = .*base' and server_model.backbone.hf = "
+                                        r".*other' have different tokenizers"):
+    backbones.resolve(validate(hf_config(server=str(other))), log=lambda s: None)
+  too_long = hf_config()
+  too_long.text.answer_len = 60
+  with pytest.raises(ConfigError, match=r'n_positions = 64, fewer than edge_model.prompt_len \+ text.instr_len '
+                                        r'\+ text.answer_len = 78'):
+    backbones.resolve(validate(too_long), log=lambda s: None)
+  with pytest.raises(ConfigError, match='server_model.backbone.hf = .*not found'):
+    backbones.resolve(validate(hf_config(server=str(tmp_path / 'missing'))), log=lambda s: None)
+  bad = hf_config()
+  bad.edge_model.backbone = bad.edge_model.backbone.to_dict() | {'hf': 3}   # type-safe ConfigDict refuses it
+  with pytest.raises(ConfigError, match='edge_model.backbone.hf = 3'):
+    validate(bad)
+
+
+def test_sizing_gpt2_pair_without_weights():
+  """configs/gpt2_pair.py sized from the public GPT-2 configs (no hub here): known parameter counts."""
+  from configs import gpt2_pair
+  s = sizing.size_config(gpt2_pair.get_config())
+  assert s['backbones']['edge_model']['backbone']['layers'] == 6
+  # distilgpt2 and gpt2-medium: 81.9M and 354.8M base parameters (tied head), as transformers counts them
+  assert {e['params']['frozen']['params'] for e in s['edge_cohorts']} == {81_912_576}
+  assert s['server']['frozen']['params'] == 354_823_168
+  # LoRA r=8 on c_attn (768 -> 2304) and c_proj (768 -> 768) of 6 layers, + 3 modality adapters
+  lora = 6 * 8 * (768 + 2304 + 768 + 768)
+  assert {e['params']['shared']['params'] for e in s['edge_cohorts']} == {lora + 3 * 2 * 64 * 4}
+  assert s['per_client']['shared_lora_bytes'] == 4 * (lora + 3 * 2 * 64 * 4)
+  assert 0 < s['edge_lora_fraction'] < 0.01 and 0 < s['round']['comm/ratio'] < 0.01
+
+
+def test_sizing_reads_a_local_checkpoint_config():
+  s = sizing.size_config(validate(hf_config()))
+  assert s['backbones']['server_model']['backbone']['width'] == 32
+  ref = load_hf_gpt2(BASE, load_tokenizer=False)
+  n = sum(int(np.prod(np.shape(x))) for x in __import__('jax').tree.leaves(ref.frozen))
+  assert s['server']['frozen']['params'] == n
+
+
+@pytest.fixture(scope='module')
+def hf_run(tmp_path_factory):
+  from ml_ecs.trainer import train
+  cfg = hf_config()
+  cfg.train.update(dict(rounds=1, checkpoint_every=1))
+  cfg.eval.update(dict(max_test_per_client=4, max_server_test=4))
+  workdir = str(tmp_path_factory.mktemp('hf_run') / 'run')
+  logs = []
+  return cfg, workdir, train(cfg, workdir, progress=False, log=logs.append), logs
+
+
+@pytest.mark.slow
+def test_main_job_with_hf_backbones(hf_run):
+  cfg, workdir, result, logs = hf_run
+  assert result.status == 'complete' and [r['round'] for r in result.rows] == [0, 1]
+  assert np.isfinite(result.rows[-1]['server/lm']) and 0 <= result.rows[-1]['client/rougeLsum_mean'] <= 1
+  summary = json.load(open(os.path.join(workdir, 'model_summary.json')))
+  assert summary['backbones']['server_model']['source'] == BASE and summary['pretrain'] == {}
+  assert summary['backbones']['server_model']['backbone']['width'] == 32
+  assert not os.path.exists(os.path.join(workdir, 'backbones'))   # no copy of the checkpoint's weights
+  assert not os.path.exists(os.path.join(workdir, 'tokenizer.json'))   # the checkpoint's tokenizer is used
+  assert not any(line.startswith('pretrained') for line in logs)
+  got = sizing.size_config(cfg)
+  assert got['server'] == summary['server'] and got['total_model_bytes'] == summary['total_model_bytes']
+  # PEFT export of the server: the adapter names the checkpoint as its base, no base copy
+  out = os.path.join(os.path.dirname(workdir), 'server_peft')
+  info = export.export_peft_from_workdir(workdir, out, server=True, which='shared')
+  assert info['base_model'] == os.path.abspath(BASE) and not os.path.exists(os.path.join(out, export.BASE_DIR))
+  adapter_cfg = json.load(open(os.path.join(out, peft_io.ADAPTER_CONFIG)))
+  assert adapter_cfg['base_model_name_or_path'] == os.path.abspath(BASE) and adapter_cfg['r'] == 4
+
+
+@pytest.mark.slow
+def test_one_hf_backbone_shares_its_tokenizer(tmp_path):
+  """Edge ours (pretrained on the checkpoint's tokenizer), server the checkpoint's weights."""
+  from ml_ecs import federation
+  cfg = validate(hf_config(edge=''))
+  cfg.pretrain.steps = 2
+  setup, state = federation.init(cfg, workdir=str(tmp_path), log=lambda s: None)
+  ref = load_hf_gpt2(BASE, load_tokenizer=False).frozen
+  np.testing.assert_array_equal(np.asarray(setup.server_frozen['backbone']['wte'][...]), ref['wte'])
+  assert setup.edge_frozen['backbone']['wte'][...].shape == (320, 32)   # tiny edge width, HF vocabulary
+  assert setup.text.tokenizer.eos_id == 0 and setup.pretrain_info.keys() == {'edge_model'}
+  cached = os.listdir(tmp_path / 'backbones')
+  assert len(cached) == 1 and cached[0].startswith('edge_model-')
