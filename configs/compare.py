@@ -11,15 +11,16 @@ partition seeds x training seeds, each cell scored by the mean of its last `grid
 evaluations; (3) `grid.reproduce` finished cells rerun from scratch and compared.
 The missing rate is the per-device-type modality-missing rate; the modality sets of each
 rate are drawn with `grid.modality_seed`, the same for every partition seed.
+Base: configs/discriminating.py:clients_scarce. The secondary grid is configs/compare_secondary.py.
 """
 import ml_collections
 
-from configs import default
+from configs import discriminating
 from ml_ecs.strategies import STRATEGIES
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = default.get_config()
+  c = discriminating.get_config('clients_scarce')   # the benchmark where collaboration carries information
   c.train.update(dict(rounds=50, eval_every=5, checkpoint_every=10))
   c.data.client_val_fraction = 0.2   # the same partition for tuning and grid; val never used by the grid
   c.grid = ml_collections.ConfigDict(dict(

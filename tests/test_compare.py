@@ -172,3 +172,14 @@ def test_last_k_and_plateau():
   assert stats.last_k_mean(rows, 'm', 2) == 3.0 and stats.last_k_mean(rows, 'm', 3) == pytest.approx(7 / 3)
   assert stats.plateau(rows, 'm', 2) == pytest.approx(3.0 - 0.5)
   assert math.isnan(stats.plateau(rows, 'm', 3))
+
+
+@pytest.mark.parametrize('name', ['compare', 'compare_secondary:discriminating', 'compare_secondary:embedded'])
+def test_grid_configs_validate_every_cell(name):
+  import importlib
+  module, _, variant = name.partition(':')
+  cfg = importlib.import_module(f'configs.{module}').get_config(*([variant] if variant else []))
+  todo, configs = compare.check_grid(cfg)
+  assert len(todo) == len(configs) and len({(c.data.seed, c.seed) for c in configs}) == \
+      len(set(cfg.grid.partition_seeds)) * len(set(cfg.grid.train_seeds))
+  assert {c.data.modality_seed for c in configs} == {cfg.grid.modality_seed}
