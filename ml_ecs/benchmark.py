@@ -53,9 +53,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default as default_config
-from ml_ecs import amt, federation, mma, params
+from ml_ecs import amt, federation, fedavg, params
 from ml_ecs.cohort_data import SplitArrays
 from ml_ecs.cohort_map import CLIENT_AXIS, cohort_map
+from ml_ecs.xla_stats import COLLECTIVES, collectives_note, count_collectives, xla_flops  # noqa: F401
 from ml_ecs.models.multimodal import MultimodalLM
 from ml_ecs.node import NodeProgram, StageSpec, make_optimizer, sub
 
@@ -414,20 +415,6 @@ class ShardedVariant(Variant):
     self.notes.append(collectives_note(self.compiled))
 
 
-COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
-
-
-def count_collectives(compiled) -> dict[str, int]:
-  """Collective ops of each kind in a compiled executable's optimised HLO."""
-  lines = (compiled.as_text() or '').splitlines()
-  return {op: sum(1 for ln in lines if f' {op}(' in ln or f' {op}-start(' in ln) for op in COLLECTIVES}
-
-
-def collectives_note(compiled) -> str:
-  coll = count_collectives(compiled)
-  return 'collectives in HLO: ' + (', '.join(f'{n} {op}' for op, n in coll.items() if n) or 'none')
-
-
 def round_variant_name(kind: str, devices: int) -> str:
   return f'{kind}@{devices}'
 
@@ -481,6 +468,7 @@ class RoundVariant(Variant):
     self.compile_s = time.perf_counter() - t0
     self.mem = _mem(self.compiled)
     self.collectives = count_collectives(self.compiled)
+    self.flops = xla_flops(self.compiled)
     self.notes.append(collectives_note(self.compiled))
 
   def call(self, state):
@@ -491,10 +479,6 @@ class RoundVariant(Variant):
     return self.mem.get('peak', 0) * self.devices   # memory_analysis is per device
 
 
-def _no_modalities(tree):
-  return jax.tree.map(lambda _: -1, tree)
-
-
 def ours_round(s: Setup, mesh, chunk: int):
   """(global_shared, tr, opt, data, keys, weights, frozen) -> (tr, opt, loss, new global) with
   cohort_map (shard_map, `chunk`) and mma.aggregate."""
@@ -503,8 +487,7 @@ def ours_round(s: Setup, mesh, chunk: int):
   def round_fn(global_shared, tr, opt, data, keys, weights, frozen):
     tr = {**tr, 'shared': federation._broadcast_to_clients(global_shared, tr['shared'])}
     tr, opt, loss = update(tr, opt, data, keys, frozen)
-    new_global, _ = mma.aggregate([tr['shared']], [weights], [jnp.zeros((weights.shape[0], 1))], global_shared,
-                                  _no_modalities(global_shared), modality_aware=False)
+    new_global, _ = fedavg.weighted_mean(tr['shared'], weights, global_shared)
     return tr, opt, loss, new_global
   return round_fn
 
@@ -628,6 +611,9 @@ def variant_names(names, chunks, clients: int, round_devices=DEFAULT_ROUND_DEVIC
   sharded_shmap, and 'drjax' into {ours, ours_vmap, drjax}@d for every d in `round_devices`."""
   out = []
   for n in names:
+    if '@' in n:   # one round variant by name, e.g. 'ours@1'
+      out.append(n)
+      continue
     if n not in ALL_VARIANTS:
       raise ValueError(f'unknown variant {n!r}; expected one of {ALL_VARIANTS}')
     if n == 'vmap_chunk':
@@ -706,7 +692,7 @@ def time_variant(v: Variant, repeats: int, budget_s: float, max_mem: float, proj
     return row
   state = v.init()
   v.compile(state)
-  row.update(compile_s=v.compile_s, mem=v.mem, peak_bytes=v.held_bytes())
+  row.update(compile_s=v.compile_s, mem=v.mem, peak_bytes=v.held_bytes(), flops=getattr(v, 'flops', None))
   if v.held_bytes() > max_mem:
     row['skip'] = f'compiled peak memory {v.held_bytes() / 2**30:.1f} GiB > --max_mem_gb={max_mem / 2**30:g}'
     return row

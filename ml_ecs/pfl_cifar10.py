@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from ml_ecs.fedavg import ClientData, FedAvg
+from ml_ecs.xla_stats import xla_flops
 
 CONFIG = dict(num_users=1000, per_user=50, cohort=50, epochs=1, batch=10, local_lr=0.1, central_lr=1.0, rounds=1500,
               eval_every=10, num_test=10000, image=(32, 32, 3), classes=10)
@@ -155,7 +156,7 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
   compiled = round_fn.lower(state, key).compile()
   evaluate(state.params, x_test, y_test)[0].block_until_ready()
   compile_s = time.perf_counter() - t0
-  flops = (compiled.cost_analysis() or {}).get('flops') if hasattr(compiled, 'cost_analysis') else None
+  flops = xla_flops(compiled)
   history, done = [], 0
   t0 = time.perf_counter()
   for r in range(rounds):
