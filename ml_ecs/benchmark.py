@@ -453,7 +453,8 @@ class RoundVariant(Variant):
     self.weights = jax.device_put(s.data.count.astype(jnp.float32), shard)
     self.frozen = jax.device_put(s.frozen, repl)
     self.global_shared = jax.device_put(jax.tree.map(lambda x: x[0], s.trainables['shared']), repl)
-    self.notes.append(f'{devices} CPU device{"s" if devices > 1 else ""}' + (f', chunk {k}' if k else ''))
+    self.notes.append(f'{devices} {jax.devices()[0].platform.upper()} device{"s" if devices > 1 else ""}'
+                      + (f', chunk {k}' if k else ''))
 
   def _args(self, state):
     return (self.global_shared, *state, self.data, self.keys, self.weights, self.frozen)
