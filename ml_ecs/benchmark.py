@@ -781,12 +781,17 @@ def _ratio(a, b) -> str:
   return f'{a / b:.2f}x' if a and b else 'n/a'
 
 
-def ratio_rows(rows: list[dict]) -> list[dict]:
+def _cells(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+  """{(workload, clients): {variant: row}}."""
   cells: dict[tuple, dict[str, dict]] = {}
   for r in rows:
     cells.setdefault((r['workload'], r['clients']), {})[r['variant']] = r
+  return cells
+
+
+def ratio_rows(rows: list[dict]) -> list[dict]:
   out = []
-  for (wl, c), vs in cells.items():
+  for (wl, c), vs in _cells(rows).items():
     thr = {k: v.get('client_steps_per_s') for k, v in vs.items()}
     chunk = {k: t for k, t in thr.items() if k.startswith('vmap_chunk') and t}
     best = max(chunk, key=chunk.get) if chunk else None
@@ -804,11 +809,8 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
 def headline_rows(rows: list[dict]) -> list[dict]:
   """Per cell, the ratios a user cares about: our round over DrJAX's (same devices, throughput and compiled
   peak memory), and our 1-device round over the loop, the limit and the in-process Flower round."""
-  cells: dict[tuple, dict[str, dict]] = {}
-  for r in rows:
-    cells.setdefault((r['workload'], r['clients']), {})[r['variant']] = r
   out = []
-  for (wl, c), vs in cells.items():
+  for (wl, c), vs in _cells(rows).items():
     thr = {k: v.get('client_steps_per_s') for k, v in vs.items()}
     peak = {k: v.get('peak_bytes') for k, v in vs.items()}
     devices = sorted({int(k.split('@')[1]) for k in vs if '@' in k})

@@ -37,8 +37,8 @@ MODES = {
                   fedavg_budget_s=20, pfl_rounds=2, pfl_small=True, pfl_budget_s=60),
     'full': dict(cells=[('large', 256), ('large', 1024), ('large', 4096), ('small', 1024), ('small', 4096)],
                  variants=['loop', 'limit', 'drjax'], width=64, layers=2, heads=4, samples=64, round_chunk=256,
-                 cell_budget_s=20, cohort_budget_s=170, fedavg=dict(rounds=1500, cfg={}), fedavg_budget_s=60,
-                 pfl_rounds=1500, pfl_small=False, pfl_budget_s=75),
+                 cell_budget_s=20, cohort_budget_s=150, fedavg=dict(rounds=1500, cfg={}), fedavg_budget_s=50,
+                 pfl_rounds=1500, pfl_small=False, pfl_budget_s=70),
 }
 
 
@@ -79,7 +79,7 @@ def cohort(mode: dict, out: str, deadline: float) -> list[dict]:
     by_workload.setdefault(wl, []).append(c)
   for wl, clients in by_workload.items():   # one run_cells per workload: time/memory projected across sizes
     r, _ = bm.run_cells(clients, [wl], mode['variants'], steps=1, repeats=3, width=mode['width'], layers=mode['layers'],
-                        heads=mode['heads'], chunks=[], budget_s=mode['cell_budget_s'], max_mem=60 * 2**30,
+                        heads=mode['heads'], chunks=[], budget_s=mode['cell_budget_s'], max_mem=48 * 2**30,
                         samples=mode['samples'], seed=0, deadline=deadline, round_devices=(1,),
                         round_chunk=mode['round_chunk'], on_row=lambda row: log('[cohort] ' + bm.fmt_row(row)))
     rows += r
