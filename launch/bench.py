@@ -78,6 +78,9 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed of data, initial state and keys.')
 _TOTAL_BUDGET = flags.DEFINE_float('total_budget_s', 1200.0, 'Wall-clock budget of the whole run; variants whose '
                                    'projected time would overrun it are skipped (with the reason).')
 _DEADLINE = flags.DEFINE_float('deadline_unix', 0.0, 'Internal: absolute deadline (time.time()) of a worker.')
+_COMBINE = flags.DEFINE_list('combine', [], 'Write one report from the --json files of earlier runs (pieces of a '
+                              'grid run one after another): rows of a later file replace the same (workload, clients, '
+                              'variant) of an earlier one; no benchmark runs.')
 _WORKER = flags.DEFINE_enum('worker', '', ['', 'sharded'], 'Internal: "sharded" runs the forced-device variants '
                             '(--variants: sharded and/or drjax at --round_devices), writes --worker_out.')
 _WORKER_OUT = flags.DEFINE_string('worker_out', '', 'Internal: JSON file of the worker results.')
@@ -125,6 +128,10 @@ def main(argv):
       raise app.UsageError(f'unknown variant {v!r}; expected {bm.ALL_VARIANTS}')
   cell = _cell_args()
 
+  if _COMBINE.value:
+    _write_combined(_COMBINE.value)
+    return
+
   if _WORKER.value == 'sharded':
     import jax
     bm.log(f'[sharded] devices: {jax.devices()}')
@@ -164,6 +171,32 @@ def main(argv):
   bm.log(f'\nwrote {out}')
   if _JSON.value:
     bm.write_json(_JSON.value, dict(rows=rows, memory=mem_info, machine=info, command=command))
+
+
+def _write_combined(paths: list[str]) -> None:
+  """One Markdown report from several --json pieces (each piece's command and load averages kept)."""
+  import json
+  rows: dict[tuple, dict] = {}
+  mem_info, commands, info = {}, [], {}
+  for i, path in enumerate(paths):
+    with open(path) as f:
+      piece = json.load(f)
+    for r in piece['rows']:
+      rows[(r['workload'], r['clients'], r['variant'])] = r
+    mem_info.update(piece.get('memory', {}))
+    commands.append(piece['command'])
+    m = piece.get('machine', {})
+    info = info or {k: v for k, v in m.items() if not k.startswith('loadavg')}
+    info[f'piece {i + 1} loadavg start / end'] = f"{m.get('loadavg_at_start')} / {m.get('loadavg_at_end')}"
+  workloads = list(dict.fromkeys(w for w, _, _ in rows))
+  clients = sorted({c for _, c, _ in rows})
+  ordered = bm.sort_rows(list(rows.values()), workloads)
+  settings = dict(pieces=len(paths), clients=clients, workloads=workloads)
+  text = bm.markdown(ordered, mem_info, info, '\n'.join(commands), settings, 0.0)
+  out = _OUT.value or tempfile.mkstemp(prefix='ml_ecs_bench_', suffix='.md')[1]
+  with open(out, 'w') as f:
+    f.write(text)
+  bm.log(f'wrote {out}')
 
 
 if __name__ == '__main__':

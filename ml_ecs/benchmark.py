@@ -924,7 +924,7 @@ def markdown(rows, mem_info, info, command, settings, elapsed_s) -> str:
   L += headline_markdown(rows)
   L += [
        '## Command', '', '```', command, '```', '',
-       f'Wall time of the run: {elapsed_s / 60:.1f} min.', '', '## Machine', '']
+       *([f'Wall time of the run: {elapsed_s / 60:.1f} min.', ''] if elapsed_s else []), '## Machine', '']
   L += [f'- {k}: `{v}`' for k, v in info.items()]
   L += ['', '## Settings', '']
   L += [f'- {k}: {v}' for k, v in settings.items()]
