@@ -35,9 +35,9 @@ MODES = {
                   round_chunk=2, cell_budget_s=60, cohort_budget_s=240, fedavg=dict(rounds=2, cfg=dict(
                   num_users=8, per_user=10, cohort=4, num_test=100, eval_every=2, image=(8, 8, 3))),
                   fedavg_budget_s=20, pfl_rounds=2, pfl_small=True, pfl_budget_s=60),
-    'full': dict(cells=[('large', 256), ('large', 1024), ('large', 4096), ('small', 1024), ('small', 4096)],
+    'full': dict(cells=[('large', 256), ('large', 1024), ('large', 4096), ('small', 4096)],
                  variants=['loop', 'limit', 'drjax'], width=64, layers=2, heads=4, samples=64, round_chunk=256,
-                 cell_budget_s=20, cohort_budget_s=150, fedavg=dict(rounds=1500, cfg={}), fedavg_budget_s=50,
+                 cell_budget_s=20, cohort_budget_s=170, fedavg=dict(rounds=1500, cfg={}), fedavg_budget_s=50,
                  pfl_rounds=1500, pfl_small=False, pfl_budget_s=70),
 }
 
