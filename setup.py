@@ -32,6 +32,6 @@ setup(
         'data': ['datasets>=4,<6', 'pyarrow>=15', 'tensorflow-datasets>=4.9.4,<5', 'array-record>=0.5',
                  'importlib_resources>=6'],
         'test': ['pytest>=8,<10', 'pytest-xdist>=3.5,<4', 'tensorboard>=2.15,<3'],  # its event reader
-        'bench': ['flwr>=1.10,<2'],
+        'bench': ['flwr>=1.10,<2', 'drjax==0.2.1'],  # drjax: the DrJAX round variant (jax only)
     },
 )
