@@ -36,7 +36,8 @@ setup(
                  'importlib_resources>=6'],
         'test': ['pytest>=8,<10', 'pytest-xdist>=3.5,<4',
                  'tensorboard>=2.15,<3',   # its event reader, to check the events we write
-                 'nbformat>=5.9,<6', 'nbclient>=0.10,<1', 'ipykernel>=6.29,<8'],   # running the notebook
-        'bench': ['flwr>=1.10,<2'],
+                 'nbformat>=5.9,<6', 'nbclient>=0.10,<1', 'ipykernel>=6.29,<8',   # running the notebook
+                 'drjax==0.2.1'],          # the DrJAX round variant of the benchmark (needs jax only)
+        'bench': ['flwr>=1.10,<2', 'drjax==0.2.1'],
     },
 )

@@ -20,6 +20,11 @@ federation's own cohort execution, `ml_ecs.cohort_map.cohort_map`:
                 in-process ClientProxy; each client's fit is the loop's jitted call
   limit         one shared set of trainables, all clients' samples in one batch (clients * batch), one
                 optimizer update per step: the same forward/backward FLOPs without per-client separation
+  ours@d, ours_vmap@d, drjax@d
+                a whole cohort round on d devices (1: this process; >1: the sharded subprocess): broadcast
+                of the global shared LoRA -> local update -> weighted mean of the uploaded shared LoRA.
+                ours: cohort_map(placement='shard_map', chunk=--round_chunk) + mma.aggregate; ours_vmap:
+                the same with chunk 0; drjax: drjax.program / broadcast / map_fn / reduce_weighted_mean
 
 The sharded variants need XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is
 imported, so launch/bench.py runs them in a subprocess (`run_sharded_subprocess`).
@@ -48,14 +53,18 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default as default_config
-from ml_ecs import amt, federation, params
+from ml_ecs import amt, federation, fedavg, params
 from ml_ecs.cohort_data import SplitArrays
 from ml_ecs.cohort_map import CLIENT_AXIS, cohort_map
+from ml_ecs.xla_stats import COLLECTIVES, collectives_note, count_collectives, xla_flops  # noqa: F401
 from ml_ecs.models.multimodal import MultimodalLM
 from ml_ecs.node import NodeProgram, StageSpec, make_optimizer, sub
 
 WORKLOADS = {'small': dict(batch=4, seq=16), 'large': dict(batch=8, seq=64)}
-ALL_VARIANTS = ('loop', 'vmap', 'vmap_chunk', 'sharded', 'flower', 'limit')
+ALL_VARIANTS = ('loop', 'vmap', 'vmap_chunk', 'sharded', 'flower', 'limit', 'drjax')
+ROUND_KINDS = ('ours', 'ours_vmap', 'drjax')   # 'drjax' in --variants expands to these, at each device count
+DEFAULT_ROUND_DEVICES = (1, 4)
+DEFAULT_ROUND_CHUNK = 8
 DEFAULT_CLIENTS = (16, 64, 256, 1024)
 DEFAULT_WORKLOADS = ('small', 'large')
 DEFAULT_CHUNKS = (8, 16, 32, 64)
@@ -404,10 +413,99 @@ class ShardedVariant(Variant):
 
   def compile(self, state):
     super().compile(state)
-    hlo = self.compiled.as_text() or ''
-    coll = {op: sum(1 for ln in hlo.splitlines() if f' {op}(' in ln)
-            for op in ('all-gather', 'all-reduce', 'all-to-all', 'collective-permute')}
-    self.notes.append('collectives in HLO: ' + (', '.join(f'{n} {op}' for op, n in coll.items() if n) or 'none'))
+    self.notes.append(collectives_note(self.compiled))
+
+
+def round_variant_name(kind: str, devices: int) -> str:
+  return f'{kind}@{devices}'
+
+
+class RoundVariant(Variant):
+  """A whole cohort round on a 1-D 'clients' mesh of `devices` devices: broadcast the global shared
+  LoRA to every client -> `steps` local steps -> weighted mean (by sample count) of the uploaded shared
+  LoRA. State, data, keys and weights sharded P('clients'), global shared LoRA and frozen backbone
+  replicated, under one jit with those in/out shardings.
+
+  kind 'ours' / 'ours_vmap': the federation's execution, `cohort_map(placement='shard_map', chunk=k)`
+  (k = `chunk`, resp. 0) and the MMA reduction `mma.aggregate` (samples weighting).
+  kind 'drjax': the same per-client update and weighted mean written with DrJAX primitives:
+  `drjax.program(placements={'clients': C})`, `drjax.broadcast` of the global shared LoRA,
+  `drjax.map_fn` of the update (vmap with spmd_axis_name='clients' + sharding constraints: XLA's SPMD
+  partitioner places it) and `drjax.reduce_weighted_mean`."""
+
+  def __init__(self, s: Setup, kind: str, devices: int, chunk: int = DEFAULT_ROUND_CHUNK):
+    super().__init__(s)
+    if kind not in ROUND_KINDS:
+      raise ValueError(f'round kind must be one of {ROUND_KINDS}, got {kind!r}')
+    if jax.device_count() < devices:
+      raise RuntimeError(f'{devices} devices needed, have {jax.device_count()}')
+    if s.clients % devices:
+      raise ValueError(f'{s.clients} clients do not split over {devices} devices')
+    self.name, self.devices = round_variant_name(kind, devices), devices
+    mesh = federation.client_mesh(devices)
+    per_device = s.clients // devices
+    k = chunk if kind == 'ours' and chunk < per_device else 0
+    fn = drjax_round(s, mesh) if kind == 'drjax' else ours_round(s, mesh, k)
+    shard, repl = NamedSharding(mesh, P(CLIENT_AXIS)), NamedSharding(mesh, P())
+    self.fn = jax.jit(fn, in_shardings=(repl, shard, shard, shard, shard, shard, repl),
+                      out_shardings=(shard, shard, shard, repl), donate_argnums=(1, 2))
+    self.shard, self.mesh = shard, mesh
+    self.data, self.keys = jax.device_put((s.data, s.keys), shard)
+    self.weights = jax.device_put(s.data.count.astype(jnp.float32), shard)
+    self.frozen = jax.device_put(s.frozen, repl)
+    self.global_shared = jax.device_put(jax.tree.map(lambda x: x[0], s.trainables['shared']), repl)
+    self.notes.append(f'{devices} {jax.devices()[0].platform.upper()} device{"s" if devices > 1 else ""}'
+                      + (f', chunk {k}' if k else ''))
+
+  def _args(self, state):
+    return (self.global_shared, *state, self.data, self.keys, self.weights, self.frozen)
+
+  def init(self):
+    return jax.device_put((_copy(self.s.trainables), _copy(self.s.opt_state)), self.shard)
+
+  def compile(self, state):
+    t0 = time.perf_counter()
+    with jax.set_mesh(self.mesh):
+      self.compiled = self.fn.lower(*self._args(state)).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.mem = _mem(self.compiled)
+    self.collectives = count_collectives(self.compiled)
+    self.flops = xla_flops(self.compiled)
+    self.notes.append(collectives_note(self.compiled))
+
+  def call(self, state):
+    tr, opt, _, self.global_shared = self.compiled(*self._args(state))
+    return tr, opt
+
+  def held_bytes(self) -> int:
+    return self.mem.get('peak', 0) * self.devices   # memory_analysis is per device
+
+
+def ours_round(s: Setup, mesh, chunk: int):
+  """(global_shared, tr, opt, data, keys, weights, frozen) -> (tr, opt, loss, new global) with
+  cohort_map (shard_map, `chunk`) and mma.aggregate."""
+  update = s.cohort_update(chunk=chunk, mesh=mesh, placement='shard_map')
+
+  def round_fn(global_shared, tr, opt, data, keys, weights, frozen):
+    tr = {**tr, 'shared': federation._broadcast_to_clients(global_shared, tr['shared'])}
+    tr, opt, loss = update(tr, opt, data, keys, frozen)
+    new_global, _ = fedavg.weighted_mean(tr['shared'], weights, global_shared)
+    return tr, opt, loss, new_global
+  return round_fn
+
+
+def drjax_round(s: Setup, mesh):
+  """The same round written with DrJAX 0.2.1 primitives; trace it under `jax.set_mesh(mesh)` (DrJAX
+  reads the mesh from the context, for every primitive including the reduction's own map)."""
+  import drjax
+
+  @drjax.program(placements={CLIENT_AXIS: s.clients})
+  def round_fn(global_shared, tr, opt, data, keys, weights, frozen):
+    tr = {**tr, 'shared': drjax.broadcast(global_shared)}
+    tr, opt, loss = drjax.map_fn(lambda t, o, d, k: s.client_update(t, o, d, k, frozen), (tr, opt, data, keys))
+    new_global = drjax.reduce_weighted_mean(tr['shared'], jax.tree.map(lambda _: weights, tr['shared']))
+    return tr, opt, loss, new_global
+  return round_fn
 
 
 class FlowerVariant(Variant):
@@ -510,22 +608,32 @@ class FlowerVariant(Variant):
     return None
 
 
-def variant_names(names, chunks, clients: int) -> list[str]:
-  """Expands 'vmap_chunk' into vmap_chunk{k} for every k < clients."""
+def variant_names(names, chunks, clients: int, round_devices=DEFAULT_ROUND_DEVICES) -> list[str]:
+  """Expands 'vmap_chunk' into vmap_chunk{k} for every k < clients, 'sharded' into sharded and
+  sharded_shmap, and 'drjax' into {ours, ours_vmap, drjax}@d for every d in `round_devices`."""
   out = []
   for n in names:
+    if '@' in n:   # one round variant by name, e.g. 'ours@1'
+      out.append(n)
+      continue
     if n not in ALL_VARIANTS:
       raise ValueError(f'unknown variant {n!r}; expected one of {ALL_VARIANTS}')
     if n == 'vmap_chunk':
       out += [f'vmap_chunk{k}' for k in chunks if k < clients]
     elif n == 'sharded':
       out += ['sharded', 'sharded_shmap']
+    elif n == 'drjax':
+      out += [round_variant_name(k, d) for d in round_devices for k in ROUND_KINDS if clients % d == 0]
     else:
       out.append(n)
   return out
 
 
-def make_variant(s: Setup, name: str, devices: int = 4, flower_workers: int = 0) -> Variant:
+def make_variant(s: Setup, name: str, devices: int = 4, flower_workers: int = 0,
+                 round_chunk: int = DEFAULT_ROUND_CHUNK) -> Variant:
+  if '@' in name:
+    kind, d = name.split('@')
+    return RoundVariant(s, kind, int(d), round_chunk)
   if name == 'loop':
     return LoopVariant(s)
   if name == 'vmap':
@@ -586,7 +694,7 @@ def time_variant(v: Variant, repeats: int, budget_s: float, max_mem: float, proj
     return row
   state = v.init()
   v.compile(state)
-  row.update(compile_s=v.compile_s, mem=v.mem, peak_bytes=v.held_bytes())
+  row.update(compile_s=v.compile_s, mem=v.mem, peak_bytes=v.held_bytes(), flops=getattr(v, 'flops', None))
   if v.held_bytes() > max_mem:
     row['skip'] = f'compiled peak memory {v.held_bytes() / 2**30:.1f} GiB > --max_mem_gb={max_mem / 2**30:g}'
     return row
@@ -615,15 +723,17 @@ def time_variant(v: Variant, repeats: int, budget_s: float, max_mem: float, proj
 def run_cells(clients: list[int], workloads: list[str], variants: list[str], *, steps: int, repeats: int,
               width: int, layers: int, heads: int, chunks: list[int], budget_s: float, max_mem: float,
               samples: int, seed: int, devices: int = 4, flower_workers: int = 0, deadline: float | None = None,
+              round_devices=DEFAULT_ROUND_DEVICES, round_chunk: int = DEFAULT_ROUND_CHUNK,
               on_row: Callable[[dict], None] = lambda r: None) -> tuple[list[dict], dict]:
-  """Every (workload, clients, variant) cell, in increasing client count. Returns (rows, memory info)."""
+  """Every (workload, clients, variant) cell, in increasing client count. Returns (rows, memory info).
+  `round_devices`: the device counts at which 'drjax' runs its round variants (this process's devices)."""
   rows: list[dict] = []
   mem_info: dict[str, dict] = {}
   for wl in workloads:
     last: dict[str, dict] = {}       # variant -> last timed row (time projection)
     last_mem: dict[str, dict] = {}   # variant -> last compiled row (memory projection)
     for c in sorted(clients):
-      names = variant_names(variants, chunks, c)
+      names = variant_names(variants, chunks, c, round_devices)
       if 'flower' in names:
         try:
           import flwr  # noqa: F401
@@ -644,8 +754,8 @@ def run_cells(clients: list[int], workloads: list[str], variants: list[str], *, 
           proj = max(proj or 0.0, last['loop']['median_s'])  # a Flower round does at least the loop's work
         peak = prev_mem['peak_bytes'] * c / prev_mem['clients'] if prev_mem else None
         try:
-          row = time_variant(make_variant(s, name, devices, flower_workers), repeats, budget_s, max_mem, proj,
-                             peak, deadline)
+          row = time_variant(make_variant(s, name, devices, flower_workers, round_chunk), repeats, budget_s,
+                             max_mem, proj, peak, deadline)
         except Exception as e:  # keep the grid going; the reason lands in the table
           traceback.print_exc()
           row = dict(workload=wl, clients=c, variant=name, skip=f'error: {type(e).__name__}: {e}'[:300])
@@ -672,12 +782,17 @@ def _ratio(a, b) -> str:
   return f'{a / b:.2f}x' if a and b else 'n/a'
 
 
-def ratio_rows(rows: list[dict]) -> list[dict]:
+def _cells(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+  """{(workload, clients): {variant: row}}."""
   cells: dict[tuple, dict[str, dict]] = {}
   for r in rows:
     cells.setdefault((r['workload'], r['clients']), {})[r['variant']] = r
+  return cells
+
+
+def ratio_rows(rows: list[dict]) -> list[dict]:
   out = []
-  for (wl, c), vs in cells.items():
+  for (wl, c), vs in _cells(rows).items():
     thr = {k: v.get('client_steps_per_s') for k, v in vs.items()}
     chunk = {k: t for k, t in thr.items() if k.startswith('vmap_chunk') and t}
     best = max(chunk, key=chunk.get) if chunk else None
@@ -690,6 +805,53 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
                     shmap_vmap=_ratio(thr.get('sharded_shmap'), thr.get('vmap')),
                     vmap_flower=_ratio(thr.get('vmap'), thr.get('flower'))))
   return out
+
+
+def headline_rows(rows: list[dict]) -> list[dict]:
+  """Per cell, the ratios a user cares about: our round over DrJAX's (same devices, throughput and compiled
+  peak memory), and our 1-device round over the loop, the limit and the in-process Flower round."""
+  out = []
+  for (wl, c), vs in _cells(rows).items():
+    thr = {k: v.get('client_steps_per_s') for k, v in vs.items()}
+    peak = {k: v.get('peak_bytes') for k, v in vs.items()}
+    devices = sorted({int(k.split('@')[1]) for k in vs if '@' in k})
+    if not devices:
+      continue
+    d = dict(workload=wl, clients=c)
+    for n in devices:
+      ours, vm, dr = (round_variant_name(k, n) for k in ROUND_KINDS)
+      d[f'ours_drjax@{n}'] = _ratio(thr.get(ours), thr.get(dr))
+      d[f'oursvmap_drjax@{n}'] = _ratio(thr.get(vm), thr.get(dr))
+      d[f'mem_ours_drjax@{n}'] = _ratio(peak.get(ours), peak.get(dr))
+      d[f'coll_drjax@{n}'] = (vs.get(dr, {}).get('notes', '').split('collectives in HLO: ')[-1]
+                              if 'collectives' in vs.get(dr, {}).get('notes', '') else 'n/a')
+    one = round_variant_name('ours', 1)
+    d.update(ours_loop=_ratio(thr.get(one), thr.get('loop')), ours_limit=_ratio(thr.get(one), thr.get('limit')),
+             ours_flower=_ratio(thr.get(one), thr.get('flower')), devices=devices)
+    out.append(d)
+  return out
+
+
+def headline_markdown(rows: list[dict]) -> list[str]:
+  hs = headline_rows(rows)
+  if not hs:
+    return []
+  devices = sorted({n for h in hs for n in h['devices']})
+  L = ['## Headline ratios (throughput of the first over the second; same run, same machine)', '',
+       '`ours@d` = one cohort round (broadcast -> local update -> weighted mean of the shared LoRA) with '
+       '`cohort_map(placement="shard_map", chunk=k)` + `mma.aggregate` on d CPU devices; `drjax@d` = the same '
+       'round with DrJAX primitives; loop / limit / flower time the local update only (no aggregation), so '
+       'ours/loop slightly understates ours. Flower is in-process flwr objects, not a Flower deployment.', '',
+       '| workload | clients | ' + ' | '.join(f'ours/drjax @{n} | ours_vmap/drjax @{n} | peak mem ours/drjax @{n} | '
+                                              f'drjax collectives @{n}' for n in devices)
+       + ' | ours@1/loop | ours@1/limit | ours@1/flower (in-process) |',
+       '|---|---:|' + '---:|---:|---:|---|' * len(devices) + '---:|---:|---:|']
+  for h in hs:
+    cols = [f"{h.get(f'ours_drjax@{n}', 'n/a')} | {h.get(f'oursvmap_drjax@{n}', 'n/a')} | "
+            f"{h.get(f'mem_ours_drjax@{n}', 'n/a')} | {h.get(f'coll_drjax@{n}', 'n/a')}" for n in devices]
+    L.append(f"| {h['workload']} | {h['clients']} | " + ' | '.join(cols) +
+             f" | {h['ours_loop']} | {h['ours_limit']} | {h['ours_flower']} |")
+  return L + ['']
 
 
 def memory_slopes(rows: list[dict]) -> list[dict]:
@@ -760,9 +922,10 @@ def markdown(rows, mem_info, info, command, settings, elapsed_s) -> str:
   if list(settings.get('clients', ())) != list(DEFAULT_CLIENTS) or \
       tuple(settings.get('workloads', {})) != DEFAULT_WORKLOADS:
     L += ['**Partial grid** (not the default clients x workloads): a smoke run, not the reference numbers.', '']
+  L += headline_markdown(rows)
   L += [
        '## Command', '', '```', command, '```', '',
-       f'Wall time of the run: {elapsed_s / 60:.1f} min.', '', '## Machine', '']
+       *([f'Wall time of the run: {elapsed_s / 60:.1f} min.', ''] if elapsed_s else []), '## Machine', '']
   L += [f'- {k}: `{v}`' for k, v in info.items()]
   L += ['', '## Settings', '']
   L += [f'- {k}: {v}' for k, v in settings.items()]
@@ -849,7 +1012,8 @@ def reading(rows) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- a whole run
-VARIANT_ORDER = ('loop', 'vmap', 'vmap_chunk', 'limit', 'sharded', 'sharded_shmap', 'flower')
+VARIANT_ORDER = ('loop', 'vmap', 'vmap_chunk', 'limit', 'sharded', 'sharded_shmap', 'flower',
+                 *(round_variant_name(k, d) for d in (1, 2, 4, 8) for k in ROUND_KINDS))
 
 
 def sort_rows(rows: list[dict], workloads: list[str]) -> list[dict]:
@@ -863,7 +1027,8 @@ def sort_rows(rows: list[dict], workloads: list[str]) -> list[dict]:
   return sorted(rows, key=key)
 
 
-def run_sharded_subprocess(argv: list[str], clients: list[int], workloads: list[str], devices: int) -> list[dict]:
+def run_sharded_subprocess(argv: list[str], clients: list[int], workloads: list[str], devices: int,
+                           variants=('sharded',)) -> list[dict]:
   """Runs `argv` (a worker command line that takes --worker_out) in a fresh process with `devices`
   forced CPU devices; returns the rows it wrote, or skip rows if it failed."""
   env = dict(os.environ)
@@ -875,7 +1040,7 @@ def run_sharded_subprocess(argv: list[str], clients: list[int], workloads: list[
     proc = subprocess.run([sys.executable, *argv, f'--worker_out={out}'], env=env)
     if proc.returncode or not os.path.exists(out):
       return [dict(workload=w, clients=c, variant=v, skip=f'subprocess failed (rc {proc.returncode})')
-              for w in workloads for c in clients for v in ('sharded', 'sharded_shmap')]
+              for w in workloads for c in clients for v in variant_names(variants, [], c, (devices,))]
     with open(out) as f:
       return json.load(f)
 
@@ -890,6 +1055,10 @@ def print_summary(rows: list[dict], mem_info: dict) -> None:
     log(f"{r['workload']:>5} {r['clients']:>5}  vmap/loop {r['vmap_loop']:>7}  best chunk k={r['best_chunk']:>3} "
         f"chunk/loop {r['chunk_loop']:>7}  vmap/limit {r['vmap_limit']:>7}  sharded/vmap {r['sharded_vmap']:>7}  "
         f"shmap/vmap {r['shmap_vmap']:>7}  vmap/flower {r['vmap_flower']:>7}")
+  for h in headline_rows(rows):
+    log(f"{h['workload']:>5} {h['clients']:>5}  " + '  '.join(
+        f"ours/drjax@{n} {h[f'ours_drjax@{n}']} (mem {h[f'mem_ours_drjax@{n}']})" for n in h['devices'])
+        + f"  ours@1/loop {h['ours_loop']}  ours@1/limit {h['ours_limit']}")
   log('\n=== bytes per client ===')
   for wl, m in mem_info.items():
     log(f'{wl}: {m["per_client"]}  text {m["text"]}')

@@ -96,3 +96,24 @@ def test_vmap_is_the_federation_cohort_update(setup):
                  jax.tree.map(lambda x: x[0], s.trainables['shared']), jnp.zeros((1, 1)), s.frozen)
   bench_tr = _run(dataclasses.replace(s, keys=keys), 'vmap')[1]
   _assert_same(out.trainables, bench_tr, 'federation cohort round vs benchmark vmap')
+
+
+def test_round_variants_agree(setup, loop_result):
+  """ours (shard_map + chunked vmap + mma.aggregate), ours_vmap and the DrJAX round compute the same round:
+  every client's update is its loop update, and the new global shared LoRA is their sample-weighted mean."""
+  pytest.importorskip('drjax')
+  results = {}
+  for kind in bench.ROUND_KINDS:
+    v = bench.make_variant(setup, f'{kind}@1', round_chunk=2)
+    state = v.init()
+    v.compile(state)
+    state = v.call(state)
+    jax.block_until_ready(state)
+    assert v.collectives == {op: 0 for op in bench.COLLECTIVES}
+    results[kind] = (v.trainables(state), v.global_shared)
+  w = np.asarray(setup.data.count, np.float64)
+  expected = jax.tree.map(lambda x: np.tensordot(w / w.sum(), np.asarray(x), axes=1), loop_result['shared'])
+  for kind, (tr, global_shared) in results.items():
+    _assert_same(loop_result, tr, f'{kind} round vs loop')
+    _assert_same(expected, global_shared, f'{kind} aggregate vs weighted mean')
+  assert bench.variant_names(['drjax'], [], 4, (1, 4)) == [f'{k}@{d}' for d in (1, 4) for k in bench.ROUND_KINDS]
