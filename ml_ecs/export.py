@@ -28,6 +28,7 @@ from ml_ecs import federation, peft_io
 from ml_ecs.checkpoint import Checkpointer
 from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.models.hf_gpt2 import export_hf_gpt2
+from ml_ecs.models.multimodal import model_options, node_backbone_config
 from ml_ecs.validation import validate
 
 BASE_DIR = 'base_model'
@@ -78,16 +79,26 @@ def load_run(workdir: str, *, dataset: MultimodalDataset | None = None, cache_di
 
 def node(setup: federation.Setup, state: federation.State, client: int | None = None, server: bool = False
          ) -> tuple[dict, Any, ml_collections.ConfigDict, str]:
-  """(trainables, frozen state, model config, model name) of client id `client`, or of the server."""
+  """(trainables, frozen state, model config, model name) of client id `client`, or of the server.
+
+  The model config's backbone carries the node's gate form (as the node was built), so an
+  exported adapter folds in the gates the node really used."""
   if (client is None) == (not server):
     raise ValueError('name exactly one node: a client id or the server')
+  opts = model_options(setup.cfg)
+
+  def with_gates(name):
+    mcfg = ml_collections.ConfigDict(setup.model_cfgs[name].to_dict())
+    mcfg.backbone = node_backbone_config(mcfg.backbone, opts['gates'], opts['gate_init'])
+    return mcfg
+
   if server:
-    return state.server.trainables, setup.server_frozen, setup.model_cfgs['server_model'], 'server_model'
+    return state.server.trainables, setup.server_frozen, with_gates('server_model'), 'server_model'
   for c, cs in zip(setup.cohorts, state.cohorts):
     hits = [j for j in range(c.num_real) if int(c.client_ids[j]) == client]
     if hits:
       trainables = jax.tree.map(lambda x, j=hits[0]: x[j], cs.trainables)
-      return trainables, setup.edge_frozen, setup.model_cfgs['edge_model'], 'edge_model'
+      return trainables, setup.edge_frozen, with_gates('edge_model'), 'edge_model'
   ids = sorted(int(i) for c in setup.cohorts for i in c.client_ids[:c.num_real])
   raise ValueError(f'unknown client id {client}: this run has clients {ids[0]}..{ids[-1]} ({len(ids)} clients)')
 

@@ -107,8 +107,10 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_finished_run_is_kept_other_config_refused_overwrite_restarts(reference):
+def test_finished_run_is_kept_other_config_refused_overwrite_restarts(reference, tmp_path):
+  import shutil
   workdir, metrics, _ = reference
+  workdir = shutil.copytree(workdir, str(tmp_path / 'copy'))   # the reference stays for the other tests
   rc, out = _run(workdir)
   assert rc == 0 and 'holds a complete run' in out
   assert _read(os.path.join(workdir, 'metrics.jsonl')) == metrics

@@ -86,6 +86,14 @@ class ProjectionHead(nnx.Module):
     return self.l2(jax.nn.gelu(self.l1(z)))
 
 
+def node_backbone_config(backbone_cfg: ml_collections.ConfigDict, gates: str = 'scaled',
+                         gate_init: float = 2.0) -> ml_collections.ConfigDict:
+  """The DecoderLM config a node builds: its backbone config with the gate form of its method."""
+  if gates == 'scaled':
+    return backbone_cfg
+  return ml_collections.ConfigDict({**backbone_cfg.to_dict(), 'gates': gates, 'gate_init': gate_init})
+
+
 def model_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """MultimodalLM keyword arguments of an experiment config's `method` (and seed).
 
@@ -125,10 +133,7 @@ class MultimodalLM(nnx.Module):
       self.adapters = nnx.Dict({m: ModalityProjection(m, cfg.d_enc, shared_seed) for m in all_modalities})
     self.connector = Connector(self.modalities, cfg.d_enc, cfg.d_fuse, cfg.d_z, cfg.prompt_len,
                                cfg.backbone.width, rngs=rngs)
-    backbone_cfg = cfg.backbone
-    if gates != 'scaled':
-      backbone_cfg = ml_collections.ConfigDict({**cfg.backbone.to_dict(), 'gates': gates, 'gate_init': gate_init})
-    self.backbone = DecoderLM(backbone_cfg, vocab_size, rngs=rngs)
+    self.backbone = DecoderLM(node_backbone_config(cfg.backbone, gates, gate_init), vocab_size, rngs=rngs)
     self.prompt_len = cfg.prompt_len
     self.text_proj = nnx.Linear(cfg.backbone.width, cfg.d_fuse, rngs=rngs) if text_anchor else None
     self.se_head = ProjectionHead(cfg.d_z, se_head_dim, rngs=rngs) if se_head_dim else None
