@@ -78,10 +78,12 @@ def test_sizing_gpt2_pair_without_weights():
   # distilgpt2 and gpt2-medium: 81.9M and 354.8M base parameters (tied head), as transformers counts them
   assert {e['params']['frozen']['params'] for e in s['edge_cohorts']} == {81_912_576}
   assert s['server']['frozen']['params'] == 354_823_168
-  # LoRA r=8 on c_attn (768 -> 2304) and c_proj (768 -> 768) of 6 layers, + 3 modality adapters
+  # LoRA r=8 on c_attn (768 -> 2304) and c_proj (768 -> 768) of 6 layers, + 3 shared modality
+  # projections d_enc x d_enc + bias (method.modality_params='projection', d_enc = 64)
   lora = 6 * 8 * (768 + 2304 + 768 + 768)
-  assert {e['params']['shared']['params'] for e in s['edge_cohorts']} == {lora + 3 * 2 * 64 * 4}
-  assert s['per_client']['shared_lora_bytes'] == 4 * (lora + 3 * 2 * 64 * 4)
+  modality = 3 * (64 * 64 + 64)
+  assert {e['params']['shared']['params'] for e in s['edge_cohorts']} == {lora + modality}
+  assert s['per_client']['shared_lora_bytes'] == 4 * (lora + modality)
   assert 0 < s['edge_lora_fraction'] < 0.01 and 0 < s['round']['comm/ratio'] < 0.01
 
 
