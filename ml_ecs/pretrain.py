@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from ml_ecs.lm import lm_loss
 from ml_ecs.models.decoder import DecoderLM
@@ -35,6 +36,8 @@ from ml_ecs.text import TaskText
 
 CORPORA = ('answers', 'generic')
 
+
+PROGRESS_CHUNKS = 10   # pretraining runs in this many jitted calls, one progress-bar update each
 
 def generic_corpus(text: TaskText, num: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """(tokens [n, La], mask [n, La]) of up to `num` random word sequences (2 to 8 words drawn
@@ -56,8 +59,10 @@ def generic_corpus(text: TaskText, num: int = 2048, seed: int = 0) -> tuple[np.n
 
 
 def pretrain_backbone(backbone_cfg: ml_collections.ConfigDict, prompt_len: int, text: TaskText,
-                      cfg: ml_collections.ConfigDict, seed: int) -> tuple[nnx.State, dict]:
-  """Trains a DecoderLM's base weights; returns (Frozen state, {'loss_first', 'loss_final'})."""
+                      cfg: ml_collections.ConfigDict, seed: int, chunk: int | None = None) -> tuple[nnx.State, dict]:
+  """Trains a DecoderLM's base weights; returns (Frozen state, {'loss_first', 'loss_final'}).
+
+  `chunk`: steps per jitted call (default: the steps in PROGRESS_CHUNKS calls)."""
   model = DecoderLM(backbone_cfg, text.tokenizer.vocab_size, rngs=nnx.Rngs(seed))
   graphdef, frozen, rest = nnx.split(model, Frozen, ...)
   # Unique (answer, mask) rows; the mask comes from the tokenizer, not from `ids != pad_id`,
@@ -84,16 +89,25 @@ def pretrain_backbone(backbone_cfg: ml_collections.ConfigDict, prompt_len: int, 
     return lm_loss(logits[:, -ans.shape[1]:], ans, am)
 
   @jax.jit
-  def train(frozen, key):
+  def train(carry, keys):
     def step(carry, key):
       frozen, opt = carry
       loss, grads = jax.value_and_grad(loss_fn)(frozen, key)
       updates, opt = tx.update(grads, opt, frozen)
       return (optax.apply_updates(frozen, updates), opt), loss
-    (frozen, _), losses = jax.lax.scan(step, (frozen, tx.init(frozen)), jax.random.split(key, cfg.steps))
-    return frozen, losses
+    return jax.lax.scan(step, carry, keys)
 
-  frozen, losses = train(frozen, jax.random.key(seed + 1))
+  # The steps run in chunks so that a progress bar can follow them (shown on a terminal only);
+  # each step computes exactly what one scan over all steps would.
+  keys = jax.random.split(jax.random.key(seed + 1), cfg.steps)
+  size = chunk or -(-cfg.steps // PROGRESS_CHUNKS)
+  carry, losses = (frozen, tx.init(frozen)), []
+  with tqdm(total=cfg.steps, desc='pretraining backbone', unit='step', disable=None, leave=False) as bar:
+    for start in range(0, cfg.steps, size):
+      carry, chunk_losses = train(carry, keys[start:start + size])
+      losses.append(chunk_losses)
+      bar.update(int(chunk_losses.shape[0]))
+  frozen, losses = carry[0], jnp.concatenate(losses)
   return frozen, {'loss_first': float(losses[0]), 'loss_final': float(losses[-1])}
 
 
