@@ -507,6 +507,15 @@ def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test'
   return per_client, diverged
 
 
+def server_predictions(setup: Setup, state: State, split: str = 'test') -> tuple[list[str], np.ndarray]:
+  """The server's generated answers on its public test (or validation) split, and their dataset indices."""
+  server_split, server_idx = ((setup.public_val, setup.partition.public_val_idx) if split == 'val'
+                              else (setup.public_test, setup.partition.public_test_idx))
+  toks = np.asarray(setup.server_generate_fn(state.server.trainables, setup.server_frozen, server_split))
+  n = int(server_split.count)
+  return setup.text.tokenizer.decode(toks[:n]), server_idx[:n]
+
+
 def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
   """ROUGE and accuracy of every client on its test split and of the server on the public test split
   (split='val': the validation splits cut for tuning; never the test data).
@@ -521,12 +530,7 @@ def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
   per_global = _score_clients(setup, [amt.global_view(cs.trainables, state.global_shared,
                                                       model_options(setup.cfg)['gates'])
                                       for cs in state.cohorts], split)[0] if setup.communicate else {}
-  server_split, server_idx = ((setup.public_val, setup.partition.public_val_idx) if split == 'val'
-                              else (setup.public_test, setup.partition.public_test_idx))
-  toks = np.asarray(setup.server_generate_fn(state.server.trainables, setup.server_frozen, server_split))
-  n = int(server_split.count)
-  idx = server_idx[:n]
-  server_preds = text.tokenizer.decode(toks[:n])
+  server_preds, idx = server_predictions(setup, state, split)
   server = scorer.score(server_preds, [text.references[i] for i in idx], setup.dataset.labels[idx].tolist())
   out: dict[str, Any] = {'round': int(state.round)}
   ids = sorted(per_client, key=int)
@@ -571,13 +575,12 @@ def clients_info(setup: Setup) -> list[dict[str, Any]]:
 def answer_examples(setup: Setup, state: State, per_class: int = 1) -> list[dict[str, Any]]:
   """The server's generated answers for the first `per_class` public test samples of each class,
   beside their references."""
-  toks = np.asarray(setup.server_generate_fn(state.server.trainables, setup.server_frozen, setup.public_test))
-  idx = setup.partition.public_test_idx[:int(setup.public_test.count)]
+  preds, idx = server_predictions(setup, state)
   out, seen = [], {}
-  for j, i in enumerate(idx):
+  for pred, i in zip(preds, idx):
     label = int(setup.dataset.labels[i])
     if seen.get(label, 0) < per_class:
       seen[label] = seen.get(label, 0) + 1
       out.append({'class': setup.dataset.class_names[label], 'reference': setup.text.references[i],
-                  'generated': setup.text.tokenizer.decode(toks[j:j + 1])[0]})
+                  'generated': pred})
   return sorted(out, key=lambda r: r['class'])
