@@ -30,13 +30,15 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # training seed (see the module docstring)
   c.data = ml_collections.ConfigDict(dict(
-      name='embedded',            # 'embedded', 'urfall', 'npz', 'hf' or 'tfds' (ml_ecs/data/loaders.py)
+      name='embedded',            # 'embedded', 'synthetic', 'urfall', 'npz', 'hf' or 'tfds' (ml_ecs/data/loaders.py)
       path='',                    # file or directory of local files for the other sources
       split='train',              # split read by 'hf' / 'tfds'
       columns=ml_collections.ConfigDict(dict(
           modalities=(),          # 'name' or 'name=column' entries; () = every array-valued column
           label='label', sequence_id='', text='')),   # '' = none (one sequence per sample / class names)
       class_names=(),             # names of plain integer labels
+      synthetic_recordings=0,     # data.name='synthetic': recordings of the latent model (0 = enough for num_clients)
+      synthetic_windows=10,       # data.name='synthetic': windows (samples) per recording
       num_clients=8,
       public_fraction=0.2,        # of all sequences; shared by server and clients
       public_test_fraction=0.3,   # of the public sequences; the server's test split
@@ -131,6 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       max_test_per_client=64, max_server_test=256,
       split='test',               # 'val': evaluate on the validation splits (tuning), never the test data
+      clients_per_eval=0,         # clients decoded per evaluation (0 = all), drawn per cohort from (seed, round)
   ))
   # The client axis of every cohort is sharded over this many devices (0 = all visible).
   c.mesh = ml_collections.ConfigDict(dict(num_devices=0))

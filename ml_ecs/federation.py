@@ -484,25 +484,58 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   return new_state, metrics
 
 
-def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test'
+def eval_positions(setup: Setup, round_: int) -> list[np.ndarray | None]:
+  """Per cohort, the sorted positions of the real clients an evaluation decodes (None = all).
+
+  eval.clients_per_eval = n > 0 (below the number of clients): each cohort evaluates its
+  share round(n * num_real / total) (at least one) of its clients, drawn without replacement
+  from (seed, round, cohort), so the same round always evaluates the same clients.
+  """
+  n = int(setup.cfg.eval.get('clients_per_eval', 0) or 0)
+  total = sum(c.num_real for c in setup.cohorts)
+  if not n or n >= total:
+    return [None] * len(setup.cohorts)
+  out = []
+  for k, c in enumerate(setup.cohorts):
+    n_k = min(c.num_real, max(1, int(round(n * c.num_real / total))))
+    rng = np.random.default_rng([int(setup.cfg.seed), int(round_), k, 31])
+    out.append(np.sort(rng.choice(c.num_real, n_k, replace=False)))
+  return out
+
+
+@jax.jit
+def _take_clients(tree, pos):
+  return jax.tree.map(lambda x: x[pos], tree)
+
+
+def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test',
+                   positions: Sequence[np.ndarray | None] | None = None
                    ) -> tuple[dict[str, dict[str, float]], list[int]]:
   """Scores of every real client's generations on its `split` ('test' or 'val'), given each cohort's
-  trainables, and the ids of the clients left out because their weights are not finite."""
+  trainables, and the ids of the clients left out because their weights are not finite.
+  `positions[k]`: only these clients of cohort k (one batched generate call over them)."""
   text, scorer = setup.text, setup.scorer
   per_client: dict[str, dict[str, float]] = {}
   diverged: list[int] = []   # non-finite clients: left out of every client mean (ml_ecs.faults)
-  for c, tr in zip(setup.cohorts, trainables):
+  positions = positions or [None] * len(setup.cohorts)
+  for c, tr, pos in zip(setup.cohorts, trainables, positions):
     data, index_lists = c.data.eval_split(split)
+    if pos is None:
+      pos = np.arange(c.num_real)
+    else:   # the sampled block, padded with its first client to a multiple of the device count
+      block = np.concatenate([pos, np.full(_round_up(len(pos), setup.mesh.size) - len(pos), pos[0])])
+      tr, data = _take_clients((tr, data), jnp.asarray(block))
     toks = np.asarray(c.generate_fn(tr, data, setup.edge_frozen))
     counts = np.asarray(data.count)
     labels = np.asarray(data.labels)
     finite = np.asarray(faults.clients_finite(tr))
-    for j, spec in enumerate(c.data.clients[:c.num_real]):
+    for j, p in enumerate(pos):
+      spec = c.data.clients[p]
       if not finite[j]:
         diverged.append(int(spec.client_id))
         continue
       preds = text.tokenizer.decode(toks[j, :counts[j]])
-      refs = [text.references[i] for i in index_lists[j][:counts[j]]]
+      refs = [text.references[i] for i in index_lists[p][:counts[j]]]
       per_client[str(spec.client_id)] = scorer.score(preds, refs, labels[j, :counts[j]].tolist())
   return per_client, diverged
 
@@ -517,10 +550,11 @@ def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
   """
   t0 = time.perf_counter()
   text, scorer = setup.text, setup.scorer
-  per_client, diverged = _score_clients(setup, [cs.trainables for cs in state.cohorts], split)
+  positions = eval_positions(setup, int(state.round))
+  per_client, diverged = _score_clients(setup, [cs.trainables for cs in state.cohorts], split, positions)
   per_global = _score_clients(setup, [amt.global_view(cs.trainables, state.global_shared,
                                                       model_options(setup.cfg)['gates'])
-                                      for cs in state.cohorts], split)[0] if setup.communicate else {}
+                                      for cs in state.cohorts], split, positions)[0] if setup.communicate else {}
   server_split, server_idx = ((setup.public_val, setup.partition.public_val_idx) if split == 'val'
                               else (setup.public_test, setup.partition.public_test_idx))
   toks = np.asarray(setup.server_generate_fn(state.server.trainables, setup.server_frozen, server_split))
@@ -539,6 +573,8 @@ def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
   for t in ('rougeLsum', 'rougeLsum_multi', 'accuracy'):
     out[f'client/{t}'] = {c: per_client[c][t] for c in ids}
   out['client/diverged_ids'] = sorted(diverged)
+  if any(p is not None for p in positions):   # eval.clients_per_eval: how many the client means cover
+    out['client/evaluated'] = len(ids) + len(diverged)
   out['samples/server_prediction'] = server_preds[0] if server_preds else ''
   out['time/eval_s'] = time.perf_counter() - t0
   return out
