@@ -75,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
       batch_size=16, learning_rate=3e-3, weight_decay=0.0, clip_norm=1.0, eval_every=5,
       lr_schedule='warmup_cosine',  # 'constant' or 'warmup_cosine' (per stage optimizer, over rounds x its steps)
       warmup_steps=10,            # linear warm-up steps of 'warmup_cosine' (capped below the total)
+      host_state=False,           # True: cohort state/data stay in host numpy, only each round's sampled block
+                                  # goes to the devices (large federations, small client_fraction)
       client_chunk=8,             # clients per vmapped block inside a cohort (lax.map); 0 = one vmap
       checkpoint_every=5,         # rounds between checkpoints; the last round is always saved (0 = only it)
       keep_checkpoints=2,         # newest checkpoints kept (>= 2: a corrupt newest falls back)

@@ -175,6 +175,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _int(cfg, 'train.checkpoint_every', 0)
   _int(cfg, 'train.keep_checkpoints', 2)
   _int(cfg, 'train.client_chunk', 0)
+  if 'host_state' in cfg.train:
+    _bool(cfg, 'train.host_state')
   del rounds
   # simulated faults
   _float(cfg, 'train.dropout_rate', 0.0, 1.0, hi_open=True)

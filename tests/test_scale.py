@@ -86,3 +86,39 @@ def test_scale_cpu_config_end_to_end(tmp_path):
   assert [r['round'] for r in rows] == [0, 1]
   assert rows[-1]['clients/sampled'] == 10   # 25% of 40
   assert 3 <= rows[-1]['client/evaluated'] <= 8 and len(rows[-1]['client/rougeLsum']) == rows[-1]['client/evaluated']
+
+
+def test_host_state_moves_only_the_sampled_block_and_reuses_the_compiled_round(tiny_config, dataset, tmp_path):
+  cfg = copy.deepcopy(tiny_config)
+  cfg.train.client_fraction = 0.5
+  dev_setup, dev_state = federation.init(cfg, workdir=str(tmp_path), dataset=dataset, log=lambda s: None)
+  cfg.train.host_state = True
+  setup, state = federation.init(cfg, workdir=str(tmp_path), dataset=dataset, log=lambda s: None)
+  assert all(isinstance(x, np.ndarray) for cs in state.cohorts for x in jax.tree.leaves(cs))
+  seen = []
+
+  def spy(c):
+    def fn(tr, opt, train, public, sel, *a, **kw):
+      seen.append((c.num_selected, {x.shape[0] for x in jax.tree.leaves((tr, opt, train, public))}, type(tr)))
+      return c.round_fn(tr, opt, train, public, sel, *a, **kw)
+    return fn
+  import dataclasses
+  setup = dataclasses.replace(setup, cohorts=tuple(dataclasses.replace(c, round_fn=spy(c)) for c in setup.cohorts))
+  for _ in range(3):   # rounds sample different clients
+    state, m = federation.run_round(setup, state)
+    dev_state, dm = federation.run_round(dev_setup, dev_state)
+    for k in ('client/private_lm', 'client/public_lm', 'server/lm', 'comm/bytes_up'):
+      np.testing.assert_allclose(m[k], dm[k], rtol=1e-5, err_msg=k)
+  # Every array handed to the jitted round has the sampled block's leading size, never the cohort's.
+  assert len(seen) == 3 * len(setup.cohorts) and all(sizes == {n} for n, sizes, _ in seen)
+  assert any(n < len(c.client_ids) for n, c in zip([c.num_selected for c in setup.cohorts], setup.cohorts))
+  # One compilation per cohort for all rounds, whatever clients were sampled.
+  for c in setup.cohorts:
+    jitted = [cell.cell_contents for cell in c.round_fn.__closure__
+              if hasattr(cell.cell_contents, 'round_fn')][0].round_fn
+    assert jitted._cache_size() == 1
+  np.testing.assert_allclose(np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(state.cohorts)]),
+                             np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(dev_state.cohorts)]),
+                             rtol=1e-4, atol=1e-6)
+  out = federation.evaluate(setup, state)
+  assert np.isfinite(out['client/rougeLsum_mean'])
