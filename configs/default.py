@@ -30,13 +30,15 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # training seed (see the module docstring)
   c.data = ml_collections.ConfigDict(dict(
-      name='embedded',            # 'embedded', 'urfall', 'npz', 'hf' or 'tfds' (ml_ecs/data/loaders.py)
+      name='embedded',            # 'embedded', 'synthetic', 'urfall', 'npz', 'hf' or 'tfds' (ml_ecs/data/loaders.py)
       path='',                    # file or directory of local files for the other sources
       split='train',              # split read by 'hf' / 'tfds'
       columns=ml_collections.ConfigDict(dict(
           modalities=(),          # 'name' or 'name=column' entries; () = every array-valued column
           label='label', sequence_id='', text='')),   # '' = none (one sequence per sample / class names)
       class_names=(),             # names of plain integer labels
+      synthetic_recordings=0,     # data.name='synthetic': recordings of the latent model (0 = enough for num_clients)
+      synthetic_windows=10,       # data.name='synthetic': windows (samples) per recording
       num_clients=8,
       public_fraction=0.2,        # of all sequences; shared by server and clients
       public_test_fraction=0.3,   # of the public sequences; the server's test split
@@ -73,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
       batch_size=16, learning_rate=3e-3, weight_decay=0.0, clip_norm=1.0, eval_every=5,
       lr_schedule='warmup_cosine',  # 'constant' or 'warmup_cosine' (per stage optimizer, over rounds x its steps)
       warmup_steps=10,            # linear warm-up steps of 'warmup_cosine' (capped below the total)
+      host_state=False,           # True: cohort state/data stay in host numpy, only each round's sampled block
+                                  # goes to the devices (large federations, small client_fraction)
       client_chunk=8,             # clients per vmapped block inside a cohort (lax.map); 0 = one vmap
       checkpoint_every=5,         # rounds between checkpoints; the last round is always saved (0 = only it)
       keep_checkpoints=2,         # newest checkpoints kept (>= 2: a corrupt newest falls back)
@@ -131,6 +135,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       max_test_per_client=64, max_server_test=256,
       split='test',               # 'val': evaluate on the validation splits (tuning), never the test data
+      clients_per_eval=0,         # clients decoded per evaluation (0 = all), drawn per cohort from (seed, round)
   ))
   # The client axis of every cohort is sharded over this many devices (0 = all visible).
   c.mesh = ml_collections.ConfigDict(dict(num_devices=0))

@@ -95,6 +95,7 @@ class CohortSetup:
   round_fn: Callable[..., CohortRound]
   generate_fn: Callable
   resync_fn: Callable | None = None   # re-syncs diverged clients (ml_ecs.faults.make_resync)
+  host: bool = False        # train.host_state: state and data stay in host numpy; only the sampled block moves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +225,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   stages = amt.stages(cfg.method, cfg.train)
   optimizer = make_optimizer(cfg.train)
   m = cfg.method
+  host = bool(cfg.train.get('host_state', False))
 
   def model_fn(name, mods, enc, rngs):
     return MultimodalLM({k: shapes[k] for k in mods}, enc, modalities, mcfgs[name],
@@ -269,17 +271,18 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
                         out_shardings=client_sharding)(trainables)
     data = cohort_data(ds, text, padded, part.public_train_idx, cfg.eval.max_test_per_client,
                        cfg.data.label_fraction, cfg.data.public_labels, cfg.data.seed)
-    data = dataclasses.replace(data, **{s: jax.device_put(getattr(data, s), client_sharding)
+    place = (lambda t: jax.tree.map(np.array, t)) if host else (lambda t: jax.device_put(t, client_sharding))
+    data = dataclasses.replace(data, **{s: place(getattr(data, s))
                                         for s in ('train', 'test', 'public', 'val') if getattr(data, s) is not None})
     ids = np.array([c.client_id for c in clients] + [-1] * (n_pad - n_real))
     cohorts.append(CohortSetup(data, prog, ids, n_real, num_sampled, num_selected,
                                make_cohort_round(prog, stages, mesh, cfg.train.client_chunk, bool(m.communicate),
-                                                 full=num_selected == n_pad),
+                                                 full=host or num_selected == n_pad),
                                make_generate(prog, mesh, cfg.text.answer_len),
                                faults.make_resync(lambda key, fn=fn: sub(params.split_model(fn(nnx.Rngs(key)))[1],
                                                                           params.TRAINABLE),
                                                   functools.partial(amt.init_opt_state, prog, stages), keys,
-                                                  client_sharding)))
+                                                  client_sharding), host))
     cohort_states.append(NodeState(trainables, opt_state))
 
   # Round-0 broadcast: every client starts from the same shared LoRA.
@@ -288,6 +291,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     cohort_states = [dataclasses.replace(s, trainables={
         **s.trainables, 'shared': jax.device_put(_broadcast_to_clients(global_shared, s.trainables['shared']),
                                                  client_sharding)}) for s in cohort_states]
+  if host:   # writable host copies: rounds gather the sampled rows and write them back in place
+    cohort_states = [jax.tree.map(np.array, s) for s in cohort_states]
   leaf_mod = mma.leaf_modalities(global_shared, modalities)
 
   # Server: one node with every modality, trained on the public split.
@@ -392,17 +397,28 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   metric_values: dict[str, list[np.ndarray]] = {}
   se_ctx, server_loss = se_ccl.round_context(setup, state)
   for k, (c, cs) in enumerate(zip(setup.cohorts, state.cohorts)):
-    bad = ~np.asarray(faults.clients_finite(cs.trainables))
+    bad = ~(host_clients_finite(cs.trainables) if c.host else np.asarray(faults.clients_finite(cs.trainables)))
     bad[c.num_real:] = False
     if bad.any() and c.resync_fn is not None:   # diverged last round: re-sync from the global model
       cs = NodeState(*c.resync_fn(cs.trainables, cs.opt_state, jnp.asarray(bad), state.global_shared))
+      if c.host:
+        cs = jax.tree.map(np.array, cs)
       resynced += c.client_ids[bad].tolist()
     ck = jax.random.fold_in(key, k)
     real = sample_clients(c, jax.random.fold_in(ck, 1))
     sel = np.concatenate([real, np.arange(c.num_real, c.num_real + c.num_selected - c.num_sampled)])
-    out = c.round_fn(cs.trainables, cs.opt_state, c.data.train, c.data.public, jnp.asarray(sel), ck,
-                     state.global_shared, state.server_z, setup.edge_frozen, se_ctx)
-    new_cohorts.append(NodeState(out.trainables, out.opt_state))
+    if c.host:   # only the sampled block goes to the devices; it comes back into the host arrays
+      block = lambda t: jax.device_put(jax.tree.map(lambda x: np.take(x, sel, axis=0), t),
+                                       NamedSharding(setup.mesh, P(CLIENT_AXIS)))
+      out = c.round_fn(block(cs.trainables), block(cs.opt_state), block(c.data.train), block(c.data.public),
+                       jnp.asarray(sel), ck, state.global_shared, state.server_z, setup.edge_frozen, se_ctx)
+      for host_, dev in ((cs.trainables, out.trainables), (cs.opt_state, out.opt_state)):
+        jax.tree.map(lambda h, d: h.__setitem__(sel, np.asarray(d)), host_, dev)
+      new_cohorts.append(cs)
+    else:
+      out = c.round_fn(cs.trainables, cs.opt_state, c.data.train, c.data.public, jnp.asarray(sel), ck,
+                       state.global_shared, state.server_z, setup.edge_frozen, se_ctx)
+      new_cohorts.append(NodeState(out.trainables, out.opt_state))
     outs.append(out)
     ids = c.client_ids[real]
     sampled.append(ids)
@@ -484,25 +500,67 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   return new_state, metrics
 
 
-def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test'
+def eval_positions(setup: Setup, round_: int) -> list[np.ndarray | None]:
+  """Per cohort, the sorted positions of the real clients an evaluation decodes (None = all).
+
+  eval.clients_per_eval = n > 0 (below the number of clients): each cohort evaluates its
+  share round(n * num_real / total) (at least one) of its clients, drawn without replacement
+  from (seed, round, cohort), so the same round always evaluates the same clients.
+  """
+  n = int(setup.cfg.eval.get('clients_per_eval', 0) or 0)
+  total = sum(c.num_real for c in setup.cohorts)
+  if not n or n >= total:
+    return [None] * len(setup.cohorts)
+  out = []
+  for k, c in enumerate(setup.cohorts):
+    n_k = min(c.num_real, max(1, int(round(n * c.num_real / total))))
+    rng = np.random.default_rng([int(setup.cfg.seed), int(round_), k, 31])
+    out.append(np.sort(rng.choice(c.num_real, n_k, replace=False)))
+  return out
+
+
+def host_clients_finite(trainables) -> np.ndarray:
+  """[C] bool of host (numpy) stacked trainables: every leaf of client c is finite (no transfer)."""
+  leaves = jax.tree.leaves(trainables)
+  return np.all([np.isfinite(x.reshape(len(x), -1)).all(1) for x in leaves], axis=0)
+
+
+@jax.jit
+def _take_clients(tree, pos):
+  return jax.tree.map(lambda x: x[pos], tree)
+
+
+def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test',
+                   positions: Sequence[np.ndarray | None] | None = None, view: Callable | None = None
                    ) -> tuple[dict[str, dict[str, float]], list[int]]:
   """Scores of every real client's generations on its `split` ('test' or 'val'), given each cohort's
-  trainables, and the ids of the clients left out because their weights are not finite."""
+  trainables, and the ids of the clients left out because their weights are not finite.
+  `positions[k]`: only these clients of cohort k (one batched generate call over them); `view`
+  maps the (gathered) stacked trainables before decoding."""
   text, scorer = setup.text, setup.scorer
   per_client: dict[str, dict[str, float]] = {}
   diverged: list[int] = []   # non-finite clients: left out of every client mean (ml_ecs.faults)
-  for c, tr in zip(setup.cohorts, trainables):
+  positions = positions or [None] * len(setup.cohorts)
+  for c, tr, pos in zip(setup.cohorts, trainables, positions):
     data, index_lists = c.data.eval_split(split)
+    if pos is None:
+      pos = np.arange(c.num_real)
+    else:   # the sampled block, padded with its first client to a multiple of the device count
+      block = np.concatenate([pos, np.full(_round_up(len(pos), setup.mesh.size) - len(pos), pos[0])])
+      tr, data = (jax.tree.map(lambda x: np.take(x, block, axis=0), (tr, data)) if c.host
+                  else _take_clients((tr, data), jnp.asarray(block)))
+    tr = view(tr) if view is not None else tr
     toks = np.asarray(c.generate_fn(tr, data, setup.edge_frozen))
     counts = np.asarray(data.count)
     labels = np.asarray(data.labels)
     finite = np.asarray(faults.clients_finite(tr))
-    for j, spec in enumerate(c.data.clients[:c.num_real]):
+    for j, p in enumerate(pos):
+      spec = c.data.clients[p]
       if not finite[j]:
         diverged.append(int(spec.client_id))
         continue
       preds = text.tokenizer.decode(toks[j, :counts[j]])
-      refs = [text.references[i] for i in index_lists[j][:counts[j]]]
+      refs = [text.references[i] for i in index_lists[p][:counts[j]]]
       per_client[str(spec.client_id)] = scorer.score(preds, refs, labels[j, :counts[j]].tolist())
   return per_client, diverged
 
@@ -526,10 +584,12 @@ def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
   """
   t0 = time.perf_counter()
   text, scorer = setup.text, setup.scorer
-  per_client, diverged = _score_clients(setup, [cs.trainables for cs in state.cohorts], split)
-  per_global = _score_clients(setup, [amt.global_view(cs.trainables, state.global_shared,
-                                                      model_options(setup.cfg)['gates'])
-                                      for cs in state.cohorts], split)[0] if setup.communicate else {}
+  positions = eval_positions(setup, int(state.round))
+  per_client, diverged = _score_clients(setup, [cs.trainables for cs in state.cohorts], split, positions)
+  gates = model_options(setup.cfg)['gates']
+  per_global = _score_clients(setup, [cs.trainables for cs in state.cohorts], split, positions,
+                              lambda tr: amt.global_view(tr, state.global_shared, gates))[0] \
+      if setup.communicate else {}
   server_preds, idx = server_predictions(setup, state, split)
   server = scorer.score(server_preds, [text.references[i] for i in idx], setup.dataset.labels[idx].tolist())
   out: dict[str, Any] = {'round': int(state.round)}
@@ -543,6 +603,8 @@ def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
   for t in ('rougeLsum', 'rougeLsum_multi', 'accuracy'):
     out[f'client/{t}'] = {c: per_client[c][t] for c in ids}
   out['client/diverged_ids'] = sorted(diverged)
+  if any(p is not None for p in positions):   # eval.clients_per_eval: how many the client means cover
+    out['client/evaluated'] = len(ids) + len(diverged)
   out['samples/server_prediction'] = server_preds[0] if server_preds else ''
   out['time/eval_s'] = time.perf_counter() - t0
   return out

@@ -115,7 +115,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _int(cfg, 'seed', 0)
   # data
   _choice(cfg, 'data.name', DATA_SOURCES)
-  if cfg.data.name != 'embedded' and not _get(cfg, 'data.path'):
+  if cfg.data.name not in ('embedded', 'synthetic') and not _get(cfg, 'data.path'):
     _fail('data.path', cfg.data.path, f'the directory of the {cfg.data.name!r} files (data.name={cfg.data.name!r})')
   try:
     check_data_config(cfg.data)
@@ -175,6 +175,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _int(cfg, 'train.checkpoint_every', 0)
   _int(cfg, 'train.keep_checkpoints', 2)
   _int(cfg, 'train.client_chunk', 0)
+  if 'host_state' in cfg.train:
+    _bool(cfg, 'train.host_state')
   del rounds
   # simulated faults
   _float(cfg, 'train.dropout_rate', 0.0, 1.0, hi_open=True)
@@ -228,6 +230,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # evaluation and devices
   _int(cfg, 'eval.max_test_per_client', 1)
   _int(cfg, 'eval.max_server_test', 1)
+  if 'clients_per_eval' in cfg.eval:
+    _int(cfg, 'eval.clients_per_eval', 0)
   if _choice(cfg, 'eval.split', ('test', 'val')) == 'val' and not cfg.data.client_val_fraction:
     _fail('eval.split', 'val', "'test', or 'val' with data.client_val_fraction > 0")
   _int(cfg, 'mesh.num_devices', 0)

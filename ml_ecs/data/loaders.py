@@ -58,7 +58,7 @@ import numpy as np
 
 from ml_ecs.data.dataset import MultimodalDataset
 
-DATA_SOURCES = ('embedded', 'urfall', 'npz', 'hf', 'tfds')
+DATA_SOURCES = ('embedded', 'synthetic', 'urfall', 'npz', 'hf', 'tfds')
 FILE_SOURCES = ('urfall', 'npz', 'hf', 'tfds')
 COLUMN_FIELDS = ('modalities', 'label', 'sequence_id', 'text')
 _DATA_EXTRA = "pip install 'ml-ecs[data]'"
@@ -70,7 +70,9 @@ def data_source_fields() -> ml_collections.ConfigDict:
   name: one of DATA_SOURCES. path: file or directory ('' for embedded). split: split name
   for hf/tfds. columns: modalities (entries 'name' or 'name=column'; empty = all array
   columns), label, sequence_id ('' = none), text ('' = none). class_names: names of plain
-  integer labels (() = 'class 0', 'class 1', ...).
+  integer labels (() = 'class 0', 'class 1', ...). synthetic_recordings / synthetic_windows:
+  size of the 'synthetic' source (the embedded data's latent model at any size, drawn from
+  data.seed; 0 recordings = enough for data.num_clients, ml_ecs.data.synthetic.recordings_for).
   """
   return ml_collections.ConfigDict({
       'name': 'embedded',
@@ -83,6 +85,8 @@ def data_source_fields() -> ml_collections.ConfigDict:
           'text': '',
       }),
       'class_names': (),
+      'synthetic_recordings': 0,
+      'synthetic_windows': 10,
   })
 
 
@@ -144,6 +148,10 @@ def check_data_config(cfg: ml_collections.ConfigDict) -> None:
   if clash:
     raise ValueError(f'data.columns.modalities reads columns {sorted(clash)} that are also the '
                      'label/sequence_id/text column')
+  for f in ('synthetic_recordings', 'synthetic_windows'):
+    v = cfg.get(f, data_source_fields()[f])
+    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if f == 'synthetic_recordings' else 1):
+      raise ValueError(f"data.{f} must be an integer >= {0 if f == 'synthetic_recordings' else 1}, got {v!r}")
   names = cfg.get('class_names', ())
   if isinstance(names, str) or not all(isinstance(n, str) and n for n in (names or ())):
     raise ValueError(f'data.class_names must be a sequence of non-empty strings, got {names!r}')
@@ -156,6 +164,11 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> MultimodalDataset:
   if name == 'embedded':
     from ml_ecs.data.embedded import load_default
     return load_default()
+  if name == 'synthetic':
+    from ml_ecs.data import synthetic
+    n = cfg.get('synthetic_recordings', 0) or synthetic.recordings_for(cfg.get('num_clients', 8),
+                                                                        cfg.get('public_fraction', 0.2))
+    return synthetic.generate_chunked(n, cfg.get('synthetic_windows', 10), seed=cfg.get('seed', 0))
   if name == 'urfall':
     from ml_ecs.data.urfall import load_urfall
     return load_urfall(cfg.path)

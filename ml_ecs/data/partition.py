@@ -83,10 +83,13 @@ def _dirichlet_by_sequence(rng, seq_label, num_clients, num_classes, alpha):
     for k, part in enumerate(np.split(seqs, cuts)):
       owner[part] = k
   # Every client needs at least two sequences (one train, one test): take from the richest.
+  counts = np.bincount(owner, minlength=num_clients)   # kept up to date: O(1) per client, not O(sequences)
   for k in range(num_clients):
-    while (owner == k).sum() < 2:
-      donor = np.bincount(owner, minlength=num_clients).argmax()
+    while counts[k] < 2:
+      donor = counts.argmax()
       owner[rng.choice(np.flatnonzero(owner == donor))] = k
+      counts[donor] -= 1
+      counts[k] += 1
   return owner
 
 
@@ -176,15 +179,21 @@ def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partitio
   seqs, first = np.unique(ds.sequence_ids[private_idx], return_index=True)
   seq_label = ds.labels[private_idx][first]
   if len(seqs) < 2 * cfg.num_clients:
-    raise ValueError(f'{len(seqs)} private sequences cannot give {cfg.num_clients} clients two sequences each')
+    raise ValueError(f'{len(seqs)} private sequences cannot give {cfg.num_clients} clients two sequences each: '
+                     f'this dataset serves at most {len(seqs) // 2} clients (data.name=\'synthetic\' draws '
+                     'the embedded data\'s latent model at any size)')
   owner = _dirichlet_by_sequence(rng, seq_label, cfg.num_clients, ds.num_classes, cfg.dirichlet_alpha)
   modality_seed = cfg.get('modality_seed', -1)
   # modality_seed >= 0 fixes the modality sets apart from the partition seed (grids: one set of
   # device types per missing rate, whatever the partition seed).
   profiles = _profiles(rng if modality_seed < 0 else np.random.default_rng([modality_seed, 7]), cfg, all_mods)
+  # Each client's private samples in private_idx order (one stable sort, not a scan per client).
+  sample_owner = owner[np.searchsorted(seqs, ds.sequence_ids[private_idx])]
+  order = np.argsort(sample_owner, kind='stable')
+  by_client = np.split(private_idx[order], np.cumsum(np.bincount(sample_owner, minlength=cfg.num_clients))[:-1])
   clients = []
   for k in range(cfg.num_clients):
-    idx = private_idx[np.isin(ds.sequence_ids[private_idx], seqs[owner == k])]
+    idx = by_client[k]
     train, test = _split_by_sequence(rng, idx, ds.sequence_ids, cfg.client_test_fraction)
     val = None
     if val_fraction:

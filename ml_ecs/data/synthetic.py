@@ -117,3 +117,30 @@ def generate(num_sequences: int = 300, windows_per_sequence: int = 10, seed: int
   }
   text_ids = rng.integers(0, len(DESCRIPTIONS[0]), n).astype(np.int32)
   return MultimodalDataset(modalities, labels, seq_ids, CLASS_NAMES, DESCRIPTIONS, text_ids)
+
+
+def generate_chunked(num_sequences: int, windows_per_sequence: int = 10, seed: int = 0,
+                     chunk_sequences: int = 2048) -> MultimodalDataset:
+  """The latent model above at any size: `num_sequences` recordings drawn in chunks of
+  `chunk_sequences` (chunk j from the stream (seed, j), balanced classes per chunk), written
+  into preallocated float32 arrays, so the host holds the dataset once plus one chunk's
+  float64 temporaries. Deterministic in (num_sequences, windows_per_sequence, seed, chunk_sequences)."""
+  if num_sequences < 1 or windows_per_sequence < 1 or chunk_sequences < 1:
+    raise ValueError('generate_chunked needs num_sequences, windows_per_sequence, chunk_sequences >= 1')
+  n = num_sequences * windows_per_sequence
+  modalities = {'accel': np.empty((n, ACCEL_STEPS, 3), np.float32), 'depth': np.empty((n, DEPTH_DIM), np.float32),
+                'image': np.empty((n, IMAGE_SIZE, IMAGE_SIZE), np.float32)}
+  labels, seq_ids, text_ids = np.empty(n, np.int32), np.empty(n, np.int64), np.empty(n, np.int32)
+  for j, s0 in enumerate(range(0, num_sequences, chunk_sequences)):
+    s1 = min(s0 + chunk_sequences, num_sequences)
+    part = generate(s1 - s0, windows_per_sequence, seed=int(np.random.SeedSequence([seed, j]).generate_state(1)[0]))
+    a, b = s0 * windows_per_sequence, s1 * windows_per_sequence
+    for k, x in part.modalities.items():
+      modalities[k][a:b] = x
+    labels[a:b], seq_ids[a:b], text_ids[a:b] = part.labels, part.sequence_ids + s0, part.text_ids
+  return MultimodalDataset(modalities, labels, seq_ids, CLASS_NAMES, DESCRIPTIONS, text_ids)
+
+
+def recordings_for(num_clients: int, public_fraction: float) -> int:
+  """Recordings that give `num_clients` clients about three private recordings each (at least 300)."""
+  return max(300, int(np.ceil(3 * num_clients / max(1.0 - public_fraction, 0.05))))
