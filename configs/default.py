@@ -135,7 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       max_test_per_client=64, max_server_test=256,
       split='test',               # 'val': evaluate on the validation splits (tuning), never the test data
-      clients_per_eval=0,         # clients decoded per evaluation (0 = all), drawn per cohort from (seed, round)
+      clients_per_eval=0,         # clients decoded per evaluation (0 = all), drawn per cohort from (seed, round);
+                                  # rows report client/evaluated beside the client means
+      final_full=False,           # with clients_per_eval: the last round's evaluation decodes every client
   ))
   # The client axis of every cohort is sharded over this many devices (0 = all visible).
   c.mesh = ml_collections.ConfigDict(dict(num_devices=0))

@@ -3,7 +3,8 @@
 The state pytree (nnx States, optax states, tuples of cohorts) is saved as a flat
 {key path: array} dict so that orbax sees plain arrays, and restored onto a
 template of the same structure (a freshly initialised state of the same config),
-back on the template's devices and shardings. Orbax finalises a step atomically
+back on the template's devices and shardings (numpy leaves of a host_state federation stay
+writable host arrays). Orbax finalises a step atomically
 (written under a temporary name, then renamed), so a killed run never leaves a
 half-written step that looks complete; a step that is damaged all the same is
 skipped with a warning and the previous one is used.
@@ -65,7 +66,8 @@ class Checkpointer:
       key = jax.tree_util.keystr(path)
       if key not in flat or np.shape(flat[key]) != np.shape(ref):
         raise ValueError(f'checkpoint {self.step_dir(step)} does not match this config at {key}')
-      value = np.asarray(flat[key], dtype=ref.dtype)
+      # Host (numpy) leaves come back as writable arrays: train.host_state updates them in place.
+      value = (np.asarray if isinstance(ref, jax.Array) else np.array)(flat[key], dtype=ref.dtype)
       leaves.append(jax.device_put(value, ref.sharding) if isinstance(ref, jax.Array) else value)
     return jax.tree_util.tree_unflatten(treedef, leaves), dict(restored['meta'] or {})
 

@@ -46,9 +46,11 @@ def labelled_rows(n: int, fraction: float, seed: int, owner: int) -> np.ndarray:
 def split_arrays(ds: MultimodalDataset, text: TaskText, modalities: Sequence[str],
                  index_lists: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                  ids: Sequence[np.ndarray] | None = None, max_len: int | None = None,
-                 labelled: Sequence[np.ndarray] | None = None) -> SplitArrays:
+                 labelled: Sequence[np.ndarray] | None = None, host: bool = False) -> SplitArrays:
   """Gathers the samples `index_lists[c]` of each client into padded stacked arrays
-  (at most `max_len` per client); `labelled[c]` (0/1 per sample) zeroes unlabelled answers' masks."""
+  (at most `max_len` per client); `labelled[c]` (0/1 per sample) zeroes unlabelled answers' masks.
+  `host`: numpy arrays (in JAX's canonical dtypes) that stay in host memory, not device arrays."""
+  to = (lambda x: np.asarray(x, jax.dtypes.canonicalize_dtype(np.asarray(x).dtype))) if host else jnp.asarray
   if max_len is not None:
     if labelled is not None:
       labelled = [lb[:max_len] for lb in labelled]
@@ -60,14 +62,14 @@ def split_arrays(ds: MultimodalDataset, text: TaskText, modalities: Sequence[str
   lab = valid.astype(np.float32) if labelled is None else pad_rows([np.asarray(l)[:, None] for l in labelled],
                                                                    idx.shape[1])[..., 0]
   return SplitArrays(
-      inputs={m: jnp.asarray(ds.modalities[m][idx]) for m in modalities},
-      mod_mask=jnp.asarray(pad_rows(list(masks), idx.shape[1])),
-      count=jnp.asarray(valid.sum(1).astype(np.int32)),
-      answers=jnp.asarray(text.answers[idx]),
-      answer_mask=jnp.asarray(text.answer_mask[idx] * (valid * lab)[..., None]),
-      labels=jnp.asarray(ds.labels[idx]),
-      ids=jnp.asarray(pad_indices(list(ids if ids is not None else index_lists), idx.shape[1])[0]),
-      seq=jnp.asarray(np.where(valid, ds.sequence_ids[idx], -1)),
+      inputs={m: to(ds.modalities[m][idx]) for m in modalities},
+      mod_mask=to(pad_rows(list(masks), idx.shape[1])),
+      count=to(valid.sum(1).astype(np.int32)),
+      answers=to(text.answers[idx]),
+      answer_mask=to(text.answer_mask[idx] * (valid * lab)[..., None]),
+      labels=to(ds.labels[idx]),
+      ids=to(pad_indices(list(ids if ids is not None else index_lists), idx.shape[1])[0]),
+      seq=to(np.where(valid, ds.sequence_ids[idx], -1)),
   )
 
 
@@ -93,9 +95,10 @@ class CohortData:
 
 def cohort_data(ds: MultimodalDataset, text: TaskText, clients: Sequence[ClientSpec],
                 public_train_idx: np.ndarray, max_test: int | None = None, label_fraction: float = 1.0,
-                public_labels: bool = True, label_seed: int = 0) -> CohortData:
+                public_labels: bool = True, label_seed: int = 0, host: bool = False) -> CohortData:
   """Stacks the splits of same-structure `clients`; `label_fraction` of each client's private
-  training samples keep their answer text, public samples keep theirs iff `public_labels`."""
+  training samples keep their answer text, public samples keep theirs iff `public_labels`.
+  `host`: the splits stay numpy arrays in host memory (`split_arrays`)."""
   mods = clients[0].modalities
   pos_of = {int(j): p for p, j in enumerate(public_train_idx)}
   return CohortData(
@@ -103,13 +106,15 @@ def cohort_data(ds: MultimodalDataset, text: TaskText, clients: Sequence[ClientS
       modalities=mods,
       train=split_arrays(ds, text, mods, [c.train_idx for c in clients], [c.train_mask for c in clients],
                          labelled=[labelled_rows(len(c.train_idx), label_fraction, label_seed, c.client_id)
-                                   for c in clients]),
+                                   for c in clients], host=host),
       test=split_arrays(ds, text, mods, [c.test_idx for c in clients], [c.test_mask for c in clients],
-                        max_len=max_test),
+                        max_len=max_test, host=host),
       public=split_arrays(ds, text, mods, [c.public_idx for c in clients], [c.public_mask for c in clients],
                           ids=[np.array([pos_of[int(j)] for j in c.public_idx], np.int64) for c in clients],
-                          labelled=[np.full(len(c.public_idx), float(public_labels), np.float32) for c in clients]),
-      val=split_arrays(ds, text, mods, [c.val_idx for c in clients], [c.val_mask for c in clients], max_len=max_test)
+                          labelled=[np.full(len(c.public_idx), float(public_labels), np.float32) for c in clients],
+                          host=host),
+      val=split_arrays(ds, text, mods, [c.val_idx for c in clients], [c.val_mask for c in clients], max_len=max_test,
+                       host=host)
       if len(clients[0].val_idx) else None,
   )
 

@@ -68,21 +68,25 @@ def tree_finite(tree) -> bool:
 
 def make_resync(model_init: Callable[[jax.Array], dict], init_opt: Callable[[dict], Any], keys: jax.Array,
                 sharding=None) -> Callable:
-  """A jitted `resync(trainables, opt_state, bad [C] bool, global_shared) -> (trainables, opt_state)`.
+  """A `resync(trainables, opt_state, bad [C] bool, global_shared, positions=None) -> (trainables, opt_state)`.
 
   `model_init(key)` gives one client's freshly initialised trainables, `init_opt(trainables)` its
   optimizer states; `keys` [C] are the cohort's round-0 initialisation keys (a client gets its own
-  initialisation back). Rows not `bad` are returned unchanged.
+  initialisation back); a call on a block of clients passes the block's `positions` in the cohort.
+  Rows not `bad` are returned unchanged.
   """
   @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=sharding)
-  def resync(tr, opt, bad, global_shared):
-    fresh = jax.vmap(model_init)(keys)
+  def _resync(tr, opt, bad, global_shared, positions):
+    fresh = jax.vmap(model_init)(keys[positions])
     if 'shared' in fresh:
       fresh = {**fresh, 'shared': jax.tree.map(lambda g, x: jnp.broadcast_to(g, x.shape), global_shared,
                                                fresh['shared'])}
     fresh_opt = jax.vmap(init_opt)(fresh)
     pick = lambda new, old: jnp.where(bad.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
     return jax.tree.map(pick, fresh, tr), jax.tree.map(pick, fresh_opt, opt)
+
+  def resync(tr, opt, bad, global_shared, positions=None):
+    return _resync(tr, opt, bad, global_shared, jnp.arange(len(keys)) if positions is None else jnp.asarray(positions))
 
   return resync
 

@@ -156,6 +156,62 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def bucket(n: int, multiple: int = 1) -> int:
+  """Padded block size for `n` clients: the next power of two, rounded up to `multiple` (the device
+  count), so blocks of any size up to it share one compiled function."""
+  return _round_up(1 << max(int(n) - 1, 0).bit_length(), multiple)
+
+
+def pad_positions(pos: np.ndarray, size: int) -> np.ndarray:
+  """`pos` padded to `size` with copies of its first entry (their results are discarded)."""
+  pos = np.asarray(pos, np.int64)
+  return np.concatenate([pos, np.full(size - len(pos), pos[0], np.int64)])
+
+
+@jax.jit
+def _take_clients(tree, pos):
+  return jax.tree.map(lambda x: x[pos], tree)
+
+
+def gather_clients(tree, pos: np.ndarray, sharding=None):
+  """Rows `pos` of every leaf of a client-stacked tree: host (numpy) leaves are gathered on the host
+  and only the block is placed on the devices (`sharding`); device leaves are gathered there."""
+  if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(tree)):
+    block = jax.tree.map(lambda x: np.take(x, pos, axis=0), tree)
+    return jax.device_put(block, sharding) if sharding is not None else block
+  return _take_clients(tree, jnp.asarray(pos))
+
+
+def scatter_clients(host_tree, pos: np.ndarray, block) -> None:
+  """Writes the rows of `block` (device or host) back into the host arrays of `host_tree` at `pos`,
+  in place: the host counterpart of donating the state to the compiled round."""
+  jax.tree.map(lambda h, b: h.__setitem__(pos, np.asarray(b)), host_tree, block)
+
+
+def host_init(init_fn: Callable, keys: jax.Array, block: int) -> Any:
+  """`init_fn(keys)` (a client-stacked tree) computed `block` keys at a time and written into host
+  numpy arrays, so the devices hold one block, never the whole cohort."""
+  n, out = len(keys), None
+  for i in range(0, n, block):
+    pos = np.arange(i, min(i + block, n))
+    part = jax.tree.map(np.asarray, init_fn(keys[jnp.asarray(pad_positions(pos, block))]))
+    if out is None:
+      out = jax.tree.map(lambda x: np.empty((n,) + x.shape[1:], x.dtype), part)
+    scatter_clients(out, pos, jax.tree.map(lambda x: x[:len(pos)], part))
+  return out
+
+
+def host_bytes_per_client(setup: Setup, state: State) -> float:
+  """Host bytes one client holds in a host_state federation: its trainables, optimizer state and
+  data splits (every stacked leaf's row), averaged over the cohorts' stacked clients."""
+  total = rows = 0
+  for c, cs in zip(setup.cohorts, state.cohorts):
+    splits = [getattr(c.data, s) for s in ('train', 'test', 'public', 'val') if getattr(c.data, s) is not None]
+    total += sum(x.nbytes for x in jax.tree.leaves((cs, splits)))
+    rows += len(c.client_ids)
+  return total / rows
+
+
 def stack_init(model_fn: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array, out_shardings=None) -> dict:
   """Trainable parts of one freshly initialised model per key, stacked (one compiled init)."""
   def init(key):
@@ -266,33 +322,39 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     fn = functools.partial(model_fn, 'edge_model', clients[0].modalities, dict(clients[0].encoder_types))
     prog = program(fn, len(clients[0].modalities))
     keys = _per_client_keys(jax.random.fold_in(init_rng, k), jnp.arange(n_pad))
-    trainables = stack_init(fn, keys, client_sharding)
-    opt_state = jax.jit(jax.vmap(functools.partial(amt.init_opt_state, prog, stages)),
-                        out_shardings=client_sharding)(trainables)
+    client_init = lambda key, fn=fn: sub(params.split_model(fn(nnx.Rngs(key)))[1], params.TRAINABLE)
+    init_opt = jax.vmap(functools.partial(amt.init_opt_state, prog, stages))
+    if host:   # built block by block straight into host arrays: the devices never hold the cohort
+      block_init = jax.jit(lambda ks, f=client_init, o=init_opt: (lambda tr: NodeState(tr, o(tr)))(jax.vmap(f)(ks)),
+                           out_shardings=client_sharding)
+      trainables, opt_state = dataclasses.astuple(host_init(block_init, keys, _round_up(min(n_pad, 256), ndev)))
+    else:
+      trainables = stack_init(fn, keys, client_sharding)
+      opt_state = jax.jit(init_opt, out_shardings=client_sharding)(trainables)
     data = cohort_data(ds, text, padded, part.public_train_idx, cfg.eval.max_test_per_client,
-                       cfg.data.label_fraction, cfg.data.public_labels, cfg.data.seed)
-    place = (lambda t: jax.tree.map(np.array, t)) if host else (lambda t: jax.device_put(t, client_sharding))
-    data = dataclasses.replace(data, **{s: place(getattr(data, s))
-                                        for s in ('train', 'test', 'public', 'val') if getattr(data, s) is not None})
+                       cfg.data.label_fraction, cfg.data.public_labels, cfg.data.seed, host=host)
+    if not host:
+      data = dataclasses.replace(data, **{s: jax.device_put(getattr(data, s), client_sharding)
+                                          for s in ('train', 'test', 'public', 'val') if getattr(data, s) is not None})
     ids = np.array([c.client_id for c in clients] + [-1] * (n_pad - n_real))
     cohorts.append(CohortSetup(data, prog, ids, n_real, num_sampled, num_selected,
                                make_cohort_round(prog, stages, mesh, cfg.train.client_chunk, bool(m.communicate),
                                                  full=host or num_selected == n_pad),
                                make_generate(prog, mesh, cfg.text.answer_len),
-                               faults.make_resync(lambda key, fn=fn: sub(params.split_model(fn(nnx.Rngs(key)))[1],
-                                                                          params.TRAINABLE),
-                                                  functools.partial(amt.init_opt_state, prog, stages), keys,
-                                                  client_sharding), host))
+                               faults.make_resync(client_init, functools.partial(amt.init_opt_state, prog, stages),
+                                                  keys, client_sharding), host))
     cohort_states.append(NodeState(trainables, opt_state))
 
   # Round-0 broadcast: every client starts from the same shared LoRA.
-  global_shared = jax.tree.map(lambda x: x[0], cohort_states[0].trainables['shared'])
-  if m.communicate:
+  # (jnp.array copies: a host row must not alias a device buffer that outlives in-place updates)
+  global_shared = jax.tree.map(lambda x: jnp.array(x[0]), cohort_states[0].trainables['shared'])
+  if m.communicate and host:   # in place, on the host
+    for s_ in cohort_states:
+      jax.tree.map(lambda h, g: h.__setitem__(slice(None), np.asarray(g)), s_.trainables['shared'], global_shared)
+  elif m.communicate:
     cohort_states = [dataclasses.replace(s, trainables={
         **s.trainables, 'shared': jax.device_put(_broadcast_to_clients(global_shared, s.trainables['shared']),
                                                  client_sharding)}) for s in cohort_states]
-  if host:   # writable host copies: rounds gather the sampled rows and write them back in place
-    cohort_states = [jax.tree.map(np.array, s) for s in cohort_states]
   leaf_mod = mma.leaf_modalities(global_shared, modalities)
 
   # Server: one node with every modality, trained on the public split.
@@ -396,28 +458,33 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   resynced, dropped_ids, late_ids, diverged_ids, uploaded_ids = [], [], [], [], []
   metric_values: dict[str, list[np.ndarray]] = {}
   se_ctx, server_loss = se_ccl.round_context(setup, state)
+  client_sharding = NamedSharding(setup.mesh, P(CLIENT_AXIS))
+  # The broadcast inputs in one (replicated) sharding every round, so rounds reuse one compilation.
+  global_in, z_in, se_ctx = jax.device_put((state.global_shared, state.server_z, se_ctx),
+                                           NamedSharding(setup.mesh, P()))
   for k, (c, cs) in enumerate(zip(setup.cohorts, state.cohorts)):
     bad = ~(host_clients_finite(cs.trainables) if c.host else np.asarray(faults.clients_finite(cs.trainables)))
     bad[c.num_real:] = False
     if bad.any() and c.resync_fn is not None:   # diverged last round: re-sync from the global model
-      cs = NodeState(*c.resync_fn(cs.trainables, cs.opt_state, jnp.asarray(bad), state.global_shared))
-      if c.host:
-        cs = jax.tree.map(np.array, cs)
+      if c.host:   # only the diverged rows, as one padded block
+        pos = pad_positions(np.flatnonzero(bad), bucket(bad.sum(), setup.mesh.size))
+        scatter_clients(cs, pos, c.resync_fn(*gather_clients((cs.trainables, cs.opt_state), pos, client_sharding),
+                                             jnp.ones(len(pos), bool), state.global_shared, pos))
+      else:
+        cs = NodeState(*c.resync_fn(cs.trainables, cs.opt_state, jnp.asarray(bad), state.global_shared))
       resynced += c.client_ids[bad].tolist()
     ck = jax.random.fold_in(key, k)
     real = sample_clients(c, jax.random.fold_in(ck, 1))
     sel = np.concatenate([real, np.arange(c.num_real, c.num_real + c.num_selected - c.num_sampled)])
     if c.host:   # only the sampled block goes to the devices; it comes back into the host arrays
-      block = lambda t: jax.device_put(jax.tree.map(lambda x: np.take(x, sel, axis=0), t),
-                                       NamedSharding(setup.mesh, P(CLIENT_AXIS)))
-      out = c.round_fn(block(cs.trainables), block(cs.opt_state), block(c.data.train), block(c.data.public),
-                       jnp.asarray(sel), ck, state.global_shared, state.server_z, setup.edge_frozen, se_ctx)
-      for host_, dev in ((cs.trainables, out.trainables), (cs.opt_state, out.opt_state)):
-        jax.tree.map(lambda h, d: h.__setitem__(sel, np.asarray(d)), host_, dev)
+      out = c.round_fn(*gather_clients((cs.trainables, cs.opt_state, c.data.train, c.data.public), sel,
+                                       client_sharding),
+                       jnp.asarray(sel), ck, global_in, z_in, setup.edge_frozen, se_ctx)
+      scatter_clients(cs, sel, NodeState(out.trainables, out.opt_state))
       new_cohorts.append(cs)
     else:
       out = c.round_fn(cs.trainables, cs.opt_state, c.data.train, c.data.public, jnp.asarray(sel), ck,
-                       state.global_shared, state.server_z, setup.edge_frozen, se_ctx)
+                       global_in, z_in, setup.edge_frozen, se_ctx)
       new_cohorts.append(NodeState(out.trainables, out.opt_state))
     outs.append(out)
     ids = c.client_ids[real]
@@ -500,23 +567,46 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   return new_state, metrics
 
 
-def eval_positions(setup: Setup, round_: int) -> list[np.ndarray | None]:
-  """Per cohort, the sorted positions of the real clients an evaluation decodes (None = all).
-
-  eval.clients_per_eval = n > 0 (below the number of clients): each cohort evaluates its
-  share round(n * num_real / total) (at least one) of its clients, drawn without replacement
-  from (seed, round, cohort), so the same round always evaluates the same clients.
-  """
+def _eval_shares(setup: Setup) -> list[int]:
+  """Clients each cohort decodes per evaluation: all, or with eval.clients_per_eval = n its share
+  round(n * num_real / total), at least one."""
   n = int(setup.cfg.eval.get('clients_per_eval', 0) or 0)
   total = sum(c.num_real for c in setup.cohorts)
   if not n or n >= total:
-    return [None] * len(setup.cohorts)
-  out = []
-  for k, c in enumerate(setup.cohorts):
-    n_k = min(c.num_real, max(1, int(round(n * c.num_real / total))))
+    return [c.num_real for c in setup.cohorts]
+  return [min(c.num_real, max(1, int(round(n * c.num_real / total)))) for c in setup.cohorts]
+
+
+def eval_positions(setup: Setup, round_: int, full: bool = False) -> list[np.ndarray | None]:
+  """Per cohort, the sorted positions of the real clients an evaluation decodes (None = all).
+
+  eval.clients_per_eval = n > 0 (below the number of clients, and not `full`): each cohort's
+  share (`_eval_shares`) drawn without replacement from (seed, round, cohort), so the same
+  round always evaluates the same clients.
+  """
+  out: list[np.ndarray | None] = []
+  for k, (c, n_k) in enumerate(zip(setup.cohorts, _eval_shares(setup))):
+    if full or n_k >= c.num_real:
+      out.append(None)
+      continue
     rng = np.random.default_rng([int(setup.cfg.seed), int(round_), k, 31])
     out.append(np.sort(rng.choice(c.num_real, n_k, replace=False)))
   return out
+
+
+def eval_blocks(setup: Setup, k: int, pos: np.ndarray | None) -> list[tuple[np.ndarray | None, np.ndarray]]:
+  """(padded block, its real positions) pairs cohort k decodes for `pos` (None = every real client).
+
+  A device-resident cohort decodes all its clients in one call (block None). Otherwise blocks have
+  one bucketed size per cohort (`bucket` of its sampled share), so sampled evaluations of any
+  round and a full evaluation in several blocks reuse one compiled decoder.
+  """
+  c = setup.cohorts[k]
+  if pos is None and not c.host:
+    return [(None, np.arange(c.num_real))]
+  size = bucket(_eval_shares(setup)[k], setup.mesh.size)
+  pos = np.arange(c.num_real) if pos is None else pos
+  return [(pad_positions(pos[i:i + size], size), pos[i:i + size]) for i in range(0, len(pos), size)]
 
 
 def host_clients_finite(trainables) -> np.ndarray:
@@ -525,43 +615,35 @@ def host_clients_finite(trainables) -> np.ndarray:
   return np.all([np.isfinite(x.reshape(len(x), -1)).all(1) for x in leaves], axis=0)
 
 
-@jax.jit
-def _take_clients(tree, pos):
-  return jax.tree.map(lambda x: x[pos], tree)
-
-
 def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test',
                    positions: Sequence[np.ndarray | None] | None = None, view: Callable | None = None
                    ) -> tuple[dict[str, dict[str, float]], list[int]]:
   """Scores of every real client's generations on its `split` ('test' or 'val'), given each cohort's
   trainables, and the ids of the clients left out because their weights are not finite.
-  `positions[k]`: only these clients of cohort k (one batched generate call over them); `view`
-  maps the (gathered) stacked trainables before decoding."""
+  `positions[k]`: only these clients of cohort k, decoded in padded blocks (`eval_blocks`, one
+  batched generate call each); `view` maps the (gathered) stacked trainables before decoding."""
   text, scorer = setup.text, setup.scorer
   per_client: dict[str, dict[str, float]] = {}
   diverged: list[int] = []   # non-finite clients: left out of every client mean (ml_ecs.faults)
   positions = positions or [None] * len(setup.cohorts)
-  for c, tr, pos in zip(setup.cohorts, trainables, positions):
-    data, index_lists = c.data.eval_split(split)
-    if pos is None:
-      pos = np.arange(c.num_real)
-    else:   # the sampled block, padded with its first client to a multiple of the device count
-      block = np.concatenate([pos, np.full(_round_up(len(pos), setup.mesh.size) - len(pos), pos[0])])
-      tr, data = (jax.tree.map(lambda x: np.take(x, block, axis=0), (tr, data)) if c.host
-                  else _take_clients((tr, data), jnp.asarray(block)))
-    tr = view(tr) if view is not None else tr
-    toks = np.asarray(c.generate_fn(tr, data, setup.edge_frozen))
-    counts = np.asarray(data.count)
-    labels = np.asarray(data.labels)
-    finite = np.asarray(faults.clients_finite(tr))
-    for j, p in enumerate(pos):
-      spec = c.data.clients[p]
-      if not finite[j]:
-        diverged.append(int(spec.client_id))
-        continue
-      preds = text.tokenizer.decode(toks[j, :counts[j]])
-      refs = [text.references[i] for i in index_lists[p][:counts[j]]]
-      per_client[str(spec.client_id)] = scorer.score(preds, refs, labels[j, :counts[j]].tolist())
+  sharding = NamedSharding(setup.mesh, P(CLIENT_AXIS))
+  for k, (c, tr_all, pos) in enumerate(zip(setup.cohorts, trainables, positions)):
+    data_all, index_lists = c.data.eval_split(split)
+    for block, real in eval_blocks(setup, k, pos):
+      tr, data = (tr_all, data_all) if block is None else gather_clients((tr_all, data_all), block, sharding)
+      tr = jax.device_put(view(tr), sharding) if view is not None else tr   # one sharding: one compilation
+      toks = np.asarray(c.generate_fn(tr, data, setup.edge_frozen))
+      counts = np.asarray(data.count)
+      labels = np.asarray(data.labels)
+      finite = np.asarray(faults.clients_finite(tr))
+      for j, p in enumerate(real):
+        spec = c.data.clients[p]
+        if not finite[j]:
+          diverged.append(int(spec.client_id))
+          continue
+        preds = text.tokenizer.decode(toks[j, :counts[j]])
+        refs = [text.references[i] for i in index_lists[p][:counts[j]]]
+        per_client[str(spec.client_id)] = scorer.score(preds, refs, labels[j, :counts[j]].tolist())
   return per_client, diverged
 
 
@@ -574,17 +656,19 @@ def server_predictions(setup: Setup, state: State, split: str = 'test') -> tuple
   return setup.text.tokenizer.decode(toks[:n]), server_idx[:n]
 
 
-def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
+def evaluate(setup: Setup, state: State, split: str = 'test', full: bool = False) -> dict[str, Any]:
   """ROUGE and accuracy of every client on its test split and of the server on the public test split
   (split='val': the validation splits cut for tuning; never the test data).
 
   client/*: the personalised models (what each client trains and uses); with communication
   also client/global_*: the global model, the aggregated shared LoRA in each client's model
   with the private LoRA off (`amt.global_view`). *_multi: multi-reference ROUGE-LSum.
+  With eval.clients_per_eval the client scores cover a sample drawn per round (`full`: every
+  client), and client/evaluated says how many clients they cover.
   """
   t0 = time.perf_counter()
   text, scorer = setup.text, setup.scorer
-  positions = eval_positions(setup, int(state.round))
+  positions = eval_positions(setup, int(state.round), full)
   per_client, diverged = _score_clients(setup, [cs.trainables for cs in state.cohorts], split, positions)
   gates = model_options(setup.cfg)['gates']
   per_global = _score_clients(setup, [cs.trainables for cs in state.cohorts], split, positions,
@@ -603,7 +687,7 @@ def evaluate(setup: Setup, state: State, split: str = 'test') -> dict[str, Any]:
   for t in ('rougeLsum', 'rougeLsum_multi', 'accuracy'):
     out[f'client/{t}'] = {c: per_client[c][t] for c in ids}
   out['client/diverged_ids'] = sorted(diverged)
-  if any(p is not None for p in positions):   # eval.clients_per_eval: how many the client means cover
+  if setup.cfg.eval.get('clients_per_eval', 0):   # how many clients the client means cover
     out['client/evaluated'] = len(ids) + len(diverged)
   out['samples/server_prediction'] = server_preds[0] if server_preds else ''
   out['time/eval_s'] = time.perf_counter() - t0

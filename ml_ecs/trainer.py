@@ -54,7 +54,8 @@ def round_line(row: dict[str, Any]) -> str:
   if 'client/private_lm' in row:
     parts.append(f"lm c={row['client/private_lm']:.3f} s={row['server/lm']:.3f}")
   if 'server/rougeLsum' in row:
-    parts.append(f"rougeLsum c={row['client/rougeLsum_mean']:.3f} s={row['server/rougeLsum']:.3f}")
+    n = f" ({row['client/evaluated']} clients)" if 'client/evaluated' in row else ''
+    parts.append(f"rougeLsum c={row['client/rougeLsum_mean']:.3f}{n} s={row['server/rougeLsum']:.3f}")
     parts.append(f"acc c={row['client/accuracy_mean']:.2f} s={row['server/accuracy']:.2f}")
   if 'comm/bytes_up' in row:
     parts.append(f"up={row['comm/bytes_up'] / 1e3:.0f}kB ratio={row['comm/ratio']:.4%}")
@@ -224,7 +225,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     for r in range(start + 1, rounds + 1):
       state, row = federation.run_round(setup, state)
       if r % cfg.train.eval_every == 0 or r == rounds:
-        row.update(federation.evaluate(setup, state, cfg.eval.split))
+        row.update(federation.evaluate(setup, state, cfg.eval.split,
+                                       full=r == rounds and bool(cfg.eval.get('final_full', False))))
         bar.set_postfix(c=f"{row['client/rougeLsum_mean']:.3f}", s=f"{row['server/rougeLsum']:.3f}")
       for line in fault_lines(row):
         log(line)

@@ -232,6 +232,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _int(cfg, 'eval.max_server_test', 1)
   if 'clients_per_eval' in cfg.eval:
     _int(cfg, 'eval.clients_per_eval', 0)
+  if 'final_full' in cfg.eval and _bool(cfg, 'eval.final_full') and not cfg.eval.get('clients_per_eval', 0):
+    _fail('eval.final_full', True, 'False unless eval.clients_per_eval > 0 (without it every evaluation is full)')
   if _choice(cfg, 'eval.split', ('test', 'val')) == 'val' and not cfg.data.client_val_fraction:
     _fail('eval.split', 'val', "'test', or 'val' with data.client_val_fraction > 0")
   _int(cfg, 'mesh.num_devices', 0)
