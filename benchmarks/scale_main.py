@@ -1,72 +1,155 @@
 """Main-job scaling benchmark: setup, first-round (compile), steady round and evaluation time,
-peak host RSS and device bytes against the number of clients and the participation.
+host RSS, host bytes per client and live device bytes against the number of clients and the
+participation fraction, and the main job's sampled clients per second against the
+micro-benchmark's vmapped cohort (ml_ecs/benchmark.py) of the same count and work.
 
-  python benchmarks/scale_main.py --clients=50,1000 --fractions=1.0,0.05 --rounds=3
+  python benchmarks/scale_main.py --cells=50:1.0,1000:0.05 --out=benchmarks/results/scale_main.jsonl
+  python benchmarks/scale_main.py --cells=16:1.0,64:0.25,256:0.0625,1024:0.05,4096:0.0125 ...
 
-Each (clients, fraction) cell builds configs/scale_cpu.py at that size (host_state on, synthetic
-data) and prints one markdown row; `sampled/s` is sampled clients trained per second of a steady
-round. The key check (1,000 clients at 5% against 50 at 100%, same sampled count) is the ratio
-of their steady round times, printed last when both cells ran.
+Each cell (clients:fraction) builds configs/scale_cpu.py at that size (synthetic data,
+host_state) in its own subprocess (so peak RSS is the cell's), runs --rounds rounds and one
+sampled evaluation, and appends one JSON row to --out as soon as it finishes; a rerun skips
+the cells already there (resumable). Pretrained backbones are cached in --cache_dir and
+shared by every cell. `--micro` adds, per distinct sampled count, the micro-benchmark's
+`vmap` variant on a cohort of that many clients running the same optimizer steps per client
+(public + private steps, batch, sequence length, edge model); its clients per second over
+the main job's is the main job's overhead. The Markdown table of all rows is printed last.
 """
 import argparse
+import json
 import os
 import resource
+import subprocess
 import sys
-import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-
-from configs import scale_cpu  # noqa: E402
-from ml_ecs import federation  # noqa: E402
-from ml_ecs.validation import validate  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
-def cell(n: int, fraction: float, rounds: int, host: bool) -> dict:
+def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_steps: int) -> dict:
+  """One main-job cell, in this process."""
+  import jax
+  import tempfile
+  from configs import scale_cpu
+  from ml_ecs import federation
+  from ml_ecs.validation import validate
   cfg = scale_cpu.get_config(str(n))
-  cfg.train.client_fraction, cfg.train.host_state = fraction, host
-  cfg.pretrain.steps = 20
+  cfg.train.client_fraction = fraction
+  cfg.pretrain.steps = pretrain_steps
   validate(cfg)
   t0 = time.perf_counter()
   with tempfile.TemporaryDirectory() as wd:
-    setup, state = federation.init(cfg, workdir=wd, log=lambda s: None)
-    t_setup = time.perf_counter() - t0
-    times = []
-    for _ in range(rounds):
-      t = time.perf_counter()
-      state, m = federation.run_round(setup, state)
-      times.append(time.perf_counter() - t)
+    setup, state = federation.init(cfg, workdir=wd, log=lambda s: None, cache_dir=cache_dir)
+  setup_s = time.perf_counter() - t0
+  times = []
+  for _ in range(rounds):
     t = time.perf_counter()
-    federation.evaluate(setup, state)
-    t_eval = time.perf_counter() - t
-  steady = sum(times[1:]) / max(len(times) - 1, 1)
-  dev = sum(getattr(x, 'nbytes', 0) for x in jax.live_arrays())
-  return dict(clients=n, fraction=fraction, sampled=m['clients/sampled'], setup_s=t_setup, first_s=times[0],
-              round_s=steady, eval_s=t_eval, sampled_per_s=m['clients/sampled'] / steady,
-              rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, device_mb=dev / 2**20)
+    state, m = federation.run_round(setup, state)
+    times.append(time.perf_counter() - t)
+  t = time.perf_counter()
+  ev = federation.evaluate(setup, state)
+  eval_s = time.perf_counter() - t
+  steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]   # median
+  sampled = m['clients/sampled']
+  te = cfg.train
+  return dict(kind='main', clients=n, fraction=fraction, sampled=sampled, rounds=rounds, setup_s=setup_s,
+              first_round_s=times[0], round_s=steady, round_times=times, eval_s=eval_s,
+              evaluated=ev.get('client/evaluated', n), sampled_per_s=sampled / steady,
+              host_bytes_per_client=federation.host_bytes_per_client(setup, state),
+              peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              live_device_mb=sum(x.nbytes for x in jax.live_arrays()) / 2**20,
+              steps_per_client=te.public_steps + te.private_steps, batch=te.batch_size,
+              seq=len(setup.text.instr) + cfg.edge_model.prompt_len + cfg.text.answer_len - 1,
+              compiles=[c.round_fn._cache_size() for c in setup.cohorts])
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument('--clients', default='50,1000')
-  ap.add_argument('--fractions', default='1.0,0.05')
+def micro_cell(clients: int, steps: int, batch: int, seq: int) -> dict:
+  """The micro-benchmark's vmapped cohort of `clients` clients running `steps` steps each."""
+  from configs import default
+  from ml_ecs import benchmark as bm
+  e = default.get_config().edge_model.backbone
+  s = bm.make_setup(clients, 'small', steps, width=e.width, layers=e.layers, heads=e.heads, batch=batch, seq=seq)
+  row = bm.time_variant(bm.make_variant(s, 'vmap'), repeats=2, budget_s=600, max_mem=8 * 2**30)
+  return dict(kind='micro', clients=clients, steps_per_client=steps, batch=batch, seq=seq,
+              round_s=row.get('median_s'), compile_s=row.get('compile_s'),
+              sampled_per_s=clients / row['median_s'] if row.get('median_s') else None, skip=row.get('skip'))
+
+
+def _rows(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _run_child(args: list[str], timeout_s: int) -> dict:
+  res = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
+                       timeout=timeout_s, cwd=ROOT)
+  if res.returncode != 0:
+    raise RuntimeError(f'cell {args} failed:\n{res.stderr[-3000:]}')
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def markdown(rows: list[dict]) -> list[str]:
+  """The table of main-job rows, each with the micro-benchmark's clients/s at its sampled count."""
+  micro = {(r['clients'], r['steps_per_client']): r for r in rows if r['kind'] == 'micro'}
+  out = ['| clients | fraction | sampled | setup s | first round s | round s | eval s (evaluated) | sampled/s | '
+         'micro vmap/s | micro / main | host KB/client | peak RSS GB | live device MB |',
+         '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for r in (r for r in rows if r['kind'] == 'main'):
+    mc = micro.get((r['sampled'], r['steps_per_client']), {}).get('sampled_per_s')
+    ratio = f"{mc / r['sampled_per_s']:.2f}x" if mc else '-'
+    out.append(f"| {r['clients']} | {r['fraction']:g} | {r['sampled']} | {r['setup_s']:.1f} | "
+               f"{r['first_round_s']:.1f} | {r['round_s']:.2f} | {r['eval_s']:.1f} ({r['evaluated']}) | "
+               f"{r['sampled_per_s']:.2f} | {f'{mc:.2f}' if mc else '-'} | "
+               f"{ratio} | {r['host_bytes_per_client'] / 1e3:.0f} | "
+               f"{r['peak_rss_gb']:.2f} | {r['live_device_mb']:.0f} |")
+  return out
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument('--cells', default='50:1.0,1000:0.05', help='clients:fraction,...')
   ap.add_argument('--rounds', type=int, default=3)
-  ap.add_argument('--device_state', action='store_true', help='host_state off (state on the devices)')
+  ap.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'scale_main.jsonl'))
+  ap.add_argument('--cache_dir', default=os.path.join(ROOT, 'benchmarks', 'results', 'scale_cache'))
+  ap.add_argument('--pretrain_steps', type=int, default=300)
+  ap.add_argument('--micro', action='store_true', help='also the micro-benchmark at each sampled count')
+  ap.add_argument('--cell_timeout_s', type=int, default=3600)
+  ap.add_argument('--child', default='', help=argparse.SUPPRESS)
   a = ap.parse_args()
-  rows = []
-  print('| clients | fraction | sampled | setup s | first round s | round s | eval s | sampled/s | peak RSS GB | live device MB |')
-  print('|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
-  for n, f in zip([int(x) for x in a.clients.split(',')], [float(x) for x in a.fractions.split(',')]):
-    r = cell(n, f, a.rounds, not a.device_state)
-    rows.append(r)
-    print(f"| {r['clients']} | {r['fraction']} | {r['sampled']} | {r['setup_s']:.1f} | {r['first_s']:.1f} | "
-          f"{r['round_s']:.2f} | {r['eval_s']:.1f} | {r['sampled_per_s']:.1f} | {r['rss_gb']:.2f} | "
-          f"{r['device_mb']:.0f} |", flush=True)
-  if len(rows) >= 2:
-    print(f"round time ratio {rows[-1]['clients']}@{rows[-1]['fraction']} / {rows[0]['clients']}@{rows[0]['fraction']}: "
-          f"{rows[-1]['round_s'] / rows[0]['round_s']:.2f}x")
+  if a.child:   # one cell in this (child) process: its row as the last stdout line
+    kind, *vals = a.child.split(':')
+    row = (main_cell(int(vals[0]), float(vals[1]), a.rounds, a.cache_dir, a.pretrain_steps) if kind == 'main'
+           else micro_cell(*map(int, vals)))
+    print(json.dumps(row))
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+  todo = [(int(n), float(f)) for n, f in (c.split(':') for c in a.cells.split(','))]
+  for n, f in todo:
+    rows = _rows(a.out)
+    main_row = next((r for r in rows if r['kind'] == 'main' and (r['clients'], r['fraction']) == (n, f)), None)
+    if main_row is None:
+      t = time.time()
+      main_row = _run_child([f'--child=main:{n}:{f}', f'--rounds={a.rounds}', f'--cache_dir={a.cache_dir}',
+                             f'--pretrain_steps={a.pretrain_steps}'], a.cell_timeout_s)
+      main_row['loadavg'] = os.getloadavg()
+      with open(a.out, 'a') as fh:
+        fh.write(json.dumps(main_row) + '\n')
+      print(f'main {n}@{f}: round {main_row["round_s"]:.2f} s ({time.time() - t:.0f} s)', flush=True)
+    key = (main_row['sampled'], main_row['steps_per_client'])
+    if a.micro and not any(r['kind'] == 'micro' and (r['clients'], r['steps_per_client']) == key for r in rows):
+      mrow = _run_child([f"--child=micro:{key[0]}:{key[1]}:{main_row['batch']}:{main_row['seq']}"],
+                        a.cell_timeout_s)
+      mrow['loadavg'] = os.getloadavg()
+      with open(a.out, 'a') as fh:
+        fh.write(json.dumps(mrow) + '\n')
+  rows = _rows(a.out)
+  print('\n'.join(markdown(rows)))
+  by = {(r['clients'], r['fraction']): r for r in rows if r['kind'] == 'main'}
+  if (1000, 0.05) in by and (50, 1.0) in by:
+    print(f"round time 1000 clients @5% / 50 clients @100%: {by[1000, 0.05]['round_s'] / by[50, 1.0]['round_s']:.2f}x")
 
 
 if __name__ == '__main__':

@@ -696,15 +696,19 @@ def evaluate(setup: Setup, state: State, split: str = 'test', full: bool = False
 
 # ---------------------------------------------------------------------------- descriptions
 def model_summary(setup: Setup, state: State) -> dict[str, Any]:
-  """Parameter counts of one edge model per cohort and of the server model."""
+  """Parameter counts of one edge model per cohort and of the server model (and with
+  train.host_state the host bytes per client, `host_bytes_per_client`)."""
   edge = []
   for c, cs in zip(setup.cohorts, state.cohorts):
     parts = {**jax.tree.map(lambda x: x[0], cs.trainables), 'frozen': setup.edge_frozen}
     edge.append({'modalities': list(c.data.modalities), 'encoders': dict(c.data.clients[0].encoder_types),
                  'clients': c.num_real, 'params': params.count_parts(parts)})
   server = params.count_parts({**state.server.trainables, 'frozen': setup.server_frozen})
-  return {'edge_cohorts': edge, 'server': server, 'total_model_bytes': int(setup.accounting.total_model_bytes),
-          'backbones': setup.backbones}
+  out = {'edge_cohorts': edge, 'server': server, 'total_model_bytes': int(setup.accounting.total_model_bytes),
+         'backbones': setup.backbones}
+  if any(c.host for c in setup.cohorts):   # train.host_state: what one idle client costs the host
+    out['host_bytes_per_client'] = host_bytes_per_client(setup, state)
+  return out
 
 
 def clients_info(setup: Setup) -> list[dict[str, Any]]:
