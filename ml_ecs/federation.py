@@ -327,7 +327,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     if host:   # built block by block straight into host arrays: the devices never hold the cohort
       block_init = jax.jit(lambda ks, f=client_init, o=init_opt: (lambda tr: NodeState(tr, o(tr)))(jax.vmap(f)(ks)),
                            out_shardings=client_sharding)
-      trainables, opt_state = dataclasses.astuple(host_init(block_init, keys, _round_up(min(n_pad, 256), ndev)))
+      st = host_init(block_init, keys, _round_up(min(n_pad, 256), ndev))
+      trainables, opt_state = st.trainables, st.opt_state
     else:
       trainables = stack_init(fn, keys, client_sharding)
       opt_state = jax.jit(init_opt, out_shardings=client_sharding)(trainables)
