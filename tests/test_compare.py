@@ -174,7 +174,7 @@ def test_last_k_and_plateau():
   assert math.isnan(stats.plateau(rows, 'm', 3))
 
 
-@pytest.mark.parametrize('name', ['compare', 'compare_secondary:discriminating', 'compare_secondary:embedded'])
+@pytest.mark.parametrize('name', ['compare', 'compare:reduced', 'compare_secondary:discriminating', 'compare_secondary:embedded'])
 def test_grid_configs_validate_every_cell(name):
   import importlib
   module, _, variant = name.partition(':')
