@@ -69,6 +69,8 @@ def trial_config(base: ml_collections.ConfigDict, method: str, point: dict[str, 
   compare.set_fields(cfg, point)
   cfg.data.seed, cfg.seed = tune.partition_seed, tune.train_seed
   cfg.data.modality_missing_rate = tune.missing_rate
+  # the grid's (first) federation size, unless tune.num_clients names one
+  cfg.data.num_clients = tune.get('num_clients', 0) or compare._values('num_clients', base.grid.num_clients, int)[0]
   cfg.data.modality_seed = base.grid.get('modality_seed', -1)
   cfg.eval.split = 'val'
   if tune.get('rounds', 0):          # the same (shorter) trial length for every method

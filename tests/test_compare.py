@@ -105,11 +105,13 @@ def test_tuning_gives_every_method_the_same_budget_on_validation_data(tmp_path, 
   base = _base(tiny_config)
   base.data.client_val_fraction = 0.2
   base.tune = dict(methods=('fedavg', 'fedprox', 'ml_ecs'), trials=3, seed=0, partition_seed=100, train_seed=100,
-                   missing_rate=0.5)
+                   missing_rate=0.5, rounds=4)
+  base.train.rounds, base.grid.num_clients = 9, (4,)
   seen = []
 
   def fake(cfg, tdir, cache):
     seen.append((cfg.method.name, cfg.eval.split, cfg.data.seed, cfg.seed, cfg.train.learning_rate))
+    assert (cfg.train.rounds, cfg.data.num_clients) == (4, 4)   # tune.rounds; the grid's federation size
     lr = cfg.train.learning_rate
     rows = [{'round': r, 'client/rougeLsum_mean': -abs(math.log(lr / 2e-3)), 'server/rougeLsum': 0.0}
             for r in range(4)]
