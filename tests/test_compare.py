@@ -153,6 +153,14 @@ def test_reproduction_check(tmp_path, tiny_config):
   assert len(records) == 3 and all(r['identical'] for r in records)
   compare.write_reports(results, str(tmp_path))
   assert '## Reproduction check' in (tmp_path / 'results.md').read_text()
+  for r in results:                 # the plateau column: mean over a method's runs of how much it still moved
+    r['plateau_client'] = 0.04 if r['method'] == 'ml_ecs' else 0.02 * r['partition_seed']
+  md = compare.markdown_report(results)
+  rows = {}                         # the first table of the setting: means (the paired differences follow)
+  for line in md.splitlines():
+    if line.startswith('| '):
+      rows.setdefault(line.split(' | ')[0].strip('| '), line)
+  assert 'plateau Δ client' in md and rows['ml_ecs'].endswith('| +0.040 |') and rows['fedavg'].endswith('| +0.010 |')
 
 
 def test_cluster_bootstrap():
