@@ -39,6 +39,10 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'HOST:PORT of process 0 when the run is one of several processes.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes of the run (with --coordinator_address).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
+_DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', distributed.MODES,
+                                 "Join other processes: 'auto' when SLURM, Open MPI or a TPU pod's environment "
+                                 "announces several; 'on' always (JAX's cluster detection, e.g. Cloud TPU VMs); "
+                                 "'off' never. Explicit --coordinator_address etc. win.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -56,7 +60,7 @@ def resolved_config():
 def main(argv):
   del argv
   try:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     cfg = resolved_config()
     result = train(cfg, _WORKDIR.value, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
   except (ConfigError, DataError, WorkdirConflict) as e:

@@ -20,10 +20,11 @@ import orbax.checkpoint as ocp
 
 
 def _flatten(tree: Any) -> dict[str, Any]:
-  """{key path: leaf}; device arrays stay device arrays, so that with several processes each
-  writes (and reads back) only the shards on its own devices."""
+  """{key path: leaf} as host arrays; arrays that span several processes stay global device arrays,
+  so that each process writes (and reads back) only the shards on its own devices."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path): x if isinstance(x, jax.Array) else np.asarray(x) for path, x in leaves}
+  return {jax.tree_util.keystr(path): x if isinstance(x, jax.Array) and not x.is_fully_addressable
+          else np.asarray(x) for path, x in leaves}
 
 
 class Checkpointer:

@@ -36,7 +36,8 @@ def cluster_processes(env: Mapping[str, str]) -> int:
   """How many processes the environment's cluster announces (1 when it announces none).
 
   SLURM (`srun`: SLURM_NTASKS with SLURM_JOB_ID), Open MPI (`mpirun`: OMPI_COMM_WORLD_SIZE) and
-  multi-host TPU VMs (TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES: one host name per worker).
+  multi-host TPU VMs that export their workers (TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES, as on
+  GKE; a Cloud TPU VM keeps the list in its metadata server: `--distributed=on` reads it).
   """
   if 'SLURM_JOB_ID' in env and env.get('SLURM_NTASKS', '').isdigit():
     return int(env['SLURM_NTASKS'])
@@ -69,19 +70,28 @@ def check_flags(coordinator_address: str | None, num_processes: int | None, proc
       raise ConfigError(f'--coordinator_address = {coordinator_address!r}: must be HOST:PORT (e.g. 10.0.0.1:1234)')
 
 
+MODES = ('auto', 'on', 'off')
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, env: Mapping[str, str] | None = None) -> bool:
+               process_id: int | None = None, mode: str = 'auto', env: Mapping[str, str] | None = None) -> bool:
   """Joins the processes of a run through `jax.distributed.initialize`; True if it did.
 
-  Explicit flags (all three) for local CPU processes and any other cluster; none given: the
-  call is made without arguments (JAX reads the cluster) when `cluster_processes` finds several
-  processes. One process: no call, nothing changes. CPU collectives use gloo (set before the
-  backend starts; it does not affect GPU or TPU). Call before anything touches a device.
+  Explicit flags (all three) for local CPU processes and any other cluster. Without them,
+  `mode` 'auto' makes the call without arguments (JAX reads the cluster) when
+  `cluster_processes` finds several processes in the environment; 'on' always makes it (JAX's
+  own detection, e.g. a Cloud TPU VM's worker list from its metadata server); 'off' never.
+  One process: no call, nothing changes. CPU collectives use gloo (set before the backend
+  starts; it does not affect GPU or TPU). Call before anything touches a device.
   """
+  if mode not in MODES:
+    raise ConfigError(f'--distributed = {mode!r}: must be one of {", ".join(MODES)}')
   check_flags(coordinator_address, num_processes, process_id)
   env = os.environ if env is None else env
   explicit = coordinator_address is not None
-  if not explicit and (num_processes or cluster_processes(env)) <= 1:
+  if explicit and mode == 'off':
+    raise ConfigError('--distributed = off contradicts --coordinator_address (leave one out)')
+  if not explicit and (mode == 'off' or (mode == 'auto' and (num_processes or cluster_processes(env)) <= 1)):
     return False
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if explicit:

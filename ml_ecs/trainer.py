@@ -186,7 +186,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   write_json = metrics_io.write_json if main else (lambda path, obj: None)
   write_jsonl = metrics_io.write_jsonl if main else (lambda path, rows: None)
   validate(cfg)
-  check_devices(cfg, jax.device_count())
+  check_devices(cfg, jax.device_count(), jax.process_count())
   if dataset is None:
     try:
       dataset = load_dataset(cfg.data)
