@@ -67,8 +67,8 @@ def main(argv):
   seconds, tx = time.perf_counter() - t0, loopback_tx_bytes() - tx0
   held = federation.process_holdings(setup, state)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  per_process = multihost_utils.process_allgather(np.array([held['client_data_bytes'], held['client_state_bytes'],
-                                                            held['replicated_bytes'], rss], np.int64))
+  mb = np.array([held['client_data_bytes'], held['client_state_bytes'], held['replicated_bytes'], rss]) / 1e6
+  per_process = multihost_utils.process_allgather(mb.astype(np.float32))   # MB (JAX's default 32-bit types)
   if distributed.is_main():
     per_process = np.asarray(per_process).reshape(-1, 4)
     result = {'processes': jax.process_count(), 'devices': jax.device_count(), 'clients': _CLIENTS.value,
@@ -76,8 +76,8 @@ def main(argv):
               'client_steps_per_s': steps * _ROUNDS.value / seconds,
               'loopback_bytes_per_round': tx / _ROUNDS.value if jax.process_count() > 1 else 0.0,
               'accounting_bytes_per_round': comm / _ROUNDS.value,
-              'client_data_bytes': per_process[:, 0].tolist(), 'client_state_bytes': per_process[:, 1].tolist(),
-              'replicated_bytes': per_process[:, 2].tolist(), 'peak_rss_bytes': per_process[:, 3].tolist()}
+              'client_data_mb': per_process[:, 0].tolist(), 'client_state_mb': per_process[:, 1].tolist(),
+              'replicated_mb': per_process[:, 2].tolist(), 'peak_rss_mb': per_process[:, 3].tolist()}
     print('result: ' + json.dumps(result), flush=True)
 
 

@@ -131,14 +131,17 @@ def replicate(tree: Any, sharding: NamedSharding) -> Any:
   return jax.device_put(tree, sharding)
 
 
-def to_host(x: Any) -> np.ndarray:
-  """`x` as one numpy array on every process (gathered over processes when it is sharded across them).
-
-  A collective when gathered: every process calls it at the same point."""
-  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+def to_host(tree: Any) -> Any:
+  """`tree`'s arrays as numpy arrays on every process; arrays sharded across processes are gathered
+  (in one `process_allgather` for the whole tree: a collective every process calls at the same point)."""
+  spread = lambda x: isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated)
+  leaves, treedef = jax.tree.flatten(tree)
+  gather = [x for x in leaves if spread(x)]
+  if gather:
+    from jax.experimental import multihost_utils
+    gathered = iter(multihost_utils.process_allgather(gather, tiled=True))
+    leaves = [next(gathered) if spread(x) else x for x in leaves]
+  return jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
 
 
 def any_process(flag: bool) -> bool:

@@ -420,8 +420,8 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
     ids = c.client_ids[real]
     sampled.append(ids)
     factor, dropped, late = faults.draw_faults(jax.random.fold_in(fault_key, k), len(real), cfg.train)
-    out_metrics = {name: distributed.to_host(v) for name, v in out.metrics.items()}   # reduced over processes
-    finite = distributed.to_host(mma.is_finite(out.shared))[:len(real)].copy()
+    out_metrics, finite = distributed.to_host((out.metrics, mma.is_finite(out.shared)))   # from every process
+    finite = finite[:len(real)].copy()
     for v in out_metrics.values():
       finite &= np.isfinite(v[:len(real)])
     dropped_ids += ids[dropped].tolist()
@@ -448,13 +448,14 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
     agg = setup.aggregate_fn(tuple(o.shared for o in outs), tuple(weights), tuple(presences), global_shared,
                              jax.random.fold_in(key, faults.NOISE_STREAM))
     global_shared = agg.shared
-    part, rejected = distributed.to_host(agg.participated), distributed.to_host(agg.rejected)
-    metrics['mma/excluded'] = int(distributed.to_host(agg.nonfinite).sum())
+    part, rejected, nonfinite, clipped, norms = distributed.to_host(
+        (agg.participated, agg.rejected, agg.nonfinite, agg.clipped, agg.norms))
+    metrics['mma/excluded'] = int(nonfinite.sum())
     metrics['agg/participants'] = int(part.sum())
     metrics['agg/rejected'] = int(rejected.sum())
     metrics['agg/rejected_ids'] = sorted(row_ids[rejected].tolist())
-    metrics['agg/clipped'] = int(distributed.to_host(agg.clipped).sum())
-    norms = distributed.to_host(agg.norms)[part]
+    metrics['agg/clipped'] = int(clipped.sum())
+    norms = norms[part]
     metrics['agg/update_norm_median'] = float(np.median(norms)) if norms.size else 0.0
     metrics['agg/update_norm_max'] = float(norms.max()) if norms.size else 0.0
     # Representations count only from the clients whose LoRA update was accepted, weighted by reliability.
@@ -507,10 +508,8 @@ def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test'
   diverged: list[int] = []   # non-finite clients: left out of every client mean (ml_ecs.faults)
   for c, tr in zip(setup.cohorts, trainables):
     data, index_lists = c.data.eval_split(split)
-    toks = distributed.to_host(c.generate_fn(tr, data, setup.edge_frozen))   # every process scores every client
-    counts = distributed.to_host(data.count)
-    labels = distributed.to_host(data.labels)
-    finite = distributed.to_host(faults.clients_finite(tr))
+    toks, counts, labels, finite = distributed.to_host(   # every process scores every client
+        (c.generate_fn(tr, data, setup.edge_frozen), data.count, data.labels, faults.clients_finite(tr)))
     for j, spec in enumerate(c.data.clients[:c.num_real]):
       if not finite[j]:
         diverged.append(int(spec.client_id))
