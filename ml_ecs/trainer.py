@@ -208,8 +208,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   setup, state = federation.init(cfg, workdir=workdir, dataset=dataset, log=log, cache_dir=cache_dir)
   setup_s = time.perf_counter() - t0
   write_json(os.path.join(workdir, 'model_summary.json'),
-                        {**federation.model_summary(setup, state), 'pretrain': setup.pretrain_info,
-                         'setup_s': setup_s})
+             {**federation.model_summary(setup, state), 'pretrain': setup.pretrain_info, 'setup_s': setup_s})
   write_json(os.path.join(workdir, 'clients.json'), federation.clients_info(setup))
   if jax.process_count() > 1:
     os.makedirs(os.path.join(workdir, 'hosts'), exist_ok=True)
