@@ -39,7 +39,7 @@ def main():
   from pfl.aggregate.simulate import SimulatedBackend
   from pfl.aggregate.weighting import WeightByUser
   from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
-  from pfl.callback import CentralEvaluationCallback
+  from pfl.callback.central_evaluation import CentralEvaluationCallback   # not re-exported by pfl.callback (0.6.0)
   from pfl.callback.base import TrainingProcessCallback
   from pfl.data.dataset import Dataset
   from pfl.data.federated_dataset import FederatedDataset

@@ -12,6 +12,15 @@ evaluations; (3) `grid.reproduce` finished cells rerun from scratch and compared
 The missing rate is the per-device-type modality-missing rate; the modality sets of each
 rate are drawn with `grid.modality_seed`, the same for every partition seed.
 Base: configs/discriminating.py:clients_scarce. The secondary grid is configs/compare_secondary.py.
+
+Variants:
+  full (default)  the whole protocol: 9 methods x missing rates 0.3/0.5/0.7, 5 x 2 seeds, 50 rounds,
+                  8 tuning trials per tuned method. Measured on 2 CPU cores: ~3 s a round, ~6 min
+                  a cell, 270 cells + 40 trials ~ 30 CPU-hours (an accelerator's job).
+  reduced         what fits one 2-core session (results/compare/): settings cut, never the seeds,
+                  the equal tuning or the intervals. Cut: fedprox, mmfl and the four ablations;
+                  missing rates 0.3 and 0.7 (0.5 kept); half the local/server steps per round; 4
+                  tuning trials of 25 rounds per method (equal for local, fedavg and ML-ECS).
 """
 import ml_collections
 
@@ -19,7 +28,12 @@ from configs import discriminating
 from ml_ecs.strategies import STRATEGIES
 
 
-def get_config() -> ml_collections.ConfigDict:
+VARIANTS = ('full', 'reduced')
+
+
+def get_config(variant: str = 'full') -> ml_collections.ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f'configs/compare.py: variant {variant!r}, expected one of {VARIANTS}')
   c = discriminating.get_config('clients_scarce')   # the benchmark where collaboration carries information
   c.train.update(dict(rounds=50, eval_every=5, checkpoint_every=10))
   c.data.client_val_fraction = 0.2   # the same partition for tuning and grid; val never used by the grid
@@ -37,7 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.tune = ml_collections.ConfigDict(dict(
       methods=('local', 'fedavg', 'fedprox', 'mmfl', 'ml_ecs'),
       trials=8,
+      rounds=0,                     # trial length; 0 = train.rounds (the same for every method)
       seed=0,
       partition_seed=100, train_seed=100, missing_rate=0.5,
   ))
+  if variant == 'reduced':
+    c.train.update(dict(public_steps=2, private_steps=6, server_steps=6))
+    c.grid.update(dict(methods=('local', 'fedavg', 'ml_ecs'), missing_rates=(0.5,)))
+    c.tune.update(dict(methods=('local', 'fedavg', 'ml_ecs'), trials=4, rounds=25))
   return c

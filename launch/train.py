@@ -11,6 +11,11 @@ checkpoint (exit status 143 / 130); rerun the same command to resume.
 the method fields it controls; `--config.method.FIELD=...` given on the command line wins over it
 (e.g. --config.method.name=fedprox --config.method.fedprox_mu=0.1). Exit status 2: a config, data
 or workdir error (one `error:` line); 3: the whole federation diverged.
+
+Many processes (one per host, or several CPU processes here): every process runs the same
+command; on SLURM (srun), Open MPI (mpirun) and TPU pod slices they find each other from the
+environment, elsewhere give --coordinator_address, --num_processes and --process_id
+(launch/local_multiprocess.py does that for N local CPU processes). See README "Many hosts".
 """
 import os
 import signal
@@ -19,6 +24,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from ml_ecs import distributed
 from ml_ecs.faults import FederationDiverged
 from ml_ecs.strategies import apply_strategy
 from ml_ecs.trainer import WorkdirConflict, train
@@ -29,6 +35,14 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (metrics, summary, checkpoints).')
 _PROGRESS = flags.DEFINE_boolean('progress', True, 'Show a progress bar.')
 _OVERWRITE = flags.DEFINE_boolean('overwrite', False, 'Delete the run in --workdir and start afresh.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'HOST:PORT of process 0 when the run is one of several processes.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes of the run (with --coordinator_address).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
+_DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', distributed.MODES,
+                                 "Join other processes: 'auto' when SLURM, Open MPI or a TPU pod's environment "
+                                 "announces several; 'on' always (JAX's cluster detection, e.g. Cloud TPU VMs); "
+                                 "'off' never. Explicit --coordinator_address etc. win.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -46,6 +60,7 @@ def resolved_config():
 def main(argv):
   del argv
   try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     cfg = resolved_config()
     result = train(cfg, _WORKDIR.value, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
   except (ConfigError, DataError, WorkdirConflict) as e:
@@ -56,7 +71,7 @@ def main(argv):
     return 3
   if result.status == 'interrupted':
     return 128 + int(getattr(signal, result.signal_name))
-  if result.status == 'complete':
+  if result.status == 'complete' and distributed.is_main():
     print(f'wrote {os.path.join(_WORKDIR.value, "metrics.jsonl")} and summary.json')
   return 0
 

@@ -4,7 +4,8 @@ The state pytree (nnx States, optax states, tuples of cohorts) is saved as a fla
 {key path: array} dict so that orbax sees plain arrays, and restored onto a
 template of the same structure (a freshly initialised state of the same config),
 back on the template's devices and shardings (numpy leaves of a host_state federation stay
-writable host arrays). Orbax finalises a step atomically
+writable host arrays). With several processes every process calls `save` and `restore`; each writes
+and reads the shards on its own devices. Orbax finalises a step atomically
 (written under a temporary name, then renamed), so a killed run never leaves a
 half-written step that looks complete; a step that is damaged all the same is
 skipped with a warning and the previous one is used.
@@ -19,9 +20,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-def _flatten(tree: Any) -> dict[str, np.ndarray]:
+def _flatten(tree: Any) -> dict[str, Any]:
+  """{key path: leaf} as host arrays; arrays that span several processes stay global device arrays,
+  so that each process writes (and reads back) only the shards on its own devices."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+  return {jax.tree_util.keystr(path): x if isinstance(x, jax.Array) and not x.is_fully_addressable
+          else np.asarray(x) for path, x in leaves}
 
 
 class Checkpointer:
@@ -66,9 +70,12 @@ class Checkpointer:
       key = jax.tree_util.keystr(path)
       if key not in flat or np.shape(flat[key]) != np.shape(ref):
         raise ValueError(f'checkpoint {self.step_dir(step)} does not match this config at {key}')
-      # Host (numpy) leaves come back as writable arrays: train.host_state updates them in place.
-      value = (np.asarray if isinstance(ref, jax.Array) else np.array)(flat[key], dtype=ref.dtype)
-      leaves.append(jax.device_put(value, ref.sharding) if isinstance(ref, jax.Array) else value)
+      value = flat[key]
+      if isinstance(ref, jax.Array):   # restored onto the template's sharding (global arrays stay global)
+        same = isinstance(value, jax.Array) and value.sharding == ref.sharding and value.dtype == ref.dtype
+        leaves.append(value if same else jax.device_put(np.asarray(value, dtype=ref.dtype), ref.sharding))
+      else:   # host (numpy) leaves come back writable: train.host_state updates them in place
+        leaves.append(np.array(value, dtype=ref.dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves), dict(restored['meta'] or {})
 
   def restore_latest_valid(self, template: Any, warn: Callable[[str], None]) -> tuple[int, Any, dict] | None:

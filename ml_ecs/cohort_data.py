@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -46,9 +47,11 @@ def labelled_rows(n: int, fraction: float, seed: int, owner: int) -> np.ndarray:
 def split_arrays(ds: MultimodalDataset, text: TaskText, modalities: Sequence[str],
                  index_lists: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                  ids: Sequence[np.ndarray] | None = None, max_len: int | None = None,
-                 labelled: Sequence[np.ndarray] | None = None, host: bool = False) -> SplitArrays:
+                 labelled: Sequence[np.ndarray] | None = None, rows: slice = slice(None),
+                 host: bool = False) -> SplitArrays:
   """Gathers the samples `index_lists[c]` of each client into padded stacked arrays
   (at most `max_len` per client); `labelled[c]` (0/1 per sample) zeroes unlabelled answers' masks.
+  Only the clients `rows` are built, padded as all of them would be (a process builds its own clients).
   `host`: numpy arrays (in JAX's canonical dtypes) that stay in host memory, not device arrays."""
   to = (lambda x: np.asarray(x, jax.dtypes.canonicalize_dtype(np.asarray(x).dtype))) if host else jnp.asarray
   if max_len is not None:
@@ -58,7 +61,11 @@ def split_arrays(ds: MultimodalDataset, text: TaskText, modalities: Sequence[str
     masks = [m[:max_len] for m in masks]
     if ids is not None:
       ids = [i[:max_len] for i in ids]
-  idx, valid = pad_indices(index_lists)
+  length = max(max(len(i) for i in index_lists), 1)
+  index_lists, masks = index_lists[rows], masks[rows]
+  labelled = labelled[rows] if labelled is not None else None
+  ids = ids[rows] if ids is not None else None
+  idx, valid = pad_indices(index_lists, length)
   lab = valid.astype(np.float32) if labelled is None else pad_rows([np.asarray(l)[:, None] for l in labelled],
                                                                    idx.shape[1])[..., 0]
   return SplitArrays(
@@ -95,26 +102,26 @@ class CohortData:
 
 def cohort_data(ds: MultimodalDataset, text: TaskText, clients: Sequence[ClientSpec],
                 public_train_idx: np.ndarray, max_test: int | None = None, label_fraction: float = 1.0,
-                public_labels: bool = True, label_seed: int = 0, host: bool = False) -> CohortData:
+                public_labels: bool = True, label_seed: int = 0, rows: slice = slice(None),
+                host: bool = False) -> CohortData:
   """Stacks the splits of same-structure `clients`; `label_fraction` of each client's private
   training samples keep their answer text, public samples keep theirs iff `public_labels`.
+  The arrays hold the clients `rows` only (padded as the whole cohort); `clients` names all.
   `host`: the splits stay numpy arrays in host memory (`split_arrays`)."""
   mods = clients[0].modalities
+  split = functools.partial(split_arrays, ds, text, mods, rows=rows, host=host)
   pos_of = {int(j): p for p, j in enumerate(public_train_idx)}
   return CohortData(
       clients=tuple(clients),
       modalities=mods,
-      train=split_arrays(ds, text, mods, [c.train_idx for c in clients], [c.train_mask for c in clients],
-                         labelled=[labelled_rows(len(c.train_idx), label_fraction, label_seed, c.client_id)
-                                   for c in clients], host=host),
-      test=split_arrays(ds, text, mods, [c.test_idx for c in clients], [c.test_mask for c in clients],
-                        max_len=max_test, host=host),
-      public=split_arrays(ds, text, mods, [c.public_idx for c in clients], [c.public_mask for c in clients],
-                          ids=[np.array([pos_of[int(j)] for j in c.public_idx], np.int64) for c in clients],
-                          labelled=[np.full(len(c.public_idx), float(public_labels), np.float32) for c in clients],
-                          host=host),
-      val=split_arrays(ds, text, mods, [c.val_idx for c in clients], [c.val_mask for c in clients], max_len=max_test,
-                       host=host)
+      train=split([c.train_idx for c in clients], [c.train_mask for c in clients],
+                 labelled=[labelled_rows(len(c.train_idx), label_fraction, label_seed, c.client_id)
+                           for c in clients]),
+      test=split([c.test_idx for c in clients], [c.test_mask for c in clients], max_len=max_test),
+      public=split([c.public_idx for c in clients], [c.public_mask for c in clients],
+                   ids=[np.array([pos_of[int(j)] for j in c.public_idx], np.int64) for c in clients],
+                   labelled=[np.full(len(c.public_idx), float(public_labels), np.float32) for c in clients]),
+      val=split([c.val_idx for c in clients], [c.val_mask for c in clients], max_len=max_test)
       if len(clients[0].val_idx) else None,
   )
 

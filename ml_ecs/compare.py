@@ -38,6 +38,7 @@ BASELINES = ('local', 'fedavg', 'fedprox', 'mmfl')
 METRICS = (('client_rougeLsum_multi', 'client/rougeLsum_multi_mean', 'client ROUGE-LSum multi-ref'),
            ('client_rougeLsum', 'client/rougeLsum_mean', 'client ROUGE-LSum'),
            ('client_accuracy', 'client/accuracy_mean', 'client acc'),
+           ('client_global_rougeLsum_multi', 'client/global_rougeLsum_multi_mean', 'global model ROUGE-LSum multi-ref'),
            ('server_rougeLsum_multi', 'server/rougeLsum_multi', 'server ROUGE-LSum multi-ref'),
            ('server_rougeLsum', 'server/rougeLsum', 'server ROUGE-LSum'),
            ('server_accuracy', 'server/accuracy', 'server acc'))
@@ -163,10 +164,15 @@ def cell_row(cell: Cell, name: str, rows: list[dict], timings: list[dict], last_
   for field, key in PER_CLIENT:
     out[field] = json.dumps(stats.last_k_mean(rows, key, last_k), sort_keys=True) if stats.evaluated(rows, key) else ''
   out.update(final_client_rougeLsum=final['client/rougeLsum_mean'], final_server_rougeLsum=final['server/rougeLsum'],
-             plateau_client=stats.plateau(rows, 'client/rougeLsum_mean', last_k),
+             plateau_client=stats.plateau(rows, _headline_key(rows), last_k),
              comm_ratio=max((r.get('comm/ratio', 0.0) for r in rows), default=0.0), rounds=final['round'],
              wall_s=max((t.get('time/elapsed_s', 0.0) for t in timings), default=float('nan')))
   return out
+
+
+def _headline_key(rows: list[dict]) -> str:
+  """The client headline metric the runs hold: multi-reference ROUGE-LSum, else single-reference."""
+  return 'client/rougeLsum_multi_mean' if stats.evaluated(rows, 'client/rougeLsum_multi_mean') else 'client/rougeLsum_mean'
 
 
 def _record_environment(workdir: str, what: str) -> None:
@@ -316,13 +322,19 @@ def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] |
     groups[(float(r['missing_rate']), int(r['num_clients']))][r['method']].append(r)
   for (rate, clients), by_method in sorted(groups.items()):
     out += [f'## missing rate {rate:g}, {clients} clients', '',
-            '| method | runs | ' + ' | '.join(h for _, _, h in metrics) + ' |', '|---|---|' + '---|' * len(metrics)]
+            '| method | runs | ' + ' | '.join(h for _, _, h in metrics) + ' | plateau Δ client |',
+            '|---|---|' + '---|' * (len(metrics) + 1)]
     for m, rs in by_method.items():
       cols = []
       for field, _, _ in metrics:
         vals = [[float(r[field])] for r in rs if r.get(field) not in ('', None)]
         cols.append(_fmt_ci(stats.cluster_bootstrap_ci(vals)) if vals else '—')
+      moves = [float(r['plateau_client']) for r in rs if r.get('plateau_client') not in ('', None)
+               and not math.isnan(float(r['plateau_client']))]
+      cols.append(f'{np.mean(moves):+.3f}' if moves else '—')
       out.append(f'| {m} | {len(rs)} | ' + ' | '.join(cols) + ' |')
+    out += ['', 'plateau Δ client: the client headline metric\'s mean of the last evaluations minus that of '
+            'the evaluations before (mean over runs): near 0 = the curves have flattened.', '']
     out.append('')
     baselines = [b for b in BASELINES if b in by_method]
     if headline and baselines:

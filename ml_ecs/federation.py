@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ml_ecs import amt, backbones, communication, faults, mma, params, privacy, robust, se_ccl
+from ml_ecs import amt, backbones, communication, distributed, faults, mma, params, privacy, robust, se_ccl
 from ml_ecs.cohort_data import CohortData, SplitArrays, cohort_data, full_modality_split
 from ml_ecs.cohort_map import CLIENT_AXIS, cohort_map
 from ml_ecs.data.dataset import MultimodalDataset
@@ -84,7 +84,8 @@ class CohortSetup:
 
   The client axis holds the `num_real` clients first, then zero-weight padding
   clients (copies of client 0's data, id -1) up to a multiple of the device count;
-  padding never reaches aggregation or metrics.
+  padding never reaches aggregation or metrics. `rows`: the client positions whose data
+  this process built and holds (all of them with one process; `data.clients` names all).
   """
   data: CohortData
   program: NodeProgram
@@ -96,6 +97,7 @@ class CohortSetup:
   generate_fn: Callable
   resync_fn: Callable | None = None   # re-syncs diverged clients (ml_ecs.faults.make_resync)
   host: bool = False        # train.host_state: state and data stay in host numpy; only the sampled block moves
+  rows: slice = dataclasses.field(default_factory=lambda: slice(None))   # this process's clients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,11 +222,16 @@ def stack_init(model_fn: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array, out_
 
 
 def client_mesh(num_devices: int = 0) -> Mesh:
-  """A 1-D mesh over the first `num_devices` devices (0 = all) with the client axis."""
+  """A 1-D mesh over the first `num_devices` devices (0 = all) with the client axis. With several
+  processes it spans every process's devices, in process order, so each holds a contiguous block."""
   n = num_devices or jax.device_count()
   if n > jax.device_count():
     raise ValueError(f'mesh.num_devices={n} but only {jax.device_count()} devices are visible')
-  return Mesh(np.array(jax.devices()[:n]), (CLIENT_AXIS,))
+  if jax.process_count() > 1 and n != jax.device_count():
+    raise ValueError(f'mesh.num_devices={n}: with {jax.process_count()} processes the client mesh spans all '
+                     f'{jax.device_count()} devices (set 0)')
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.array(devices[:n]), (CLIENT_AXIS,))
 
 
 def make_cohort_round(program: NodeProgram, stages: amt.Stages, mesh: Mesh, chunk: int, communicate: bool,
@@ -271,7 +278,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   if workdir:
     os.makedirs(workdir, exist_ok=True)
   bb = backbones.resolve(cfg, log=log)   # HF checkpoints read here, once each (ml_ecs/backbones.py)
-  text = build_task_text(ds, cfg.text, f'{workdir}/tokenizer.json' if workdir else None, tokenizer=bb.tokenizer)
+  text = build_task_text(ds, cfg.text, f'{workdir}/tokenizer.json' if workdir and distributed.is_main() else None,
+                         tokenizer=bb.tokenizer)
   mcfgs = bb.models                      # edge_model / server_model with the resolved backbones
   part = partition(ds, cfg.data)
   modalities = ds.modality_names
@@ -282,6 +290,9 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   optimizer = make_optimizer(cfg.train)
   m = cfg.method
   host = bool(cfg.train.get('host_state', False))
+  if host and jax.process_count() > 1:   # host rows are not split over processes (yet)
+    raise ValueError(f'train.host_state=True runs in one process; this run has {jax.process_count()} '
+                     '(set train.host_state=False: each process then holds its own clients on its devices)')
 
   def model_fn(name, mods, enc, rngs):
     return MultimodalLM({k: shapes[k] for k in mods}, enc, modalities, mcfgs[name],
@@ -307,7 +318,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
       pretrain_info[name] = info
       log(f"pretrained {name} backbone: LM loss {info['loss_first']:.2f} -> {info['loss_final']:.2f}")
   bb.weights.clear()   # the host copies of HF weights; the device copies are in `frozen`
-  edge_frozen, server_frozen = jax.device_put((frozen['edge_model'], frozen['server_model']), replicated)
+  edge_frozen, server_frozen = distributed.replicate((frozen['edge_model'], frozen['server_model']), replicated)
 
   # Cohorts: stacked, padded, sharded on the client axis.
   ndev = mesh.size
@@ -324,6 +335,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     keys = _per_client_keys(jax.random.fold_in(init_rng, k), jnp.arange(n_pad))
     client_init = lambda key, fn=fn: sub(params.split_model(fn(nnx.Rngs(key)))[1], params.TRAINABLE)
     init_opt = jax.vmap(functools.partial(amt.init_opt_state, prog, stages))
+    rows = distributed.local_rows(client_sharding, n_pad)   # this process builds only its own clients' data
     if host:   # built block by block straight into host arrays: the devices never hold the cohort
       block_init = jax.jit(lambda ks, f=client_init, o=init_opt: (lambda tr: NodeState(tr, o(tr)))(jax.vmap(f)(ks)),
                            out_shardings=client_sharding)
@@ -333,9 +345,9 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
       trainables = stack_init(fn, keys, client_sharding)
       opt_state = jax.jit(init_opt, out_shardings=client_sharding)(trainables)
     data = cohort_data(ds, text, padded, part.public_train_idx, cfg.eval.max_test_per_client,
-                       cfg.data.label_fraction, cfg.data.public_labels, cfg.data.seed, host=host)
+                       cfg.data.label_fraction, cfg.data.public_labels, cfg.data.seed, rows=rows, host=host)
     if not host:
-      data = dataclasses.replace(data, **{s: jax.device_put(getattr(data, s), client_sharding)
+      data = dataclasses.replace(data, **{s: distributed.put_rows(getattr(data, s), client_sharding, n_pad)
                                           for s in ('train', 'test', 'public', 'val') if getattr(data, s) is not None})
     ids = np.array([c.client_id for c in clients] + [-1] * (n_pad - n_real))
     cohorts.append(CohortSetup(data, prog, ids, n_real, num_sampled, num_selected,
@@ -343,7 +355,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
                                                  full=host or num_selected == n_pad),
                                make_generate(prog, mesh, cfg.text.answer_len),
                                faults.make_resync(client_init, functools.partial(amt.init_opt_state, prog, stages),
-                                                  keys, client_sharding), host))
+                                                  keys, client_sharding), host, rows))
     cohort_states.append(NodeState(trainables, opt_state))
 
   # Round-0 broadcast: every client starts from the same shared LoRA.
@@ -370,7 +382,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   public_test = squeeze(full_modality_split(ds, text, part.public_test_idx, cfg.eval.max_server_test))
   public_val = (squeeze(full_modality_split(ds, text, part.public_val_idx, cfg.eval.max_server_test))
                 if len(part.public_val_idx) else None)
-  server_tr, server_opt, public_train, public_test, public_val = jax.device_put(
+  server_tr, server_opt, public_train, public_test, public_val = distributed.replicate(
       (server_tr, server_opt, public_train, public_test, public_val), replicated)
   spec = stages.server
 
@@ -420,10 +432,14 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
       server_round_fn=server_round,
       server_generate_fn=jax.jit(lambda tr, fr, test: server_prog.generate_split(tr, fr, test, cfg.text.answer_len)),
       server_reliability_fn=jax.jit(server_prog.split_lm), backbones=bb.describe(), model_cfgs=mcfgs)
+  round_, rng = jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(cfg.seed))
+  if jax.process_count() > 1:   # one global value for every process (and its checkpoint)
+    round_, rng = distributed.replicate((round_, rng), replicated)
   state = State(cohorts=tuple(cohort_states), server=NodeState(server_tr, server_opt), global_shared=global_shared,
-                server_z=server_z, round=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(cfg.seed)))
+                server_z=server_z, round=round_, rng=rng)
   log(f'{len(part.clients)} clients in {len(cohorts)} cohorts ({cohort_layout(setup)}) on {mesh.size} device(s) '
-      f'[{", ".join(sorted({d.platform for d in mesh.devices.flat}))}], mesh {dict(mesh.shape)}; '
+      f'[{", ".join(sorted({d.platform for d in mesh.devices.flat}))}] of {jax.process_count()} process(es), '
+      f'mesh {dict(mesh.shape)}; '
       f'method {cfg.method.name}')
   return setup, state
 
@@ -464,7 +480,7 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   global_in, z_in, se_ctx = jax.device_put((state.global_shared, state.server_z, se_ctx),
                                            NamedSharding(setup.mesh, P()))
   for k, (c, cs) in enumerate(zip(setup.cohorts, state.cohorts)):
-    bad = ~(host_clients_finite(cs.trainables) if c.host else np.asarray(faults.clients_finite(cs.trainables)))
+    bad = ~(host_clients_finite(cs.trainables) if c.host else distributed.to_host(faults.clients_finite(cs.trainables)))
     bad[c.num_real:] = False
     if bad.any() and c.resync_fn is not None:   # diverged last round: re-sync from the global model
       if c.host:   # only the diverged rows, as one padded block
@@ -491,9 +507,10 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
     ids = c.client_ids[real]
     sampled.append(ids)
     factor, dropped, late = faults.draw_faults(jax.random.fold_in(fault_key, k), len(real), cfg.train)
-    finite = np.array(mma.is_finite(out.shared))[:len(real)]
-    for v in out.metrics.values():
-      finite &= np.isfinite(np.asarray(v)[:len(real)])
+    out_metrics, finite = distributed.to_host((out.metrics, mma.is_finite(out.shared)))   # from every process
+    finite = finite[:len(real)].copy()
+    for v in out_metrics.values():
+      finite &= np.isfinite(v[:len(real)])
     dropped_ids += ids[dropped].tolist()
     late_ids += ids[late].tolist()
     diverged_ids += ids[~finite].tolist()
@@ -506,10 +523,10 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
     rows_ = mma.rows(setup.modality_weights, c.client_ids[real], len(sel))
     rows_[:len(real)] *= factor[:, None]          # dropped / late uploads weigh nothing (or less) here too
     presences.append(jnp.asarray(rows_))
-    for name, v in out.metrics.items():
+    for name, v in out_metrics.items():
       if name.endswith('_ccl') and not name.endswith('se_ccl') and not c.program.has_ccl:
         continue   # a client with a single view has no CCL term
-      metric_values.setdefault(name, []).append(np.asarray(v)[:len(real)][up & finite])   # what the server hears
+      metric_values.setdefault(name, []).append(v[:len(real)][up & finite])   # what the server hears
   sampled = np.concatenate(sampled)
   row_ids = np.concatenate(row_ids)
   metrics: dict[str, Any] = {}
@@ -518,13 +535,14 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
     agg = setup.aggregate_fn(tuple(o.shared for o in outs), tuple(weights), tuple(presences), global_shared,
                              jax.random.fold_in(key, faults.NOISE_STREAM))
     global_shared = agg.shared
-    part = np.asarray(agg.participated)
-    metrics['mma/excluded'] = int(np.asarray(agg.nonfinite).sum())
+    part, rejected, nonfinite, clipped, norms = distributed.to_host(
+        (agg.participated, agg.rejected, agg.nonfinite, agg.clipped, agg.norms))
+    metrics['mma/excluded'] = int(nonfinite.sum())
     metrics['agg/participants'] = int(part.sum())
-    metrics['agg/rejected'] = int(np.asarray(agg.rejected).sum())
-    metrics['agg/rejected_ids'] = sorted(row_ids[np.asarray(agg.rejected)].tolist())
-    metrics['agg/clipped'] = int(np.asarray(agg.clipped).sum())
-    norms = np.asarray(agg.norms)[part]
+    metrics['agg/rejected'] = int(rejected.sum())
+    metrics['agg/rejected_ids'] = sorted(row_ids[rejected].tolist())
+    metrics['agg/clipped'] = int(clipped.sum())
+    norms = norms[part]
     metrics['agg/update_norm_median'] = float(np.median(norms)) if norms.size else 0.0
     metrics['agg/update_norm_max'] = float(norms.max()) if norms.size else 0.0
     # Representations count only from the clients whose LoRA update was accepted, weighted by reliability.
@@ -633,10 +651,8 @@ def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test'
     for block, real in eval_blocks(setup, k, pos):
       tr, data = (tr_all, data_all) if block is None else gather_clients((tr_all, data_all), block, sharding)
       tr = jax.device_put(view(tr), sharding) if view is not None else tr   # one sharding: one compilation
-      toks = np.asarray(c.generate_fn(tr, data, setup.edge_frozen))
-      counts = np.asarray(data.count)
-      labels = np.asarray(data.labels)
-      finite = np.asarray(faults.clients_finite(tr))
+      toks, counts, labels, finite = distributed.to_host(   # every process scores every client
+          (c.generate_fn(tr, data, setup.edge_frozen), data.count, data.labels, faults.clients_finite(tr)))
       for j, p in enumerate(real):
         spec = c.data.clients[p]
         if not finite[j]:
@@ -652,7 +668,7 @@ def server_predictions(setup: Setup, state: State, split: str = 'test') -> tuple
   """The server's generated answers on its public test (or validation) split, and their dataset indices."""
   server_split, server_idx = ((setup.public_val, setup.partition.public_val_idx) if split == 'val'
                               else (setup.public_test, setup.partition.public_test_idx))
-  toks = np.asarray(setup.server_generate_fn(state.server.trainables, setup.server_frozen, server_split))
+  toks = distributed.to_host(setup.server_generate_fn(state.server.trainables, setup.server_frozen, server_split))
   n = int(server_split.count)
   return setup.text.tokenizer.decode(toks[:n]), server_idx[:n]
 
@@ -710,6 +726,25 @@ def model_summary(setup: Setup, state: State) -> dict[str, Any]:
   if any(c.host for c in setup.cohorts):   # train.host_state: what one idle client costs the host
     out['host_bytes_per_client'] = host_bytes_per_client(setup, state)
   return out
+
+
+def _addressable_bytes(tree) -> int:
+  """Bytes of the shards of `tree` on this process's devices."""
+  return int(sum(sh.data.nbytes for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)
+                 for sh in x.addressable_shards))
+
+
+def process_holdings(setup: Setup, state: State) -> dict[str, Any]:
+  """What this process holds: its devices, the real clients whose data and state are on them (per
+  cohort), and the bytes of client data, client state and replicated parts on its devices."""
+  clients = [[int(i) for i in c.client_ids[c.rows] if i >= 0] for c in setup.cohorts]
+  return {'process_index': jax.process_index(), 'process_count': jax.process_count(),
+          'local_devices': [d.id for d in jax.local_devices()], 'clients': clients,
+          'client_data_bytes': _addressable_bytes([(c.data.train, c.data.test, c.data.public, c.data.val)
+                                                   for c in setup.cohorts]),
+          'client_state_bytes': _addressable_bytes(state.cohorts),
+          'replicated_bytes': _addressable_bytes((setup.edge_frozen, setup.server_frozen, state.server,
+                                                  setup.public_train, setup.public_test, state.global_shared))}
 
 
 def clients_info(setup: Setup) -> list[dict[str, Any]]:

@@ -6,6 +6,10 @@ most `train.checkpoint_every` rounds and ends with the same metrics.jsonl and
 summary.json as an uninterrupted run. A finished run is never overwritten unless
 asked (`overwrite=True`); a run with a different config is refused, naming the fields.
 SIGTERM and Ctrl-C stop the run at the end of the current round, after a checkpoint.
+With several processes (ml_ecs.distributed) every process runs `train`; process 0 alone writes
+the run's files and logs, each process writes its shards of the checkpoints and its own
+record `hosts/process_<i>.json` (the clients and bytes it holds), and a signal to any process
+stops all of them after the same round.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
-from ml_ecs import faults, federation, metrics_io, privacy
+from ml_ecs import distributed, faults, federation, metrics_io, privacy
 from ml_ecs.checkpoint import Checkpointer
 from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.data.loaders import load_dataset
@@ -31,7 +35,20 @@ from ml_ecs.validation import DataError, check_devices, check_partition, validat
 
 # Files of a run that `overwrite` removes (caches such as backbones/ stay).
 RUN_OUTPUTS = ('config.json', 'metrics.jsonl', 'timing.jsonl', 'summary.json', 'model_summary.json',
-               'clients.json', 'tokenizer.json', 'checkpoints', 'tensorboard')
+               'clients.json', 'tokenizer.json', 'checkpoints', 'tensorboard', 'hosts')
+
+
+class _NoWriter:
+  """The TensorBoard writer of a process that writes no events (not process 0)."""
+
+  def write_config(self, cfg: Any) -> None:
+    pass
+
+  def write_row(self, step: int, row: dict[str, Any]) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
 
 
 class WorkdirConflict(RuntimeError):
@@ -105,6 +122,8 @@ def _split_timing(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _check_workdir(workdir: str, cfg_json: dict[str, Any], overwrite: bool, log: Callable[[str], None]) -> bool:
   """Prepares `workdir`; returns True if it holds a finished run of this config."""
+  if overwrite and not distributed.is_main():
+    return False   # process 0 clears the workdir
   if overwrite:
     for name in RUN_OUTPUTS:
       path = os.path.join(workdir, name)
@@ -163,9 +182,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   (wall-clock times per round), TensorBoard events (tensorboard/: both, and the config),
   summary.json, model_summary.json, clients.json and checkpoints/ (orbax). `dataset` replaces the config's data source.
   """
-  log = log or (lambda s: tqdm.write(s))
+  main = distributed.is_main()
+  log = (log or (lambda s: tqdm.write(s))) if main else (lambda s: None)   # process 0 logs for all
+  write_json = metrics_io.write_json if main else (lambda path, obj: None)
+  write_jsonl = metrics_io.write_jsonl if main else (lambda path, rows: None)
   validate(cfg)
-  check_devices(cfg, jax.device_count())
+  check_devices(cfg, jax.device_count(), jax.process_count())
   if dataset is None:
     try:
       dataset = load_dataset(cfg.data)
@@ -175,19 +197,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   os.makedirs(workdir, exist_ok=True)
   cfg_json = config_dict(cfg)
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  if _check_workdir(workdir, cfg_json, overwrite, log):
+  complete = _check_workdir(workdir, cfg_json, overwrite, log)
+  distributed.barrier('workdir_checked')   # every process has looked before process 0 writes
+  if complete:
     log(f'{workdir} holds a complete run of this config ({cfg.train.rounds} rounds): nothing to do '
         '(--overwrite starts it afresh)')
     return RunResult('already_complete', metrics_io.read_jsonl(metrics_path), workdir)
-  metrics_io.write_json(os.path.join(workdir, 'config.json'), cfg_json)
+  write_json(os.path.join(workdir, 'config.json'), cfg_json)
 
   t0 = time.perf_counter()
   setup, state = federation.init(cfg, workdir=workdir, dataset=dataset, log=log, cache_dir=cache_dir)
   setup_s = time.perf_counter() - t0
-  metrics_io.write_json(os.path.join(workdir, 'model_summary.json'),
-                        {**federation.model_summary(setup, state), 'pretrain': setup.pretrain_info,
-                         'setup_s': setup_s})
-  metrics_io.write_json(os.path.join(workdir, 'clients.json'), federation.clients_info(setup))
+  write_json(os.path.join(workdir, 'model_summary.json'),
+             {**federation.model_summary(setup, state), 'pretrain': setup.pretrain_info, 'setup_s': setup_s})
+  write_json(os.path.join(workdir, 'clients.json'), federation.clients_info(setup))
+  if jax.process_count() > 1:
+    os.makedirs(os.path.join(workdir, 'hosts'), exist_ok=True)
+    metrics_io.write_json(os.path.join(workdir, 'hosts', f'process_{jax.process_index()}.json'),
+                          federation.process_holdings(setup, state))
   every = cfg.train.checkpoint_every
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.train.keep_checkpoints) if checkpoint else None
   rows: list[dict[str, Any]] = []
@@ -208,17 +235,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     rows.append(row)
     timings.append({'round': 0, **timing, 'time/setup_s': setup_s})
     log(round_line(row))
-  metrics_io.write_jsonl(metrics_path, rows)
-  metrics_io.write_jsonl(timing_path, timings)
+  write_jsonl(metrics_path, rows)
+  write_jsonl(timing_path, timings)
   # TensorBoard: a resumed run drops the earlier attempt's points after its checkpoint.
-  writer = MetricWriter(workdir, purge_step=None if resumed_from is None else resumed_from + 1)
+  writer = (MetricWriter(workdir, purge_step=None if resumed_from is None else resumed_from + 1) if main
+            else _NoWriter())
   if resumed_from is None:
     writer.write_config(cfg_json)
     writer.write_row(0, {**rows[0], **timings[0]})
 
   rounds = cfg.train.rounds
   start = int(state.round)
-  bar = tqdm(total=rounds, initial=start, desc=cfg.method.name, unit='round', disable=not progress,
+  bar = tqdm(total=rounds, initial=start, desc=cfg.method.name, unit='round', disable=not (progress and main),
              dynamic_ncols=True)
   saved_at = resumed_from
   with _StopOnSignal(log) as stop:
@@ -233,9 +261,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
       row, timing = _split_timing(row)
       rows.append(row)
       timings.append({'round': r, **timing, 'time/elapsed_s': time.perf_counter() - t0})
-      metrics_io.write_jsonl(metrics_path, rows)
-      metrics_io.write_jsonl(timing_path, timings)
+      write_jsonl(metrics_path, rows)
+      write_jsonl(timing_path, timings)
       writer.write_row(r, {**row, **timings[-1]})
+      if distributed.any_process(stop.received is not None) and not stop.received:
+        stop.received = 'SIGTERM'   # another process was signalled: stop with it
       if ckpt is not None and (r == rounds or (every and r % every == 0) or stop.received):
         ckpt.save(r, state, {'round': r, 'rows': rows})
         saved_at = r
@@ -268,5 +298,5 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                      'delta': float(cfg.dp.delta), 'noise_multiplier': float(cfg.dp.noise_multiplier),
                      'clip_norm': float(cfg.dp.clip_norm), 'accountant': cfg.dp.accountant,
                      'representations_noised': bool(cfg.dp.noise_representations)}
-  metrics_io.write_json(os.path.join(workdir, 'summary.json'), summary)
+  write_json(os.path.join(workdir, 'summary.json'), summary)
   return RunResult('complete', rows, workdir, resumed_from)

@@ -1,6 +1,7 @@
 """Equal tuning budget for every method: random search on the validation split.
 
-Every tuned method gets the same number of trials (`tune.trials`) of the same length,
+Every tuned method gets the same number of trials (`tune.trials`) of the same length
+(`tune.rounds`, or the grid's rounds when 0),
 drawn from its search space: the learning rate for all, plus each method's own knobs
 (FedProx's mu, the multimodal baseline's modality dropout, ML-ECS's CCL / SE-CCL weights
 and temperatures). A trial trains on the tuning seeds (apart from the grid's seeds) with
@@ -68,8 +69,12 @@ def trial_config(base: ml_collections.ConfigDict, method: str, point: dict[str, 
   compare.set_fields(cfg, point)
   cfg.data.seed, cfg.seed = tune.partition_seed, tune.train_seed
   cfg.data.modality_missing_rate = tune.missing_rate
+  # the grid's (first) federation size, unless tune.num_clients names one
+  cfg.data.num_clients = tune.get('num_clients', 0) or compare._values('num_clients', base.grid.num_clients, int)[0]
   cfg.data.modality_seed = base.grid.get('modality_seed', -1)
   cfg.eval.split = 'val'
+  if tune.get('rounds', 0):          # the same (shorter) trial length for every method
+    cfg.train.rounds = tune.rounds
   if not cfg.data.client_val_fraction:
     raise ValueError('tuning needs data.client_val_fraction > 0 (a validation split cut from training data)')
   return cfg

@@ -240,11 +240,15 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
-def check_devices(cfg: ml_collections.ConfigDict, device_count: int) -> None:
-  """mesh.num_devices against the devices JAX sees (called once JAX is up)."""
+def check_devices(cfg: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> None:
+  """mesh.num_devices against the devices JAX sees (called once JAX is up); with several
+  processes the client mesh spans every device of every process."""
   n = _int(cfg, 'mesh.num_devices', 0)
   if n > device_count:
     _fail('mesh.num_devices', n, f'0 (all) or at most the {device_count} visible device(s)')
+  if process_count > 1 and n not in (0, device_count):
+    _fail('mesh.num_devices', n, f'0 or {device_count}: with {process_count} processes the client mesh spans '
+          'every device of every process')
 
 
 def check_partition(cfg: ml_collections.ConfigDict, dataset) -> None:

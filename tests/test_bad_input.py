@@ -124,6 +124,12 @@ def test_more_devices_than_visible():
     check_devices(_set(_tiny(), 'mesh.num_devices', 64), 1)
 
 
+def test_partial_mesh_over_several_processes():
+  with pytest.raises(ConfigError, match=r'mesh\.num_devices = 2: expected 0 or 4: with 2 processes'):
+    check_devices(_set(_tiny(), 'mesh.num_devices', 2), 4, 2)
+  check_devices(_set(_tiny(), 'mesh.num_devices', 4), 4, 2)
+
+
 @pytest.mark.parametrize('field,value,text', [
     ('train.batch_size', 100000, 'largest client training split'),
     ('data.public_test_fraction', 0.3, 'server test split'),      # with a public fraction of one sequence

@@ -105,11 +105,13 @@ def test_tuning_gives_every_method_the_same_budget_on_validation_data(tmp_path, 
   base = _base(tiny_config)
   base.data.client_val_fraction = 0.2
   base.tune = dict(methods=('fedavg', 'fedprox', 'ml_ecs'), trials=3, seed=0, partition_seed=100, train_seed=100,
-                   missing_rate=0.5)
+                   missing_rate=0.5, rounds=4)
+  base.train.rounds, base.grid.num_clients = 9, (4,)
   seen = []
 
   def fake(cfg, tdir, cache):
     seen.append((cfg.method.name, cfg.eval.split, cfg.data.seed, cfg.seed, cfg.train.learning_rate))
+    assert (cfg.train.rounds, cfg.data.num_clients) == (4, 4)   # tune.rounds; the grid's federation size
     lr = cfg.train.learning_rate
     rows = [{'round': r, 'client/rougeLsum_mean': -abs(math.log(lr / 2e-3)), 'server/rougeLsum': 0.0}
             for r in range(4)]
@@ -151,6 +153,14 @@ def test_reproduction_check(tmp_path, tiny_config):
   assert len(records) == 3 and all(r['identical'] for r in records)
   compare.write_reports(results, str(tmp_path))
   assert '## Reproduction check' in (tmp_path / 'results.md').read_text()
+  for r in results:                 # the plateau column: mean over a method's runs of how much it still moved
+    r['plateau_client'] = 0.04 if r['method'] == 'ml_ecs' else 0.02 * r['partition_seed']
+  md = compare.markdown_report(results)
+  rows = {}                         # the first table of the setting: means (the paired differences follow)
+  for line in md.splitlines():
+    if line.startswith('| '):
+      rows.setdefault(line.split(' | ')[0].strip('| '), line)
+  assert 'plateau Δ client' in md and rows['ml_ecs'].endswith('| +0.040 |') and rows['fedavg'].endswith('| +0.010 |')
 
 
 def test_cluster_bootstrap():
@@ -174,7 +184,7 @@ def test_last_k_and_plateau():
   assert math.isnan(stats.plateau(rows, 'm', 3))
 
 
-@pytest.mark.parametrize('name', ['compare', 'compare_secondary:discriminating', 'compare_secondary:embedded'])
+@pytest.mark.parametrize('name', ['compare', 'compare:reduced', 'compare_secondary:discriminating', 'compare_secondary:embedded'])
 def test_grid_configs_validate_every_cell(name):
   import importlib
   module, _, variant = name.partition(':')
