@@ -303,7 +303,7 @@ def test_check_data_config():
   check_data_config(data_source_fields())
   assert parse_modality_columns('accel, d=depth') == {'accel': 'accel', 'd': 'depth'}
   for bad, msg in [
-      (dict(name='csv'), r"data\.name must be one of \('embedded', 'urfall', 'npz', 'hf', 'tfds'\)"),
+      (dict(name='csv'), r"data\.name must be one of \('embedded', 'synthetic', 'urfall', 'npz', 'hf', 'tfds'\)"),
       (dict(name='hf'), r'data\.path must name the dataset file or directory for data\.name=.hf.'),
       (dict(name='hf', path='/x', split=''), r'data\.split must be a non-empty string'),
       (dict(columns={'modalities': ('accel=',)}), r"entry 'accel=' must be 'name' or 'name=column'"),
