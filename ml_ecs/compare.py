@@ -164,15 +164,10 @@ def cell_row(cell: Cell, name: str, rows: list[dict], timings: list[dict], last_
   for field, key in PER_CLIENT:
     out[field] = json.dumps(stats.last_k_mean(rows, key, last_k), sort_keys=True) if stats.evaluated(rows, key) else ''
   out.update(final_client_rougeLsum=final['client/rougeLsum_mean'], final_server_rougeLsum=final['server/rougeLsum'],
-             plateau_client=stats.plateau(rows, _headline_key(rows), last_k),
+             plateau_client=stats.plateau(rows, stats.headline_keys(rows)[0], last_k),
              comm_ratio=max((r.get('comm/ratio', 0.0) for r in rows), default=0.0), rounds=final['round'],
              wall_s=max((t.get('time/elapsed_s', 0.0) for t in timings), default=float('nan')))
   return out
-
-
-def _headline_key(rows: list[dict]) -> str:
-  """The client headline metric the runs hold: multi-reference ROUGE-LSum, else single-reference."""
-  return 'client/rougeLsum_multi_mean' if stats.evaluated(rows, 'client/rougeLsum_multi_mean') else 'client/rougeLsum_mean'
 
 
 def _record_environment(workdir: str, what: str) -> None:
@@ -335,7 +330,6 @@ def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] |
       out.append(f'| {m} | {len(rs)} | ' + ' | '.join(cols) + ' |')
     out += ['', 'plateau Δ client: the client headline metric\'s mean of the last evaluations minus that of '
             'the evaluations before (mean over runs): near 0 = the curves have flattened.', '']
-    out.append('')
     baselines = [b for b in BASELINES if b in by_method]
     if headline and baselines:
       field = headline[0]

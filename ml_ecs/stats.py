@@ -17,6 +17,13 @@ def evaluated(rows: Sequence[Mapping[str, Any]], key: str) -> list[Mapping[str, 
   return [r for r in rows if key in r]
 
 
+def headline_keys(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+  """(client, server) headline ROUGE-LSum keys the runs hold: multi-reference, else single-reference."""
+  if evaluated(rows, 'client/rougeLsum_multi_mean'):
+    return 'client/rougeLsum_multi_mean', 'server/rougeLsum_multi'
+  return 'client/rougeLsum_mean', 'server/rougeLsum'
+
+
 def last_k_mean(rows: Sequence[Mapping[str, Any]], key: str, k: int = 3) -> Any:
   """Mean of `key` over the last k evaluations: a float, or a dict {client: mean} for per-client keys."""
   vals = [r[key] for r in evaluated(rows, key)][-k:]

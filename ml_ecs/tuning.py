@@ -54,10 +54,8 @@ def draw_trials(method: str, count: int, seed: int) -> list[dict[str, float]]:
 
 def objective(rows: list[dict[str, Any]], last_k: int) -> float:
   """Mean of the last evaluations of (client + server) / 2 of the headline ROUGE-LSum."""
-  multi = bool(stats.evaluated(rows, 'client/rougeLsum_multi_mean'))
-  client = stats.last_k_mean(rows, 'client/rougeLsum_multi_mean' if multi else 'client/rougeLsum_mean', last_k)
-  server = stats.last_k_mean(rows, 'server/rougeLsum_multi' if multi else 'server/rougeLsum', last_k)
-  return 0.5 * (client + server)
+  client, server = stats.headline_keys(rows)
+  return 0.5 * (stats.last_k_mean(rows, client, last_k) + stats.last_k_mean(rows, server, last_k))
 
 
 def trial_config(base: ml_collections.ConfigDict, method: str, point: dict[str, float]) -> ml_collections.ConfigDict:

@@ -184,6 +184,15 @@ def test_last_k_and_plateau():
   assert math.isnan(stats.plateau(rows, 'm', 3))
 
 
+def test_headline_keys_and_tuning_objective():
+  single = [{'round': 1, 'client/rougeLsum_mean': 0.2, 'server/rougeLsum': 0.4}]
+  multi = [{'round': 1, 'client/rougeLsum_mean': 0.2, 'server/rougeLsum': 0.4,
+            'client/rougeLsum_multi_mean': 0.5, 'server/rougeLsum_multi': 0.9}]
+  assert stats.headline_keys(single) == ('client/rougeLsum_mean', 'server/rougeLsum')
+  assert stats.headline_keys(multi) == ('client/rougeLsum_multi_mean', 'server/rougeLsum_multi')
+  assert tuning.objective(single, 3) == pytest.approx(0.3) and tuning.objective(multi, 3) == pytest.approx(0.7)
+
+
 @pytest.mark.parametrize('name', ['compare', 'compare:reduced', 'compare_secondary:discriminating', 'compare_secondary:embedded'])
 def test_grid_configs_validate_every_cell(name):
   import importlib
