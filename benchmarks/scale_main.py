@@ -4,7 +4,9 @@ participation fraction, and the main job's sampled clients per second against th
 micro-benchmark's vmapped cohort (ml_ecs/benchmark.py) of the same count and work.
 
   python benchmarks/scale_main.py --cells=50:1.0,1000:0.05 --out=benchmarks/results/scale_main.jsonl
-  python benchmarks/scale_main.py --cells=16:1.0,64:0.25,256:0.0625,1024:0.05,4096:0.0125 ...
+  # against the federation's size at a fixed sampled count (16), then against the participation fraction:
+  python benchmarks/scale_main.py --cells=16:1,64:0.25,256:0.0625,1024:0.015625,4096:0.00390625 --clients_per_eval=16
+  python benchmarks/scale_main.py --cells=1024:0.03125,1024:0.0625,1024:0.125 --clients_per_eval=16
 
 Each cell (clients:fraction) builds configs/scale_cpu.py at that size (synthetic data,
 host_state) in its own subprocess (so peak RSS is the cell's), runs --rounds rounds and one
@@ -27,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_steps: int) -> dict:
+def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_steps: int,
+              clients_per_eval: int = 0) -> dict:
   """One main-job cell, in this process."""
   import jax
   import tempfile
@@ -37,6 +40,8 @@ def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_ste
   cfg = scale_cpu.get_config(str(n))
   cfg.train.client_fraction = fraction
   cfg.pretrain.steps = pretrain_steps
+  if clients_per_eval:
+    cfg.eval.clients_per_eval = clients_per_eval
   validate(cfg)
   t0 = time.perf_counter()
   with tempfile.TemporaryDirectory() as wd:
@@ -115,13 +120,15 @@ def main() -> None:
   ap.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'scale_main.jsonl'))
   ap.add_argument('--cache_dir', default=os.path.join(ROOT, 'benchmarks', 'results', 'scale_cache'))
   ap.add_argument('--pretrain_steps', type=int, default=300)
+  ap.add_argument('--clients_per_eval', type=int, default=0, help="evaluated clients (0: the config's 64)")
   ap.add_argument('--micro', action='store_true', help='also the micro-benchmark at each sampled count')
   ap.add_argument('--cell_timeout_s', type=int, default=3600)
   ap.add_argument('--child', default='', help=argparse.SUPPRESS)
   a = ap.parse_args()
   if a.child:   # one cell in this (child) process: its row as the last stdout line
     kind, *vals = a.child.split(':')
-    row = (main_cell(int(vals[0]), float(vals[1]), a.rounds, a.cache_dir, a.pretrain_steps) if kind == 'main'
+    row = (main_cell(int(vals[0]), float(vals[1]), a.rounds, a.cache_dir, a.pretrain_steps, a.clients_per_eval)
+           if kind == 'main'
            else micro_cell(*map(int, vals)))
     print(json.dumps(row))
     return
@@ -133,7 +140,8 @@ def main() -> None:
     if main_row is None:
       t = time.time()
       main_row = _run_child([f'--child=main:{n}:{f}', f'--rounds={a.rounds}', f'--cache_dir={a.cache_dir}',
-                             f'--pretrain_steps={a.pretrain_steps}'], a.cell_timeout_s)
+                             f'--pretrain_steps={a.pretrain_steps}', f'--clients_per_eval={a.clients_per_eval}'],
+                            a.cell_timeout_s)
       main_row['loadavg'] = os.getloadavg()
       with open(a.out, 'a') as fh:
         fh.write(json.dumps(main_row) + '\n')
