@@ -100,8 +100,8 @@ def markdown(rows: list[dict]) -> list[str]:
   """The table of main-job rows, each with the micro-benchmark's clients/s at its sampled count."""
   micro = {(r['clients'], r['steps_per_client']): r for r in rows if r['kind'] == 'micro'}
   out = ['| clients | fraction | sampled | setup s | first round s | round s | eval s (evaluated) | sampled/s | '
-         'micro vmap/s | micro / main | host KB/client | peak RSS GB | live device MB |',
-         '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+         'micro vmap/s | micro / main | host KB/client | peak RSS GB | live device MB | compiles |',
+         '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in (r for r in rows if r['kind'] == 'main'):
     mc = micro.get((r['sampled'], r['steps_per_client']), {}).get('sampled_per_s')
     ratio = f"{mc / r['sampled_per_s']:.2f}x" if mc else '-'
@@ -109,7 +109,7 @@ def markdown(rows: list[dict]) -> list[str]:
                f"{r['first_round_s']:.1f} | {r['round_s']:.2f} | {r['eval_s']:.1f} ({r['evaluated']}) | "
                f"{r['sampled_per_s']:.2f} | {f'{mc:.2f}' if mc else '-'} | "
                f"{ratio} | {r['host_bytes_per_client'] / 1e3:.0f} | "
-               f"{r['peak_rss_gb']:.2f} | {r['live_device_mb']:.0f} |")
+               f"{r['peak_rss_gb']:.2f} | {r['live_device_mb']:.0f} | {r.get('compiles', '-')} |")
   return out
 
 
@@ -120,12 +120,19 @@ def main() -> None:
   ap.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'scale_main.jsonl'))
   ap.add_argument('--cache_dir', default=os.path.join(ROOT, 'benchmarks', 'results', 'scale_cache'))
   ap.add_argument('--pretrain_steps', type=int, default=300)
+  ap.add_argument('--compile_cache', default='',
+                  help='persistent XLA compilation cache shared by the cells (a cell whose shapes match an earlier '
+                       "cell's loads its compiled functions: its first round then shows that compile cost does not "
+                       'grow with the federation); empty: every cell compiles cold')
   ap.add_argument('--clients_per_eval', type=int, default=0, help="evaluated clients (0: the config's 64)")
   ap.add_argument('--micro', action='store_true', help='also the micro-benchmark at each sampled count')
   ap.add_argument('--cell_timeout_s', type=int, default=3600)
   ap.add_argument('--child', default='', help=argparse.SUPPRESS)
   a = ap.parse_args()
   if a.child:   # one cell in this (child) process: its row as the last stdout line
+    if a.compile_cache:
+      from ml_ecs.compilation_cache import enable_compilation_cache
+      enable_compilation_cache(a.compile_cache)
     kind, *vals = a.child.split(':')
     row = (main_cell(int(vals[0]), float(vals[1]), a.rounds, a.cache_dir, a.pretrain_steps, a.clients_per_eval)
            if kind == 'main'
@@ -140,7 +147,8 @@ def main() -> None:
     if main_row is None:
       t = time.time()
       main_row = _run_child([f'--child=main:{n}:{f}', f'--rounds={a.rounds}', f'--cache_dir={a.cache_dir}',
-                             f'--pretrain_steps={a.pretrain_steps}', f'--clients_per_eval={a.clients_per_eval}'],
+                             f'--pretrain_steps={a.pretrain_steps}', f'--clients_per_eval={a.clients_per_eval}',
+                             f'--compile_cache={a.compile_cache}'],
                             a.cell_timeout_s)
       main_row['loadavg'] = os.getloadavg()
       with open(a.out, 'a') as fh:
