@@ -138,10 +138,12 @@ def make_eval(batch: int = 10000) -> Callable:
 
 
 def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: int = 0, seed: int = 0,
-        log: Callable[[str], None] = print, time_budget_s: float | None = None) -> dict:
+        log: Callable[[str], None] = print, time_budget_s: float | None = None, sync_rounds: bool = False) -> dict:
   """FedAvg on the workload for `rounds` rounds (evaluation every cfg['eval_every']); returns timings
   (compile separately, then seconds per round including evaluation, as pfl's wall clock counts it) and
-  the accuracy history. Stops early (and says so) when `time_budget_s` is spent."""
+  the accuracy history. Stops early (and says so) when `time_budget_s` is spent. `sync_rounds` waits for
+  every round and records its end time (`round_end_s`, seconds from the start of round 1), for a
+  steady-state rate measured the same way as pfl's per-round callback (benchmarks/pfl_cpu.py)."""
   cfg = {**CONFIG, **(cfg or {})}
   data = data or synthetic_cifar10(cfg['num_users'] * cfg['per_user'], cfg['num_test'], cfg['image'], cfg['classes'],
                                    seed)
@@ -157,15 +159,19 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
   evaluate(state.params, x_test, y_test)[0].block_until_ready()
   compile_s = time.perf_counter() - t0
   flops = xla_flops(compiled)
-  history, done = [], 0
+  history, done, round_end = [], 0, []
   t0 = time.perf_counter()
   for r in range(rounds):
     state, metrics = compiled(state, jax.random.fold_in(key, r))
     done = r + 1
     if done % cfg['eval_every'] == 0 or done == rounds:
       acc, loss = evaluate(state.params, x_test, y_test)
-      history.append(dict(round=done, accuracy=float(acc), loss=float(loss), train_loss=float(metrics['loss'])))
+      history.append(dict(round=done, accuracy=float(acc), loss=float(loss), train_loss=float(metrics['loss']),
+                          t=time.perf_counter() - t0))
       log(f'[ours] round {done}: test accuracy {float(acc):.4f} loss {float(loss):.4f}')
+    if sync_rounds:
+      jax.block_until_ready(state)
+      round_end.append(time.perf_counter() - t0)
     if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
       break
   jax.block_until_ready(state)
@@ -174,4 +180,4 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
               rounds=done, wall_s=wall, s_per_round=wall / max(done, 1), s_per_100_rounds=100 * wall / max(done, 1),
               compile_s=compile_s, round_flops_xla=flops, history=history,
               final_accuracy=history[-1]['accuracy'] if history else None, backend=jax.default_backend(),
-              device=str(jax.devices()[0]))
+              device=str(jax.devices()[0]), **(dict(round_end_s=round_end) if sync_rounds else {}))
