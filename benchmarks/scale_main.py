@@ -96,17 +96,23 @@ def _run_child(args: list[str], timeout_s: int) -> dict:
   return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _steady(row: dict) -> str:
+  """The steady rounds (after the first): the median the ratios use, and their range."""
+  t = row['round_times'][1:]
+  return f"{row['round_s']:.2f} ({min(t):.2f}-{max(t):.2f})" if len(t) > 1 else f"{row['round_s']:.2f}"
+
+
 def markdown(rows: list[dict]) -> list[str]:
   """The table of main-job rows, each with the micro-benchmark's clients/s at its sampled count."""
   micro = {(r['clients'], r['steps_per_client']): r for r in rows if r['kind'] == 'micro'}
-  out = ['| clients | fraction | sampled | setup s | first round s | round s | eval s (evaluated) | sampled/s | '
+  out = ['| clients | fraction | sampled | setup s | first round s | round s (range) | eval s (evaluated) | sampled/s | '
          'micro vmap/s | micro / main | host KB/client | peak RSS GB | live device MB | compiles |',
          '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in (r for r in rows if r['kind'] == 'main'):
     mc = micro.get((r['sampled'], r['steps_per_client']), {}).get('sampled_per_s')
     ratio = f"{mc / r['sampled_per_s']:.2f}x" if mc else '-'
     out.append(f"| {r['clients']} | {r['fraction']:g} | {r['sampled']} | {r['setup_s']:.1f} | "
-               f"{r['first_round_s']:.1f} | {r['round_s']:.2f} | {r['eval_s']:.1f} ({r['evaluated']}) | "
+               f"{r['first_round_s']:.1f} | {_steady(r)} | {r['eval_s']:.1f} ({r['evaluated']}) | "
                f"{r['sampled_per_s']:.2f} | {f'{mc:.2f}' if mc else '-'} | "
                f"{ratio} | {r['host_bytes_per_client'] / 1e3:.0f} | "
                f"{r['peak_rss_gb']:.2f} | {r['live_device_mb']:.0f} | {r.get('compiles', '-')} |")

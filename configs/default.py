@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
       synthetic_windows=10,       # data.name='synthetic': windows (samples) per recording
       num_clients=8,
       public_fraction=0.2,        # of all sequences; shared by server and clients
+      max_public_sequences=0,     # caps the public split at this many sequences (0 = no cap): a fixed cloud
+                                  # dataset whatever the federation's size (the server encodes it every round)
       public_test_fraction=0.3,   # of the public sequences; the server's test split
       client_test_fraction=0.25,  # of each client's sequences
       client_val_fraction=0.0,    # of each client's training sequences (and of the public train split): tuning only

@@ -18,6 +18,8 @@ def get_config(num_clients: str = '1000') -> ml_collections.ConfigDict:
   c.data.num_clients = n
   c.data.synthetic_windows = 8
   c.data.public_per_client = 32
+  c.data.max_public_sequences = 60   # the public split of a 16-client run, at every size: the server's
+                                     # per-round encoding of it does not grow with the federation
   c.train.update(dict(host_state=True, rounds=5, client_fraction=0.05 if n >= 200 else 0.25, eval_every=5, checkpoint_every=5))
   c.eval.update(dict(max_test_per_client=16, clients_per_eval=64))
   return c

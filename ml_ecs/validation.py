@@ -133,6 +133,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _float(cfg, 'data.modality_missing_rate', 0.0, 1.0, hi_open=True)
   _float(cfg, 'data.sample_missing_rate', 0.0, 1.0, hi_open=True)
   _int(cfg, 'data.public_per_client', 1)
+  if 'max_public_sequences' in cfg.data:
+    _int(cfg, 'data.max_public_sequences', 0)
   _float(cfg, 'data.label_fraction', 0.0, 1.0, lo_open=True)
   _bool(cfg, 'data.public_labels')
   _float(cfg, 'data.server_label_fraction', 0.0, 1.0, lo_open=True)

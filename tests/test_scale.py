@@ -27,14 +27,23 @@ def _scale_cfg(n):
 def test_synthetic_source_is_deterministic_and_serves_many_clients():
   cfg = _scale_cfg(500).data
   a, b = load_dataset(cfg), load_dataset(cfg)
-  assert a.num_samples == synthetic.recordings_for(500, cfg.public_fraction) * cfg.synthetic_windows
+  recordings = synthetic.recordings_for(500, cfg.public_fraction, cfg.max_public_sequences)
+  assert a.num_samples == recordings * cfg.synthetic_windows
   for k in a.modalities:
     np.testing.assert_array_equal(a.modalities[k], b.modalities[k])
     assert a.modalities[k].dtype == np.float32
   np.testing.assert_array_equal(a.labels, b.labels)
-  assert len(np.unique(a.sequence_ids)) == synthetic.recordings_for(500, cfg.public_fraction)
+  assert len(np.unique(a.sequence_ids)) == recordings
   part = partition(a, cfg)
   assert len(part.clients) == 500 and all(len(c.train_idx) and len(c.test_idx) for c in part.clients)
+  # The public split is capped (data.max_public_sequences): the same size for 40 and 500 clients.
+  public_seqs = lambda p, ds: len(np.unique(ds.sequence_ids[np.concatenate([p.public_train_idx, p.public_test_idx])]))
+  small_cfg = _scale_cfg(40).data
+  small_ds = load_dataset(small_cfg)
+  assert public_seqs(part, a) == public_seqs(partition(small_ds, small_cfg), small_ds) == cfg.max_public_sequences
+  uncapped = copy.deepcopy(cfg)
+  uncapped.max_public_sequences = 0
+  assert public_seqs(partition(a, uncapped), a) == round(cfg.public_fraction * recordings) > cfg.max_public_sequences
   # Chunks are drawn from their own streams: a different chunk size is a different (still valid) dataset.
   small = synthetic.generate_chunked(50, 4, seed=3, chunk_sequences=16)
   assert small.num_samples == 200 and np.bincount(small.labels).min() > 0
@@ -50,6 +59,7 @@ def test_real_dataset_error_names_its_maximum(dataset):
 
 @pytest.mark.parametrize('field,value,match', [
     ('data.synthetic_windows', 0, 'data.synthetic_windows'),
+    ('data.max_public_sequences', -1, 'data.max_public_sequences'),
     ('eval.clients_per_eval', -1, 'eval.clients_per_eval'),
     ('train.host_state', 1, 'train.host_state'),
     ('eval.final_full', True, 'eval.final_full.*clients_per_eval'),

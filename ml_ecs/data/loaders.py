@@ -166,8 +166,8 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> MultimodalDataset:
     return load_default()
   if name == 'synthetic':
     from ml_ecs.data import synthetic
-    n = cfg.get('synthetic_recordings', 0) or synthetic.recordings_for(cfg.get('num_clients', 8),
-                                                                        cfg.get('public_fraction', 0.2))
+    n = cfg.get('synthetic_recordings', 0) or synthetic.recordings_for(
+        cfg.get('num_clients', 8), cfg.get('public_fraction', 0.2), cfg.get('max_public_sequences', 0))
     return synthetic.generate_chunked(n, cfg.get('synthetic_windows', 10), seed=cfg.get('seed', 0))
   if name == 'urfall':
     from ml_ecs.data.urfall import load_urfall

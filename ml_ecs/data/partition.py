@@ -61,12 +61,14 @@ class Partition:
     return list(groups.values())
 
 
-def _split_by_sequence(rng, idx, seq_ids, test_fraction):
+def _split_by_sequence(rng, idx, seq_ids, test_fraction, max_test: int = 0):
   seqs = np.unique(seq_ids[idx])
   rng.shuffle(seqs)
   n_test = int(round(test_fraction * len(seqs)))
   if len(seqs) >= 2:
     n_test = min(max(n_test, 1), len(seqs) - 1)
+  if max_test:
+    n_test = min(n_test, max_test)
   test_seqs = seqs[:n_test]
   is_test = np.isin(seq_ids[idx], test_seqs)
   return idx[~is_test], idx[is_test]
@@ -167,7 +169,10 @@ def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partitio
     raise ValueError(f'data.encoders has no encoder types for modalities {missing} of the dataset '
                      f'(dataset modalities: {all_mods})')
   all_idx = np.arange(ds.num_samples)
-  private_idx, public_idx = _split_by_sequence(rng, all_idx, ds.sequence_ids, cfg.public_fraction)
+  # data.max_public_sequences caps the public split (the cloud's dataset does not grow with the
+  # federation: the server encodes all of it every round); the rest stays private.
+  private_idx, public_idx = _split_by_sequence(rng, all_idx, ds.sequence_ids, cfg.public_fraction,
+                                               cfg.get('max_public_sequences', 0))
   pub_train, pub_test = _split_by_sequence(rng, public_idx, ds.sequence_ids, cfg.public_test_fraction)
   val_fraction = cfg.get('client_val_fraction', 0.0)
   # Validation splits (for tuning) come from their own stream, so that they are cut only when asked for.

@@ -141,6 +141,9 @@ def generate_chunked(num_sequences: int, windows_per_sequence: int = 10, seed: i
   return MultimodalDataset(modalities, labels, seq_ids, CLASS_NAMES, DESCRIPTIONS, text_ids)
 
 
-def recordings_for(num_clients: int, public_fraction: float) -> int:
-  """Recordings that give `num_clients` clients about three private recordings each (at least 300)."""
+def recordings_for(num_clients: int, public_fraction: float, max_public: int = 0) -> int:
+  """Recordings that give `num_clients` clients about three private recordings each (at least 300);
+  with the public split capped at `max_public` recordings, only that many more."""
+  if max_public:
+    return max(300, 3 * num_clients + max_public)
   return max(300, int(np.ceil(3 * num_clients / max(1.0 - public_fraction, 0.05))))
