@@ -26,8 +26,9 @@ import sys
 import time
 
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')   # jax is imported (numpy helpers), never used
-# This folder has a multiprocess.py (our benchmark); as sys.path[0] it would shadow the `multiprocess` package that
-# pfl.data.federated_dataset imports. Drop it; put the repository root first instead (ml_ecs, without --data).
+# As sys.path[0] this folder's scripts could shadow packages pfl imports (its many-process benchmark was once
+# multiprocess.py, which shadowed the `multiprocess` package of pfl.data.federated_dataset). Drop it; put the
+# repository root first instead (ml_ecs, without --data).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))

@@ -3,8 +3,8 @@
 Run as every process of a local multi-process job (or alone):
 
   python launch/local_multiprocess.py --num_processes=2 --devices_per_process=1 \\
-      --script=benchmarks/multiprocess.py -- --clients=16 --rounds=5 --cache_dir=/tmp/bb
-  XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/multiprocess.py --clients=16
+      --script=benchmarks/many_processes.py -- --clients=16 --rounds=5 --cache_dir=/tmp/bb
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/many_processes.py --clients=16
 
 The federation is configs/tiny.py with `--clients` clients of 3 device types (modality sets
 drawn). After one warm-up round (compilation), `--rounds` rounds are timed between barriers.
