@@ -22,13 +22,13 @@ setup(
         'matplotlib>=3.8,<4',
         # TensorBoard event files without TensorFlow: 0.7 MB (+ protobuf, already pulled in).
         'tensorboardX>=2.6,<3',
-        # Privacy accounting of central DP (ml_ecs/privacy.py): 1.5 MB + dm-tree 0.6 MB + mpmath 5.5 MB
+        # Privacy accounting of central DP (ml_ecs/aggregation/privacy.py): 1.5 MB + dm-tree 0.6 MB + mpmath 5.5 MB
         # (scipy, attrs and numpy are already pulled in by jax / others).
         'dp-accounting>=0.6,<0.7',
     ],
     extras_require={
         # Importing/exporting Hugging Face GPT-2-family checkpoints and PEFT adapters
-        # (ml_ecs.models.hf_gpt2, ml_ecs.peft_io); no torch needed.
+        # (ml_ecs.backbones.hf_gpt2, ml_ecs.backbones.peft_io); no torch needed.
         'hf': ['transformers>=4.45,<6', 'safetensors>=0.4,<1'],
         # The hf/tfds dataset sources of ml_ecs/data/loaders.py (no TensorFlow: TFDS reads
         # array_record with numpy; importlib_resources is a TFDS import it does not declare).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator check (ml_ecs/device_check.py): bash benchmarks/device_check.sh [sanity|small|full] [--skip=pfl,...]
+# The accelerator check (benchmarks/device_check.py): bash benchmarks/device_check.sh [sanity|small|full] [--skip=pfl,...]
 # Installs the carried wheels (.whl/, made by benchmarks/make_wheels.sh; not committed) into /tmp/site first,
 # and needs nothing else from outside. Results go to $OUT (or a new temporary folder).
 set -uo pipefail
@@ -15,4 +15,4 @@ fi
 export PYTHONPATH="${PYTHONPATH:-$PWD}"
 case ":$PYTHONPATH:" in *":$PWD:"*) ;; *) export PYTHONPATH="$PYTHONPATH:$PWD" ;; esac
 OUT="${OUT:-$(mktemp -d)}"
-exec "$PY" -m ml_ecs.device_check --mode="$MODE" --out="$OUT" "$@"
+exec "$PY" -m benchmarks.device_check --mode="$MODE" --out="$OUT" "$@"

@@ -17,12 +17,16 @@ line (`result: {...}`) with the per-process bytes held and peak RSS.
 from __future__ import annotations
 
 import json
+import os
 import resource
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
 
 from absl import app, flags
 
-from ml_ecs import distributed
+from ml_ecs.core import distributed
 
 _CLIENTS = flags.DEFINE_integer('clients', 16, 'Edge clients.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed rounds (after one warm-up round).')
@@ -48,7 +52,7 @@ def main(argv):
   import jax
   import numpy as np
   from configs import tiny
-  from ml_ecs import federation
+  from ml_ecs.core import federation
   from jax.experimental import multihost_utils
   cfg = tiny.get_config()
   cfg.data.num_clients = _CLIENTS.value

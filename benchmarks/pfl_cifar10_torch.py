@@ -1,6 +1,6 @@
 """pfl itself (pfl 0.6.0, PyTorch backend) on pfl-research's CIFAR-10 benchmark workload.
 
-The same workload, users and arrays as `ml_ecs.pfl_cifar10` (our engine): pfl's simple_cnn, 1,000 IID users
+The same workload, users and arrays as `benchmarks.lib.pfl_cifar10` (our engine): pfl's simple_cnn, 1,000 IID users
 x 50 images, cohort 50, 1 local epoch of batch 10 with SGD lr 0.1, central SGD lr 1.0, WeightByUser,
 central evaluation every 10 rounds on the 10,000 test images (batch 10,000). Built with pfl's public API the
 way its benchmarks/image_classification/pytorch/train.py builds it (SimulatedBackend, FederatedAveraging,
@@ -12,7 +12,7 @@ script has no device calls of its own, so it runs on CPU where torch sees no GPU
   python benchmarks/pfl_cifar10_torch.py --rounds=100 --out=/tmp/pfl.json [--small]
   python benchmarks/pfl_cifar10_torch.py --rounds=10 --out=/tmp/pfl.json --data=arrays.npz --threads=2
 
-Data: without --data the script builds the arrays with `ml_ecs.pfl_cifar10` (imports jax); with --data it
+Data: without --data the script builds the arrays with `benchmarks.lib.pfl_cifar10` (imports jax); with --data it
 reads the users' arrays, the test arrays and the config from an .npz written by `benchmarks/pfl_cpu.py`
 (no jax needed: the CPU comparison runs pfl in its own venv). Writes a JSON with seconds per round (wall clock
 of `algorithm.run`, evaluation included, and the steady-state rate from the per-round times after the first
@@ -73,7 +73,7 @@ def main():
       users_x, users_y = z['users_x'], z['users_y']
       data = dict(x_test=z['x_test'], y_test=z['y_test'])
   else:
-    from ml_ecs import pfl_cifar10 as pc
+    from benchmarks.lib import pfl_cifar10 as pc
     cfg = dict(pc.CONFIG)
     if args.small:
       cfg.update(num_users=20, per_user=10, cohort=5, num_test=200, image=(8, 8, 3), eval_every=2)

@@ -6,7 +6,7 @@ both.
   python benchmarks/pfl_cpu.py --pfl_python=/work/pflvenv/bin/python --pieces=2 --rounds=10 \\
       --out=benchmarks/results/pfl_cpu [--small] [--threads=2]
 
-Data: `ml_ecs.pfl_cifar10.synthetic_cifar10` (CIFAR-10's shapes; no CIFAR-10 copy can be read here), partitioned
+Data: `benchmarks.lib.pfl_cifar10.synthetic_cifar10` (CIFAR-10's shapes; no CIFAR-10 copy can be read here), partitioned
 once with `partition_iid` and written to an .npz that the pfl subprocess reads (`--data`); our side partitions
 the same arrays with the same function and seed. Each piece is an independent run of `--rounds` rounds from the
 initial model (ours: compile excluded and reported apart; pfl: a fresh process). Timing per engine:
@@ -126,7 +126,7 @@ def main(argv=None):
     ap.error('--rounds must exceed --warmup')
 
   import jax
-  from ml_ecs import pfl_cifar10 as pc
+  from benchmarks.lib import pfl_cifar10 as pc
 
   os.makedirs(args.out, exist_ok=True)
   cfg = {**pc.CONFIG, **(SMALL if args.small else {})}

@@ -1,14 +1,14 @@
 """Main-job scaling benchmark: setup, first-round (compile), steady round and evaluation time,
 host RSS, host bytes per client and live device bytes against the number of clients and the
 participation fraction, and the main job's sampled clients per second against the
-micro-benchmark's vmapped cohort (ml_ecs/benchmark.py) of the same count and work.
+micro-benchmark's vmapped cohort (benchmarks/lib/throughput.py) of the same count and work.
 
   python benchmarks/scale_main.py --cells=50:1.0,1000:0.05 --out=benchmarks/results/scale_main.jsonl
   # against the federation's size at a fixed sampled count (16), then against the participation fraction:
   python benchmarks/scale_main.py --cells=16:1,64:0.25,256:0.0625,1024:0.015625,4096:0.00390625 --clients_per_eval=16
   python benchmarks/scale_main.py --cells=1024:0.03125,1024:0.0625,1024:0.125 --clients_per_eval=16
 
-Each cell (clients:fraction) builds configs/scale_cpu.py at that size (synthetic data,
+Each cell (clients:fraction) builds studies/scale/configs/scale_cpu.py at that size (synthetic data,
 host_state) in its own subprocess (so peak RSS is the cell's), runs --rounds rounds and one
 sampled evaluation, and appends one JSON row to --out as soon as it finishes; a rerun skips
 the cells already there (resumable). Pretrained backbones are cached in --cache_dir and
@@ -34,9 +34,9 @@ def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_ste
   """One main-job cell, in this process."""
   import jax
   import tempfile
-  from configs import scale_cpu
-  from ml_ecs import federation
-  from ml_ecs.validation import validate
+  from studies.scale.configs import scale_cpu
+  from ml_ecs.core import federation
+  from ml_ecs.config.validation import validate
   cfg = scale_cpu.get_config(str(n))
   cfg.train.client_fraction = fraction
   cfg.pretrain.steps = pretrain_steps
@@ -72,7 +72,7 @@ def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_ste
 def micro_cell(clients: int, steps: int, batch: int, seq: int) -> dict:
   """The micro-benchmark's vmapped cohort of `clients` clients running `steps` steps each."""
   from configs import default
-  from ml_ecs import benchmark as bm
+  from benchmarks.lib import throughput as bm
   e = default.get_config().edge_model.backbone
   s = bm.make_setup(clients, 'small', steps, width=e.width, layers=e.layers, heads=e.heads, batch=batch, seq=seq)
   row = bm.time_variant(bm.make_variant(s, 'vmap'), repeats=2, budget_s=600, max_mem=8 * 2**30)
@@ -137,7 +137,7 @@ def main() -> None:
   a = ap.parse_args()
   if a.child:   # one cell in this (child) process: its row as the last stdout line
     if a.compile_cache:
-      from ml_ecs.compilation_cache import enable_compilation_cache
+      from ml_ecs.run.compilation_cache import enable_compilation_cache
       enable_compilation_cache(a.compile_cache)
     kind, *vals = a.child.split(':')
     row = (main_cell(int(vals[0]), float(vals[1]), a.rounds, a.cache_dir, a.pretrain_steps, a.clients_per_eval)

@@ -42,8 +42,9 @@ their parameters are stacked on a leading axis and one jitted `vmap` trains them
     ('code', '''import jax
 import pandas as pd
 from configs import tiny
-from ml_ecs import federation, plots
-from ml_ecs.strategies import apply_strategy
+from ml_ecs.core import federation
+from ml_ecs.run import plots
+from ml_ecs.algorithms.registry import apply_strategy
 
 cfg = tiny.get_config()
 cfg.data.num_clients = 4
@@ -61,7 +62,7 @@ latent space (default: the GRAM volume loss — the volume spanned by a sample's
 modality embeddings is small when they agree). Missing modalities are masked out, never
 zero-filled. It is part of every client's **private stage**, weighted by `method.lambda_ccl`.'''),
     ('code', '''import jax.numpy as jnp
-from ml_ecs.ccl import ccl_loss
+from ml_ecs.losses.ccl import ccl_loss
 key = jax.random.key(0)
 aligned = jax.random.normal(key, (8, 1, 16)) + 0.05 * jax.random.normal(key, (8, 3, 16))
 random = jax.random.normal(key, (8, 3, 16))
@@ -130,10 +131,10 @@ pd.DataFrame([{'method': name, 'client ROUGE-LSum': last(rows)['client/rougeLsum
 - The main job: `python launch/train.py --config=configs/default.py --workdir=/tmp/ml_ecs`
   (8 clients, 30 rounds, checkpoints and exact resume; `tensorboard --logdir /tmp/ml_ecs/tensorboard`;
   `python launch/report.py --workdir=/tmp/ml_ecs` draws these plots for any run).
-- The comparison grid of baselines and ablations: `python launch/compare.py --config=configs/compare.py --workdir=/tmp/compare`.
+- The comparison grid of baselines and ablations: `python studies/compare/run.py --config=studies/compare/configs/compare.py --workdir=/tmp/compare`.
 - Your own data: `ml_ecs.data.loaders.from_arrays(...)` and `federation.init(cfg, dataset=ds)`, or the
   `npz` / `hf` / `tfds` sources of `data.name` (see the README).
-- The scale benchmark: `python launch/bench.py`.'''),
+- The scale benchmark: `python benchmarks/throughput.py`.'''),
 ]
 
 

@@ -6,7 +6,7 @@ Override any field with --config.FIELD=VALUE, e.g. --config.data.num_clients=20.
 Seeds: `seed` is the training seed (backbone pretraining, model initialisation, client
 sampling and batches); `data.seed` is the partition seed (public split, client modality
 sets, label skew, train/test split, missing-sample masks). Vary them separately.
-Every field is checked by ml_ecs.validation.validate before any work is done.
+Every field is checked by ml_ecs.config.validation.validate before any work is done.
 """
 import ml_collections
 
@@ -14,7 +14,7 @@ import ml_collections
 def backbone(width: int, layers: int, heads: int, max_len: int = 32, hf: str = '') -> ml_collections.ConfigDict:
   """hf: '' = our own decoder, pretrained on the task text; else a Hugging Face GPT-2-family
   hub name or checkpoint directory, whose config then decides width/layers/heads/mlp/max_len
-  (ml_ecs/backbones.py); the LoRA fields stay these."""
+  (ml_ecs/backbones/resolve.py); the LoRA fields stay these."""
   return ml_collections.ConfigDict(dict(
       width=width, layers=layers, heads=heads, mlp_ratio=4, max_len=max_len,
       lora_rank=4, lora_alpha=8.0, lora_targets=('qkv', 'attn_out', 'mlp_in', 'mlp_out'), hf=hf))
@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=300, batch_size=32, learning_rate=3e-3,
       corpus='answers',           # 'answers': the answer paraphrases; 'generic': random word sequences over
-  ))                              # the answers' vocabulary, never an answer sentence (ml_ecs/pretrain.py)
+  ))                              # the answers' vocabulary, never an answer sentence (ml_ecs/backbones/pretrain.py)
   c.train = ml_collections.ConfigDict(dict(
       rounds=30, client_fraction=1.0, public_steps=4, private_steps=12, server_steps=12,
       batch_size=16, learning_rate=3e-3, weight_decay=0.0, clip_norm=1.0, eval_every=5,
@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
       client_chunk=8,             # clients per vmapped block inside a cohort (lax.map); 0 = one vmap
       checkpoint_every=5,         # rounds between checkpoints; the last round is always saved (0 = only it)
       keep_checkpoints=2,         # newest checkpoints kept (>= 2: a corrupt newest falls back)
-      # Simulated faults (ml_ecs/faults.py), drawn from the round key (deterministic, resume-exact):
+      # Simulated faults (ml_ecs/core/faults.py), drawn from the round key (deterministic, resume-exact):
       dropout_rate=0.0,           # P(a sampled client fails after training, before its upload)
       straggler_rate=0.0,         # P(a sampled client is slow): its time is 1 + Exp(straggler_slowdown)
       straggler_slowdown=2.0,     # mean extra time of a straggler, in units of a normal client's round time
@@ -109,22 +109,22 @@ def get_config() -> ml_collections.ConfigDict:
       repr_noise_multiplier=1.0,
   ))
   c.method = ml_collections.ConfigDict(dict(
-      name='ml_ecs',              # a strategy of ml_ecs/strategies.py; the main job and the grid apply it
+      name='ml_ecs',              # a strategy of ml_ecs/algorithms/registry.py; the main job and the grid apply it
                                   # (method fields given on the command line override the strategy's)
-      # CCL (ml_ecs/ccl.py)
+      # CCL (ml_ecs/losses/ccl.py)
       ccl='gram',                 # 'gram', 'infonce' or 'none'
       lambda_ccl=0.1, tau_ccl=0.2,
       ccl_anchor='text',          # GRAM anchor: 'text' (answer-text embedding, as GRAM) or 'modality' (node's first)
-      # AMT (ml_ecs/amt.py)
+      # AMT (ml_ecs/algorithms/ml_ecs/amt.py)
       amt=True,                   # private LoRA + gates; False = shared LoRA only
       gates='convex',             # 'convex': g*shared + (1-g)*private; 'scaled': 2*sigmoid per adapter (original)
       gate_init=2.0,              # convex gate logit at init: g = sigmoid(2) = 0.88 toward shared
-      # MMA (ml_ecs/mma.py)
+      # MMA (ml_ecs/algorithms/ml_ecs/mma.py)
       modality_params='projection',  # modality-specific shared parameters: 'projection' (same init on every
                                      # holder, from modality name + seed) or 'adapter' (original LoRA adapters)
       mma_backbone='samples',     # backbone shared LoRA weights: 'samples', 'modality', 'modality_samples'
       mma_modality='observations',  # modality leaves: 'observations' (present samples), 'client', 'samples'
-      # SE-CCL (ml_ecs/se_ccl.py)
+      # SE-CCL (ml_ecs/algorithms/ml_ecs/se_ccl.py)
       se_ccl=True, lambda_se_ccl=0.5, tau_se_ccl=0.2,
       se_ccl_head='mlp',          # 'mlp': align a private projection head's output, 'none': align z itself
       se_ccl_warmup=2,            # no alignment (either side) before this 0-based round

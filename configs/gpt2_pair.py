@@ -1,13 +1,13 @@
 """A realistic-size pair: edge clients on distilgpt2 (82M), the server on gpt2-medium (355M).
 
 Both are Hugging Face GPT-2-family checkpoints (one tokenizer, 50,257 tokens), read with
-`ml_ecs.models.hf_gpt2` (`pip install 'ml-ecs[hf]'`); their config.json decides the
-architecture (ml_ecs/backbones.py), so the width/layers/heads fields below are not used.
+`ml_ecs.backbones.hf_gpt2` (`pip install 'ml-ecs[hf]'`); their config.json decides the
+architecture (ml_ecs/backbones/resolve.py), so the width/layers/heads fields below are not used.
 LoRA r=8, alpha 16 on the GPT-2 attention projections (c_attn, c_proj), as in PEFT's
 usual GPT-2 setup. Needs the checkpoints: a hub connection, the Hugging Face cache, or
 local directories (--config.edge_model.backbone.hf=/path/to/distilgpt2 ...).
 
-Size it without weights:  python -m ml_ecs.sizing --config=configs/gpt2_pair.py
+Size it without weights:  python -m ml_ecs.run.sizing --config=configs/gpt2_pair.py
 Train:                    python launch/train.py --config=configs/gpt2_pair.py --workdir=DIR
 """
 import ml_collections

@@ -12,11 +12,14 @@ backbone, adapter_config.json names the checkpoint. Load in PyTorch with
 """
 import sys
 
+import os
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
+
 from absl import app, flags
 
-from ml_ecs import peft_io
-from ml_ecs.export import export_peft_from_workdir
-from ml_ecs.validation import ConfigError
+from ml_ecs.backbones import peft_io
+from ml_ecs.run.export import export_peft_from_workdir
+from ml_ecs.config.validation import ConfigError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a run (config.json + checkpoints/).')
 _CLIENT = flags.DEFINE_integer('client', None, 'Client id to export (see clients.json).')

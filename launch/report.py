@@ -1,4 +1,4 @@
-"""Draws the report of a workdir as PNGs (a run from launch/train.py or a grid from launch/compare.py).
+"""Draws the report of a workdir as PNGs (a run from launch/train.py or a grid from studies/compare/run.py).
 
   python launch/report.py --workdir=/tmp/ml_ecs        # -> /tmp/ml_ecs/report/*.png
   python launch/report.py --workdir=/tmp/compare       # -> /tmp/compare/report/*.png
@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
-from ml_ecs.report import NotAWorkdirError, report
+from ml_ecs.run.report import NotAWorkdirError, report
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run or grid workdir.')
 _OUT = flags.DEFINE_string('out', None, 'Where to write the PNGs (default: WORKDIR/report).')

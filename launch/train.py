@@ -7,7 +7,7 @@ Rerunning a command continues from the newest checkpoint in --workdir; a finishe
 left as it is unless --overwrite. SIGTERM / Ctrl-C stop after the current round with a
 checkpoint (exit status 143 / 130); rerun the same command to resume.
 
-`method.name` selects a strategy of ml_ecs/strategies.py (fedavg, fedprox, local, ...), which sets
+`method.name` selects a strategy of ml_ecs/algorithms/registry.py (fedavg, fedprox, local, ...), which sets
 the method fields it controls; `--config.method.FIELD=...` given on the command line wins over it
 (e.g. --config.method.name=fedprox --config.method.fedprox_mu=0.1). Exit status 2: a config, data
 or workdir error (one `error:` line); 3: the whole federation diverged.
@@ -21,14 +21,16 @@ import os
 import signal
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
+
 from absl import app, flags
 from ml_collections import config_flags
 
-from ml_ecs import distributed
-from ml_ecs.faults import FederationDiverged
-from ml_ecs.strategies import apply_strategy
-from ml_ecs.trainer import WorkdirConflict, train
-from ml_ecs.validation import ConfigError, DataError
+from ml_ecs.core import distributed
+from ml_ecs.core.faults import FederationDiverged
+from ml_ecs.algorithms.registry import apply_strategy
+from ml_ecs.run.trainer import WorkdirConflict, train
+from ml_ecs.config.validation import ConfigError, DataError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                           lock_config=True)

@@ -14,7 +14,7 @@ def pytest_configure(config):
   # Many tests build federations whose jitted functions are identical (same tiny shapes):
   # a persistent compilation cache shared by the xdist workers compiles each once.
   import jax
-  from ml_ecs.compilation_cache import enable_compilation_cache
+  from ml_ecs.run.compilation_cache import enable_compilation_cache
   enable_compilation_cache(os.path.join(config.rootpath, '.pytest_cache', 'jax_cache'))
 
 

@@ -1,5 +1,5 @@
-"""Hugging Face backbones in the federation (`backbone.hf`, ml_ecs.backbones) and sizing of
-configs at realistic sizes (ml_ecs.sizing), with the tiny GPT-2 of tests/fixtures/hf_gpt2."""
+"""Hugging Face backbones in the federation (`backbone.hf`, ml_ecs.backbones.resolve) and sizing of
+configs at realistic sizes (ml_ecs.run.sizing), with the tiny GPT-2 of tests/fixtures/hf_gpt2."""
 from __future__ import annotations
 
 import json
@@ -12,11 +12,13 @@ from flax import nnx
 pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 
-from ml_ecs import backbones, export, peft_io, sizing  # noqa: E402
+from ml_ecs.backbones import peft_io, resolve as backbones
+from ml_ecs.run import export
+from ml_ecs import sizing  # noqa: E402
 from ml_ecs.models.decoder import DecoderLM  # noqa: E402
-from ml_ecs.models.hf_gpt2 import export_hf_gpt2, load_hf_gpt2  # noqa: E402
-from ml_ecs.tokenizer import TextTokenizer  # noqa: E402
-from ml_ecs.validation import ConfigError, validate  # noqa: E402
+from ml_ecs.backbones.hf_gpt2 import export_hf_gpt2, load_hf_gpt2  # noqa: E402
+from ml_ecs.data.tokenizer import TextTokenizer  # noqa: E402
+from ml_ecs.config.validation import ConfigError, validate  # noqa: E402
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'hf_gpt2', 'base')
 
@@ -97,7 +99,7 @@ def test_sizing_reads_a_local_checkpoint_config():
 
 @pytest.fixture(scope='module')
 def hf_run(tmp_path_factory):
-  from ml_ecs.trainer import train
+  from ml_ecs.run.trainer import train
   cfg = hf_config()
   cfg.train.update(dict(rounds=1, checkpoint_every=1))
   cfg.eval.update(dict(max_test_per_client=4, max_server_test=4))
@@ -130,7 +132,7 @@ def test_main_job_with_hf_backbones(hf_run):
 @pytest.mark.slow
 def test_one_hf_backbone_shares_its_tokenizer(tmp_path):
   """Edge ours (pretrained on the checkpoint's tokenizer), server the checkpoint's weights."""
-  from ml_ecs import federation
+  from ml_ecs.core import federation
   cfg = validate(hf_config(edge=''))
   cfg.pretrain.steps = 2
   setup, state = federation.init(cfg, workdir=str(tmp_path), log=lambda s: None)

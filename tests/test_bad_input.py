@@ -13,9 +13,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ml_ecs import compare, trainer
-from ml_ecs.checkpoint import Checkpointer
-from ml_ecs.validation import ConfigError, DataError, check_devices, check_partition, validate
+from studies.compare import grid as compare
+from ml_ecs.run import trainer
+from ml_ecs.run.checkpoint import Checkpointer
+from ml_ecs.config.validation import ConfigError, DataError, check_devices, check_partition, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTINEL = 'row from an earlier run\n'
@@ -226,7 +227,7 @@ def test_grid_checks_every_cell_before_the_first(tmp_path):
 # ---------------------------------------------------------------------------- launchers
 def _launch(script, *args):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  res = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', script), *args], capture_output=True,
+  res = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True,
                        text=True, timeout=300, cwd=ROOT, env=env)
   return res.returncode, res.stdout + res.stderr
 
@@ -237,14 +238,14 @@ def _launch(script, *args):
     (['--config.data.name=urfall'], 'data.path'),
 ])
 def test_train_launcher_refuses(args, text, results):
-  rc, out = _launch('train.py', f'--config={ROOT}/configs/tiny.py', f'--workdir={results}', *args)
+  rc, out = _launch('launch/train.py', f'--config={ROOT}/configs/tiny.py', f'--workdir={results}', *args)
   assert rc == 2 and text in out and 'Traceback' not in out, out[-2000:]
   assert [line for line in out.splitlines() if line.startswith('error:')]
 
 
 def test_compare_launcher_checks_methods_before_any_cell(tmp_path):
   (tmp_path / 'results.csv').write_text(SENTINEL)
-  rc, out = _launch('compare.py', f'--config={ROOT}/configs/compare.py', f'--workdir={tmp_path}',
+  rc, out = _launch('studies/compare/run.py', f'--config={ROOT}/studies/compare/configs/compare.py', f'--workdir={tmp_path}',
                     '--config.grid.methods=fedavg,nope')
   assert rc == 2 and 'nope' in out and 'grid.methods' in out and 'Traceback' not in out, out[-2000:]
   assert (tmp_path / 'results.csv').read_text() == SENTINEL and not (tmp_path / 'cells').exists()
@@ -255,6 +256,6 @@ def test_compare_launcher_checks_methods_before_any_cell(tmp_path):
 def test_bench_launcher_refuses(flag, text, tmp_path):
   out_file = tmp_path / 'RESULTS.md'
   out_file.write_text(SENTINEL)
-  rc, out = _launch('bench.py', flag, f'--out={out_file}')
+  rc, out = _launch('benchmarks/throughput.py', flag, f'--out={out_file}')
   assert rc != 0 and text in out and 'Traceback' not in out, out[-2000:]
   assert out_file.read_text() == SENTINEL

@@ -1,4 +1,4 @@
-"""ml_ecs.benchmark: every variant it times runs the same local update as the federation (tiny sizes)."""
+"""benchmarks.lib.throughput: every variant it times runs the same local update as the federation (tiny sizes)."""
 import dataclasses
 
 import jax
@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ml_ecs import amt, benchmark as bench, federation
+from ml_ecs.algorithms.ml_ecs import amt
+from benchmarks.lib import throughput as bench
+from ml_ecs.core import federation
 
 # Adam's first steps move each weight by ~lr * sign(grad); float reassociation between a batched
 # and an unbatched program changes results in the last bits only.
@@ -73,7 +75,7 @@ def test_time_variant_and_report(setup):
   assert per_client['frozen_backbone_once'] > 0
   assert per_client['total'] == sum(v for k, v in per_client.items() if k not in ('total', 'frozen_backbone_once'))
   md = bench.markdown([row, skipped], {'small': dict(per_client=per_client, text=setup.text_lens)},
-                      bench.machine_info(), 'python launch/bench.py', {'steps': 1}, 1.0)
+                      bench.machine_info(), 'python benchmarks/throughput.py', {'steps': 1}, 1.0)
   assert '| small | 4 | loop |' in md and 'skipped' in md
 
 

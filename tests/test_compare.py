@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from ml_ecs import compare, metrics_io, stats, tuning
+from studies.compare import grid as compare, stats, tuning
+from ml_ecs.run import metrics_io
 
 
 def _base(tiny_config, **grid):
@@ -19,7 +20,7 @@ def _base(tiny_config, **grid):
 
 
 def _fake_train(calls, stop_at=None, gain=0.1):
-  """A stand-in for ml_ecs.trainer.train: deterministic rows; ml_ecs beats fedavg by `gain` on every client."""
+  """A stand-in for ml_ecs.run.trainer.train: deterministic rows; ml_ecs beats fedavg by `gain` on every client."""
   def train(cfg, cdir, cache):
     calls.append(os.path.basename(cdir))
     base = 0.4 + 0.01 * cfg.data.seed + 0.001 * cfg.seed

@@ -2,7 +2,7 @@
 import pytest
 
 from ml_ecs.data import synthetic
-from ml_ecs.evaluation import TextScorer, paraphrase_baselines
+from ml_ecs.core.scoring import TextScorer, paraphrase_baselines
 
 
 def test_score_and_accuracy():

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ml_ecs import amt, ccl, mma, params, se_ccl
-from ml_ecs.cohort_data import SplitArrays, labelled_rows
-from ml_ecs.evaluation import TextScorer
-from ml_ecs.lm import lm_loss
+from ml_ecs.algorithms.ml_ecs import amt, mma, se_ccl
+from ml_ecs.losses import ccl
+from ml_ecs.models import params
+from ml_ecs.data.cohort_data import SplitArrays, labelled_rows
+from ml_ecs.core.scoring import TextScorer
+from ml_ecs.losses.lm import lm_loss
 from ml_ecs.models.decoder import Block
 from ml_ecs.models.multimodal import MultimodalLM, modality_key
-from ml_ecs.node import NodeProgram, StageSpec, learning_rate, make_optimizer
+from ml_ecs.core.node import NodeProgram, StageSpec, learning_rate, make_optimizer
 
 VOCAB = 40
 SHAPES = {'accel': (16, 3), 'depth': (8,), 'image': (12,)}
@@ -218,8 +220,8 @@ def test_multi_reference_rouge():
 
 
 def test_generic_corpus_has_no_answer_sentence(tiny_config, dataset):
-  from ml_ecs.pretrain import generic_corpus
-  from ml_ecs.text import build_task_text
+  from ml_ecs.backbones.pretrain import generic_corpus
+  from ml_ecs.data.text import build_task_text
   text = build_task_text(dataset, tiny_config.text)
   tokens, mask = generic_corpus(text, num=256)
   decoded = {' '.join(s.split()) for s in text.tokenizer.decode(tokens)}
@@ -228,7 +230,7 @@ def test_generic_corpus_has_no_answer_sentence(tiny_config, dataset):
 
 
 def test_new_fields_are_validated(tiny_config):
-  from ml_ecs.validation import ConfigError, validate
+  from ml_ecs.config.validation import ConfigError, validate
   for field, bad in (('method.gates', 'soft'), ('method.modality_params', 'x'), ('method.mma_modality', 'x'),
                      ('method.ccl_anchor', 'x'), ('method.se_ccl_head', 'x'), ('method.se_ccl_warmup', -1),
                      ('method.se_ccl_reliability', 'x'), ('train.lr_schedule', 'x'), ('train.warmup_steps', -1),
@@ -243,8 +245,8 @@ def test_new_fields_are_validated(tiny_config):
 
 
 def test_discriminating_configs_validate():
-  from configs import discriminating
-  from ml_ecs.validation import validate
+  from studies.compare.configs import discriminating
+  from ml_ecs.config.validation import validate
   for v in discriminating.VARIANTS:
     cfg = validate(discriminating.get_config(v))
     assert cfg.pretrain.corpus == 'generic'
@@ -253,7 +255,7 @@ def test_discriminating_configs_validate():
 
 @pytest.mark.slow
 def test_federation_scarce_labels_warmup_and_global_eval(tiny_config, dataset, tmp_path):
-  from ml_ecs import federation
+  from ml_ecs.core import federation
   cfg = copy.deepcopy(tiny_config)
   cfg.data.update(dict(label_fraction=0.2, public_labels=False, server_label_fraction=0.5))
   cfg.pretrain.update(dict(corpus='generic', steps=5))

@@ -1,4 +1,4 @@
-"""Faults, divergence, robust aggregation and central DP (ml_ecs.faults, ml_ecs.robust, ml_ecs.privacy)."""
+"""Faults, divergence, robust aggregation and central DP (ml_ecs.core.faults, ml_ecs.aggregation.robust, ml_ecs.aggregation.privacy)."""
 import dp_accounting
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ml_ecs import faults, mma, privacy, robust
+from ml_ecs.core import faults
+from ml_ecs.algorithms.ml_ecs import mma
+from ml_ecs.aggregation import privacy, robust
 
 
 def _train_cfg(**kw):
@@ -170,8 +172,8 @@ def test_divergence_check_and_finite_means():
 @pytest.mark.slow
 def test_federation_with_dropout_nan_client_and_dp(tiny_config, dataset, tmp_path):
   """20% dropout over rounds; a NaN client is left out of eval means, reported, re-synced; all-NaN stops."""
-  from ml_ecs import federation
-  from ml_ecs.validation import validate
+  from ml_ecs.core import federation
+  from ml_ecs.config.validation import validate
   cfg = ml_collections.ConfigDict(tiny_config.to_dict())
   cfg.train.dropout_rate = 0.2
   cfg.dp.update(dict(enabled=True, noise_multiplier=0.5, clip_norm=1.0))

@@ -1,11 +1,11 @@
-"""ml_ecs.fedavg: the generic FedAvg path of the cohort engine (pfl's CIFAR-10 CNN at a small image size)."""
+"""benchmarks.lib.fedavg: the generic FedAvg path of the cohort engine (pfl's CIFAR-10 CNN at a small image size)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from ml_ecs import fedavg, pfl_cifar10 as pc
+from benchmarks.lib import fedavg, pfl_cifar10 as pc
 
 IMAGE = (8, 8, 3)
 

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ml_ecs import federation
-from ml_ecs.checkpoint import Checkpointer
+from ml_ecs.core import federation
+from ml_ecs.run.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = ('round', 'server/rougeLsum', 'client/rougeLsum_mean', 'client/rougeLsum', 'comm/bytes_up',
@@ -153,7 +153,7 @@ def test_checkpoint_roundtrip_and_fallback(fed, tmp_path):
 
 
 def test_bad_method_config_is_a_clear_error(tiny_config):
-  from ml_ecs.validation import ConfigError, validate
+  from ml_ecs.config.validation import ConfigError, validate
   cfg = copy.deepcopy(tiny_config)
   cfg.method.mma_backbone = 'median'
   with pytest.raises(ConfigError, match=r"method.mma_backbone = 'median': expected one of \('samples'"):

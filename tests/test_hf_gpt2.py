@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 import/export and PEFT adapters (ml_ecs.models.hf_gpt2, ml_ecs.peft_io).
+"""Hugging Face GPT-2 import/export and PEFT adapters (ml_ecs.backbones.hf_gpt2, ml_ecs.backbones.peft_io).
 
 Three tiers:
 - always (CI: transformers + safetensors, no torch): checkpoints and adapters written
@@ -25,11 +25,12 @@ from flax import nnx
 pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 
-from ml_ecs import params, peft_io  # noqa: E402
+from ml_ecs.models import params
+from ml_ecs import peft_io  # noqa: E402
 from ml_ecs.models import decoder, hf_gpt2  # noqa: E402
 from ml_ecs.models.decoder import Block, DecoderLM  # noqa: E402
 from ml_ecs.models.variables import Frozen, Gate, PrivateLoRA, SharedLoRA  # noqa: E402
-from ml_ecs.tokenizer import HFTokenizer, TextTokenizer  # noqa: E402
+from ml_ecs.data.tokenizer import HFTokenizer, TextTokenizer  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 FIXTURE = os.path.join(FIXTURES, 'hf_gpt2')

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ml_ecs.cohort_data import full_modality_split
+from ml_ecs.data.cohort_data import full_modality_split
 from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.data.loaders import (check_data_config, data_source_fields, from_arrays, load_dataset,
                                  parse_modality_columns, save_npz)
@@ -362,7 +362,7 @@ def test_partition_honours_missing_samples(dataset, tiny_config):
                                 np.flatnonzero(~public & present['depth']))
   assert c.train_mask.all() and c.public_mask.all() and present['depth'][c.public_idx].all()
   # the server's public view masks exactly the data's missing samples
-  from ml_ecs.text import build_task_text
+  from ml_ecs.data.text import build_task_text
   text = build_task_text(ds, tiny_config.text)
   split = full_modality_split(ds, text, p.public_train_idx)
   np.testing.assert_array_equal(np.asarray(split.mod_mask[0]), ds.presence(mods)[p.public_train_idx])

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from ml_ecs.metric_writer import MetricWriter, flatten_row
+from ml_ecs.run.metric_writer import MetricWriter, flatten_row
 
 ROWS = [
     {'round': 0, 'server/rougeLsum': 0.25, 'client/rougeLsum_mean': 0.3,

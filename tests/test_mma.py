@@ -6,7 +6,8 @@ import pytest
 
 from flax import nnx
 
-from ml_ecs import communication, mma, se_ccl
+from ml_ecs.core import communication
+from ml_ecs.algorithms.ml_ecs import mma, se_ccl
 from ml_ecs.models.variables import ModalityLoRA, SharedLoRA
 
 MODS = ('accel', 'depth', 'image')

@@ -6,7 +6,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ml_ecs import params
+from ml_ecs.models import params
 from ml_ecs.models.decoder import DecoderLM
 from ml_ecs.models.encoders import ENCODER_TYPES, make_encoder
 from ml_ecs.models.multimodal import MultimodalLM
@@ -159,8 +159,8 @@ def test_pretraining_in_chunks_equals_one_scan(tiny_config):
   """The progress bar's chunked pretraining computes exactly what one scan over all steps does."""
   import numpy as np
   from ml_ecs.data.embedded import load_default
-  from ml_ecs.pretrain import pretrain_backbone
-  from ml_ecs.text import build_task_text
+  from ml_ecs.backbones.pretrain import pretrain_backbone
+  from ml_ecs.data.text import build_task_text
   from flax import nnx
   cfg = tiny_config
   text = build_task_text(load_default(), cfg.text)

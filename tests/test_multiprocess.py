@@ -1,4 +1,4 @@
-"""One run on many processes (ml_ecs.distributed): start-up flags, placement, and 2 local CPU
+"""One run on many processes (ml_ecs.core.distributed): start-up flags, placement, and 2 local CPU
 processes x 2 devices against 1 process x 4 devices (same metrics, same global LoRA, each
 process holding only its own clients, process 0 alone writing), killed and resumed."""
 import glob
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from launch import local_multiprocess
-from ml_ecs import distributed
-from ml_ecs.validation import ConfigError
+from ml_ecs.core import distributed
+from ml_ecs.config.validation import ConfigError
 from tests.rows import assert_rows_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +68,7 @@ def test_one_process_makes_no_distributed_call(monkeypatch):
 
 
 def test_one_process_holds_every_row_and_reads_back():
-  from ml_ecs.federation import client_mesh
+  from ml_ecs.core.federation import client_mesh
   from jax.sharding import NamedSharding, PartitionSpec as P
   mesh = client_mesh()
   sharding = NamedSharding(mesh, P('clients'))
@@ -81,9 +81,9 @@ def test_one_process_holds_every_row_and_reads_back():
 
 def test_cohort_rows_are_the_rows_of_the_whole_cohort(tiny_config, dataset):
   """A process builds its rows of a cohort exactly as they are in the whole cohort (same padding)."""
-  from ml_ecs.cohort_data import cohort_data
+  from ml_ecs.data.cohort_data import cohort_data
   from ml_ecs.data.partition import partition
-  from ml_ecs.text import build_task_text
+  from ml_ecs.data.text import build_task_text
   text = build_task_text(dataset, tiny_config.text)
   part = partition(dataset, tiny_config.data)
   clients = part.cohorts()[0]

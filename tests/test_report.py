@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_hex
 
-from ml_ecs import plots
-from ml_ecs.report import NotAWorkdirError, load_grid, load_run, report
+from ml_ecs.run import plots
+from ml_ecs.run.report import NotAWorkdirError, load_grid, load_run, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -212,7 +212,7 @@ def test_grid_report_before_any_cell_finished(tmp_path):
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory, tiny_config):
-  from ml_ecs.trainer import train
+  from ml_ecs.run.trainer import train
   cfg = tiny_config.copy_and_resolve_references()
   cfg.train.rounds = 2
   workdir = str(tmp_path_factory.mktemp('tiny_run'))

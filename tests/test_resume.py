@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from ml_ecs import compare, trainer
+from studies.compare import grid as compare
+from ml_ecs.run import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Faults on: their draws must be functions of the round key, so resumed and repeated runs match too.
@@ -164,7 +165,7 @@ def test_grid_resumes_inside_a_cell(tiny_config, dataset, tmp_path):
 def test_tensorboard_events_hold_the_metrics_of_the_run(reference):
   """The main job's event files (read with TensorBoard's own reader) hold every scalar of metrics.jsonl."""
   ea_mod = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
-  from ml_ecs.metric_writer import flatten_row
+  from ml_ecs.run.metric_writer import flatten_row
   workdir, metrics, _ = reference
   acc = ea_mod.EventAccumulator(os.path.join(workdir, 'tensorboard'), size_guidance={ea_mod.SCALARS: 0})
   acc.Reload()

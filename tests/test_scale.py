@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ml_ecs import federation
+from ml_ecs.core import federation
 from ml_ecs.data import synthetic
 from ml_ecs.data.loaders import load_dataset
 from ml_ecs.data.partition import partition
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _scale_cfg(n):
-  from configs import scale_cpu
+  from studies.scale.configs import scale_cpu
   return scale_cpu.get_config(str(n))
 
 
@@ -65,7 +65,7 @@ def test_real_dataset_error_names_its_maximum(dataset):
     ('eval.final_full', True, 'eval.final_full.*clients_per_eval'),
 ])
 def test_scale_fields_are_clear_errors(tiny_config, field, value, match):
-  from ml_ecs.validation import ConfigError, validate
+  from ml_ecs.config.validation import ConfigError, validate
   cfg = copy.deepcopy(tiny_config)
   section, name = field.split('.')
   del cfg[section][name]   # re-added: ConfigDict's type safety would refuse an int for a bool field
@@ -169,7 +169,7 @@ def test_host_state_moves_only_the_sampled_block_and_compiles_once(tiny_config, 
 
 
 def test_host_state_checkpoint_round_trip_resumes_exactly(tiny_config, dataset, tmp_path):
-  from ml_ecs.checkpoint import Checkpointer
+  from ml_ecs.run.checkpoint import Checkpointer
   cfg = _host_cfg(tiny_config)
   cfg.train.dropout_rate = 0.3   # fault draws come from the round key: they must resume too
   setup, state = federation.init(cfg, workdir=str(tmp_path), dataset=dataset, log=lambda s: None)
@@ -192,7 +192,7 @@ def test_host_state_checkpoint_round_trip_resumes_exactly(tiny_config, dataset, 
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-# Measured 0.87 MB per client for tiny and 1.13 MB for configs/scale_cpu.py (trainables and their
+# Measured 0.87 MB per client for tiny and 1.13 MB for studies/scale/configs/scale_cpu.py (trainables and their
 # Adam moments dominate; data ~0.05-0.1 MB; benchmarks/RESULTS.md); the bounds leave ~20% headroom.
 TINY_BYTES_PER_CLIENT = 1.05e6
 SCALE_CPU_BYTES_PER_CLIENT = 1.35e6

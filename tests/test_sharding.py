@@ -15,8 +15,8 @@ PROBE = r'''
 import json, sys
 import jax
 from configs import tiny
-from ml_ecs import federation
-from ml_ecs.compilation_cache import enable_compilation_cache
+from ml_ecs.core import federation
+from ml_ecs.run.compilation_cache import enable_compilation_cache
 enable_compilation_cache(sys.argv[3])
 cfg = tiny.get_config()
 cfg.train.client_fraction = float(sys.argv[4])

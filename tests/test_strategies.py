@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from ml_ecs import compare, federation
-from ml_ecs.strategies import STRATEGIES, apply_strategy
+from studies.compare import grid as compare
+from ml_ecs.core import federation
+from ml_ecs.algorithms.registry import STRATEGIES, apply_strategy
 
 _RUNS = {}
 

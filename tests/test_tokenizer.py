@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ml_ecs.tokenizer import TextTokenizer
+from ml_ecs.data.tokenizer import TextTokenizer
 
 
 def test_train_save_load_roundtrip(tmp_path, dataset):

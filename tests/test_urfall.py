@@ -265,7 +265,7 @@ def test_urfall_config_partitions_and_tokenizes(tmp_path):
   from configs import urfall as urfall_config
   from ml_ecs.data.partition import partition
   from ml_ecs.data.loaders import load_dataset
-  from ml_ecs.text import build_task_text
+  from ml_ecs.data.text import build_task_text
   rng = np.random.default_rng(0)
   fall, run, frame, labels = [], [], [], []
   for f in (0, 1):

@@ -1,5 +1,5 @@
 """A user's own npz dataset through the main job; sizing from the config alone against the
-run's initialised models; PEFT export from the run's checkpoint and back (ml_ecs.export)."""
+run's initialised models; PEFT export from the run's checkpoint and back (ml_ecs.run.export)."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,13 @@ import pytest
 pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 
-from ml_ecs import export, params, peft_io, sizing  # noqa: E402
+from ml_ecs.run import export
+from ml_ecs.models import params
+from ml_ecs.backbones import peft_io
+from ml_ecs import sizing  # noqa: E402
 from ml_ecs.data.loaders import from_arrays, load_dataset, save_npz  # noqa: E402
-from ml_ecs.models.hf_gpt2 import load_hf_gpt2  # noqa: E402
-from ml_ecs.trainer import train  # noqa: E402
+from ml_ecs.backbones.hf_gpt2 import load_hf_gpt2  # noqa: E402
+from ml_ecs.run.trainer import train  # noqa: E402
 
 CLASSES = ('rest', 'walk', 'jump')
 PARAS = (('resting quietly', 'at rest'), ('walking along', 'a slow walk'), ('jumping up', 'a jump'))
@@ -69,7 +72,7 @@ def test_main_job_on_user_npz_dataset(npz_run):
 
 @pytest.mark.slow
 def test_sizing_from_config_matches_initialised_run(npz_run):
-  """ml_ecs.sizing (nnx.eval_shape, no weights) gives the counts and bytes of the run's real models."""
+  """ml_ecs.run.sizing (nnx.eval_shape, no weights) gives the counts and bytes of the run's real models."""
   cfg, workdir, result = npz_run
   got = sizing.size_config(cfg)
   real = json.load(open(os.path.join(workdir, 'model_summary.json')))

@@ -7,7 +7,7 @@ learned pair of gates that mixes its shared and private LoRA adapters.
 Backbone config fields (ml_collections): width, layers, heads, mlp_ratio,
 max_len, lora_rank, lora_alpha, lora_targets, and optional architecture fields
 whose defaults are the original behaviour (the ones a Hugging Face GPT-2
-checkpoint sets, see `ml_ecs.models.hf_gpt2`):
+checkpoint sets, see `ml_ecs.backbones.hf_gpt2`):
 
 - ``activation``: MLP nonlinearity, a key of `ACTIVATIONS` (default
   ``'gelu_new'``, the tanh approximation, which is what ``jax.nn.gelu`` computes;
@@ -38,7 +38,7 @@ from ml_ecs.models.variables import Frozen, Gate
 LORA_TARGETS = ('qkv', 'attn_out', 'mlp_in', 'mlp_out')
 GATE_FORMS = ('scaled', 'convex')
 # Gate logits under which `Block.mix_gates()` is (1, 0): the shared adapter alone at full weight
-# (the global model of `ml_ecs.amt.global_view`).
+# (the global model of `ml_ecs.algorithms.ml_ecs.amt.global_view`).
 SHARED_ONLY_LOGITS = {'scaled': (0.0, -40.0), 'convex': (40.0, 0.0)}
 
 # MLP activations by their Hugging Face names (transformers.activations.ACT2FN).
@@ -123,7 +123,7 @@ class Block(nnx.Module):
     'scaled': 2 * sigmoid(logits), each in (0, 2), both 1 at init (the original form);
     'convex': (g, 1 - g) with g = sigmoid(logit_shared - logit_private), i.e. the AMT mix
     g * shared + (1 - g) * private (MISSION.md), initialised toward shared.
-    The one definition of the gate form: export (`ml_ecs.peft_io`) reads the
+    The one definition of the gate form: export (`ml_ecs.backbones.peft_io`) reads the
     gates through this method.
     """
     if self.gate_form == 'convex':

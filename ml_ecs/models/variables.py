@@ -1,6 +1,6 @@
 """Variable types that say which part of a model a weight belongs to.
 
-The split of a model into parts (``ml_ecs.params``) is by these types plus the
+The split of a model into parts (``ml_ecs.models.params``) is by these types plus the
 module path, so a new layer only has to pick the right type for its weights.
 """
 from flax import nnx

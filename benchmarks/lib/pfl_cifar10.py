@@ -1,0 +1,183 @@
+"""pfl-research's CIFAR-10 benchmark workload (publications/pfl of apple/pfl-research, the
+`benchmarks/image_classification` baseline config), run as plain FedAvg on our cohort engine
+(`benchmarks.lib.fedavg`).
+
+Workload: CIFAR-10 train split (50,000 images 32x32x3, per-channel normalised) over 1,000 IID users of
+50 images each (pfl's `make_iid_federated_dataset` with a constant 50 datapoints per user), 50 users
+sampled per round, 1 local epoch of batch 10 (5 local SGD steps, lr 0.1), server SGD lr 1.0 on the
+averaged update with every user weighted 1 (`WeightByUser`), 1,500 rounds, central evaluation on the
+10,000 test images every 10 rounds. Model: pfl's `simple_cnn` (compare_utils): conv3x3(32) - ReLU -
+conv3x3(64) - ReLU - maxpool 2 - dropout 0.25 - dense 128 - ReLU - dropout 0.5 - dense 10, Glorot-uniform
+weights.
+
+Data: real CIFAR-10 cannot be read on our machines (no dataset hub, no local copy), so `synthetic_cifar10`
+makes arrays of the same shapes, sizes and dtypes (timing does not depend on pixel values) with a learnable
+class signal (a fixed random template per class plus noise), so accuracy is a sanity check, not a
+CIFAR-10 result. `benchmarks/pfl_cifar10_torch.py` runs pfl itself on the same arrays.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks.lib.fedavg import ClientData, FedAvg
+from benchmarks.lib.xla_stats import xla_flops
+
+CONFIG = dict(num_users=1000, per_user=50, cohort=50, epochs=1, batch=10, local_lr=0.1, central_lr=1.0, rounds=1500,
+              eval_every=10, num_test=10000, image=(32, 32, 3), classes=10)
+
+
+# ---------------------------------------------------------------------------- model (pure functions)
+def init_cnn(key: jax.Array, image=(32, 32, 3), classes: int = 10) -> dict:
+  """pfl's simple_cnn parameters (HWIO kernels, Glorot-uniform weights, zero biases)."""
+  flat = ((image[0] - 4) // 2) ** 2 * 64
+  shapes = {'conv1': (3, 3, image[2], 32), 'conv2': (3, 3, 32, 64), 'dense1': (flat, 128), 'dense2': (128, classes)}
+  keys = jax.random.split(key, len(shapes))
+  out = {}
+  for k, (name, shape) in zip(keys, shapes.items()):
+    out[name] = {'w': jax.nn.initializers.glorot_uniform()(k, shape, jnp.float32),
+                 'b': jnp.zeros(shape[-1:], jnp.float32)}
+  return out
+
+
+def _dropout(x, rate, key):
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def cnn_apply(params: dict, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+  """Logits [B, classes] of images [B, H, W, C]; dropout only when `rng` is given (training)."""
+  conv = lambda h, p: jax.lax.conv_general_dilated(h, p['w'], (1, 1), 'VALID',
+                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['b']
+  h = jax.nn.relu(conv(x, params['conv1']))
+  h = jax.nn.relu(conv(h, params['conv2']))
+  h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+  k1 = k2 = None
+  if rng is not None:
+    k1, k2 = jax.random.split(rng)
+    h = _dropout(h, 0.25, k1)
+  h = h.reshape(h.shape[0], -1)
+  h = jax.nn.relu(h @ params['dense1']['w'] + params['dense1']['b'])
+  if rng is not None:
+    h = _dropout(h, 0.5, k2)
+  return h @ params['dense2']['w'] + params['dense2']['b']
+
+
+def loss_fn(params, batch, rng):
+  """Mean cross-entropy over the batch's valid rows (pfl: torch CrossEntropyLoss, mean over the batch)."""
+  x, y, mask = batch
+  logits = cnn_apply(params, x, rng)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+  mask = mask.astype(ce.dtype)
+  n = jnp.maximum(mask.sum(), 1.0)
+  acc = ((jnp.argmax(logits, -1) == y) * mask).sum() / n
+  return (ce * mask).sum() / n, {'accuracy': acc}
+
+
+# ---------------------------------------------------------------------------- data
+def synthetic_cifar10(num_train: int = 50000, num_test: int = 10000, image=(32, 32, 3), classes: int = 10,
+                      seed: int = 0) -> dict[str, np.ndarray]:
+  """CIFAR-10-shaped float32 images (normalised scale) and int32 labels with a learnable class signal."""
+  rng = np.random.default_rng(seed)
+  templates = rng.standard_normal((classes, *image)).astype(np.float32)
+
+  def make(n):
+    y = rng.integers(0, classes, n).astype(np.int32)
+    x = 0.6 * rng.standard_normal((n, *image), dtype=np.float32) + 0.8 * templates[y]
+    return x.astype(np.float32), y
+  x_train, y_train = make(num_train)
+  x_test, y_test = make(num_test)
+  return dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+def partition_iid(x: np.ndarray, y: np.ndarray, num_users: int, per_user: int, seed: int = 0) -> ClientData:
+  """pfl's IID users: a random permutation of the rows cut into consecutive slices of `per_user`."""
+  order = np.random.default_rng(seed).permutation(len(x))[:num_users * per_user]
+  return ClientData(x[order].reshape(num_users, per_user, *x.shape[1:]), y[order].reshape(num_users, per_user),
+                    np.full((num_users,), per_user, np.int32))
+
+
+# ---------------------------------------------------------------------------- the run
+def make_fedavg(cfg: dict, chunk: int = 0, mesh=None) -> FedAvg:
+  return FedAvg(loss_fn, optax.sgd(cfg['local_lr']), optax.sgd(cfg['central_lr']), cfg['batch'], cfg['epochs'],
+                weighting='user', chunk=chunk, mesh=mesh)
+
+
+def make_round(algo: FedAvg, population: ClientData, cohort: int) -> Callable:
+  """Jitted round: sample `cohort` users without replacement (a pure function of the key), run FedAvg."""
+  num_users = population.count.shape[0]
+
+  @jax.jit
+  def round_fn(state, key):
+    k_sample, k_train = jax.random.split(key)
+    idx = jax.random.choice(k_sample, num_users, (cohort,), replace=False)
+    return algo.apply(state, jax.tree.map(lambda a: a[idx], population), k_train)
+  return round_fn
+
+
+def make_eval(batch: int = 10000) -> Callable:
+  @jax.jit
+  def evaluate(params, x, y):
+    n = x.shape[0]
+    steps = math.ceil(n / batch)
+
+    def one(i):
+      xb = jax.lax.dynamic_slice_in_dim(x, i * batch, batch)
+      yb = jax.lax.dynamic_slice_in_dim(y, i * batch, batch)
+      logits = cnn_apply(params, xb)
+      return (jnp.argmax(logits, -1) == yb).sum(), optax.softmax_cross_entropy_with_integer_labels(logits, yb).sum()
+    correct, loss = jax.lax.map(one, jnp.arange(steps))
+    return correct.sum() / n, loss.sum() / n
+  return evaluate
+
+
+def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: int = 0, seed: int = 0,
+        log: Callable[[str], None] = print, time_budget_s: float | None = None, sync_rounds: bool = False) -> dict:
+  """FedAvg on the workload for `rounds` rounds (evaluation every cfg['eval_every']); returns timings
+  (compile separately, then seconds per round including evaluation, as pfl's wall clock counts it) and
+  the accuracy history. Stops early (and says so) when `time_budget_s` is spent. `sync_rounds` waits for
+  every round and records its end time (`round_end_s`, seconds from the start of round 1), for a
+  steady-state rate measured the same way as pfl's per-round callback (benchmarks/pfl_cpu.py)."""
+  cfg = {**CONFIG, **(cfg or {})}
+  data = data or synthetic_cifar10(cfg['num_users'] * cfg['per_user'], cfg['num_test'], cfg['image'], cfg['classes'],
+                                   seed)
+  population = jax.device_put(partition_iid(data['x_train'], data['y_train'], cfg['num_users'], cfg['per_user'],
+                                            seed))
+  x_test, y_test = jax.device_put((data['x_test'], data['y_test']))
+  algo = make_fedavg(cfg, chunk)
+  state = algo.init(init_cnn(jax.random.key(seed), cfg['image'], cfg['classes']))
+  round_fn, evaluate = make_round(algo, population, cfg['cohort']), make_eval(min(10000, cfg['num_test']))
+  key = jax.random.key(seed + 1)
+  t0 = time.perf_counter()
+  compiled = round_fn.lower(state, key).compile()
+  evaluate(state.params, x_test, y_test)[0].block_until_ready()
+  compile_s = time.perf_counter() - t0
+  flops = xla_flops(compiled)
+  history, done, round_end = [], 0, []
+  t0 = time.perf_counter()
+  for r in range(rounds):
+    state, metrics = compiled(state, jax.random.fold_in(key, r))
+    done = r + 1
+    if done % cfg['eval_every'] == 0 or done == rounds:
+      acc, loss = evaluate(state.params, x_test, y_test)
+      history.append(dict(round=done, accuracy=float(acc), loss=float(loss), train_loss=float(metrics['loss']),
+                          t=time.perf_counter() - t0))
+      log(f'[ours] round {done}: test accuracy {float(acc):.4f} loss {float(loss):.4f}')
+    if sync_rounds:
+      jax.block_until_ready(state)
+      round_end.append(time.perf_counter() - t0)
+    if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+      break
+  jax.block_until_ready(state)
+  wall = time.perf_counter() - t0
+  return dict(engine='ml-ecs fedavg (cohort_map vmap' + (f', chunk {chunk}' if chunk else '') + ')',
+              rounds=done, wall_s=wall, s_per_round=wall / max(done, 1), s_per_100_rounds=100 * wall / max(done, 1),
+              compile_s=compile_s, round_flops_xla=flops, history=history,
+              final_accuracy=history[-1]['accuracy'] if history else None, backend=jax.default_backend(),
+              device=str(jax.devices()[0]), **(dict(round_end_s=round_end) if sync_rounds else {}))

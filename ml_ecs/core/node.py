@@ -1,0 +1,218 @@
+"""Pure functions of one node (edge client or server) over its trainable pytree.
+
+A node's trainables are {'shared', 'private', 'encoders', 'connector'} states of
+`ml_ecs.models.params`; the frozen backbone comes in separately (once, unstacked, when a
+cohort is vmapped). A *stage* is a number of local optimizer steps on batches
+drawn from one split with a configurable objective:
+
+  loss = LM (labelled samples only: answer_mask is zero on unlabelled ones)
+            + lambda_ccl * CCL(text anchor, projected modality embeddings)  (ml_ecs.losses.ccl)
+            + lambda_se_ccl * InfoNCE(head(z), targets[sample id])          (ml_ecs.algorithms.ml_ecs.se_ccl)
+            + mu / 2 * ||shared - reference shared||^2                      (FedProx)
+
+Each stage has its own optimizer (`StageSpec.optimizer`, `make_optimizer`), with a
+constant or warm-up + cosine learning rate over that stage's total local steps.
+
+Which stages a client and the server run is AMT's business (ml_ecs.algorithms.ml_ecs.amt).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from ml_ecs.models import params
+from ml_ecs.data.cohort_data import SplitArrays
+from ml_ecs.losses.ccl import ccl_loss
+from ml_ecs.losses.lm import lm_loss
+from ml_ecs.algorithms.ml_ecs.se_ccl import se_ccl_loss
+
+Trainables = dict[str, nnx.State]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """Static description of a local training stage."""
+  steps: int
+  parts: tuple[str, ...]          # trainable parts updated in this stage
+  lambda_ccl: float = 0.0
+  lambda_se_ccl: float = 0.0
+  fedprox_mu: float = 0.0
+  optimizer: Any = None           # this stage's optimizer; None = the program's
+  reliability: bool = False       # SE-CCL: align only to a server at least as reliable (ml_ecs.algorithms.ml_ecs.se_ccl)
+
+
+LR_SCHEDULES = ('constant', 'warmup_cosine')
+
+
+def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int = 0):
+  """`train.learning_rate`, or with `train.lr_schedule = 'warmup_cosine'` a linear warm-up from 0
+  over `train.warmup_steps` then cosine decay to 0 at `total_steps` (an optimizer's step count)."""
+  if cfg.get('lr_schedule', 'constant') == 'constant' or total_steps <= 0:
+    return cfg.learning_rate
+  warmup = min(int(cfg.get('warmup_steps', 0)), total_steps - 1)
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total_steps, end_value=0.0)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int = 0) -> optax.GradientTransformation:
+  """Clipped AdamW with the configured learning rate (schedule over `total_steps`)."""
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                     optax.adamw(learning_rate(cfg, total_steps), weight_decay=cfg.weight_decay))
+
+
+def sub(tree: Trainables, parts: tuple[str, ...]) -> Trainables:
+  return {p: tree[p] for p in parts}
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeProgram:
+  """The functions of one node structure (graphdef) under one method config."""
+  graphdef: Any
+  num_modalities: int
+  instr: jax.Array
+  instr_mask: jax.Array
+  ccl: str                    # 'gram', 'infonce' or 'none'
+  tau_ccl: float
+  tau_se_ccl: float
+  batch_size: int
+  optimizer: optax.GradientTransformation
+  zero_fill: bool = False         # baseline fusion: missing modalities enter z as zero inputs
+  modality_dropout: float = 0.0   # training only: drop each present modality w.p. p (keep >= 1)
+  ccl_anchor: str = 'modality'    # 'text' (answer text embedding) or 'modality' (the node's first)
+
+  @property
+  def has_ccl(self) -> bool:
+    """Whether this node has a CCL term: >= 2 views (text anchor + modalities, or >= 2 modalities)."""
+    return self.ccl != 'none' and self.num_modalities + (self.ccl_anchor == 'text') >= 2
+
+  def opt(self, spec: StageSpec) -> optax.GradientTransformation:
+    return spec.optimizer if spec.optimizer is not None else self.optimizer
+
+  def model(self, tr: Trainables, frozen: nnx.State) -> nnx.Module:
+    return params.merge_model(self.graphdef, {**tr, 'frozen': frozen})
+
+  def instructions(self, b: int) -> tuple[jax.Array, jax.Array]:
+    """The instruction tokens and mask repeated for a batch of b samples."""
+    return (jnp.broadcast_to(self.instr, (b,) + self.instr.shape),
+            jnp.broadcast_to(self.instr_mask, (b,) + self.instr_mask.shape))
+
+  def sample_batch(self, split: SplitArrays, rng: jax.Array) -> SplitArrays:
+    """`batch_size` samples drawn uniformly (with replacement) from one node's valid rows."""
+    idx = jnp.floor(jax.random.uniform(rng, (self.batch_size,)) * split.count).astype(jnp.int32)
+    idx = jnp.minimum(idx, jnp.maximum(split.count - 1, 0))
+    take = lambda x: x[idx]
+    return SplitArrays(inputs=jax.tree.map(take, split.inputs), mod_mask=take(split.mod_mask),
+                       count=split.count, answers=take(split.answers), answer_mask=take(split.answer_mask),
+                       labels=take(split.labels), ids=take(split.ids),
+                       seq=None if split.seq is None else take(split.seq))
+
+  def encode(self, m, inputs, mod_mask):
+    """(projected, z) of a batch; with `zero_fill` missing inputs are zeros that enter the fusion."""
+    if not self.zero_fill:
+      return m.encode(inputs, mod_mask)
+    present = lambda i, x: mod_mask[:, i].astype(bool).reshape((-1,) + (1,) * (x.ndim - 1))
+    zeroed = {k: jnp.where(present(i, inputs[k]), inputs[k], 0.0) for i, k in enumerate(m.modalities)}
+    return m.encode(zeroed, jnp.ones_like(mod_mask))
+
+  def drop_modalities(self, mask: jax.Array, rng: jax.Array) -> jax.Array:
+    """Modality dropout: each present modality dropped w.p. `modality_dropout`, never all of a row."""
+    keep = jax.random.uniform(rng, mask.shape) >= self.modality_dropout
+    dropped = mask * keep
+    return jnp.where((dropped.sum(-1, keepdims=True) > 0), dropped, mask)
+
+  def losses(self, tr: Trainables, frozen: nnx.State, batch: SplitArrays, spec: StageSpec,
+             ctx: dict[str, Any]) -> dict[str, jax.Array]:
+    """The loss terms of `spec` on one batch."""
+    m = self.model(tr, frozen)
+    projected, z = self.encode(m, batch.inputs, batch.mod_mask)
+    instr, instr_mask = self.instructions(z.shape[0])
+    logits = m(z, instr, instr_mask, batch.answers, batch.answer_mask)
+    out = {'lm': lm_loss(logits, batch.answers, batch.answer_mask)}
+    if spec.lambda_ccl:
+      out['ccl'] = self.ccl_term(m, projected, batch)
+    if spec.lambda_se_ccl:
+      valid = ctx['target_valid'][batch.ids]
+      out['se_ccl'] = se_ccl_loss(m.align(z), ctx['targets'][batch.ids], batch.ids, batch.ids,
+                                  jnp.ones_like(valid), valid, self.tau_se_ccl)
+    if spec.fedprox_mu:
+      sq = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), tr['shared'], ctx['ref_shared'])
+      out['prox'] = 0.5 * sum(jax.tree.leaves(sq))
+    return out
+
+  def ccl_term(self, m, projected: jax.Array, batch: SplitArrays) -> jax.Array:
+    """CCL of a batch. With the text anchor the views are [answer text, modalities...] and
+    the text is present for labelled samples only; pairs of different rows with the same sample
+    id (duplicates of sampling with replacement) or the same sequence id (windows of one
+    recording) are excluded from the negatives."""
+    same = batch.ids[:, None] == batch.ids[None, :]
+    if batch.seq is not None:
+      same = same | (batch.seq[:, None] == batch.seq[None, :])
+    if self.ccl_anchor == 'text':
+      has_text = batch.answer_mask.sum(-1) > 0
+      anchor = m.text_embedding(batch.answers, batch.answer_mask)
+      views = jnp.concatenate([anchor[:, None], projected], axis=1)
+      mask = jnp.concatenate([has_text[:, None].astype(batch.mod_mask.dtype), batch.mod_mask], axis=1)
+      return ccl_loss(self.ccl, views, mask, self.tau_ccl, exclude=same)
+    return ccl_loss(self.ccl, projected, batch.mod_mask, self.tau_ccl, exclude=same)
+
+  def split_lm(self, tr: Trainables, frozen: nnx.State, split: SplitArrays) -> jax.Array:
+    """Teacher-forced LM loss over every labelled row of a split (inf if it has none): the
+    reliability measure of SE-CCL (ml_ecs.algorithms.ml_ecs.se_ccl)."""
+    m = self.model(tr, frozen)
+    _, z = self.encode(m, split.inputs, split.mod_mask)
+    instr, instr_mask = self.instructions(z.shape[0])
+    logits = m(z, instr, instr_mask, split.answers, split.answer_mask)
+    loss = lm_loss(logits, split.answers, split.answer_mask)
+    return jnp.where(split.answer_mask.sum() > 0, loss, jnp.inf)
+
+  @staticmethod
+  def total(terms: dict[str, jax.Array], spec: StageSpec) -> jax.Array:
+    weights = {'lm': 1.0, 'ccl': spec.lambda_ccl, 'se_ccl': spec.lambda_se_ccl, 'prox': spec.fedprox_mu}
+    return sum(weights[k] * v for k, v in terms.items())
+
+  def init_opt(self, tr: Trainables, spec: StageSpec) -> optax.OptState:
+    return self.opt(spec).init(sub(tr, spec.parts))
+
+  def run_stage(self, tr: Trainables, opt_state: optax.OptState, split: SplitArrays, rng: jax.Array,
+                ctx: dict[str, Any], spec: StageSpec) -> tuple[Trainables, optax.OptState, dict]:
+    """`spec.steps` optimizer steps; returns (trainables, opt_state, mean loss terms)."""
+    frozen = ctx['frozen']
+    fixed = {p: tr[p] for p in tr if p not in spec.parts}
+
+    def step(carry, key):
+      trained, opt_state = carry
+      k_batch, k_drop = jax.random.split(key)
+      batch = self.sample_batch(split, k_batch)
+      if self.modality_dropout > 0:
+        batch = dataclasses.replace(batch, mod_mask=self.drop_modalities(batch.mod_mask, k_drop))
+
+      def loss_fn(trained):
+        terms = self.losses({**trained, **fixed}, frozen, batch, spec, ctx)
+        return self.total(terms, spec), terms
+
+      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+      updates, opt_state = self.opt(spec).update(grads, opt_state, trained)
+      return (optax.apply_updates(trained, updates), opt_state), {**terms, 'loss': loss}
+
+    (trained, opt_state), metrics = jax.lax.scan(
+        step, (sub(tr, spec.parts), opt_state), jax.random.split(rng, spec.steps))
+    return {**tr, **trained}, opt_state, jax.tree.map(jnp.mean, metrics)
+
+  def encode_split(self, tr: Trainables, frozen: nnx.State, split: SplitArrays) -> tuple[jax.Array, jax.Array]:
+    """(SE-CCL representations [N, d] (the projection head's output, or z without a head),
+    valid [N]) of every row of one node's split."""
+    m = self.model(tr, frozen)
+    _, z = self.encode(m, split.inputs, split.mod_mask)
+    return m.align(z), jnp.arange(z.shape[0]) < split.count
+
+  def generate_split(self, tr: Trainables, frozen: nnx.State, split: SplitArrays, max_len: int) -> jax.Array:
+    """Greedy answer tokens [N, max_len] for every row of one node's split."""
+    m = self.model(tr, frozen)
+    _, z = self.encode(m, split.inputs, split.mod_mask)
+    instr, instr_mask = self.instructions(z.shape[0])
+    return m.generate(z, instr, instr_mask, max_len)

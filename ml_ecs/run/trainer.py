@@ -1,0 +1,304 @@
+"""The main job: init a federation, run its rounds, write metrics, summary and checkpoints; resume.
+
+A workdir holds one run. Rerunning the same command on it continues from the newest
+valid checkpoint (state, RNG and metric rows), so a killed or preempted run loses at
+most `train.checkpoint_every` rounds and ends with the same metrics.jsonl and
+summary.json as an uninterrupted run. A finished run is never overwritten unless
+asked (`overwrite=True`); a run with a different config is refused, naming the fields.
+SIGTERM and Ctrl-C stop the run at the end of the current round, after a checkpoint.
+With several processes (ml_ecs.core.distributed) every process runs `train`; process 0 alone writes
+the run's files and logs, each process writes its shards of the checkpoints and its own
+record `hosts/process_<i>.json` (the clients and bytes it holds), and a signal to any process
+stops all of them after the same round.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from tqdm import tqdm
+
+from ml_ecs.core import distributed, faults, federation
+from ml_ecs.run import metrics_io
+from ml_ecs.aggregation import privacy
+from ml_ecs.run.checkpoint import Checkpointer
+from ml_ecs.data.dataset import MultimodalDataset
+from ml_ecs.data.loaders import load_dataset
+from ml_ecs.run.metric_writer import MetricWriter
+from ml_ecs.algorithms.registry import strategy_overrides
+from ml_ecs.config.validation import DataError, check_devices, check_partition, validate
+
+# Files of a run that `overwrite` removes (caches such as backbones/ stay).
+RUN_OUTPUTS = ('config.json', 'metrics.jsonl', 'timing.jsonl', 'summary.json', 'model_summary.json',
+               'clients.json', 'tokenizer.json', 'checkpoints', 'tensorboard', 'hosts')
+
+
+class _NoWriter:
+  """The TensorBoard writer of a process that writes no events (not process 0)."""
+
+  def write_config(self, cfg: Any) -> None:
+    pass
+
+  def write_row(self, step: int, row: dict[str, Any]) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class WorkdirConflict(RuntimeError):
+  """The workdir holds a run of another config."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  """How a call of `train` ended: 'complete', 'already_complete' or 'interrupted' (by a signal)."""
+  status: str
+  rows: list[dict[str, Any]]
+  workdir: str
+  resumed_from: int | None = None
+  signal_name: str | None = None
+
+
+def round_line(row: dict[str, Any]) -> str:
+  """One readable line for a round's metrics."""
+  parts = [f"round {row['round']:>3}"]
+  if 'client/private_lm' in row:
+    parts.append(f"lm c={row['client/private_lm']:.3f} s={row['server/lm']:.3f}")
+  if 'server/rougeLsum' in row:
+    n = f" ({row['client/evaluated']} clients)" if 'client/evaluated' in row else ''
+    parts.append(f"rougeLsum c={row['client/rougeLsum_mean']:.3f}{n} s={row['server/rougeLsum']:.3f}")
+    parts.append(f"acc c={row['client/accuracy_mean']:.2f} s={row['server/accuracy']:.2f}")
+  if 'comm/bytes_up' in row:
+    parts.append(f"up={row['comm/bytes_up'] / 1e3:.0f}kB ratio={row['comm/ratio']:.4%}")
+  return ' | '.join(parts)
+
+
+def fault_lines(row: dict[str, Any]) -> list[str]:
+  """Log lines for the faults of a round: diverged, re-synced and rejected clients."""
+  r, out = row['round'], []
+  if row.get('clients/resynced_ids'):
+    out.append(f"round {r}: re-synced diverged clients {row['clients/resynced_ids']} from the global model "
+               '(shared LoRA = global, private parts re-initialised, optimizer reset)')
+  if row.get('clients/diverged_ids'):
+    out.append(f"round {r}: clients {row['clients/diverged_ids']} diverged (non-finite); excluded from "
+               'aggregation and client means, re-synced next round')
+  if row.get('client/diverged_ids'):
+    out.append(f"round {r}: evaluation left out diverged clients {row['client/diverged_ids']}")
+  if row.get('agg/rejected_ids'):
+    out.append(f"round {r}: rejected the updates of clients {row['agg/rejected_ids']} as norm outliers")
+  return out
+
+
+def config_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON values (what config.json holds)."""
+  return json.loads(cfg.to_json_best_effort())
+
+
+def config_differences(saved: Any, current: Any, prefix: str = '') -> list[str]:
+  """Dotted names of the fields whose values differ between two config dicts."""
+  if isinstance(saved, dict) and isinstance(current, dict):
+    out = []
+    for k in sorted(set(saved) | set(current)):
+      name = f'{prefix}.{k}' if prefix else str(k)
+      if k not in saved or k not in current:
+        out.append(name)
+      else:
+        out += config_differences(saved[k], current[k], name)
+    return out
+  return [] if saved == current else [prefix]
+
+
+def _split_timing(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(deterministic metrics, wall-clock timings) of a row."""
+  timing = {k: v for k, v in row.items() if k.startswith('time/')}
+  return {k: v for k, v in row.items() if not k.startswith('time/')}, timing
+
+
+def _check_workdir(workdir: str, cfg_json: dict[str, Any], overwrite: bool, log: Callable[[str], None]) -> bool:
+  """Prepares `workdir`; returns True if it holds a finished run of this config."""
+  if overwrite and not distributed.is_main():
+    return False   # process 0 clears the workdir
+  if overwrite:
+    for name in RUN_OUTPUTS:
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+    return False
+  cfg_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(cfg_path):
+    with open(cfg_path) as f:
+      saved = json.load(f)
+    diff = config_differences(saved, cfg_json)
+    if diff:
+      raise WorkdirConflict(
+          f'{workdir} holds a run with a different config (fields differ: {", ".join(diff)}); '
+          'use another --workdir, or --overwrite to start afresh there')
+  return os.path.exists(os.path.join(workdir, 'summary.json'))
+
+
+class _StopOnSignal:
+  """Turns SIGTERM / SIGINT into a request to stop after the current round (a second Ctrl-C kills)."""
+
+  def __init__(self, log: Callable[[str], None]):
+    self.log = log
+    self.received: str | None = None
+    self.previous: dict[int, Any] = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self.previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:   # not the main thread: signals stay as they are
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
+    self.log(f'received {self.received}: stopping after the current round (checkpoint, then exit)')
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+          log: Callable[[str], None] | None = None, checkpoint: bool = True, cache_dir: str | None = None,
+          overwrite: bool = False, dataset: MultimodalDataset | None = None) -> RunResult:
+  """Runs (or resumes) `cfg.train.rounds` rounds in `workdir`.
+
+  Evaluates at round 0, every `train.eval_every` rounds and at the end; checkpoints every
+  `train.checkpoint_every` rounds and at the end. Writes config.json, metrics.jsonl (one row
+  per round: training metrics, plus evaluation metrics on evaluated rounds), timing.jsonl
+  (wall-clock times per round), TensorBoard events (tensorboard/: both, and the config),
+  summary.json, model_summary.json, clients.json and checkpoints/ (orbax). `dataset` replaces the config's data source.
+  """
+  main = distributed.is_main()
+  log = (log or (lambda s: tqdm.write(s))) if main else (lambda s: None)   # process 0 logs for all
+  write_json = metrics_io.write_json if main else (lambda path, obj: None)
+  write_jsonl = metrics_io.write_jsonl if main else (lambda path, rows: None)
+  validate(cfg)
+  check_devices(cfg, jax.device_count(), jax.process_count())
+  if dataset is None:
+    try:
+      dataset = load_dataset(cfg.data)
+    except (OSError, ValueError) as e:   # a missing or malformed data file: the loaders name it
+      raise DataError(f'data.path = {cfg.data.path!r} ({cfg.data.name}): {e}') from None
+  check_partition(cfg, dataset)
+  os.makedirs(workdir, exist_ok=True)
+  cfg_json = config_dict(cfg)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  complete = _check_workdir(workdir, cfg_json, overwrite, log)
+  distributed.barrier('workdir_checked')   # every process has looked before process 0 writes
+  if complete:
+    log(f'{workdir} holds a complete run of this config ({cfg.train.rounds} rounds): nothing to do '
+        '(--overwrite starts it afresh)')
+    return RunResult('already_complete', metrics_io.read_jsonl(metrics_path), workdir)
+  write_json(os.path.join(workdir, 'config.json'), cfg_json)
+
+  t0 = time.perf_counter()
+  setup, state = federation.init(cfg, workdir=workdir, dataset=dataset, log=log, cache_dir=cache_dir)
+  setup_s = time.perf_counter() - t0
+  write_json(os.path.join(workdir, 'model_summary.json'),
+             {**federation.model_summary(setup, state), 'pretrain': setup.pretrain_info, 'setup_s': setup_s})
+  write_json(os.path.join(workdir, 'clients.json'), federation.clients_info(setup))
+  if jax.process_count() > 1:
+    os.makedirs(os.path.join(workdir, 'hosts'), exist_ok=True)
+    metrics_io.write_json(os.path.join(workdir, 'hosts', f'process_{jax.process_index()}.json'),
+                          federation.process_holdings(setup, state))
+  every = cfg.train.checkpoint_every
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.train.keep_checkpoints) if checkpoint else None
+  rows: list[dict[str, Any]] = []
+  timings: list[dict[str, Any]] = []
+  resumed_from = None
+  timing_path = os.path.join(workdir, 'timing.jsonl')
+  if ckpt is not None:
+    found = ckpt.restore_latest_valid(state, log)
+    if found is not None:
+      resumed_from, state, meta = found
+      rows = meta['rows']
+      if os.path.exists(timing_path):
+        timings = [t for t in metrics_io.read_jsonl(timing_path) if t['round'] <= resumed_from]
+      timings.append({'round': resumed_from, 'event': 'resumed', 'time/setup_s': setup_s})
+      log(f'resuming from round {resumed_from} (checkpoint {ckpt.step_dir(resumed_from)})')
+  if resumed_from is None:
+    row, timing = _split_timing(federation.evaluate(setup, state, cfg.eval.split))
+    rows.append(row)
+    timings.append({'round': 0, **timing, 'time/setup_s': setup_s})
+    log(round_line(row))
+  write_jsonl(metrics_path, rows)
+  write_jsonl(timing_path, timings)
+  # TensorBoard: a resumed run drops the earlier attempt's points after its checkpoint.
+  writer = (MetricWriter(workdir, purge_step=None if resumed_from is None else resumed_from + 1) if main
+            else _NoWriter())
+  if resumed_from is None:
+    writer.write_config(cfg_json)
+    writer.write_row(0, {**rows[0], **timings[0]})
+
+  rounds = cfg.train.rounds
+  start = int(state.round)
+  bar = tqdm(total=rounds, initial=start, desc=cfg.method.name, unit='round', disable=not (progress and main),
+             dynamic_ncols=True)
+  saved_at = resumed_from
+  with _StopOnSignal(log) as stop:
+    for r in range(start + 1, rounds + 1):
+      state, row = federation.run_round(setup, state)
+      if r % cfg.train.eval_every == 0 or r == rounds:
+        row.update(federation.evaluate(setup, state, cfg.eval.split,
+                                       full=r == rounds and bool(cfg.eval.get('final_full', False))))
+        bar.set_postfix(c=f"{row['client/rougeLsum_mean']:.3f}", s=f"{row['server/rougeLsum']:.3f}")
+      for line in fault_lines(row):
+        log(line)
+      row, timing = _split_timing(row)
+      rows.append(row)
+      timings.append({'round': r, **timing, 'time/elapsed_s': time.perf_counter() - t0})
+      write_jsonl(metrics_path, rows)
+      write_jsonl(timing_path, timings)
+      writer.write_row(r, {**row, **timings[-1]})
+      if distributed.any_process(stop.received is not None) and not stop.received:
+        stop.received = 'SIGTERM'   # another process was signalled: stop with it
+      if ckpt is not None and (r == rounds or (every and r % every == 0) or stop.received):
+        ckpt.save(r, state, {'round': r, 'rows': rows})
+        saved_at = r
+      log(round_line(row))
+      bar.update(1)
+      try:
+        faults.check_round(row)
+      except faults.FederationDiverged:
+        bar.close()
+        writer.close()
+        if ckpt is not None:
+          ckpt.close()
+        raise
+      if stop.received and r < rounds:
+        bar.close()
+        writer.close()
+        if ckpt is not None:
+          ckpt.close()
+        log(f'stopped by {stop.received} after round {r}; checkpoint at round {saved_at}. '
+            'Rerun the same command to resume.')
+        return RunResult('interrupted', rows, workdir, resumed_from, stop.received)
+  bar.close()
+  writer.close()
+  if ckpt is not None:
+    ckpt.close()
+  summary = {**metrics_io.summarize(rows), 'rounds': rounds, 'method': cfg.method.name,
+             'method_overrides': strategy_overrides(cfg.method)}
+  if cfg.dp.enabled:
+    summary['dp'] = {'epsilon': privacy.epsilon(cfg.dp, cfg.train.client_fraction, rounds),
+                     'delta': float(cfg.dp.delta), 'noise_multiplier': float(cfg.dp.noise_multiplier),
+                     'clip_norm': float(cfg.dp.clip_norm), 'accountant': cfg.dp.accountant,
+                     'representations_noised': bool(cfg.dp.noise_representations)}
+  write_json(os.path.join(workdir, 'summary.json'), summary)
+  return RunResult('complete', rows, workdir, resumed_from)

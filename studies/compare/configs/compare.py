@@ -1,0 +1,62 @@
+"""The comparison protocol (studies/compare/run.py): equal tuning, then the grid, then a reproduction check.
+
+  python studies/compare/run.py --config=studies/compare/configs/compare.py --workdir=/tmp/compare --max_minutes=100
+
+Run the same command again (and again) until it prints that the grid is complete: every
+stage resumes (tuning trials, grid cells, inside a cell from its checkpoint).
+Stages: (1) tuning: `tune.trials` random-search trials per method in `tune.methods` on a
+validation split cut from the clients' training data (tuning seeds apart from the grid's);
+ablations reuse ML-ECS's values; (2) the grid: methods x missing rates x clients x
+partition seeds x training seeds, each cell scored by the mean of its last `grid.last_k`
+evaluations; (3) `grid.reproduce` finished cells rerun from scratch and compared.
+The missing rate is the per-device-type modality-missing rate; the modality sets of each
+rate are drawn with `grid.modality_seed`, the same for every partition seed.
+Base: studies/compare/configs/discriminating.py:clients_scarce. The secondary grid is studies/compare/configs/compare_secondary.py.
+
+Variants:
+  full (default)  the whole protocol: 9 methods x missing rates 0.3/0.5/0.7, 5 x 2 seeds, 50 rounds,
+                  8 tuning trials per tuned method. Measured on 2 CPU cores: ~3 s a round, ~6 min
+                  a cell, 270 cells + 40 trials ~ 30 CPU-hours (an accelerator's job).
+  reduced         what fits one 2-core session (studies/compare/results/): settings cut, never the seeds,
+                  the equal tuning or the intervals. Cut: fedprox, mmfl and the four ablations;
+                  missing rates 0.3 and 0.7 (0.5 kept); half the local/server steps per round; 4
+                  tuning trials of 25 rounds per method (equal for local, fedavg and ML-ECS).
+"""
+import ml_collections
+
+from studies.compare.configs import discriminating
+from ml_ecs.algorithms.registry import STRATEGIES
+
+
+VARIANTS = ('full', 'reduced')
+
+
+def get_config(variant: str = 'full') -> ml_collections.ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f'studies/compare/configs/compare.py: variant {variant!r}, expected one of {VARIANTS}')
+  c = discriminating.get_config('clients_scarce')   # the benchmark where collaboration carries information
+  c.train.update(dict(rounds=50, eval_every=5, checkpoint_every=10))
+  c.data.client_val_fraction = 0.2   # the same partition for tuning and grid; val never used by the grid
+  c.grid = ml_collections.ConfigDict(dict(
+      methods=tuple(STRATEGIES),
+      missing_rates=(0.3, 0.5, 0.7),
+      num_clients=(5,),
+      partition_seeds=(0, 1, 2, 3, 4),
+      train_seeds=(0, 1),
+      modality_seed=0,
+      last_k=3,
+      tuned='',                     # set by studies/compare/run.py after tuning (WORKDIR/tuned.json)
+      reproduce=3,
+  ))
+  c.tune = ml_collections.ConfigDict(dict(
+      methods=('local', 'fedavg', 'fedprox', 'mmfl', 'ml_ecs'),
+      trials=8,
+      rounds=0,                     # trial length; 0 = train.rounds (the same for every method)
+      seed=0,
+      partition_seed=100, train_seed=100, missing_rate=0.5,
+  ))
+  if variant == 'reduced':
+    c.train.update(dict(public_steps=2, private_steps=6, server_steps=6))
+    c.grid.update(dict(methods=('local', 'fedavg', 'ml_ecs'), missing_rates=(0.5,)))
+    c.tune.update(dict(methods=('local', 'fedavg', 'ml_ecs'), trials=4, rounds=25))
+  return c

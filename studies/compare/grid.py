@@ -1,0 +1,365 @@
+"""The comparison protocol: a resumable grid of runs, its statistics, and a reproduction check.
+
+Cells are method x missing rate x clients x partition seed x training seed. A cell's
+directory is named by its settings and a hash of its resolved config, so a changed
+setting never reuses a stale result; a cell interrupted mid-run resumes from its own
+checkpoint (ml_ecs.run.trainer), and a finished cell (summary.json) is not rerun.
+
+Each cell is scored by the mean of its last `grid.last_k` evaluations (not one point).
+results.md gives, per setting, every method's mean with a 95% bootstrap interval over
+runs, and each method's paired difference to the best baseline of that setting: client
+side per client (pairs on the same partition, training seed and client; the bootstrap
+resamples whole runs), server side per run. Tuned hyperparameters (studies.compare.tuning) are
+applied per method; ablations use ML-ECS's. Every invocation appends its environment to
+environment.jsonl; `reproduce` reruns finished cells and records whether they match.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from ml_ecs.run import environment, metrics_io, report
+from studies.compare import stats
+from ml_ecs.algorithms.registry import STRATEGIES, apply_strategy
+from ml_ecs.config.validation import ConfigError, validate
+
+BASELINES = ('local', 'fedavg', 'fedprox', 'mmfl')
+# (results field, metrics key, header): the headline metrics, where the runs hold them.
+METRICS = (('client_rougeLsum_multi', 'client/rougeLsum_multi_mean', 'client ROUGE-LSum multi-ref'),
+           ('client_rougeLsum', 'client/rougeLsum_mean', 'client ROUGE-LSum'),
+           ('client_accuracy', 'client/accuracy_mean', 'client acc'),
+           ('client_global_rougeLsum_multi', 'client/global_rougeLsum_multi_mean', 'global model ROUGE-LSum multi-ref'),
+           ('server_rougeLsum_multi', 'server/rougeLsum_multi', 'server ROUGE-LSum multi-ref'),
+           ('server_rougeLsum', 'server/rougeLsum', 'server ROUGE-LSum'),
+           ('server_accuracy', 'server/accuracy', 'server acc'))
+PER_CLIENT = (('client_rougeLsum_multi_by_client', 'client/rougeLsum_multi'),
+              ('client_rougeLsum_by_client', 'client/rougeLsum'), ('client_accuracy_by_client', 'client/accuracy'))
+CSV_FIELDS = (('method', 'missing_rate', 'num_clients', 'partition_seed', 'train_seed', 'cell')
+              + tuple(f for f, _, _ in METRICS) + tuple(f for f, _ in PER_CLIENT)
+              + ('final_client_rougeLsum', 'final_server_rougeLsum', 'plateau_client', 'comm_ratio', 'rounds',
+                 'wall_s'))
+
+Cell = tuple[str, float, int, int, int]   # method, missing rate, clients, partition seed, training seed
+
+
+def _values(field: str, value, cast) -> list:
+  """A grid axis from a tuple or a comma-separated string (as typed on the command line)."""
+  items = value if isinstance(value, (tuple, list)) else [value]
+  items = [p for v in items for p in (v.split(',') if isinstance(v, str) else [v])]
+  try:
+    out = [cast(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
+  except ValueError:
+    raise ValueError(f'grid.{field}={value!r}: expected a comma-separated list of {cast.__name__}') from None
+  if not out:
+    raise ValueError(f'grid.{field} is empty')
+  return out
+
+
+def check_grid(base: ml_collections.ConfigDict) -> tuple[list[Cell], list[ml_collections.ConfigDict]]:
+  """Every cell and its validated config (tuned values applied), before any cell runs; ConfigError
+  names the grid field or the cell."""
+  try:
+    unknown = [m for m in _values('methods', base.grid.methods, str) if m not in STRATEGIES]
+    if unknown:
+      raise ValueError(f'grid.methods has unknown methods {unknown}: expected names from {sorted(STRATEGIES)}')
+    todo = cells(base.grid)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  tuned = tuned_values(base.grid)
+  configs = []
+  for cell in todo:
+    cfg = cell_config(base, cell, tuned)
+    try:
+      configs.append(validate(cfg))
+    except ConfigError as e:
+      raise ConfigError(f'cell {cell_name(*cell)}: {e}') from None
+  return todo, configs
+
+
+def cells(grid: ml_collections.ConfigDict) -> list[Cell]:
+  """Every (method, missing rate, clients, partition seed, training seed) of the grid."""
+  return list(itertools.product(
+      _values('methods', grid.methods, str), _values('missing_rates', grid.missing_rates, float),
+      _values('num_clients', grid.num_clients, int), _values('partition_seeds', grid.partition_seeds, int),
+      _values('train_seeds', grid.train_seeds, int)))
+
+
+def cell_name(method: str, rate: float, clients: int, partition_seed: int, train_seed: int) -> str:
+  return f'{method}__mr{rate:g}__c{clients}__p{partition_seed}__t{train_seed}'
+
+
+def config_hash(cfg: ml_collections.ConfigDict) -> str:
+  return hashlib.sha1(cfg.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:8]
+
+
+def cell_dir(workdir: str, cell: Cell, cfg: ml_collections.ConfigDict) -> str:
+  """The cell's run directory: settings plus a hash of the resolved config."""
+  return os.path.join(workdir, 'cells', f'{cell_name(*cell)}__{config_hash(cfg)}')
+
+
+def tuned_values(grid: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+  """{method: {dotted field: value}} from grid.tuned (a tuned.json of studies.compare.tuning), or {}."""
+  path = grid.get('tuned', '')
+  if not path:
+    return {}
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'grid.tuned={path!r}: no such file (run the tuning first: studies.compare.tuning)')
+  with open(path) as f:
+    return {m: v['overrides'] for m, v in json.load(f).items()}
+
+
+def tuned_for(method: str, tuned: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """A method's tuned overrides; ablations use ML-ECS's."""
+  if method in tuned:
+    return tuned[method]
+  if method.startswith('ml_ecs_no_') and 'ml_ecs' in tuned:
+    return tuned['ml_ecs']
+  return {}
+
+
+def set_fields(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+  """cfg[dotted field] = value for each override."""
+  for field, value in overrides.items():
+    *path, leaf = field.split('.')
+    node = cfg
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+
+
+def cell_config(base: ml_collections.ConfigDict, cell: Cell, tuned: dict[str, dict[str, Any]] | None = None):
+  """The run config of one cell: the method's strategy and tuned values on the base config."""
+  method, rate, clients, partition_seed, train_seed = cell
+  cfg = apply_strategy(base, method)
+  grid = cfg.grid
+  del cfg['grid']
+  set_fields(cfg, tuned_for(method, tuned or {}))
+  cfg.data.modality_missing_rate = rate
+  cfg.data.num_clients = clients
+  cfg.data.num_device_types = min(cfg.data.num_device_types, clients)
+  cfg.data.seed = partition_seed
+  cfg.data.modality_seed = grid.get('modality_seed', -1)
+  cfg.seed = train_seed
+  return cfg
+
+
+def cell_row(cell: Cell, name: str, rows: list[dict], timings: list[dict], last_k: int) -> dict[str, Any]:
+  """The results row of a finished cell (`name`: its directory name under cells/)."""
+  method, rate, clients, partition_seed, train_seed = cell
+  final = stats.evaluated(rows, 'client/rougeLsum_mean')[-1]
+  out = {'method': method, 'missing_rate': rate, 'num_clients': clients, 'partition_seed': partition_seed,
+         'train_seed': train_seed, 'cell': name}
+  for field, key, _ in METRICS:
+    out[field] = stats.last_k_mean(rows, key, last_k) if stats.evaluated(rows, key) else ''
+  for field, key in PER_CLIENT:
+    out[field] = json.dumps(stats.last_k_mean(rows, key, last_k), sort_keys=True) if stats.evaluated(rows, key) else ''
+  out.update(final_client_rougeLsum=final['client/rougeLsum_mean'], final_server_rougeLsum=final['server/rougeLsum'],
+             plateau_client=stats.plateau(rows, stats.headline_keys(rows)[0], last_k),
+             comm_ratio=max((r.get('comm/ratio', 0.0) for r in rows), default=0.0), rounds=final['round'],
+             wall_s=max((t.get('time/elapsed_s', 0.0) for t in timings), default=float('nan')))
+  return out
+
+
+def _record_environment(workdir: str, what: str) -> None:
+  path = os.path.join(workdir, 'environment.jsonl')
+  rows = metrics_io.read_jsonl(path) if os.path.exists(path) else []
+  metrics_io.write_jsonl(path, rows + [{'stage': what, **environment.environment()}])
+
+
+def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, log: Callable[[str], None] = print,
+             progress: bool = False, deadline: float | None = None) -> list[dict[str, Any]]:
+  """Runs (or resumes) every cell not yet finished, writing the reports after each.
+
+  `train_fn(cfg, cell_dir, cache_dir)` runs one cell and returns whether it finished (False:
+  interrupted, e.g. by SIGTERM; the grid then stops, to resume on the next call). No new
+  cell starts after `deadline` (time.time()): grids run in pieces. `progress`: a bar over
+  the cells with an ETA.
+  """
+  from tqdm import tqdm
+  todo, configs = check_grid(base)
+  os.makedirs(workdir, exist_ok=True)
+  _record_environment(workdir, 'grid')
+  last_k = base.grid.get('last_k', 3)
+  cache = os.path.join(workdir, 'cache')
+  results = []
+  bar = tqdm(total=len(todo), desc='grid', unit='cell', disable=not progress, dynamic_ncols=True)
+  try:
+    for i, (cell, cfg) in enumerate(zip(todo, configs)):
+      cdir = cell_dir(workdir, cell, cfg)
+      name = os.path.basename(cdir)
+      if os.path.exists(os.path.join(cdir, 'summary.json')):
+        log(f'[{i + 1}/{len(todo)}] {name}: done, skipped')
+        bar.total -= 1          # finished earlier: not part of this call's ETA
+        bar.refresh()
+      else:
+        if deadline is not None and time.time() > deadline:
+          log(f'time budget spent before {name}; rerun the same command to go on')
+          break
+        log(f'[{i + 1}/{len(todo)}] {name}: running')
+        if not train_fn(cfg, cdir, cache):
+          log(f'grid stopped in {name}; rerun the same command to resume')
+          break
+        bar.update(1)
+      timing_path = os.path.join(cdir, 'timing.jsonl')
+      results.append(cell_row(cell, name, metrics_io.read_jsonl(os.path.join(cdir, 'metrics.jsonl')),
+                              metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else [], last_k))
+      write_reports(results, workdir)
+  finally:
+    bar.close()
+  return results
+
+
+def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, count: int = 3,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """Reruns `count` finished cells (spread over the grid) from scratch under repro/ and records
+  whether metrics.jsonl came out identical (repro.json). Returns the records."""
+  tuned = tuned_values(base.grid)
+  done = []
+  for cell in cells(base.grid):
+    cfg = cell_config(base, cell, tuned)
+    cdir = cell_dir(workdir, cell, cfg)
+    if os.path.exists(os.path.join(cdir, 'summary.json')):
+      done.append((cell, cfg, cdir))
+  if not done:
+    raise ValueError(f'{workdir}: no finished cell to reproduce')
+  picks = [done[int(round(i * (len(done) - 1) / max(count - 1, 1)))] for i in range(min(count, len(done)))]
+  path = os.path.join(workdir, 'repro.json')
+  records = {r['cell']: r for r in (json.load(open(path)) if os.path.exists(path) else [])}
+  _record_environment(workdir, 'reproduce')
+  for cell, cfg, cdir in picks:
+    name = os.path.basename(cdir)
+    if name in records:
+      continue
+    rdir = os.path.join(workdir, 'repro', name)
+    if os.path.exists(rdir) and not os.path.exists(os.path.join(rdir, 'summary.json')):
+      shutil.rmtree(rdir)
+    log(f'reproducing {name}')
+    if not train_fn(cfg, rdir, os.path.join(workdir, 'cache')):
+      break
+    a = metrics_io.read_jsonl(os.path.join(cdir, 'metrics.jsonl'))
+    b = metrics_io.read_jsonl(os.path.join(rdir, 'metrics.jsonl'))
+    ka, kb = (stats.last_k_mean(x, 'client/rougeLsum_mean', base.grid.get('last_k', 3)) for x in (a, b))
+    records[name] = {'cell': name, 'identical': a == b, 'client_rougeLsum_original': ka,
+                     'client_rougeLsum_rerun': kb, 'abs_diff': abs(ka - kb)}
+    metrics_io.write_json(path, list(records.values()))
+  return list(records.values())
+
+
+def write_reports(results: list[dict[str, Any]], workdir: str) -> None:
+  """results.csv, results.md and the two plots (atomically replaced)."""
+  tmp = os.path.join(workdir, 'results.csv.tmp')
+  with open(tmp, 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    w.writerows(results)
+  os.replace(tmp, os.path.join(workdir, 'results.csv'))
+  repro_path = os.path.join(workdir, 'repro.json')
+  repro = json.load(open(repro_path)) if os.path.exists(repro_path) else []
+  tmp = os.path.join(workdir, 'results.md.tmp')
+  with open(tmp, 'w') as f:
+    f.write(markdown_report(results, repro))
+  os.replace(tmp, os.path.join(workdir, 'results.md'))
+  report.report_grid(workdir, out_dir=workdir)
+
+
+# ---------------------------------------------------------------------------- statistics
+def _present(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+  return [m for m in METRICS if any(r.get(m[0]) not in ('', None) for r in results)]
+
+
+def _fmt_ci(ci: dict[str, float], pct: bool = False) -> str:
+  f = (lambda x: f'{x:+.3f}') if pct else (lambda x: f'{x:.3f}')
+  if math.isnan(ci['lo']):
+    return f"{f(ci['mean'])} (n={ci['units']})"
+  return f"{f(ci['mean'])} [{f(ci['lo'])}, {f(ci['hi'])}]"
+
+
+def _run_key(r: dict[str, Any]) -> tuple[int, int]:
+  return int(r['partition_seed']), int(r['train_seed'])
+
+
+def paired_difference(results: list[dict[str, Any]], method: str, baseline: str, field: str,
+                      per_client_field: str | None = None) -> dict[str, float] | None:
+  """method - baseline on the runs both have: per client (cluster bootstrap over runs) when
+  `per_client_field` is given, else per run."""
+  a = {_run_key(r): r for r in results if r['method'] == method}
+  b = {_run_key(r): r for r in results if r['method'] == baseline}
+  units = []
+  for key in sorted(set(a) & set(b)):
+    if per_client_field and a[key].get(per_client_field) and b[key].get(per_client_field):
+      ca, cb = json.loads(a[key][per_client_field]), json.loads(b[key][per_client_field])
+      units.append([ca[c] - cb[c] for c in sorted(set(ca) & set(cb), key=int)])
+    elif not per_client_field and a[key].get(field) not in ('', None) and b[key].get(field) not in ('', None):
+      units.append([float(a[key][field]) - float(b[key][field])])
+  return stats.cluster_bootstrap_ci(units) if units else None
+
+
+def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] | None = None) -> str:
+  """Per setting: means with 95% CIs over runs, and paired differences to the best baseline."""
+  metrics = _present(results)
+  headline = next((m for m in metrics if m[0].startswith('client')), None)
+  out = ['# Results', '',
+         'Each run is scored by the mean of its last evaluations. Intervals are 95% percentile bootstrap '
+         'intervals over runs (partition seed x training seed); client differences are paired per client '
+         'on the same run, with whole runs resampled.', '']
+  groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+  for r in results:
+    groups[(float(r['missing_rate']), int(r['num_clients']))][r['method']].append(r)
+  for (rate, clients), by_method in sorted(groups.items()):
+    out += [f'## missing rate {rate:g}, {clients} clients', '',
+            '| method | runs | ' + ' | '.join(h for _, _, h in metrics) + ' | plateau Δ client |',
+            '|---|---|' + '---|' * (len(metrics) + 1)]
+    for m, rs in by_method.items():
+      cols = []
+      for field, _, _ in metrics:
+        vals = [[float(r[field])] for r in rs if r.get(field) not in ('', None)]
+        cols.append(_fmt_ci(stats.cluster_bootstrap_ci(vals)) if vals else '—')
+      moves = [float(r['plateau_client']) for r in rs if r.get('plateau_client') not in ('', None)
+               and not math.isnan(float(r['plateau_client']))]
+      cols.append(f'{np.mean(moves):+.3f}' if moves else '—')
+      out.append(f'| {m} | {len(rs)} | ' + ' | '.join(cols) + ' |')
+    out += ['', 'plateau Δ client: the client headline metric\'s mean of the last evaluations minus that of '
+            'the evaluations before (mean over runs): near 0 = the curves have flattened.', '']
+    baselines = [b for b in BASELINES if b in by_method]
+    if headline and baselines:
+      field = headline[0]
+      mean = lambda m: float(np.mean([float(r[field]) for r in by_method[m] if r.get(field) not in ('', None)]))
+      best = max(baselines, key=mean)
+      pc_field = {'client_rougeLsum_multi': 'client_rougeLsum_multi_by_client',
+                  'client_rougeLsum': 'client_rougeLsum_by_client'}[field]
+      server_field = 'server_rougeLsum_multi' if any(f == 'server_rougeLsum_multi' for f, _, _ in metrics) \
+          else 'server_rougeLsum'
+      out += [f'Paired difference to the best baseline of this setting (**{best}**, by {headline[2]}); '
+              '**bold** where the 95% interval excludes 0.', '',
+              f'| method | client Δ {headline[2]} [95% CI] | server Δ {server_field} [95% CI] |', '|---|---|---|']
+      for m in by_method:
+        if m == best:
+          continue
+        cells_ = []
+        for d in (paired_difference(results, m, best, field, pc_field),
+                  paired_difference(results, m, best, server_field)):
+          if d is None:
+            cells_.append('—')
+            continue
+          txt = _fmt_ci(d, pct=True)
+          cells_.append(f'**{txt}**' if not math.isnan(d['lo']) and (d['lo'] > 0 or d['hi'] < 0) else txt)
+        out.append(f'| {m} | ' + ' | '.join(cells_) + ' |')
+      out.append('')
+  if repro:
+    out += ['## Reproduction check', '', '| cell | metrics.jsonl identical | client ROUGE-LSum original | rerun |',
+            '|---|---|---|---|']
+    out += [f"| {r['cell']} | {r['identical']} | {r['client_rougeLsum_original']:.4f} | "
+            f"{r['client_rougeLsum_rerun']:.4f} |" for r in repro]
+    out.append('')
+  return '\n'.join(out)

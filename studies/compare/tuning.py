@@ -1,0 +1,116 @@
+"""Equal tuning budget for every method: random search on the validation split.
+
+Every tuned method gets the same number of trials (`tune.trials`) of the same length
+(`tune.rounds`, or the grid's rounds when 0),
+drawn from its search space: the learning rate for all, plus each method's own knobs
+(FedProx's mu, the multimodal baseline's modality dropout, ML-ECS's CCL / SE-CCL weights
+and temperatures). A trial trains on the tuning seeds (apart from the grid's seeds) with
+a validation split cut from the clients' training data (data.client_val_fraction) and is
+scored on it (eval.split='val'), never on the test data, by the mean of its last
+evaluations of (client + server) / 2 of the headline ROUGE-LSum. Ablations are not tuned:
+the grid gives them ML-ECS's values (studies.compare.grid.tuned_for).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from studies.compare import grid as compare, stats
+from ml_ecs.run import metrics_io
+from ml_ecs.algorithms.registry import apply_strategy
+
+# dotted field -> ('log' | 'lin', low, high)
+COMMON_SPACE = {'train.learning_rate': ('log', 3e-4, 1e-2)}
+METHOD_SPACES = {
+    'fedprox': {'method.fedprox_mu': ('log', 1e-3, 1.0)},
+    'mmfl': {'method.modality_dropout': ('lin', 0.0, 0.5)},
+    'ml_ecs': {'method.lambda_ccl': ('log', 0.01, 1.0), 'method.tau_ccl': ('log', 0.05, 1.0),
+               'method.lambda_se_ccl': ('log', 0.05, 2.0), 'method.tau_se_ccl': ('log', 0.05, 1.0)},
+}
+
+
+def search_space(method: str) -> dict[str, tuple[str, float, float]]:
+  return {**COMMON_SPACE, **METHOD_SPACES.get(method, {})}
+
+
+def draw_trials(method: str, count: int, seed: int) -> list[dict[str, float]]:
+  """`count` random points of the method's search space (deterministic per method and seed)."""
+  rng = np.random.default_rng([seed, sum(map(ord, method))])
+  trials = []
+  for _ in range(count):
+    point = {}
+    for field, (kind, lo, hi) in sorted(search_space(method).items()):
+      u = rng.random()
+      point[field] = float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))) if kind == 'log'
+                           else lo + u * (hi - lo))
+    trials.append(point)
+  return trials
+
+
+def objective(rows: list[dict[str, Any]], last_k: int) -> float:
+  """Mean of the last evaluations of (client + server) / 2 of the headline ROUGE-LSum."""
+  client, server = stats.headline_keys(rows)
+  return 0.5 * (stats.last_k_mean(rows, client, last_k) + stats.last_k_mean(rows, server, last_k))
+
+
+def trial_config(base: ml_collections.ConfigDict, method: str, point: dict[str, float]) -> ml_collections.ConfigDict:
+  tune = base.tune
+  cfg = apply_strategy(base, method)
+  for key in ('grid', 'tune'):
+    if key in cfg:
+      del cfg[key]
+  compare.set_fields(cfg, point)
+  cfg.data.seed, cfg.seed = tune.partition_seed, tune.train_seed
+  cfg.data.modality_missing_rate = tune.missing_rate
+  # the grid's (first) federation size, unless tune.num_clients names one
+  cfg.data.num_clients = tune.get('num_clients', 0) or compare._values('num_clients', base.grid.num_clients, int)[0]
+  cfg.data.modality_seed = base.grid.get('modality_seed', -1)
+  cfg.eval.split = 'val'
+  if tune.get('rounds', 0):          # the same (shorter) trial length for every method
+    cfg.train.rounds = tune.rounds
+  if not cfg.data.client_val_fraction:
+    raise ValueError('tuning needs data.client_val_fraction > 0 (a validation split cut from training data)')
+  return cfg
+
+
+def run_tuning(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
+               log: Callable[[str], None] = print) -> dict[str, Any] | None:
+  """Runs (or resumes) every trial of every tuned method; writes tuning.csv and, when all are
+  done, tuned.json ({method: {'overrides', 'objective', 'trial'}}). Returns it, or None if stopped."""
+  tune = base.tune
+  rows, best = [], {}
+  for method in compare._values('tune.methods', tune.methods, str):
+    for i, point in enumerate(draw_trials(method, tune.trials, tune.seed)):
+      cfg = trial_config(base, method, point)
+      tdir = os.path.join(workdir, 'tuning', method, f't{i}__{compare.config_hash(cfg)}')
+      if not os.path.exists(os.path.join(tdir, 'summary.json')):
+        log(f'tuning {method} trial {i + 1}/{tune.trials}: {point}')
+        if not train_fn(cfg, tdir, os.path.join(workdir, 'cache')):
+          return None
+      score = objective(metrics_io.read_jsonl(os.path.join(tdir, 'metrics.jsonl')), base.grid.get('last_k', 3))
+      rows.append({'method': method, 'trial': i, 'objective': score, **point})
+      if method not in best or score > best[method]['objective']:
+        best[method] = {'overrides': point, 'objective': score, 'trial': i}
+      _write_csv(os.path.join(workdir, 'tuning.csv'), rows)
+  metrics_io.write_json(os.path.join(workdir, 'tuned.json'), best)
+  return best
+
+
+def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+  fields = list(dict.fromkeys(k for r in rows for k in r))
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+  os.replace(tmp, path)
+
+
+if __name__ == '__main__':
+  print(json.dumps({m: search_space(m) for m in ('fedavg', 'fedprox', 'mmfl', 'ml_ecs')}, indent=2))
