@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ml_ecs.algorithms.fedavg import FedAvg
 from ml_ecs.algorithms.ml_ecs import amt
 from benchmarks.lib import throughput as bench
 from ml_ecs.core import federation
@@ -85,7 +86,7 @@ def test_vmap_is_the_federation_cohort_update(setup):
   set whose public stage is empty and whose private stage is the benchmark's spec."""
   s = setup
   stages = amt.Stages(public=dataclasses.replace(s.spec, steps=0), private=s.spec, server=s.spec)
-  round_fn = federation.make_cohort_round(s.program, stages, federation.client_mesh(1), chunk=0,
+  round_fn = federation.make_cohort_round(FedAvg(), s.program, stages, federation.client_mesh(1), chunk=0,
                                           communicate=False, full=True)
   rng = jax.random.key(7)
   positions = jnp.arange(s.clients)

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ml_ecs.core.context import RoundContext
+from ml_ecs.losses.se_ccl import se_ccl_loss
+from ml_ecs.aggregation import mean
 from ml_ecs.algorithms.ml_ecs import amt, mma, se_ccl
 from ml_ecs.losses import ccl
 from ml_ecs.models import params
@@ -102,7 +105,7 @@ def test_modality_leaves_averaged_over_holders_by_present_observations():
   tree = {'bb': jnp.array([[1.0], [2.0], [3.0]]), 'm1': jnp.array([[1.0], [5.0], [100.0]])}
   leaf_mod = {'bb': -1, 'm1': 1}
   prev = jax.tree.map(lambda x: x[0], tree)
-  out, _ = mma.aggregate([tree], [jnp.asarray(w)], [jnp.asarray(mw)], prev, leaf_mod, True)
+  out, _ = mean.modality_mean([tree], [jnp.asarray(w)], [jnp.asarray(mw)], prev, leaf_mod, True)
   np.testing.assert_allclose(out['bb'], [(10 + 40 + 90) / 60], rtol=1e-6)
   np.testing.assert_allclose(out['m1'], [(9 * 1 + 3 * 100) / 12], rtol=1e-6)   # client 1 lacks modality 1
 
@@ -149,13 +152,13 @@ def test_se_ccl_goes_through_the_projection_head(tiny_config):
   tr, frozen = _parts(model)
   batch = _batch(mods)
   targets = jax.random.normal(jax.random.key(9), (4, tiny_config.edge_model.d_z))
-  ctx = {'targets': targets, 'target_valid': jnp.ones(4)}
+  ctx = RoundContext(frozen, targets, jnp.ones(4))
   spec = StageSpec(1, params.TRAINABLE, lambda_se_ccl=1.0)
   m = prog.model(tr, frozen)
   _, z = m.encode(batch.inputs, batch.mod_mask)
   term = prog.losses(tr, frozen, batch, spec, ctx)['se_ccl']
-  via_head = se_ccl.se_ccl_loss(m.align(z), targets, batch.ids, batch.ids, jnp.ones(4), jnp.ones(4), 0.2)
-  direct = se_ccl.se_ccl_loss(z, targets, batch.ids, batch.ids, jnp.ones(4), jnp.ones(4), 0.2)
+  via_head = se_ccl_loss(m.align(z), targets, batch.ids, batch.ids, jnp.ones(4), jnp.ones(4), 0.2)
+  direct = se_ccl_loss(z, targets, batch.ids, batch.ids, jnp.ones(4), jnp.ones(4), 0.2)
   np.testing.assert_allclose(float(term), float(via_head), rtol=1e-6)
   assert abs(float(term) - float(direct)) > 1e-4                  # z itself is not what is aligned
   grads = jax.grad(lambda t: prog.losses(t, frozen, batch, spec, ctx)['se_ccl'])(tr)
@@ -179,7 +182,7 @@ def test_no_alignment_before_warmup_and_reliability_weights(tiny_config):
   model = _model(tiny_config, mods, {'accel': 'mlp'}, 0, se_head_dim=tiny_config.edge_model.d_z)
   prog = _program(model, 'modality')
   tr, frozen = _parts(model)
-  ctx = {'targets': jnp.ones((4, tiny_config.edge_model.d_z)), 'target_valid': jnp.zeros(4)}
+  ctx = RoundContext(frozen, jnp.ones((4, tiny_config.edge_model.d_z)), jnp.zeros(4))
   spec = StageSpec(1, params.TRAINABLE, lambda_se_ccl=1.0)
   value, grads = jax.value_and_grad(lambda t: prog.losses(t, frozen, _batch(mods), spec, ctx)['se_ccl'])(tr)
   assert float(value) == 0.0 and max(float(jnp.abs(x).max()) for x in jax.tree.leaves(grads)) == 0.0

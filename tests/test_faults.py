@@ -8,7 +8,7 @@ import pytest
 
 from ml_ecs.core import faults
 from ml_ecs.algorithms.ml_ecs import mma
-from ml_ecs.aggregation import privacy, robust
+from ml_ecs.aggregation import mean, privacy, robust
 
 
 def _train_cfg(**kw):
@@ -61,7 +61,7 @@ def test_plain_mean_equals_mma_aggregate():
   prev, up, leaf_mod = _clients(5)
   pres = np.array([[1], [0], [1], [1], [0]], np.float32)
   w = jnp.array([1.0, 2.0, 3.0, 1.0, 1.0])
-  ref, _ = mma.aggregate([up], [w], [jnp.asarray(pres)], prev, leaf_mod, True)
+  ref, _ = mean.modality_mean([up], [w], [jnp.asarray(pres)], prev, leaf_mod, True)
   out = _agg(up, prev, leaf_mod, w=w, pres=pres)
   for k in ref:
     np.testing.assert_array_equal(out.shared[k], ref[k])
@@ -95,7 +95,7 @@ def test_nan_upload_excluded_and_counted():
 def test_dp_with_no_noise_and_a_loose_bound_equals_fedavg():
   prev, up, leaf_mod = _clients(5)
   w = jnp.array([10.0, 20.0, 5.0, 7.0, 8.0])   # sample counts: FedAvg weights
-  fedavg, _ = mma.aggregate([up], [w], [jnp.ones((5, 1))], prev, leaf_mod, False)
+  fedavg, _ = mean.modality_mean([up], [w], [jnp.ones((5, 1))], prev, leaf_mod, False)
   dp = robust.aggregate([up], [w], [jnp.ones((5, 1))], prev, jax.random.key(0), leaf_mod=leaf_mod,
                         modality_aware=False, clip_norm=1e9, noise_multiplier=0.0)
   for k in prev:

@@ -10,7 +10,7 @@ import pytest
 
 from ml_ecs.losses.ccl import gram_contrastive_loss, gram_volume, pairwise_infonce_loss
 from ml_ecs.losses.lm import lm_loss, token_accuracy
-from ml_ecs.algorithms.ml_ecs.se_ccl import se_ccl_loss
+from ml_ecs.losses.se_ccl import se_ccl_loss
 
 RTOL = 1e-5
 SEEDS = range(4)

@@ -6,6 +6,7 @@ import pytest
 
 from flax import nnx
 
+from ml_ecs.aggregation import mean
 from ml_ecs.core import communication
 from ml_ecs.algorithms.ml_ecs import mma, se_ccl
 from ml_ecs.models.variables import ModalityLoRA, SharedLoRA
@@ -48,7 +49,7 @@ def test_aggregate_matches_numpy(modality_aware):
   assert leaf_mod['backbone']['w'] == -1 and leaf_mod['adapters']['image']['a'] == 2
   # aggregate takes the modality leaves' weights directly ([C, M]); the 'client' rule is weight x presence.
   mod_w = [wt[:, None] * p for wt, p in zip(weights, presence)]
-  out, excluded = mma.aggregate(cohorts, weights, mod_w, prev, leaf_mod, modality_aware)
+  out, excluded = mean.modality_mean(cohorts, weights, mod_w, prev, leaf_mod, modality_aware)
   assert int(excluded) == 0
   w = np.concatenate([np.asarray(x) for x in weights])
   pres = np.concatenate([np.asarray(p) for p in presence])
@@ -68,7 +69,7 @@ def test_aggregate_excludes_nan_clients_and_keeps_orphan_leaves():
   presence = jnp.array([[1, 0, 0], [1, 0, 0], [1, 0, 0]], jnp.float32)   # nobody has image/depth
   prev = jax.tree.map(lambda x: jnp.full(x.shape[1:], 7.0), t)
   leaf_mod = mma.leaf_modalities(prev, MODS)
-  out, excluded = mma.aggregate([t], [jnp.array([1.0, 1.0, 2.0])], [presence], prev, leaf_mod, True)
+  out, excluded = mean.modality_mean([t], [jnp.array([1.0, 1.0, 2.0])], [presence], prev, leaf_mod, True)
   assert int(excluded) == 1
   ref = (np.asarray(t['backbone']['w'][0]) + 2 * np.asarray(t['backbone']['w'][2])) / 3
   np.testing.assert_allclose(out['backbone']['w'], ref, rtol=1e-5)

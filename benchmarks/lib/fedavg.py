@@ -5,7 +5,7 @@ pytree) trains here with the same execution as the ML-ECS federation: the sample
 stacked on a leading client axis, every client runs its local epochs as one function
 `client_update(params, data, rng)` that `cohort_map` lifts to the cohort (vmap, chunked `lax.map`
 or shard_map over a device mesh), and the server averages the clients' parameters with the MMA
-weighted mean (`mma.aggregate`, plain-FedAvg weighting) and applies the averaged update
+weighted mean (`ml_ecs.aggregation.mean.modality_mean`, plain-FedAvg weighting) and applies the averaged update
 (`server params - mean client params`, a pseudo-gradient) with its own optax optimizer (SGD at
 learning rate 1 = plain FedAvg).
 
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ml_ecs.algorithms.ml_ecs import mma
+from ml_ecs.aggregation.mean import modality_mean
 from ml_ecs.core.cohort_map import cohort_map
 
 WEIGHTINGS = ('user', 'samples')   # pfl's WeightByUser / WeightByDatapoints
@@ -49,7 +49,7 @@ def weighted_mean(stacked, weights: jax.Array, previous):
   """Weighted mean over the leading client axis of `stacked`: the MMA reduction with plain-FedAvg
   weighting (no modality-specific leaves); a client with a non-finite update gets weight 0, and a
   leaf with no valid client keeps `previous`. Returns (mean, number of excluded clients)."""
-  return mma.aggregate([stacked], [weights], [jnp.zeros((weights.shape[0], 1), weights.dtype)], previous,
+  return modality_mean([stacked], [weights], [jnp.zeros((weights.shape[0], 1), weights.dtype)], previous,
                        jax.tree.map(lambda _: -1, previous), modality_aware=False)
 
 

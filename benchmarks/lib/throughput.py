@@ -23,7 +23,7 @@ federation's own cohort execution, `ml_ecs.core.cohort_map.cohort_map`:
   ours@d, ours_vmap@d, drjax@d
                 a whole cohort round on d devices (1: this process; >1: the sharded subprocess): broadcast
                 of the global shared LoRA -> local update -> weighted mean of the uploaded shared LoRA.
-                ours: cohort_map(placement='shard_map', chunk=--round_chunk) + mma.aggregate; ours_vmap:
+                ours: cohort_map(placement='shard_map', chunk=--round_chunk) + mean.modality_mean; ours_vmap:
                 the same with chunk 0; drjax: drjax.program / broadcast / map_fn / reduce_weighted_mean
 
 The sharded variants need XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is
@@ -53,8 +53,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default as default_config
+from ml_ecs.core.context import RoundContext
 from ml_ecs.algorithms.ml_ecs import amt
 from ml_ecs.core import federation
+from ml_ecs.core.client_store import broadcast_to_clients
 from benchmarks.lib import fedavg
 from ml_ecs.models import params
 from ml_ecs.data.cohort_data import SplitArrays
@@ -98,7 +100,7 @@ class Setup:
 
   def client_update(self, tr, opt, split, key, frozen):
     """The benchmarked local update of one client: `steps` optimizer steps of run_stage."""
-    tr, opt, metrics = self.program.run_stage(tr, opt, split, key, {'frozen': frozen}, self.spec)
+    tr, opt, metrics = self.program.run_stage(tr, opt, split, key, RoundContext(frozen, None, None), self.spec)
     return tr, opt, metrics['loss']
 
   def cohort_update(self, *, chunk: int = 0, mesh=None, placement: str = 'shard_map'):
@@ -164,7 +166,7 @@ def make_setup(clients: int, workload: str, steps: int, *, width: int = 64, laye
       jax.random.key(seed, impl='rbg'))
   trainables = federation.stack_init(model_fn, jax.random.split(jax.random.key(seed + 1, impl='rbg'), clients))
   # Round-0 broadcast, as in the federation: every client starts from the same shared LoRA.
-  trainables['shared'] = federation._broadcast_to_clients(
+  trainables['shared'] = broadcast_to_clients(
       jax.tree.map(lambda x: x[0], trainables['shared']), trainables['shared'])
   opt_state = jax.jit(jax.vmap(lambda t: program.init_opt(t, spec)))(trainables)
   keys = jax.random.split(jax.random.key(seed + 2), clients)
@@ -347,7 +349,7 @@ class LimitVariant(Variant):
   def __init__(self, s: Setup):
     super().__init__(s)
     prog, spec = s.program, s.spec
-    if spec.lambda_se_ccl or spec.fedprox_mu or prog.modality_dropout:
+    if spec.lambda_se_ccl or spec.fedprox_mu or prog.batch_view is not None:
       raise ValueError('limit variant: only a stage without SE-CCL, FedProx and modality dropout')
 
     def update(tr, opt, split, keys, frozen):
@@ -430,7 +432,7 @@ class RoundVariant(Variant):
   replicated, under one jit with those in/out shardings.
 
   kind 'ours' / 'ours_vmap': the federation's execution, `cohort_map(placement='shard_map', chunk=k)`
-  (k = `chunk`, resp. 0) and the MMA reduction `mma.aggregate` (samples weighting).
+  (k = `chunk`, resp. 0) and the MMA reduction `ml_ecs.aggregation.mean.modality_mean` (samples weighting).
   kind 'drjax': the same per-client update and weighted mean written with DrJAX primitives:
   `drjax.program(placements={'clients': C})`, `drjax.broadcast` of the global shared LoRA,
   `drjax.map_fn` of the update (vmap with spmd_axis_name='clients' + sharding constraints: XLA's SPMD
@@ -486,11 +488,11 @@ class RoundVariant(Variant):
 
 def ours_round(s: Setup, mesh, chunk: int):
   """(global_shared, tr, opt, data, keys, weights, frozen) -> (tr, opt, loss, new global) with
-  cohort_map (shard_map, `chunk`) and mma.aggregate."""
+  cohort_map (shard_map, `chunk`) and mean.modality_mean."""
   update = s.cohort_update(chunk=chunk, mesh=mesh, placement='shard_map')
 
   def round_fn(global_shared, tr, opt, data, keys, weights, frozen):
-    tr = {**tr, 'shared': federation._broadcast_to_clients(global_shared, tr['shared'])}
+    tr = {**tr, 'shared': broadcast_to_clients(global_shared, tr['shared'])}
     tr, opt, loss = update(tr, opt, data, keys, frozen)
     new_global, _ = fedavg.weighted_mean(tr['shared'], weights, global_shared)
     return tr, opt, loss, new_global
@@ -842,7 +844,7 @@ def headline_markdown(rows: list[dict]) -> list[str]:
   devices = sorted({n for h in hs for n in h['devices']})
   L = ['## Headline ratios (throughput of the first over the second; same run, same machine)', '',
        '`ours@d` = one cohort round (broadcast -> local update -> weighted mean of the shared LoRA) with '
-       '`cohort_map(placement="shard_map", chunk=k)` + `mma.aggregate` on d CPU devices; `drjax@d` = the same '
+       '`cohort_map(placement="shard_map", chunk=k)` + `ml_ecs.aggregation.mean.modality_mean` on d CPU devices; `drjax@d` = the same '
        'round with DrJAX primitives; loop / limit / flower time the local update only (no aggregation), so '
        'ours/loop slightly understates ours. Flower is in-process flwr objects, not a Flower deployment.', '',
        '| workload | clients | ' + ' | '.join(f'ours/drjax @{n} | ours_vmap/drjax @{n} | peak mem ours/drjax @{n} | '

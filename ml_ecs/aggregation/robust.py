@@ -31,7 +31,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ml_ecs.algorithms.ml_ecs.mma import is_finite
+from ml_ecs.aggregation.mean import clients_finite, leaf_weights, weighted_mean
+
+RULES = ('mean', 'norm_outlier', 'trimmed_mean', 'median')
 
 
 class AggregateOut(NamedTuple):
@@ -87,7 +89,7 @@ def aggregate(stacked: Sequence, weights: Sequence[jax.Array], presence: Sequenc
   w = jnp.concatenate(weights)
   pres = jnp.concatenate(presence)
   uploaded = w > 0
-  finite = is_finite(tree)
+  finite = clients_finite(tree)
   nonfinite = uploaded & ~finite
   ok = uploaded & finite
   delta = jax.tree.map(lambda x, p: jnp.where(_bcast(ok, x), x - p[None], 0.0), tree, previous)
@@ -110,10 +112,11 @@ def aggregate(stacked: Sequence, weights: Sequence[jax.Array], presence: Sequenc
   xs = [jnp.where(_bcast(part, x), x, 0.0) for x in jax.tree.leaves(tree)]
   keys = jax.random.split(noise_key, len(leaves))
   out = []
+  pres_p = jnp.where(part[:, None], pres, 0.0)
   for d, x, prev, m, key in zip(leaves, xs, jax.tree.leaves(previous), jax.tree.leaves(leaf_mod), keys):
     modal = modality_aware and m >= 0
     holds = pres[:, m] > 0 if modal else jnp.ones_like(part)
-    wm = jnp.where(part, pres[:, m], 0.0) if modal else wp   # modality leaves: their own weights (mma)
+    wm = leaf_weights(wp, pres_p, m, modality_aware)   # modality leaves: their own weights (mma)
     if rule in ('trimmed_mean', 'median'):
       holders = part & holds
       if rule == 'median':
@@ -121,10 +124,8 @@ def aggregate(stacked: Sequence, weights: Sequence[jax.Array], presence: Sequenc
       else:
         upd = _trimmed(d, holders, trim_fraction)
       total = holders.sum().astype(d.dtype)
-    elif plain:   # the plain weighted mean of the uploads, as mma.aggregate computes it
-      wl = jnp.where(holds, wm, 0.0)
-      total = wl.sum()
-      out.append(jnp.where(total > 0, jnp.tensordot(wl, x, axes=1) / jnp.maximum(total, 1e-12), prev))
+    elif plain:   # the plain weighted mean of the uploads themselves
+      out.append(weighted_mean(x, jnp.where(holds, wm, 0.0), prev))
       continue
     else:
       wl = jnp.where(holds, wm, 0.0)

@@ -20,19 +20,13 @@ from ml_ecs.backbones.pretrain import CORPORA
 from ml_ecs.algorithms.ml_ecs.se_ccl import HEADS, RELIABILITY
 from ml_ecs.models.decoder import LORA_TARGETS
 from ml_ecs.models.encoders import ENCODER_TYPES
-from ml_ecs.algorithms.registry import STRATEGIES
+from ml_ecs.aggregation import robust
+from ml_ecs.config.errors import ConfigError, DataError  # noqa: F401  (raised here; callers catch them from here)
+from ml_ecs.algorithms import registry
+from ml_ecs.algorithms.mmfl import MMFL
 
-AGGREGATION_RULES = ('mean', 'norm_outlier', 'trimmed_mean', 'median')
 STRAGGLER_POLICIES = ('drop', 'discount')
 ACCOUNTANTS = ('rdp', 'pld')
-
-
-class ConfigError(ValueError):
-  """A config field has a value that is not allowed."""
-
-
-class DataError(ValueError):
-  """A data file is missing or malformed (the message names the file)."""
 
 
 def _get(cfg: ml_collections.ConfigDict, field: str) -> Any:
@@ -188,7 +182,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(cfg, 'train.straggler_policy', STRAGGLER_POLICIES)
   # robust aggregation and differential privacy
   _float(cfg, 'aggregation.clip_norm', 0.0)
-  rule = _choice(cfg, 'aggregation.rule', AGGREGATION_RULES)
+  rule = _choice(cfg, 'aggregation.rule', robust.RULES)
   _float(cfg, 'aggregation.outlier_k', 0.0, lo_open=True)
   _float(cfg, 'aggregation.trim_fraction', 0.0, 0.5, hi_open=True)
   dp = _bool(cfg, 'dp.enabled')
@@ -203,7 +197,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail('aggregation.rule', rule, "'mean' or 'norm_outlier' with dp.enabled=True (the DP noise is calibrated "
           'to a weighted mean)')
   # method
-  _choice(cfg, 'method.name', tuple(STRATEGIES))
+  _choice(cfg, 'method.name', registry.names())
   if dp and not _bool(cfg, 'method.communicate'):
     _fail('dp.enabled', True, 'False when method.communicate=False (nothing is aggregated)')
   _choice(cfg, 'method.ccl', CCL_KINDS)
@@ -227,8 +221,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           f'server_model.d_z ({cfg.server_model.d_z}): z is aligned directly')
   _float(cfg, 'method.fedprox_mu', 0.0)
   _bool(cfg, 'method.communicate')
-  _bool(cfg, 'method.zero_fill')
-  _float(cfg, 'method.modality_dropout', 0.0, 1.0, hi_open=True)
+  zero_fill = _bool(cfg, 'method.zero_fill')
+  dropout = _float(cfg, 'method.modality_dropout', 0.0, 1.0, hi_open=True)
+  if (zero_fill or dropout) and not issubclass(registry.get(cfg.method.name), MMFL):   # nothing ignored silently
+    _fail('method.zero_fill' if zero_fill else 'method.modality_dropout', zero_fill or dropout,
+          f'False / 0.0 with method.name={cfg.method.name!r}: only the multimodal baseline (mmfl) reads it')
   # evaluation and devices
   _int(cfg, 'eval.max_test_per_client', 1)
   _int(cfg, 'eval.max_server_test', 1)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ml_ecs.algorithms.ml_ecs.mma import is_finite
+from ml_ecs.aggregation import mean
 
 # fold_in constants of the fault and DP-noise keys (far from the client positions that the
 # round's cohort keys are folded with).
@@ -56,10 +56,14 @@ def draw_faults(key: jax.Array, num: int, train_cfg) -> tuple[np.ndarray, np.nda
   return np.where(dropped, 0.0, factor).astype(np.float32), dropped, late
 
 
-@jax.jit
-def clients_finite(trainables) -> jax.Array:
-  """[C] bool: every trainable leaf of stacked client c is finite."""
-  return is_finite(trainables)
+_clients_finite_on_device = jax.jit(mean.clients_finite)
+
+
+def clients_finite(trainables):
+  """[C] bool: every trainable leaf of stacked client c is finite (host trees checked on the host)."""
+  if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(trainables)):
+    return mean.clients_finite(trainables)
+  return _clients_finite_on_device(trainables)
 
 
 def tree_finite(tree) -> bool:

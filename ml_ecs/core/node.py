@@ -18,7 +18,7 @@ Which stages a client and the server run is AMT's business (ml_ecs.algorithms.ml
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +27,11 @@ import optax
 from flax import nnx
 
 from ml_ecs.models import params
+from ml_ecs.core.context import RoundContext
 from ml_ecs.data.cohort_data import SplitArrays
 from ml_ecs.losses.ccl import ccl_loss
 from ml_ecs.losses.lm import lm_loss
-from ml_ecs.algorithms.ml_ecs.se_ccl import se_ccl_loss
+from ml_ecs.losses.se_ccl import se_ccl_loss
 
 Trainables = dict[str, nnx.State]
 
@@ -81,9 +82,10 @@ class NodeProgram:
   tau_se_ccl: float
   batch_size: int
   optimizer: optax.GradientTransformation
-  zero_fill: bool = False         # baseline fusion: missing modalities enter z as zero inputs
-  modality_dropout: float = 0.0   # training only: drop each present modality w.p. p (keep >= 1)
   ccl_anchor: str = 'modality'    # 'text' (answer text embedding) or 'modality' (the node's first)
+  # A method's view of the inputs (ml_ecs.algorithms.base.Algorithm): None = as they are.
+  input_view: Callable | None = None   # (inputs, mod_mask, modalities) -> (inputs, mod_mask) before fusion
+  batch_view: Callable | None = None   # (batch, key) -> batch, on training batches only
 
   @property
   def has_ccl(self) -> bool:
@@ -112,21 +114,13 @@ class NodeProgram:
                        seq=None if split.seq is None else take(split.seq))
 
   def encode(self, m, inputs, mod_mask):
-    """(projected, z) of a batch; with `zero_fill` missing inputs are zeros that enter the fusion."""
-    if not self.zero_fill:
-      return m.encode(inputs, mod_mask)
-    present = lambda i, x: mod_mask[:, i].astype(bool).reshape((-1,) + (1,) * (x.ndim - 1))
-    zeroed = {k: jnp.where(present(i, inputs[k]), inputs[k], 0.0) for i, k in enumerate(m.modalities)}
-    return m.encode(zeroed, jnp.ones_like(mod_mask))
-
-  def drop_modalities(self, mask: jax.Array, rng: jax.Array) -> jax.Array:
-    """Modality dropout: each present modality dropped w.p. `modality_dropout`, never all of a row."""
-    keep = jax.random.uniform(rng, mask.shape) >= self.modality_dropout
-    dropped = mask * keep
-    return jnp.where((dropped.sum(-1, keepdims=True) > 0), dropped, mask)
+    """(projected, z) of a batch, through the method's `input_view` if it has one."""
+    if self.input_view is not None:
+      inputs, mod_mask = self.input_view(inputs, mod_mask, m.modalities)
+    return m.encode(inputs, mod_mask)
 
   def losses(self, tr: Trainables, frozen: nnx.State, batch: SplitArrays, spec: StageSpec,
-             ctx: dict[str, Any]) -> dict[str, jax.Array]:
+             ctx: RoundContext) -> dict[str, jax.Array]:
     """The loss terms of `spec` on one batch."""
     m = self.model(tr, frozen)
     projected, z = self.encode(m, batch.inputs, batch.mod_mask)
@@ -136,11 +130,11 @@ class NodeProgram:
     if spec.lambda_ccl:
       out['ccl'] = self.ccl_term(m, projected, batch)
     if spec.lambda_se_ccl:
-      valid = ctx['target_valid'][batch.ids]
-      out['se_ccl'] = se_ccl_loss(m.align(z), ctx['targets'][batch.ids], batch.ids, batch.ids,
+      valid = ctx.target_valid[batch.ids]
+      out['se_ccl'] = se_ccl_loss(m.align(z), ctx.targets[batch.ids], batch.ids, batch.ids,
                                   jnp.ones_like(valid), valid, self.tau_se_ccl)
     if spec.fedprox_mu:
-      sq = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), tr['shared'], ctx['ref_shared'])
+      sq = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), tr['shared'], ctx.ref_shared)
       out['prox'] = 0.5 * sum(jax.tree.leaves(sq))
     return out
 
@@ -179,17 +173,17 @@ class NodeProgram:
     return self.opt(spec).init(sub(tr, spec.parts))
 
   def run_stage(self, tr: Trainables, opt_state: optax.OptState, split: SplitArrays, rng: jax.Array,
-                ctx: dict[str, Any], spec: StageSpec) -> tuple[Trainables, optax.OptState, dict]:
+                ctx: RoundContext, spec: StageSpec) -> tuple[Trainables, optax.OptState, dict]:
     """`spec.steps` optimizer steps; returns (trainables, opt_state, mean loss terms)."""
-    frozen = ctx['frozen']
+    frozen = ctx.frozen
     fixed = {p: tr[p] for p in tr if p not in spec.parts}
 
     def step(carry, key):
       trained, opt_state = carry
       k_batch, k_drop = jax.random.split(key)
       batch = self.sample_batch(split, k_batch)
-      if self.modality_dropout > 0:
-        batch = dataclasses.replace(batch, mod_mask=self.drop_modalities(batch.mod_mask, k_drop))
+      if self.batch_view is not None:
+        batch = self.batch_view(batch, k_drop)
 
       def loss_fn(trained):
         terms = self.losses({**trained, **fixed}, frozen, batch, spec, ctx)

@@ -29,6 +29,7 @@ import ml_collections
 
 from ml_ecs.models import params
 from ml_ecs.algorithms.ml_ecs import se_ccl
+from ml_ecs.core.context import RoundContext
 from ml_ecs.data.cohort_data import SplitArrays
 from ml_ecs.models.decoder import SHARED_ONLY_LOGITS
 from ml_ecs.core.node import NodeProgram, StageSpec, Trainables, make_optimizer
@@ -78,19 +79,19 @@ def init_opt_state(program: NodeProgram, stages_: Stages, tr: Trainables) -> dic
 
 
 def client_update(program: NodeProgram, stages_: Stages, tr: Trainables, opt_state: dict[str, Any],
-                  train: SplitArrays, public: SplitArrays, key: jax.Array, ctx: dict[str, Any]) -> ClientUpdate:
+                  train: SplitArrays, public: SplitArrays, key: jax.Array, ctx: RoundContext) -> ClientUpdate:
   """Public stage then private stage of one client, then its public representations.
 
-  SE-CCL: the server's targets count with weight ctx['se_on'] (0 before the warm-up round)
+  SE-CCL: the server's targets count with weight ctx.alignment.on (0 before the warm-up round)
   times, with reliability weighting, 1[server LM loss <= this client's LM loss on its labelled
   private data] (`se_ccl.client_target_weight`); metrics 'se_ccl_used' and 'reliability_lm'.
   """
   k_public, k_private = jax.random.split(key)
   metrics = {}
-  if stages_.public.lambda_se_ccl and 'se_on' in ctx:
-    own = program.split_lm(tr, ctx['frozen'], train) if stages_.public.reliability else jnp.zeros(())
-    w = se_ccl.client_target_weight(own, ctx['server_loss'], ctx['se_on'], stages_.public.reliability)
-    ctx = {**ctx, 'target_valid': ctx['target_valid'] * w}
+  if stages_.public.lambda_se_ccl and ctx.alignment is not None:
+    own = program.split_lm(tr, ctx.frozen, train) if stages_.public.reliability else jnp.zeros(())
+    w = se_ccl.client_target_weight(own, ctx.alignment.server_loss, ctx.alignment.on, stages_.public.reliability)
+    ctx = ctx.replace(target_valid=ctx.target_valid * w)
     metrics.update(se_ccl_used=w, reliability_lm=own)
   for name, spec, split, stage_key in (('public', stages_.public, public, k_public),
                                ('private', stages_.private, train, k_private)):
@@ -98,7 +99,7 @@ def client_update(program: NodeProgram, stages_: Stages, tr: Trainables, opt_sta
       tr, opt, m = program.run_stage(tr, opt_state[name], split, stage_key, ctx, spec)
       opt_state = {**opt_state, name: opt}
       metrics.update({f'{name}_{k}': v for k, v in m.items()})
-  z, valid = program.encode_split(tr, ctx['frozen'], public)
+  z, valid = program.encode_split(tr, ctx.frozen, public)
   return ClientUpdate(tr, opt_state, metrics, z, valid)
 
 

@@ -21,7 +21,9 @@ and initialisation):
   'client'           the backbone weight, over the clients whose modality set has the
                      modality (the original modality-aware rule);
   'samples'          the backbone weight over every client (plain FedAvg of the leaf).
-A client whose update has a NaN/Inf is excluded and counted (metric mma/excluded).
+The weights are applied by the one weighted mean of `ml_ecs.aggregation.mean` (through the
+round's aggregator, `ml_ecs.aggregation.robust`). A client whose update has a NaN/Inf is excluded
+and counted (metric mma/excluded).
 """
 from __future__ import annotations
 
@@ -77,35 +79,3 @@ def leaf_modalities(shared: nnx.State, modalities: Sequence[str]):
   variables = jax.tree.leaves(shared, is_leaf=is_var)
   index = [modalities.index(v.get_metadata()['modality']) if isinstance(v, ModalityLoRA) else -1 for v in variables]
   return jax.tree.unflatten(jax.tree.structure(shared), index)
-
-
-def is_finite(tree) -> jax.Array:
-  """[C] bool: every leaf of client c is finite."""
-  leaves = jax.tree.leaves(tree)
-  return jnp.stack([jnp.isfinite(x.reshape(x.shape[0], -1)).all(1) for x in leaves]).all(0)
-
-
-def aggregate(stacked: Sequence, weights: Sequence[jax.Array], presence: Sequence[jax.Array],
-              previous, leaf_mod, modality_aware: bool):
-  """Weighted mean of the clients' shared pytrees (one array per cohort in each sequence).
-
-  stacked[k]: cohort k's shared pytree with leading client axis; weights[k]: [C_k] weights of
-  the leaves that are not modality-specific; presence[k]: [C_k, M] weights of modality m's
-  leaves (`modality_weights`; used iff modality_aware, else `weights` everywhere); previous:
-  the current global shared pytree (kept for a leaf no valid client contributes to).
-  Returns (new global, number excluded).
-  """
-  tree = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stacked)
-  w = jnp.concatenate(weights)
-  pres = jnp.concatenate(presence)
-  finite = is_finite(tree)
-  w = jnp.where(finite, w, 0.0)
-
-  def reduce(x, prev, m):
-    wl = jnp.where(finite, pres[:, m], 0.0) if (modality_aware and m >= 0) else w
-    total = wl.sum()
-    x = jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
-    mean = jnp.tensordot(wl, x, axes=1) / jnp.maximum(total, 1e-12)
-    return jnp.where(total > 0, mean, prev)
-
-  return jax.tree.map(reduce, tree, previous, leaf_mod), jnp.sum(~finite)

@@ -1,0 +1,139 @@
+"""Evaluation of a federation: every (or a sampled set of) client's generations on its test split and the
+server's on the public test split, scored with ROUGE and accuracy (`ml_ecs.core.scoring`)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ml_ecs.algorithms.ml_ecs import amt
+from ml_ecs.core import distributed, faults
+from ml_ecs.core.client_store import bucket, gather_clients, pad_positions
+from ml_ecs.core.cohort_map import CLIENT_AXIS
+from ml_ecs.core.scoring import SCORE_NAMES
+from ml_ecs.core.setup import Setup
+from ml_ecs.core.state import State
+from ml_ecs.models.multimodal import model_options
+
+
+def _eval_shares(setup: Setup) -> list[int]:
+  """Clients each cohort decodes per evaluation: all, or with eval.clients_per_eval = n its share
+  round(n * num_real / total), at least one."""
+  n = int(setup.cfg.eval.get('clients_per_eval', 0) or 0)
+  total = sum(c.num_real for c in setup.cohorts)
+  if not n or n >= total:
+    return [c.num_real for c in setup.cohorts]
+  return [min(c.num_real, max(1, int(round(n * c.num_real / total)))) for c in setup.cohorts]
+
+
+def eval_positions(setup: Setup, round_: int, full: bool = False) -> list[np.ndarray | None]:
+  """Per cohort, the sorted positions of the real clients an evaluation decodes (None = all).
+
+  eval.clients_per_eval = n > 0 (below the number of clients, and not `full`): each cohort's
+  share (`_eval_shares`) drawn without replacement from (seed, round, cohort), so the same
+  round always evaluates the same clients.
+  """
+  out: list[np.ndarray | None] = []
+  for k, (c, n_k) in enumerate(zip(setup.cohorts, _eval_shares(setup))):
+    if full or n_k >= c.num_real:
+      out.append(None)
+      continue
+    rng = np.random.default_rng([int(setup.cfg.seed), int(round_), k, 31])
+    out.append(np.sort(rng.choice(c.num_real, n_k, replace=False)))
+  return out
+
+
+def eval_blocks(setup: Setup, k: int, pos: np.ndarray | None) -> list[tuple[np.ndarray | None, np.ndarray]]:
+  """(padded block, its real positions) pairs cohort k decodes for `pos` (None = every real client).
+
+  A device-resident cohort decodes all its clients in one call (block None). Otherwise blocks have
+  one bucketed size per cohort (`bucket` of its sampled share), so sampled evaluations of any
+  round and a full evaluation in several blocks reuse one compiled decoder.
+  """
+  c = setup.cohorts[k]
+  if pos is None and not c.host:
+    return [(None, np.arange(c.num_real))]
+  size = bucket(_eval_shares(setup)[k], setup.mesh.size)
+  pos = np.arange(c.num_real) if pos is None else pos
+  return [(pad_positions(pos[i:i + size], size), pos[i:i + size]) for i in range(0, len(pos), size)]
+
+
+def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test',
+                   positions: Sequence[np.ndarray | None] | None = None, view: Callable | None = None
+                   ) -> tuple[dict[str, dict[str, float]], list[int]]:
+  """Scores of every real client's generations on its `split` ('test' or 'val'), given each cohort's
+  trainables, and the ids of the clients left out because their weights are not finite.
+  `positions[k]`: only these clients of cohort k, decoded in padded blocks (`eval_blocks`, one
+  batched generate call each); `view` maps the (gathered) stacked trainables before decoding."""
+  text, scorer = setup.text, setup.scorer
+  per_client: dict[str, dict[str, float]] = {}
+  diverged: list[int] = []   # non-finite clients: left out of every client mean (ml_ecs.core.faults)
+  positions = positions or [None] * len(setup.cohorts)
+  sharding = NamedSharding(setup.mesh, P(CLIENT_AXIS))
+  for k, (c, tr_all, pos) in enumerate(zip(setup.cohorts, trainables, positions)):
+    data_all, index_lists = c.data.eval_split(split)
+    for block, real in eval_blocks(setup, k, pos):
+      tr, data = (tr_all, data_all) if block is None else gather_clients((tr_all, data_all), block, sharding)
+      tr = jax.device_put(view(tr), sharding) if view is not None else tr   # one sharding: one compilation
+      toks, counts, labels, finite = distributed.to_host(   # every process scores every client
+          (c.generate_fn(tr, data, setup.edge_frozen), data.count, data.labels, faults.clients_finite(tr)))
+      for j, p in enumerate(real):
+        spec = c.data.clients[p]
+        if not finite[j]:
+          diverged.append(int(spec.client_id))
+          continue
+        preds = text.tokenizer.decode(toks[j, :counts[j]])
+        refs = [text.references[i] for i in index_lists[p][:counts[j]]]
+        per_client[str(spec.client_id)] = scorer.score(preds, refs, labels[j, :counts[j]].tolist())
+  return per_client, diverged
+
+
+def server_predictions(setup: Setup, state: State, split: str = 'test') -> tuple[list[str], np.ndarray]:
+  """The server's generated answers on its public test (or validation) split, and their dataset indices."""
+  server_split, server_idx = ((setup.public_val, setup.partition.public_val_idx) if split == 'val'
+                              else (setup.public_test, setup.partition.public_test_idx))
+  toks = distributed.to_host(setup.server_generate_fn(state.server.trainables, setup.server_frozen, server_split))
+  n = int(server_split.count)
+  return setup.text.tokenizer.decode(toks[:n]), server_idx[:n]
+
+
+def evaluate(setup: Setup, state: State, split: str = 'test', full: bool = False) -> dict[str, Any]:
+  """ROUGE and accuracy of every client on its test split and of the server on the public test split
+  (split='val': the validation splits cut for tuning; never the test data).
+
+  client/*: the personalised models (what each client trains and uses); with communication
+  also client/global_*: the global model, the aggregated shared LoRA in each client's model
+  with the private LoRA off (`amt.global_view`). *_multi: multi-reference ROUGE-LSum.
+  With eval.clients_per_eval the client scores cover a sample drawn per round (`full`: every
+  client), and client/evaluated says how many clients they cover.
+  """
+  t0 = time.perf_counter()
+  text, scorer = setup.text, setup.scorer
+  positions = eval_positions(setup, int(state.round), full)
+  per_client, diverged = _score_clients(setup, [cs.trainables for cs in state.cohorts], split, positions)
+  gates = model_options(setup.cfg)['gates']
+  per_global = _score_clients(setup, [cs.trainables for cs in state.cohorts], split, positions,
+                              lambda tr: amt.global_view(tr, state.global_shared, gates))[0] \
+      if setup.communicate else {}
+  server_preds, idx = server_predictions(setup, state, split)
+  server = scorer.score(server_preds, [text.references[i] for i in idx], setup.dataset.labels[idx].tolist())
+  out: dict[str, Any] = {'round': int(state.round)}
+  ids = sorted(per_client, key=int)
+  for t in SCORE_NAMES:
+    out[f'server/{t}'] = server[t]
+    out[f'client/{t}_mean'] = float(np.mean([per_client[c][t] for c in ids])) if ids else float('nan')
+    if per_global:
+      gids = sorted(per_global, key=int)
+      out[f'client/global_{t}_mean'] = float(np.mean([per_global[c][t] for c in gids])) if gids else float('nan')
+  for t in ('rougeLsum', 'rougeLsum_multi', 'accuracy'):
+    out[f'client/{t}'] = {c: per_client[c][t] for c in ids}
+  out['client/diverged_ids'] = sorted(diverged)
+  if setup.cfg.eval.get('clients_per_eval', 0):   # how many clients the client means cover
+    out['client/evaluated'] = len(ids) + len(diverged)
+  out['samples/server_prediction'] = server_preds[0] if server_preds else ''
+  out['time/eval_s'] = time.perf_counter() - t0
+  return out

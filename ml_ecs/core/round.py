@@ -1,0 +1,147 @@
+"""One communication round (`run_round`), the fixed skeleton every method runs:
+
+  re-sync diverged clients -> sample -> each cohort's client update (one jitted, vmapped call, the
+  method's `client_update`) -> simulated faults -> the method's aggregation of the uploads -> the
+  server stage (toward the method's targets) -> metrics.
+
+What a method decides at each step is `ml_ecs.algorithms.base.Algorithm`'s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ml_ecs.algorithms.base import Aggregated, Uploads
+from ml_ecs.algorithms.ml_ecs import mma
+from ml_ecs.aggregation.mean import clients_finite
+from ml_ecs.core import distributed, faults
+from ml_ecs.core.client_store import bucket, gather_clients, pad_positions, scatter_clients
+from ml_ecs.core.cohort_map import CLIENT_AXIS
+from ml_ecs.core.sampling import sample_clients
+from ml_ecs.core.setup import CohortSetup, Setup
+from ml_ecs.core.state import NodeState, State
+
+
+@dataclasses.dataclass
+class _Ledger:
+  """Who did what this round (client ids), and the per-client loss terms the server heard."""
+  sampled: list = dataclasses.field(default_factory=list)
+  resynced: list = dataclasses.field(default_factory=list)
+  dropped: list = dataclasses.field(default_factory=list)
+  late: list = dataclasses.field(default_factory=list)
+  diverged: list = dataclasses.field(default_factory=list)
+  uploaded: list = dataclasses.field(default_factory=list)
+  values: dict = dataclasses.field(default_factory=dict)
+
+  def metrics(self) -> dict[str, Any]:
+    out = {f'client/{name}': faults.finite_mean(self.values[name]) for name in sorted(self.values)}
+    return {**out, 'clients/sampled': len(self.sampled), 'clients/diverged_ids': sorted(self.diverged),
+            'clients/resynced_ids': sorted(self.resynced), 'faults/dropped': len(self.dropped),
+            'faults/late': len(self.late), 'faults/survivors': len(self.uploaded)}
+
+
+def resync(setup: Setup, c: CohortSetup, cs: NodeState, global_shared, ledger: _Ledger) -> NodeState:
+  """Re-syncs the clients of a cohort that diverged last round from the global model (ml_ecs.core.faults)."""
+  bad = ~(clients_finite(cs.trainables) if c.host else distributed.to_host(faults.clients_finite(cs.trainables)))
+  bad[c.num_real:] = False
+  if not bad.any() or c.resync_fn is None:
+    return cs
+  ledger.resynced += c.client_ids[bad].tolist()
+  if c.host:   # only the diverged rows, as one padded block
+    pos = pad_positions(np.flatnonzero(bad), bucket(bad.sum(), setup.mesh.size))
+    sharding = NamedSharding(setup.mesh, P(CLIENT_AXIS))
+    scatter_clients(cs, pos, c.resync_fn(*gather_clients((cs.trainables, cs.opt_state), pos, sharding),
+                                         jnp.ones(len(pos), bool), global_shared, pos))
+    return cs
+  return NodeState(*c.resync_fn(cs.trainables, cs.opt_state, jnp.asarray(bad), global_shared))
+
+
+def train_cohort(setup: Setup, c: CohortSetup, cs: NodeState, sel: np.ndarray, key: jax.Array, broadcast
+                 ) -> tuple[NodeState, Any]:
+  """The selected clients' local round (one jitted call); with host state only the block moves."""
+  if c.host:   # only the sampled block goes to the devices; it comes back into the host arrays
+    block = gather_clients((cs.trainables, cs.opt_state, c.data.train, c.data.public), sel,
+                           NamedSharding(setup.mesh, P(CLIENT_AXIS)))
+    out = c.round_fn(*block, jnp.asarray(sel), key, *broadcast[:2], setup.edge_frozen, broadcast[2])
+    scatter_clients(cs, sel, NodeState(out.trainables, out.opt_state))
+    return cs, out
+  out = c.round_fn(cs.trainables, cs.opt_state, c.data.train, c.data.public, jnp.asarray(sel), key,
+                   *broadcast[:2], setup.edge_frozen, broadcast[2])
+  return NodeState(out.trainables, out.opt_state), out
+
+
+def arrivals(setup: Setup, c: CohortSetup, out, real: np.ndarray, sel: np.ndarray, key: jax.Array,
+             ledger: _Ledger) -> tuple[jax.Array, jax.Array]:
+  """Simulated faults of the sampled clients: their aggregation weights [selected] and modality weights
+  [selected, M] (0 for a dropped upload, discounted for a late one), and what the server heard."""
+  ids = c.client_ids[real]
+  factor, dropped, late = faults.draw_faults(key, len(real), setup.cfg.train)
+  out_metrics, finite = distributed.to_host((out.metrics, clients_finite(out.shared)))   # from every process
+  finite = finite[:len(real)].copy()
+  for v in out_metrics.values():
+    finite &= np.isfinite(v[:len(real)])
+  up = factor > 0
+  ledger.sampled += ids.tolist()
+  ledger.dropped += ids[dropped].tolist()
+  ledger.late += ids[late].tolist()
+  ledger.diverged += ids[~finite].tolist()
+  ledger.uploaded += ids[up].tolist()
+  for name, v in out_metrics.items():
+    if name.endswith('_ccl') and not name.endswith('se_ccl') and not c.program.has_ccl:
+      continue   # a client with a single view has no CCL term
+    ledger.values.setdefault(name, []).append(v[:len(real)][up & finite])   # what the server hears
+  w = np.zeros(len(sel), np.float32)
+  w[:len(real)] = setup.weights[ids] * factor
+  presence = mma.rows(setup.modality_weights, ids, len(sel))
+  presence[:len(real)] *= factor[:, None]          # dropped / late uploads weigh nothing (or less) here too
+  return jnp.asarray(w), jnp.asarray(presence)
+
+
+def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
+  """One communication round; returns the new state and the round's training metrics.
+
+  The cohorts' trainables and optimizer states of `state` are donated (consumed).
+  """
+  t0 = time.perf_counter()
+  alg = setup.algorithm
+  rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
+  rng, server_key = jax.random.split(rng)
+  fault_key = jax.random.fold_in(key, faults.FAULT_STREAM)
+  alignment, server_loss = alg.round_context(setup, state)
+  # The broadcast inputs in one (replicated) sharding every round, so rounds reuse one compilation.
+  broadcast = jax.device_put((state.global_shared, state.server_z, alignment), NamedSharding(setup.mesh, P()))
+  ledger, cohorts, outs, weights, presence, rows = _Ledger(), [], [], [], [], []
+  for k, (c, cs) in enumerate(zip(setup.cohorts, state.cohorts)):
+    cs = resync(setup, c, cs, state.global_shared, ledger)
+    ck = jax.random.fold_in(key, k)
+    real = sample_clients(c.num_real, c.num_sampled, jax.random.fold_in(ck, 1))
+    sel = np.concatenate([real, np.arange(c.num_real, c.num_real + c.num_selected - c.num_sampled)])
+    cs, out = train_cohort(setup, c, cs, sel, ck, broadcast)
+    w, pres = arrivals(setup, c, out, real, sel, jax.random.fold_in(fault_key, k), ledger)
+    cohorts.append(cs), outs.append(out), weights.append(w), presence.append(pres), rows.append(c.client_ids[sel])
+  uploads = Uploads(tuple(outs), tuple(weights), tuple(presence), np.concatenate(rows))
+  if setup.communicate:
+    agg = alg.aggregate(setup, state, uploads, key)
+  else:
+    agg = Aggregated(state.global_shared, state.algorithm, (), {})
+  targets, has_target, target_metrics = alg.server_targets(setup, state, uploads, agg.accepted, server_loss, key)
+  server_tr, server_opt, server_metrics, server_z = setup.server_round_fn(
+      state.server.trainables, state.server.opt_state, server_key, targets, has_target.astype(jnp.float32),
+      setup.server_frozen, setup.public_train)
+  metrics = {**agg.metrics, **target_metrics, **ledger.metrics()}
+  metrics.update({f'server/{k}': float(v) for k, v in server_metrics.items()})
+  metrics['server/diverged'] = int(not all(np.isfinite(float(v)) for v in server_metrics.values()))
+  metrics.update(setup.accounting.round_bytes(np.asarray(ledger.sampled, np.int64), setup.communicate,
+                                              setup.sends_representations))
+  jax.block_until_ready(server_z)
+  new_state = State(cohorts=tuple(cohorts), server=NodeState(server_tr, server_opt), global_shared=agg.shared,
+                    server_z=server_z, round=state.round + 1, rng=jax.random.key_data(rng), algorithm=agg.state)
+  metrics['round'] = int(new_state.round)
+  metrics['time/round_s'] = time.perf_counter() - t0
+  return new_state, metrics
