@@ -10,7 +10,7 @@ All run in the same round loop on the same data, models and local step budget
                  FedMultimodal benchmark (Feng et al., KDD 2023): missing modalities are
                  zero-filled into the fusion, trained with modality dropout
                  (ModDrop, Neverova et al., 2015), aggregated with FedAvg.
-  ml_ecs         the full method as in MISSION.md: text-anchored GRAM CCL, AMT with convex
+  ml_ecs         the full method of the paper (arXiv 2602.14107): text-anchored GRAM CCL, AMT with convex
                  gates, MMA over shared modality projections (backbone by samples, modality
                  leaves by present observations), SE-CCL through projection heads with
                  warm-up and reliability weighting.
