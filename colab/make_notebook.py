@@ -133,7 +133,7 @@ pd.DataFrame([{'method': name, 'client ROUGE-LSum': last(rows)['client/rougeLsum
   `python launch/report.py --workdir=/tmp/ml_ecs` draws these plots for any run).
 - The comparison grid of baselines and ablations: `python studies/compare/run.py --config=studies/compare/configs/compare.py --workdir=/tmp/compare`.
 - Your own data: `ml_ecs.data.loaders.from_arrays(...)` and `federation.init(cfg, dataset=ds)`, or the
-  `npz` / `hf` / `tfds` sources of `data.name` (see the README).
+  `npz` / `hf` / `tfds` sources of `data.name` (see docs/own_data.md).
 - The scale benchmark: `python benchmarks/throughput.py`.'''),
 ]
 

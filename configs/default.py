@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
       outlier_k=3.0,              # k of 'norm_outlier'
       trim_fraction=0.1,          # fraction trimmed at each end by 'trimmed_mean'
   ))
-  # Central DP (DP-FedAvg) of the aggregated shared LoRA; see README "Faults and privacy".
+  # Central DP (DP-FedAvg) of the aggregated shared LoRA; see docs/faults_and_privacy.md.
   c.dp = ml_collections.ConfigDict(dict(
       enabled=False,
       clip_norm=1.0,              # per-client update clipping bound S

@@ -15,7 +15,7 @@ or workdir error (one `error:` line); 3: the whole federation diverged.
 Many processes (one per host, or several CPU processes here): every process runs the same
 command; on SLURM (srun), Open MPI (mpirun) and TPU pod slices they find each other from the
 environment, elsewhere give --coordinator_address, --num_processes and --process_id
-(launch/local_multiprocess.py does that for N local CPU processes). See README "Many hosts".
+(launch/local_multiprocess.py does that for N local CPU processes). See docs/many_hosts.md.
 """
 import os
 import signal

@@ -49,7 +49,7 @@ def test_modalities_are_complementary(dataset):
          for k, f in feats.items()}
   all_f = np.concatenate(list(feats.values()), 1)
   acc_all = _softmax_regression_accuracy(all_f[~test], dataset.labels[~test], all_f[test], dataset.labels[test], 6)
-  print({**{k: round(v, 3) for k, v in acc.items()}, 'all': round(acc_all, 3)})  # quoted in the README (-s)
+  print({**{k: round(v, 3) for k, v in acc.items()}, 'all': round(acc_all, 3)})  # quoted in docs/own_data.md (-s)
   assert acc_all > max(acc.values()) + 0.15, (acc_all, acc)
   assert all(a > 1 / 6 + 0.1 for a in acc.values()), acc  # each modality is informative
 

@@ -1,4 +1,4 @@
-"""The faithful ML-ECS options (MISSION.md): each test fails when its option is broken."""
+"""The faithful ML-ECS options (the paper's method, arXiv 2602.14107): each test fails when its option is broken."""
 import copy
 import dataclasses
 

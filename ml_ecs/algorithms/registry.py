@@ -9,7 +9,7 @@ under every method. Registered here:
   fedprox        fedavg + proximal term mu/2 ||w - w_global||^2 on the shared LoRA.
   mmfl           multimodal-FL baseline with missing-modality handling (zero-filling + modality
                  dropout, FedAvg aggregation).
-  ml_ecs         the full method: text-anchored GRAM CCL, AMT with convex gates, MMA over shared
+  ml_ecs         the full method (arXiv 2602.14107): text-anchored GRAM CCL, AMT with convex gates, MMA over shared
                  modality projections, SE-CCL through projection heads with warm-up and reliability.
   ml_ecs_no_ccl / _no_amt / _no_mma / _no_se_ccl   ablations, one component removed each
                  (_no_mma: plain FedAvg weights for every shared leaf).

@@ -122,7 +122,9 @@ class Block(nnx.Module):
 
     'scaled': 2 * sigmoid(logits), each in (0, 2), both 1 at init (the original form);
     'convex': (g, 1 - g) with g = sigmoid(logit_shared - logit_private), i.e. the AMT mix
-    g * shared + (1 - g) * private (MISSION.md), initialised toward shared.
+    g * shared + (1 - g) * private: one learned weight per layer trades the federated
+    (shared) adapter against the client's own (private) one, so the two always sum to 1;
+    initialised toward shared (g = sigmoid(gate_init)).
     The one definition of the gate form: export (`ml_ecs.backbones.peft_io`) reads the
     gates through this method.
     """

@@ -5,7 +5,7 @@ Each client's shared-LoRA update is clipped to L2 norm 1.0 and Gaussian noise wi
 multiplier 1.0 is added to the aggregate; with client_fraction 0.5 the RDP accountant gives
 epsilon of about 20.8 at delta 1e-5 after 30 rounds (summary.json: dp.epsilon; metrics:
 dp/epsilon per round). SE-CCL representations are not noised here (dp.noise_representations):
-see README "Faults and privacy" for what this covers.
+see docs/faults_and_privacy.md for what this covers.
 """
 import ml_collections
 
