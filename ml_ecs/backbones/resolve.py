@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ml_ecs.config.errors import ConfigError
+from ml_ecs.errors import ConfigError
 
 MODELS = ('edge_model', 'server_model')
 # Backbone fields that a checkpoint's config.json decides (see the module docstring).

@@ -21,7 +21,7 @@ from ml_ecs.algorithms.ml_ecs.se_ccl import HEADS, RELIABILITY
 from ml_ecs.models.decoder import LORA_TARGETS
 from ml_ecs.models.encoders import ENCODER_TYPES
 from ml_ecs.aggregation import robust
-from ml_ecs.config.errors import ConfigError, DataError  # noqa: F401  (raised here; callers catch them from here)
+from ml_ecs.errors import ConfigError, DataError  # noqa: F401  (raised here; callers catch them from here)
 from ml_ecs.algorithms import registry
 from ml_ecs.algorithms.mmfl import MMFL
 

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from ml_ecs.config.errors import ConfigError
+from ml_ecs.errors import ConfigError
 
 # Environment variables that announce a job of several processes, and how many.
 _CLUSTER_COUNTS = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
