@@ -8,7 +8,7 @@ import pytest
 
 from ml_ecs.core import faults
 from ml_ecs.algorithms.ml_ecs import mma
-from ml_ecs.aggregation import mean, privacy, robust
+from ml_ecs.aggregation import dp, mean, privacy, robust
 
 
 def _train_cfg(**kw):
@@ -130,13 +130,13 @@ def test_epsilon_grows_with_rounds_as_the_accountant_says():
 def test_representation_noise_clips_and_noises_targets():
   z = jnp.ones((2, 3, 4)) * 10.0
   valid = jnp.ones((2, 3))
-  clipped = robust.clip_representations(z, valid, 1.0)
+  clipped = dp.clip_representations(z, valid, 1.0)
   np.testing.assert_allclose(jnp.sqrt(jnp.sum(clipped ** 2, axis=(1, 2))), [1.0, 1.0], rtol=1e-5)
   ids = jnp.tile(jnp.arange(3), (2, 1))
   targets = jnp.zeros((3, 4))
-  same = robust.noise_representation_targets([valid], [jnp.ones(2)], [ids], 3, jax.random.key(0), 1.0, 0.0, targets)
+  same = dp.noise_representation_targets([valid], [jnp.ones(2)], [ids], 3, jax.random.key(0), 1.0, 0.0, targets)
   np.testing.assert_array_equal(same, targets)
-  noisy = robust.noise_representation_targets([valid], [jnp.ones(2)], [ids], 3, jax.random.key(0), 1.0, 1.0, targets)
+  noisy = dp.noise_representation_targets([valid], [jnp.ones(2)], [ids], 3, jax.random.key(0), 1.0, 1.0, targets)
   assert float(jnp.abs(noisy).max()) > 0
 
 

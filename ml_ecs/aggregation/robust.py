@@ -1,4 +1,5 @@
-"""Robust and differentially private aggregation of the clients' shared-LoRA updates.
+"""The server's aggregator: robust and differentially private aggregation of the clients' shared-LoRA updates,
+composed of small pieces (`client_updates`, `norm_outliers`, `clip`, a rule per leaf, `ml_ecs.aggregation.dp`).
 
 The server's aggregation step of a round (`aggregate`, jitted once per federation):
 
@@ -31,6 +32,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ml_ecs.aggregation import dp
 from ml_ecs.aggregation.mean import clients_finite, leaf_weights, weighted_mean
 
 RULES = ('mean', 'norm_outlier', 'trimmed_mean', 'median')
@@ -47,24 +49,45 @@ class AggregateOut(NamedTuple):
 
 def options(cfg) -> dict:
   """Keyword options of `aggregate` from a validated config (fields `aggregation`, `dp`)."""
-  agg, dp = cfg.aggregation, cfg.dp
-  clip = float(agg.clip_norm)
-  if dp.enabled:
-    clip = min(clip, float(dp.clip_norm)) if clip > 0 else float(dp.clip_norm)
-  return dict(rule=str(agg.rule), clip_norm=clip, outlier_k=float(agg.outlier_k),
+  agg, dp_ = cfg.aggregation, cfg.dp
+  clip_norm = float(agg.clip_norm)
+  if dp_.enabled:
+    clip_norm = min(clip_norm, float(dp_.clip_norm)) if clip_norm > 0 else float(dp_.clip_norm)
+  return dict(rule=str(agg.rule), clip_norm=clip_norm, outlier_k=float(agg.outlier_k),
               trim_fraction=float(agg.trim_fraction),
-              noise_multiplier=float(dp.noise_multiplier) if dp.enabled else 0.0)
-
-
-def _masked_median(x: jax.Array, mask: jax.Array) -> jax.Array:
-  return jnp.nanmedian(jnp.where(mask, x, jnp.nan))
+              noise_multiplier=float(dp_.noise_multiplier) if dp_.enabled else 0.0)
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
   return v.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def _trimmed(x: jax.Array, holders: jax.Array, trim: float) -> jax.Array:
+def _masked_median(x: jax.Array, mask: jax.Array) -> jax.Array:
+  return jnp.nanmedian(jnp.where(mask, x, jnp.nan))
+
+
+def client_updates(tree, previous, ok: jax.Array):
+  """update_c = upload_c - previous global (zero for clients not `ok`), and its L2 norm over the whole pytree."""
+  delta = jax.tree.map(lambda x, p: jnp.where(_bcast(ok, x), x - p[None], 0.0), tree, previous)
+  sq = sum(jnp.sum(jnp.square(d.reshape(d.shape[0], -1)), axis=1) for d in jax.tree.leaves(delta))
+  return delta, jnp.sqrt(sq)
+
+
+def norm_outliers(norms: jax.Array, ok: jax.Array, k: float) -> jax.Array:
+  """[C] bool: norm above median + k * MAD of the `ok` clients' norms (never with fewer than 3 of them)."""
+  med = _masked_median(norms, ok)
+  mad = _masked_median(jnp.abs(norms - med), ok)
+  return ok & (norms > med + k * mad) & (ok.sum() >= 3)
+
+
+def clip(delta, norms: jax.Array, part: jax.Array, clip_norm: float):
+  """(updates scaled to an L2 norm of at most clip_norm, [C] bool which were clipped)."""
+  clipped = part & (norms > clip_norm)
+  scale = jnp.where(clipped, clip_norm / jnp.maximum(norms, 1e-30), 1.0)
+  return jax.tree.map(lambda d: d * _bcast(scale, d), delta), clipped
+
+
+def trimmed_mean(x: jax.Array, holders: jax.Array, trim: float) -> jax.Array:
   """Coordinate-wise mean of the holders' rows of x after dropping floor(trim * n) at each end."""
   n = holders.sum()
   srt = jnp.sort(jnp.where(_bcast(holders, x), x, jnp.inf), axis=0)   # holders first, ascending
@@ -73,6 +96,11 @@ def _trimmed(x: jax.Array, holders: jax.Array, trim: float) -> jax.Array:
   keep = (rank >= t) & (rank < n - t)
   kept = jnp.where(_bcast(keep, x), srt, 0.0)
   return kept.sum(0) / jnp.maximum(n - 2 * t, 1)
+
+
+def median(x: jax.Array, holders: jax.Array) -> jax.Array:
+  """Coordinate-wise median of the holders' rows of x (0 where there is none)."""
+  return jnp.nan_to_num(jnp.nanmedian(jnp.where(_bcast(holders, x), x, jnp.nan), axis=0))
 
 
 def aggregate(stacked: Sequence, weights: Sequence[jax.Array], presence: Sequence[jax.Array], previous,
@@ -90,74 +118,34 @@ def aggregate(stacked: Sequence, weights: Sequence[jax.Array], presence: Sequenc
   pres = jnp.concatenate(presence)
   uploaded = w > 0
   finite = clients_finite(tree)
-  nonfinite = uploaded & ~finite
   ok = uploaded & finite
-  delta = jax.tree.map(lambda x, p: jnp.where(_bcast(ok, x), x - p[None], 0.0), tree, previous)
-  sq = sum(jnp.sum(jnp.square(d.reshape(d.shape[0], -1)), axis=1) for d in jax.tree.leaves(delta))
-  norms = jnp.sqrt(sq)
-  rejected = jnp.zeros_like(ok)
-  if rule == 'norm_outlier':
-    med = _masked_median(norms, ok)
-    mad = _masked_median(jnp.abs(norms - med), ok)
-    rejected = ok & (norms > med + outlier_k * mad) & (ok.sum() >= 3)
+  delta, norms = client_updates(tree, previous, ok)
+  rejected = norm_outliers(norms, ok, outlier_k) if rule == 'norm_outlier' else jnp.zeros_like(ok)
   part = ok & ~rejected
   clipped = jnp.zeros_like(ok)
   if clip_norm > 0:
-    clipped = part & (norms > clip_norm)
-    scale = jnp.where(clipped, clip_norm / jnp.maximum(norms, 1e-30), 1.0)
-    delta = jax.tree.map(lambda d: d * _bcast(scale, d), delta)
-  wp = jnp.where(part, w, 0.0)
+    delta, clipped = clip(delta, norms, part, clip_norm)
   plain = rule in ('mean', 'norm_outlier') and clip_norm <= 0 and noise_multiplier <= 0
+  wp, pres_p = jnp.where(part, w, 0.0), jnp.where(part[:, None], pres, 0.0)
   leaves, treedef = jax.tree.flatten(delta)
   xs = [jnp.where(_bcast(part, x), x, 0.0) for x in jax.tree.leaves(tree)]
   keys = jax.random.split(noise_key, len(leaves))
   out = []
-  pres_p = jnp.where(part[:, None], pres, 0.0)
   for d, x, prev, m, key in zip(leaves, xs, jax.tree.leaves(previous), jax.tree.leaves(leaf_mod), keys):
-    modal = modality_aware and m >= 0
-    holds = pres[:, m] > 0 if modal else jnp.ones_like(part)
-    wm = leaf_weights(wp, pres_p, m, modality_aware)   # modality leaves: their own weights (mma)
+    holds = pres[:, m] > 0 if (modality_aware and m >= 0) else jnp.ones_like(part)
+    wl = jnp.where(holds, leaf_weights(wp, pres_p, m, modality_aware), 0.0)   # modality leaves: their holders
+    if plain:   # the plain weighted mean of the uploads themselves
+      out.append(weighted_mean(x, wl, prev))
+      continue
     if rule in ('trimmed_mean', 'median'):
       holders = part & holds
-      if rule == 'median':
-        upd = jnp.nan_to_num(jnp.nanmedian(jnp.where(_bcast(holders, d), d, jnp.nan), axis=0))
-      else:
-        upd = _trimmed(d, holders, trim_fraction)
+      upd = median(d, holders) if rule == 'median' else trimmed_mean(d, holders, trim_fraction)
       total = holders.sum().astype(d.dtype)
-    elif plain:   # the plain weighted mean of the uploads themselves
-      out.append(weighted_mean(x, jnp.where(holds, wm, 0.0), prev))
-      continue
     else:
-      wl = jnp.where(holds, wm, 0.0)
       total = wl.sum()
-      upd = jnp.tensordot(wl, d, axes=1) / jnp.maximum(total, 1e-12)
+      upd = weighted_mean(d, wl, jnp.zeros_like(prev))
       if noise_multiplier > 0:
-        std = noise_multiplier * clip_norm * wl.max() / jnp.maximum(total, 1e-12)
-        upd = upd + std * jax.random.normal(key, upd.shape, upd.dtype)
+        upd = dp.add_gaussian_noise(upd, wl, clip_norm, noise_multiplier, key)
     out.append(jnp.where(total > 0, prev + upd, prev))
-  return AggregateOut(jax.tree.unflatten(treedef, out), part, nonfinite, rejected, clipped,
+  return AggregateOut(jax.tree.unflatten(treedef, out), part, uploaded & ~finite, rejected, clipped,
                       jnp.where(ok, norms, 0.0))
-
-
-def noise_representation_targets(valid: Sequence[jax.Array], weights: Sequence[jax.Array],
-                                   ids: Sequence[jax.Array], num_public: int, key: jax.Array, clip_norm: float,
-                                   noise_multiplier: float, targets: jax.Array) -> jax.Array:
-  """DP for SE-CCL: `targets` (the weighted per-sample mean of the clipped representations) plus noise.
-
-  Each client's representation matrix (its valid rows) must already be clipped to `clip_norm` in L2
-  (`clip_representations`); the per-row noise std is z * R * max_c(w_c v_cj) / sum_c(w_c v_cj), the
-  sensitivity of row j of the weighted mean to one client's clipped upload.
-  """
-  wv = jnp.concatenate([(v * w[:, None]).reshape(-1) for v, w in zip(valid, weights)])
-  flat_ids = jnp.concatenate([i.reshape(-1) for i in ids])
-  den = jax.ops.segment_sum(wv, flat_ids, num_segments=num_public)
-  top = jax.ops.segment_max(wv, flat_ids, num_segments=num_public)
-  std = noise_multiplier * clip_norm * jnp.maximum(top, 0.0) / jnp.maximum(den, 1e-12)
-  return targets + std[:, None] * jax.random.normal(key, targets.shape, targets.dtype)
-
-
-def clip_representations(z: jax.Array, valid: jax.Array, clip_norm: float) -> jax.Array:
-  """[C, N, d] representations with each client's valid rows scaled to an L2 norm of at most clip_norm."""
-  zv = jnp.where(valid[..., None] > 0, jnp.nan_to_num(z), 0.0)
-  norm = jnp.sqrt(jnp.sum(jnp.square(zv), axis=(1, 2)))
-  return jnp.where(jnp.isfinite(z), zv * jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))[:, None, None], z)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ml_ecs.aggregation import robust
+from ml_ecs.aggregation import dp
 from ml_ecs.algorithms.base import Algorithm
 from ml_ecs.algorithms.ml_ecs import se_ccl
 from ml_ecs.core import faults
@@ -50,10 +50,10 @@ class MLECS(Algorithm):
     outs, dp = uploads.outs, setup.cfg.dp
     zs, ids, valid = tuple(o.z for o in outs), tuple(o.public_ids for o in outs), tuple(o.z_valid for o in outs)
     if dp.enabled and dp.noise_representations:
-      zs = tuple(robust.clip_representations(z, v, dp.repr_clip_norm) for z, v in zip(zs, valid))
+      zs = tuple(dp.clip_representations(z, v, dp.repr_clip_norm) for z, v in zip(zs, valid))
     targets, has_target = setup.targets_fn(zs, ids, valid, weights, setup.num_public)
     if dp.enabled and dp.noise_representations:
-      targets = robust.noise_representation_targets(
+      targets = dp.noise_representation_targets(
           valid, weights, ids, setup.num_public, jax.random.fold_in(key, faults.NOISE_STREAM + 1),
           dp.repr_clip_norm, dp.repr_noise_multiplier, targets)
     metrics = {'server/se_ccl_targets': int(jnp.sum(has_target)),
