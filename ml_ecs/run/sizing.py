@@ -32,6 +32,7 @@ from ml_ecs.backbones import resolve as backbones
 from ml_ecs.core import communication
 from ml_ecs.algorithms.ml_ecs import mma
 from ml_ecs.models import params
+from ml_ecs.core.sampling import sampled_count
 from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.data.loaders import load_dataset
 from ml_ecs.data.partition import partition
@@ -85,8 +86,7 @@ def size_config(cfg: ml_collections.ConfigDict, dataset: MultimodalDataset | Non
   acct = communication.accounting(acct_clients, leaf_bytes, cfg.edge_model.d_z, ITEMSIZE, server['total']['bytes'])
   sampled = []
   for clients in part.cohorts():
-    n = max(1, int(round(cfg.train.client_fraction * len(clients))))
-    sampled += [c.client_id for c in clients[:n]]
+    sampled += [c.client_id for c in clients[:sampled_count(cfg.train.client_fraction, len(clients))]]
   communicate, reps = bool(cfg.method.communicate), bool(cfg.method.communicate and cfg.method.se_ccl)
   round_ = acct.round_bytes(np.array(sampled), communicate, reps)
   model_bytes = np.array([b for *_, b in acct_clients])
