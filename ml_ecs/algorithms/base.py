@@ -9,6 +9,7 @@ A method is an `Algorithm` and decides, at these points:
 
   fields          the `method` config fields it sets (its static choices: which losses, AMT, SE-CCL);
                   `ml_ecs.algorithms.registry.apply_strategy` writes them into a config
+  init_client_state  a client's state beside its trainables (default: its optimizers' states)
   client_update   one client's local round, traced inside the cohort's vmap (default: AMT's public
                   stage + private stage, `ml_ecs.algorithms.ml_ecs.amt.client_update`)
   input_view,     how a client sees its inputs: before fusion, and on training batches (e.g. the
@@ -72,6 +73,12 @@ class Algorithm:
     return cls()
 
   # -------------------------------------------------------------------- client side (traced)
+  def init_client_state(self, program, stages, tr) -> dict[str, Any]:
+    """One client's state beside its trainables (checkpointed with the cohort, reset on re-sync): by
+    default the optimizer state of each stage; a method with per-client state (e.g. control variates)
+    adds its entries here and `client_update` carries them."""
+    return amt.init_opt_state(program, stages, tr)
+
   def client_update(self, program, stages, tr, opt_state, train, public, key, ctx) -> amt.ClientUpdate:
     return amt.client_update(program, stages, tr, opt_state, train, public, key, ctx)
 

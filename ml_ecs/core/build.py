@@ -163,7 +163,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     prog = program(fn, len(clients[0].modalities))
     keys = per_client_keys(jax.random.fold_in(init_rng, k), jnp.arange(n_pad))
     client_init = lambda key, fn=fn: sub(params.split_model(fn(nnx.Rngs(key)))[1], params.TRAINABLE)
-    init_opt = jax.vmap(functools.partial(amt.init_opt_state, prog, stages))
+    init_opt = jax.vmap(functools.partial(algorithm.init_client_state, prog, stages))
     rows = distributed.local_rows(client_sharding, n_pad)   # this process builds only its own clients' data
     if host:   # built block by block straight into host arrays: the devices never hold the cohort
       block_init = jax.jit(lambda ks, f=client_init, o=init_opt: (lambda tr: NodeState(tr, o(tr)))(jax.vmap(f)(ks)),
@@ -183,7 +183,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
                                make_cohort_round(algorithm, prog, stages, mesh, cfg.train.client_chunk,
                                                  bool(m.communicate), full=host or num_selected == n_pad),
                                make_generate(prog, mesh, cfg.text.answer_len),
-                               faults.make_resync(client_init, functools.partial(amt.init_opt_state, prog, stages),
+                               faults.make_resync(client_init, functools.partial(algorithm.init_client_state, prog, stages),
                                                   keys, client_sharding), host, rows))
     cohort_states.append(NodeState(trainables, opt_state))
 
