@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import ml_collections
@@ -34,7 +35,10 @@ from studies.compare import stats
 from ml_ecs.algorithms.registry import STRATEGIES, apply_strategy
 from ml_ecs.config.validation import ConfigError, validate
 
-BASELINES = ('local', 'fedavg', 'fedprox', 'mmfl')
+# Fixed before the grid runs (grid.contrasts / grid.reference override them): the family of confirmatory
+# contrasts, Holm-corrected together, and the reference baseline of the exploratory differences.
+CONTRASTS = (('ml_ecs', 'local'), ('ml_ecs', 'fedavg'))
+REFERENCE = 'fedavg'
 # (results field, metrics key, header): the headline metrics, where the runs hold them.
 METRICS = (('client_rougeLsum_multi', 'client/rougeLsum_multi_mean', 'client ROUGE-LSum multi-ref'),
            ('client_rougeLsum', 'client/rougeLsum_mean', 'client ROUGE-LSum'),
@@ -47,8 +51,7 @@ PER_CLIENT = (('client_rougeLsum_multi_by_client', 'client/rougeLsum_multi'),
               ('client_rougeLsum_by_client', 'client/rougeLsum'), ('client_accuracy_by_client', 'client/accuracy'))
 CSV_FIELDS = (('method', 'missing_rate', 'num_clients', 'partition_seed', 'train_seed', 'cell')
               + tuple(f for f, _, _ in METRICS) + tuple(f for f, _ in PER_CLIENT)
-              + ('final_client_rougeLsum', 'final_server_rougeLsum', 'plateau_client', 'comm_ratio', 'rounds',
-                 'wall_s'))
+              + ('final_client_rougeLsum', 'final_server_rougeLsum', 'comm_ratio', 'rounds', 'wall_s'))
 
 Cell = tuple[str, float, int, int, int]   # method, missing rate, clients, partition seed, training seed
 
@@ -74,6 +77,14 @@ def check_grid(base: ml_collections.ConfigDict) -> tuple[list[Cell], list[ml_col
     if unknown:
       raise ValueError(f'grid.methods has unknown methods {unknown}: expected names from {sorted(STRATEGIES)}')
     todo = cells(base.grid)
+    methods = {c[0] for c in todo}
+    opts = report_options(base.grid)
+    named = {m for pair in opts['contrasts'] for m in pair} | {opts['reference']}
+    if any(len(pair) != 2 for pair in opts['contrasts']) or not named <= set(STRATEGIES):
+      raise ValueError(f"grid.contrasts={base.grid.get('contrasts')!r} / grid.reference={opts['reference']!r}: "
+                       f"expected 'method-baseline' pairs and a reference from {sorted(STRATEGIES)}")
+    if not (named & methods):
+      raise ValueError(f'grid.contrasts / grid.reference name none of grid.methods {sorted(methods)}')
   except ValueError as e:
     raise ConfigError(str(e)) from None
   tuned = tuned_values(base.grid)
@@ -165,7 +176,6 @@ def cell_row(cell: Cell, name: str, rows: list[dict], timings: list[dict], last_
   for field, key in PER_CLIENT:
     out[field] = json.dumps(stats.last_k_mean(rows, key, last_k), sort_keys=True) if stats.evaluated(rows, key) else ''
   out.update(final_client_rougeLsum=final['client/rougeLsum_mean'], final_server_rougeLsum=final['server/rougeLsum'],
-             plateau_client=stats.plateau(rows, stats.headline_keys(rows)[0], last_k),
              comm_ratio=max((r.get('comm/ratio', 0.0) for r in rows), default=0.0), rounds=final['round'],
              wall_s=max((t.get('time/elapsed_s', 0.0) for t in timings), default=float('nan')))
   return out
@@ -214,7 +224,7 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, 
       timing_path = os.path.join(cdir, 'timing.jsonl')
       results.append(cell_row(cell, name, metrics_io.read_jsonl(os.path.join(cdir, 'metrics.jsonl')),
                               metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else [], last_k))
-      write_reports(results, workdir)
+      write_reports(results, workdir, base.grid)
   finally:
     bar.close()
   return results
@@ -256,8 +266,9 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
   return list(records.values())
 
 
-def write_reports(results: list[dict[str, Any]], workdir: str) -> None:
-  """results.csv, results.md and the two plots (atomically replaced)."""
+def write_reports(results: list[dict[str, Any]], workdir: str, grid: ml_collections.ConfigDict | None = None) -> None:
+  """results.csv, results.md (with the grid's pre-registered contrasts and reference) and the two plots
+  (atomically replaced)."""
   tmp = os.path.join(workdir, 'results.csv.tmp')
   with open(tmp, 'w', newline='') as f:
     w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -268,7 +279,7 @@ def write_reports(results: list[dict[str, Any]], workdir: str) -> None:
   repro = json.load(open(repro_path)) if os.path.exists(repro_path) else []
   tmp = os.path.join(workdir, 'results.md.tmp')
   with open(tmp, 'w') as f:
-    f.write(markdown_report(results, repro))
+    f.write(markdown_report(results, repro, **report_options(grid)))
   os.replace(tmp, os.path.join(workdir, 'results.md'))
   report.report_grid(workdir, out_dir=workdir)
 
@@ -278,84 +289,128 @@ def _present(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
   return [m for m in METRICS if any(r.get(m[0]) not in ('', None) for r in results)]
 
 
-def _fmt_ci(ci: dict[str, float], pct: bool = False) -> str:
-  f = (lambda x: f'{x:+.3f}') if pct else (lambda x: f'{x:.3f}')
+def _fmt_ci(ci: dict[str, float], signed: bool = False) -> str:
+  f = (lambda x: f'{x:+.3f}') if signed else (lambda x: f'{x:.3f}')
   if math.isnan(ci['lo']):
-    return f"{f(ci['mean'])} (n={ci['units']})"
+    return f"{f(ci['mean'])} (n={ci['clusters']})"
   return f"{f(ci['mean'])} [{f(ci['lo'])}, {f(ci['hi'])}]"
+
+
+def _fmt_p(p: float) -> str:
+  return '—' if math.isnan(p) else (f'{p:.3f}' if p >= 1e-3 else f'{p:.1e}')
 
 
 def _run_key(r: dict[str, Any]) -> tuple[int, int]:
   return int(r['partition_seed']), int(r['train_seed'])
 
 
+def by_partition(results: list[dict[str, Any]], method: str, field: str) -> dict[int, list[float]]:
+  """{partition seed: the field's value of each of the method's runs on it}."""
+  out: dict[int, list[float]] = defaultdict(list)
+  for r in results:
+    if r['method'] == method and r.get(field) not in ('', None):
+      out[int(r['partition_seed'])].append(float(r[field]))
+  return dict(out)
+
+
 def paired_difference(results: list[dict[str, Any]], method: str, baseline: str, field: str,
-                      per_client_field: str | None = None) -> dict[str, float] | None:
-  """method - baseline on the runs both have: per client (cluster bootstrap over runs) when
-  `per_client_field` is given, else per run."""
+                      per_client_field: str | None = None, level: float = 0.95) -> dict[str, float] | None:
+  """method - baseline on the runs both have, clustered on the partition seed (`stats.clustered_t`).
+
+  A run's difference is paired on the same partition and training seed: with `per_client_field` the
+  mean over its clients of the per-client differences, else the difference of the run values.
+  """
   a = {_run_key(r): r for r in results if r['method'] == method}
   b = {_run_key(r): r for r in results if r['method'] == baseline}
-  units = []
+  clusters: dict[int, list[float]] = defaultdict(list)
   for key in sorted(set(a) & set(b)):
     if per_client_field and a[key].get(per_client_field) and b[key].get(per_client_field):
       ca, cb = json.loads(a[key][per_client_field]), json.loads(b[key][per_client_field])
-      units.append([ca[c] - cb[c] for c in sorted(set(ca) & set(cb), key=int)])
+      diffs = [ca[c] - cb[c] for c in sorted(set(ca) & set(cb), key=int)]
+      if diffs:
+        clusters[key[0]].append(float(np.mean(diffs)))
     elif not per_client_field and a[key].get(field) not in ('', None) and b[key].get(field) not in ('', None):
-      units.append([float(a[key][field]) - float(b[key][field])])
-  return stats.cluster_bootstrap_ci(units) if units else None
+      clusters[key[0]].append(float(a[key][field]) - float(b[key][field]))
+  return stats.clustered_t(clusters, level) if clusters else None
 
 
-def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] | None = None) -> str:
-  """Per setting: means with 95% CIs over runs, and paired differences to the best baseline."""
+def _headline_fields(metrics) -> tuple[str, str, str]:
+  """(client field, its per-client field, server field) of the headline metric the results hold."""
+  fields = {f for f, _, _ in metrics}
+  if 'client_rougeLsum_multi' in fields:
+    return 'client_rougeLsum_multi', 'client_rougeLsum_multi_by_client', 'server_rougeLsum_multi'
+  return 'client_rougeLsum', 'client_rougeLsum_by_client', 'server_rougeLsum'
+
+
+def contrast_rows(results: list[dict[str, Any]], contrasts: Sequence[tuple[str, str]],
+                  level: float = 0.95) -> list[dict[str, Any]]:
+  """The pre-registered contrasts (method, baseline) on the clients' and the server's headline metric,
+  each clustered on the partition seed, with Holm-adjusted p-values over the whole family."""
+  client, per_client, server = _headline_fields(_present(results))
+  rows = []
+  for method, baseline in contrasts:
+    for side, d in (('client', paired_difference(results, method, baseline, client, per_client, level)),
+                    ('server', paired_difference(results, method, baseline, server, None, level))):
+      if d is not None:
+        rows.append({'contrast': f'{method} - {baseline}', 'side': side, **d})
+  adjusted = stats.holm({str(i): r['p'] for i, r in enumerate(rows)})
+  for i, r in enumerate(rows):
+    r['p_holm'] = adjusted[str(i)]
+  return rows
+
+
+def report_options(grid: ml_collections.ConfigDict | None) -> dict[str, Any]:
+  """The contrasts and reference baseline a grid config fixes (the defaults where it names none)."""
+  grid = grid or {}
+  contrasts = grid.get('contrasts', CONTRASTS)
+  return {'contrasts': tuple(tuple(c.split('-')) if isinstance(c, str) else tuple(c) for c in contrasts),
+          'reference': grid.get('reference', REFERENCE)}
+
+
+def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] | None = None,
+                    contrasts: Sequence[tuple[str, str]] = CONTRASTS, reference: str = REFERENCE) -> str:
+  """Per setting: means with 95% intervals clustered on the partition seed; the pre-registered contrasts
+  with Holm-adjusted p-values; other methods against the reference baseline fixed in the config, and the
+  ablations against the full method (exploratory: not corrected)."""
   metrics = _present(results)
-  headline = next((m for m in metrics if m[0].startswith('client')), None)
   out = ['# Results', '',
-         'Each run is scored by the mean of its last evaluations. Intervals are 95% percentile bootstrap '
-         'intervals over runs (partition seed x training seed); client differences are paired per client '
-         'on the same run, with whole runs resampled.', '']
+         'Each run is scored by the mean of its last evaluations. Intervals are 95% Student-t intervals over '
+         'partition seeds (the randomised unit: a partition\'s training seeds are averaged first); client '
+         'differences are paired per client on the same run. The contrasts and the reference baseline were '
+         'fixed in the config before the grid ran (grid.contrasts, grid.reference).', '']
   groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
   for r in results:
     groups[(float(r['missing_rate']), int(r['num_clients']))][r['method']].append(r)
   for (rate, clients), by_method in sorted(groups.items()):
+    setting = [r for rs in by_method.values() for r in rs]
     out += [f'## missing rate {rate:g}, {clients} clients', '',
-            '| method | runs | ' + ' | '.join(h for _, _, h in metrics) + ' | plateau Δ client |',
-            '|---|---|' + '---|' * (len(metrics) + 1)]
+            '| method | runs | partitions | ' + ' | '.join(h for _, _, h in metrics) + ' |',
+            '|---|---|---|' + '---|' * len(metrics)]
     for m, rs in by_method.items():
-      cols = []
-      for field, _, _ in metrics:
-        vals = [[float(r[field])] for r in rs if r.get(field) not in ('', None)]
-        cols.append(_fmt_ci(stats.cluster_bootstrap_ci(vals)) if vals else '—')
-      moves = [float(r['plateau_client']) for r in rs if r.get('plateau_client') not in ('', None)
-               and not math.isnan(float(r['plateau_client']))]
-      cols.append(f'{np.mean(moves):+.3f}' if moves else '—')
-      out.append(f'| {m} | {len(rs)} | ' + ' | '.join(cols) + ' |')
-    out += ['', 'plateau Δ client: the client headline metric\'s mean of the last evaluations minus that of '
-            'the evaluations before (mean over runs): near 0 = the curves have flattened.', '']
-    baselines = [b for b in BASELINES if b in by_method]
-    if headline and baselines:
-      field = headline[0]
-      mean = lambda m: float(np.mean([float(r[field]) for r in by_method[m] if r.get(field) not in ('', None)]))
-      best = max(baselines, key=mean)
-      pc_field = {'client_rougeLsum_multi': 'client_rougeLsum_multi_by_client',
-                  'client_rougeLsum': 'client_rougeLsum_by_client'}[field]
-      server_field = 'server_rougeLsum_multi' if any(f == 'server_rougeLsum_multi' for f, _, _ in metrics) \
-          else 'server_rougeLsum'
-      out += [f'Paired difference to the best baseline of this setting (**{best}**, by {headline[2]}); '
-              '**bold** where the 95% interval excludes 0.', '',
-              f'| method | client Δ {headline[2]} [95% CI] | server Δ {server_field} [95% CI] |', '|---|---|---|']
-      for m in by_method:
-        if m == best:
-          continue
-        cells_ = []
-        for d in (paired_difference(results, m, best, field, pc_field),
-                  paired_difference(results, m, best, server_field)):
-          if d is None:
-            cells_.append('—')
-            continue
-          txt = _fmt_ci(d, pct=True)
-          cells_.append(f'**{txt}**' if not math.isnan(d['lo']) and (d['lo'] > 0 or d['hi'] < 0) else txt)
-        out.append(f'| {m} | ' + ' | '.join(cells_) + ' |')
-      out.append('')
+      cols = [_fmt_ci(stats.clustered_t(by_partition(rs, m, f))) if by_partition(rs, m, f) else '—'
+              for f, _, _ in metrics]
+      out.append(f'| {m} | {len(rs)} | {len({int(r["partition_seed"]) for r in rs})} | ' + ' | '.join(cols) + ' |')
+    family = [(a, b) for a, b in contrasts if a in by_method and b in by_method]
+    if family:
+      out += ['', 'Pre-registered contrasts (headline ROUGE-LSum); **bold** where the Holm-adjusted p < 0.05.', '',
+              '| contrast | side | Δ [95% CI] | partitions | p | p (Holm) |', '|---|---|---|---|---|---|']
+      for r in contrast_rows(setting, family):
+        txt = _fmt_ci(r, signed=True)
+        txt = f'**{txt}**' if r['p_holm'] < 0.05 else txt
+        out.append(f"| {r['contrast']} | {r['side']} | {txt} | {r['clusters']} | {_fmt_p(r['p'])} | "
+                   f"{_fmt_p(r['p_holm'])} |")
+    client, per_client, server = _headline_fields(metrics)
+    explore = [(m, reference) for m in by_method if m != reference and reference in by_method
+               and not m.startswith('ml_ecs')]
+    explore += [(m, 'ml_ecs') for m in by_method if m.startswith('ml_ecs_no_') and 'ml_ecs' in by_method]
+    if explore:
+      out += ['', f'Exploratory (no correction): baselines against the reference **{reference}**, ablations against '
+              'the full method.', '', '| difference | client Δ [95% CI] | server Δ [95% CI] |', '|---|---|---|']
+      for m, b in explore:
+        cells_ = [paired_difference(setting, m, b, client, per_client), paired_difference(setting, m, b, server)]
+        out.append(f'| {m} - {b} | ' + ' | '.join('—' if d is None else _fmt_ci(d, signed=True) for d in cells_)
+                   + ' |')
+    out.append('')
   if repro:
     out += ['## Reproduction check', '', '| cell | metrics.jsonl identical | client ROUGE-LSum original | rerun |',
             '|---|---|---|---|']

@@ -62,7 +62,7 @@ def main(argv):
       return 0
     if cfg.grid.get('reproduce', 0):
       compare.reproduce(cfg, workdir, run_cell, cfg.grid.reproduce, log=log)
-      compare.write_reports(results, workdir)
+      compare.write_reports(results, workdir, cfg.grid)
   except (ConfigError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -1,8 +1,11 @@
-"""Statistics of a comparison: the last evaluations of a run, plateaus, paired bootstrap intervals.
+"""Statistics of a comparison: the last evaluations of a run, plateaus, intervals clustered on what was
+randomised, and the Holm correction of the pre-registered contrasts.
 
-The bootstrap is written here (not scipy.stats.bootstrap) because the unit that is resampled
-is a run (one partition seed x training seed), while the statistic averages the per-client
-differences inside the resampled runs: a cluster bootstrap, which scipy does not offer.
+What is randomised is the partition seed (the clients' data, modality sets, label skew); training seeds
+are nested inside a partition. So the unit of an interval is the partition seed: the values of one
+partition (its training seeds, each the mean over that run's clients) are averaged first, and the
+interval is a Student-t interval over the partition means (`clustered_t`). scipy gives the t quantiles;
+the clustering and the Holm step-down are a few lines each, written here.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 
 def evaluated(rows: Sequence[Mapping[str, Any]], key: str) -> list[Mapping[str, Any]]:
@@ -34,32 +38,33 @@ def last_k_mean(rows: Sequence[Mapping[str, Any]], key: str, k: int = 3) -> Any:
   return float(np.mean(vals))
 
 
-def plateau(rows: Sequence[Mapping[str, Any]], key: str, k: int = 3) -> float:
-  """Mean of the last k evaluations minus the mean of the k before (NaN if fewer than 2k): how
-  much the metric still moved at the end of the run."""
-  vals = [float(r[key]) for r in evaluated(rows, key)]
-  if len(vals) < 2 * k:
-    return float('nan')
-  return float(np.mean(vals[-k:]) - np.mean(vals[-2 * k:-k]))
+def clustered_t(values: Mapping[Any, Sequence[float]], level: float = 0.95) -> dict[str, float]:
+  """Mean and Student-t interval of the mean over clusters, with a two-sided p-value against 0.
 
-
-def cluster_bootstrap_ci(units: Sequence[Sequence[float]], num_resamples: int = 10000, level: float = 0.95,
-                         seed: int = 0) -> dict[str, float]:
-  """Percentile CI of the mean of all values, resampling whole units (runs) with replacement.
-
-  units[u]: the values of run u (e.g. per-client differences of two methods on the same
-  partition and training seed). Returns mean, lo, hi, the number of units and of values.
+  values[cluster]: the values of one cluster (e.g. one partition seed's runs, each a mean over its clients);
+  each cluster counts once (its values are averaged first). With fewer than 2 clusters lo, hi, p are NaN.
   """
-  units = [np.asarray(u, float) for u in units if len(u)]
-  if not units:
-    raise ValueError('cluster_bootstrap_ci needs at least one non-empty unit')
-  sums = np.array([u.sum() for u in units])
-  counts = np.array([len(u) for u in units])
-  mean = float(sums.sum() / counts.sum())
-  if len(units) < 2:
-    return {'mean': mean, 'lo': float('nan'), 'hi': float('nan'), 'units': 1, 'n': int(counts.sum())}
-  rng = np.random.default_rng(seed)
-  pick = rng.integers(0, len(units), (num_resamples, len(units)))
-  stats = sums[pick].sum(1) / counts[pick].sum(1)
-  lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
-  return {'mean': mean, 'lo': float(lo), 'hi': float(hi), 'units': len(units), 'n': int(counts.sum())}
+  means = np.array([np.mean(v) for v in values.values() if len(v)], float)
+  if not len(means):
+    raise ValueError('clustered_t needs at least one non-empty cluster')
+  n, mean = len(means), float(means.mean())
+  out = {'mean': mean, 'lo': float('nan'), 'hi': float('nan'), 'p': float('nan'), 'clusters': n,
+         'n': int(sum(len(v) for v in values.values()))}
+  if n < 2:
+    return out
+  se = float(means.std(ddof=1) / np.sqrt(n))
+  if se <= 1e-12 * max(1.0, abs(mean)):   # every cluster the same: no spread to test against
+    return {**out, 'lo': mean, 'hi': mean, 'p': 0.0 if mean != 0 else 1.0}
+  half = float(scipy_stats.t.ppf(0.5 + level / 2, n - 1)) * se
+  p = 2 * float(scipy_stats.t.sf(abs(mean) / se, n - 1))
+  return {**out, 'lo': mean - half, 'hi': mean + half, 'p': p}
+
+
+def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
+  """Holm-adjusted p-values (step-down, family-wise error) of a family of contrasts; NaN stays NaN."""
+  named = sorted(((p, k) for k, p in pvalues.items() if not np.isnan(p)))
+  m, out, running = len(named), {k: float('nan') for k in pvalues}, 0.0
+  for i, (p, k) in enumerate(named):
+    running = max(running, min(1.0, (m - i) * p))
+    out[k] = running
+  return out

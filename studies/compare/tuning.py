@@ -1,13 +1,15 @@
 """Equal tuning budget for every method: random search on the validation split.
 
 Every tuned method gets the same number of trials (`tune.trials`) of the same length
-(`tune.rounds`, or the grid's rounds when 0),
-drawn from its search space: the learning rate for all, plus each method's own knobs
-(FedProx's mu, the multimodal baseline's modality dropout, ML-ECS's CCL / SE-CCL weights
-and temperatures). A trial trains on the tuning seeds (apart from the grid's seeds) with
-a validation split cut from the clients' training data (data.client_val_fraction) and is
-scored on it (eval.split='val'), never on the test data, by the mean of its last
-evaluations of (client + server) / 2 of the headline ROUGE-LSum. Ablations are not tuned:
+(`tune.rounds`, or the grid's rounds when 0), with common random numbers: trial i of every
+method has the same learning rate (one stream for the fields every method shares), and each
+method's own knobs (FedProx's mu, the multimodal baseline's modality dropout, ML-ECS's CCL /
+SE-CCL weights and temperatures) are drawn on top from a stream of its own. A trial trains on
+every tuning seed (`tune.seeds`, each the partition and the training seed, apart from the
+grid's seeds) with a validation split cut from the clients' training data
+(data.client_val_fraction) and is scored on it (eval.split='val'), never on the test data, by
+the mean over the seeds of its last evaluations of (client + server) / 2 of the headline
+ROUGE-LSum. Ablations are not tuned:
 the grid gives them ML-ECS's values (studies.compare.grid.tuned_for).
 """
 from __future__ import annotations
@@ -39,18 +41,24 @@ def search_space(method: str) -> dict[str, tuple[str, float, float]]:
   return {**COMMON_SPACE, **METHOD_SPACES.get(method, {})}
 
 
-def draw_trials(method: str, count: int, seed: int) -> list[dict[str, float]]:
-  """`count` random points of the method's search space (deterministic per method and seed)."""
-  rng = np.random.default_rng([seed, sum(map(ord, method))])
+def _draw(space: dict[str, tuple[str, float, float]], count: int, rng: np.random.Generator) -> list[dict[str, float]]:
   trials = []
   for _ in range(count):
     point = {}
-    for field, (kind, lo, hi) in sorted(search_space(method).items()):
+    for field, (kind, lo, hi) in sorted(space.items()):
       u = rng.random()
       point[field] = float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))) if kind == 'log'
                            else lo + u * (hi - lo))
     trials.append(point)
   return trials
+
+
+def draw_trials(method: str, count: int, seed: int) -> list[dict[str, float]]:
+  """`count` random points of the method's search space: the common fields from one stream shared by
+  every method (common random numbers), the method's own from its own stream (deterministic per seed)."""
+  common = _draw(COMMON_SPACE, count, np.random.default_rng([seed, 0]))
+  own = _draw(METHOD_SPACES.get(method, {}), count, np.random.default_rng([seed, 1, sum(map(ord, method))]))
+  return [{**c, **o} for c, o in zip(common, own)]
 
 
 def objective(rows: list[dict[str, Any]], last_k: int) -> float:
@@ -59,14 +67,21 @@ def objective(rows: list[dict[str, Any]], last_k: int) -> float:
   return 0.5 * (stats.last_k_mean(rows, client, last_k) + stats.last_k_mean(rows, server, last_k))
 
 
-def trial_config(base: ml_collections.ConfigDict, method: str, point: dict[str, float]) -> ml_collections.ConfigDict:
+def tuning_seeds(tune: ml_collections.ConfigDict) -> list[int]:
+  """The tuning seeds (each a partition and a training seed)."""
+  return compare._values('tune.seeds', tune.seeds, int)
+
+
+def trial_config(base: ml_collections.ConfigDict, method: str, point: dict[str, float],
+                 seed: int) -> ml_collections.ConfigDict:
+  """The run config of one trial on one tuning seed."""
   tune = base.tune
   cfg = apply_strategy(base, method)
   for key in ('grid', 'tune'):
     if key in cfg:
       del cfg[key]
   compare.set_fields(cfg, point)
-  cfg.data.seed, cfg.seed = tune.partition_seed, tune.train_seed
+  cfg.data.seed, cfg.seed = seed, seed
   cfg.data.modality_missing_rate = tune.missing_rate
   # the grid's (first) federation size, unless tune.num_clients names one
   cfg.data.num_clients = tune.get('num_clients', 0) or compare._values('num_clients', base.grid.num_clients, int)[0]
@@ -87,14 +102,18 @@ def run_tuning(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable
   rows, best = [], {}
   for method in compare._values('tune.methods', tune.methods, str):
     for i, point in enumerate(draw_trials(method, tune.trials, tune.seed)):
-      cfg = trial_config(base, method, point)
-      tdir = os.path.join(workdir, 'tuning', method, f't{i}__{compare.config_hash(cfg)}')
-      if not os.path.exists(os.path.join(tdir, 'summary.json')):
-        log(f'tuning {method} trial {i + 1}/{tune.trials}: {point}')
-        if not train_fn(cfg, tdir, os.path.join(workdir, 'cache')):
-          return None
-      score = objective(metrics_io.read_jsonl(os.path.join(tdir, 'metrics.jsonl')), base.grid.get('last_k', 3))
-      rows.append({'method': method, 'trial': i, 'objective': score, **point})
+      scores = []
+      for seed in tuning_seeds(tune):
+        cfg = trial_config(base, method, point, seed)
+        tdir = os.path.join(workdir, 'tuning', method, f't{i}__s{seed}__{compare.config_hash(cfg)}')
+        if not os.path.exists(os.path.join(tdir, 'summary.json')):
+          log(f'tuning {method} trial {i + 1}/{tune.trials}, seed {seed}: {point}')
+          if not train_fn(cfg, tdir, os.path.join(workdir, 'cache')):
+            return None
+        scores.append(objective(metrics_io.read_jsonl(os.path.join(tdir, 'metrics.jsonl')), base.grid.get('last_k', 3)))
+      score = float(np.mean(scores))
+      rows.append({'method': method, 'trial': i, 'objective': score, **{f'objective_s{s}': v for s, v in
+                                                                         zip(tuning_seeds(tune), scores)}, **point})
       if method not in best or score > best[method]['objective']:
         best[method] = {'overrides': point, 'objective': score, 'trial': i}
       _write_csv(os.path.join(workdir, 'tuning.csv'), rows)

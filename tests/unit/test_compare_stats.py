@@ -1,0 +1,81 @@
+"""The comparison's statistics: intervals clustered on the partition seed, Holm's correction, the
+pre-registered contrasts, and common random numbers in tuning."""
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from studies.compare import grid, stats, tuning
+
+
+def test_clustered_t_against_a_hand_computation():
+  # partition 0: two training seeds (0.1, 0.3) -> 0.2; partition 1: 0.5; partition 2: (0.0, 0.2) -> 0.1
+  ci = stats.clustered_t({0: [0.1, 0.3], 1: [0.5], 2: [0.0, 0.2]})
+  means = np.array([0.2, 0.5, 0.1])
+  se = means.std(ddof=1) / math.sqrt(3)
+  t = scipy_stats.t.ppf(0.975, 2)          # 4.303
+  assert ci['mean'] == pytest.approx(means.mean())          # each partition counts once, not each run
+  assert ci['mean'] != pytest.approx(np.mean([0.1, 0.3, 0.5, 0.0, 0.2]))
+  assert (ci['lo'], ci['hi']) == pytest.approx((means.mean() - t * se, means.mean() + t * se))
+  assert ci['p'] == pytest.approx(2 * scipy_stats.t.sf(means.mean() / se, 2))
+  assert (ci['clusters'], ci['n']) == (3, 5)
+  one = stats.clustered_t({7: [0.1, 0.2]})
+  assert one['mean'] == pytest.approx(0.15) and math.isnan(one['lo']) and math.isnan(one['p'])
+  same = stats.clustered_t({0: [0.5], 1: [0.5]})
+  assert (same['lo'], same['hi'], same['p']) == (0.5, 0.5, 0.0)
+
+
+def test_holm_against_a_hand_computation():
+  # sorted p: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06, monotone), 0.5 (x1 = 0.5)
+  adj = stats.holm({'a': 0.03, 'b': 0.01, 'c': 0.5, 'd': 0.02, 'e': float('nan')})
+  assert adj['b'] == pytest.approx(0.04) and adj['d'] == pytest.approx(0.06)
+  assert adj['a'] == pytest.approx(0.06) and adj['c'] == pytest.approx(0.5) and math.isnan(adj['e'])
+  assert stats.holm({'x': 0.9, 'y': 0.8})['x'] == 1.0    # capped at 1
+
+
+def _row(method, p, t, client, server):
+  return {'method': method, 'missing_rate': 0.5, 'num_clients': 2, 'partition_seed': p, 'train_seed': t,
+          'client_rougeLsum_multi': float(np.mean(list(client.values()))), 'server_rougeLsum_multi': server,
+          'client_rougeLsum_multi_by_client': json.dumps(client)}
+
+
+def test_contrasts_are_paired_clustered_and_holm_corrected():
+  results = []
+  for p in range(4):
+    for t in range(2):
+      base = {'0': 0.4 + 0.01 * p, '1': 0.5}
+      results.append(_row('local', p, t, base, 0.8))
+      results.append(_row('fedavg', p, t, {'0': 0.3 + 0.01 * p, '1': 0.5}, 0.8 + 0.01 * t))
+      results.append(_row('ml_ecs', p, t, {'0': base['0'] + 0.02 * (p + 1), '1': 0.5 + 0.01 * t}, 0.8 - 0.01 * p))
+  rows = grid.contrast_rows(results, grid.CONTRASTS)
+  assert [(r['contrast'], r['side']) for r in rows] == [
+      ('ml_ecs - local', 'client'), ('ml_ecs - local', 'server'), ('ml_ecs - fedavg', 'client'),
+      ('ml_ecs - fedavg', 'server')]
+  client = rows[0]
+  # per run: mean over the 2 clients of the paired differences; per partition: mean of its 2 runs
+  per_partition = [np.mean([(0.02 * (p + 1) + 0.01 * t) / 2 for t in range(2)]) for p in range(4)]
+  assert client['clusters'] == 4 and client['mean'] == pytest.approx(np.mean(per_partition))
+  ref = stats.clustered_t({p: [v] for p, v in enumerate(per_partition)})
+  assert (client['lo'], client['hi']) == pytest.approx((ref['lo'], ref['hi']))
+  adj = stats.holm({str(i): r['p'] for i, r in enumerate(rows)})
+  assert [r['p_holm'] for r in rows] == pytest.approx([adj[str(i)] for i in range(4)], nan_ok=True)
+  md = grid.markdown_report(results)
+  assert 'Pre-registered contrasts' in md and '| ml_ecs - local | client |' in md
+  assert 'Exploratory' in md and '| local - fedavg |' in md and 'plateau' not in md
+  # The reference baseline is the config's, not the best on the test data.
+  assert '| fedavg - local |' in grid.markdown_report(results, reference='local')
+
+
+def test_tuning_draws_common_random_numbers():
+  trials = {m: tuning.draw_trials(m, 6, seed=3) for m in ('local', 'fedavg', 'ml_ecs', 'fedprox')}
+  lrs = {m: [t['train.learning_rate'] for t in ts] for m, ts in trials.items()}
+  assert lrs['local'] == lrs['fedavg'] == lrs['ml_ecs'] == lrs['fedprox']      # trial i: one rate for all
+  assert len(set(lrs['local'])) == 6
+  assert tuning.draw_trials('ml_ecs', 6, seed=4)[0]['train.learning_rate'] != lrs['ml_ecs'][0]
+  own = [t['method.lambda_ccl'] for t in trials['ml_ecs']]
+  mu = [t['method.fedprox_mu'] for t in trials['fedprox']]
+  assert len(set(own)) == 6 and len(set(mu)) == 6 and set(trials['local'][0]) == {'train.learning_rate'}
+  # the method's own knobs do not shift the common stream (adding a knob keeps every method's rates)
+  assert [t['train.learning_rate'] for t in tuning.draw_trials('mmfl', 6, seed=3)] == lrs['local']
