@@ -75,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       rounds=30, client_fraction=1.0, public_steps=4, private_steps=12, server_steps=12,
       batch_size=16, learning_rate=3e-3, weight_decay=0.0, clip_norm=1.0, eval_every=5,
+      server_learning_rate=3e-3,  # the server stage's (peak) rate: one value for every method, never tuned per
+                                  # method (train.learning_rate is the clients'); the server trains the same
+                                  # architecture under every method, so methods differ only in what it sees
       lr_schedule='warmup_cosine',  # 'constant' or 'warmup_cosine' (per stage optimizer, over rounds x its steps)
       warmup_steps=10,            # linear warm-up steps of 'warmup_cosine' (capped below the total)
       host_state=False,           # True: cohort state/data stay in host numpy, only each round's sampled block

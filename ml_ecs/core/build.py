@@ -40,7 +40,7 @@ from ml_ecs.data.loaders import load_dataset
 from ml_ecs.data.partition import partition
 from ml_ecs.data.text import build_task_text
 from ml_ecs.models import params
-from ml_ecs.models.multimodal import MultimodalLM, model_options
+from ml_ecs.models.multimodal import MultimodalLM, node_options
 
 
 def stack_init(model_fn: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array, out_shardings=None) -> dict:
@@ -123,9 +123,9 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     raise ValueError(f'train.host_state=True runs in one process; this run has {jax.process_count()} '
                      '(set train.host_state=False: each process then holds its own clients on its devices)')
 
-  def model_fn(name, mods, enc, rngs):
+  def model_fn(name, mods, enc, rngs):   # the server's architecture is the same under every method
     return MultimodalLM({k: shapes[k] for k in mods}, enc, modalities, mcfgs[name],
-                        bb.vocab_size(name, text.tokenizer.vocab_size), rngs=rngs, **model_options(cfg))
+                        bb.vocab_size(name, text.tokenizer.vocab_size), rngs=rngs, **node_options(cfg, name))
 
   def program(fn, num_modalities):
     graphdef, _ = params.split_model(nnx.eval_shape(lambda: fn(nnx.Rngs(0))))

@@ -46,6 +46,7 @@ class StageSpec:
   fedprox_mu: float = 0.0
   optimizer: Any = None           # this stage's optimizer; None = the program's
   reliability: bool = False       # SE-CCL: align only to a server at least as reliable (ml_ecs.algorithms.ml_ecs.se_ccl)
+  learning_rate: float | None = None   # the (peak) rate of `optimizer` when it is not the program's (a record)
 
 
 LR_SCHEDULES = ('constant', 'warmup_cosine')
