@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
       public_test_fraction=0.3,   # of the public sequences; the server's test split
       client_test_fraction=0.25,  # of each client's sequences
       client_val_fraction=0.0,    # of each client's training sequences (and of the public train split): tuning only
+      public_holdout_fraction=0.1,  # of the public training sequences, held out of all training: every node's
+                                  # SE-CCL reliability (LM loss) is measured on these same labelled samples
       dirichlet_alpha=0.5,
       modality_sets=(),           # explicit per-client modality tuples; empty = draw
       num_device_types=3,         # clients of one type share modalities + encoders (a cohort); 0 = all differ

@@ -97,13 +97,15 @@ def client_update(program: NodeProgram, stages_: Stages, tr: Trainables, opt_sta
   """Public stage then private stage of one client, then its public representations.
 
   SE-CCL: the server's targets count with weight ctx.alignment.on (0 before the warm-up round)
-  times, with reliability weighting, 1[server LM loss <= this client's LM loss on its labelled
-  private data] (`se_ccl.client_target_weight`); metrics 'se_ccl_used' and 'reliability_lm'.
+  times, with reliability weighting, 1[server LM loss <= this client's LM loss], both losses on the
+  public hold-out (`ctx.holdout`; without one, the client's on its labelled private data)
+  (`se_ccl.client_target_weight`); metrics 'se_ccl_used' and 'reliability_lm'.
   """
   k_public, k_private = jax.random.split(key)
   metrics = {}
   if stages_.public.lambda_se_ccl and ctx.alignment is not None:
-    own = program.split_lm(tr, ctx.frozen, train) if stages_.public.reliability else jnp.zeros(())
+    own = (program.split_lm(tr, ctx.frozen, se_ccl.reliability_split(ctx.holdout, train))
+           if stages_.public.reliability else jnp.zeros(()))
     w = se_ccl.client_target_weight(own, ctx.alignment.server_loss, ctx.alignment.on, stages_.public.reliability)
     ctx = ctx.replace(target_valid=ctx.target_valid * w)
     metrics.update(se_ccl_used=w, reliability_lm=own)
