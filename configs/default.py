@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
       sample_missing_rate=0.1,    # per sample and present modality
       public_per_client=128,
       label_fraction=1.0,         # of each client's private training windows that carry their answer text;
-                                  # the rest is unlabelled: no LM loss, still used by CCL
+                                  # the rest is unlabelled: no LM loss, still used by CCL (modality-to-
+                                  # modality term when the anchor is text, ml_ecs/losses/ccl.py)
       public_labels=True,         # False: clients see the public split unlabelled (public stage = SE-CCL only)
       server_label_fraction=1.0,  # of the server's public training samples that carry their answer text
       seed=0,                     # partition seed
