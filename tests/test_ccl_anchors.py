@@ -73,3 +73,16 @@ def test_anchor_counts():
   m = jnp.array([[1, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 0]])
   assert float(ccl_anchors('gram', m)) == 1.0 and float(ccl_anchors('infonce', m)) == 2.0
   assert float(ccl_anchors('none', m)) == 0.0 and float(ccl_anchors('gram', m[:, :1])) == 0.0
+
+
+def test_gate_telemetry_reads_the_blocks_gates(tiny_config):
+  """client/gate_shared, client/gate_private: the mean over blocks of `Block.mix_gates()`."""
+  from flax import nnx
+  from ml_ecs.algorithms.ml_ecs import amt
+  from ml_ecs.models.decoder import DecoderLM
+  cfg = tiny_config.edge_model.backbone.to_dict()
+  import ml_collections
+  bb = DecoderLM(ml_collections.ConfigDict({**cfg, 'gates': 'convex', 'gate_init': 2.0}), 16, rngs=nnx.Rngs(0))
+  program = types.SimpleNamespace(model=lambda tr, frozen: types.SimpleNamespace(backbone=tr))
+  g = amt.gate_values(program, bb, None)
+  np.testing.assert_allclose([g['gate_shared'], g['gate_private']], [0.8808, 0.1192], atol=1e-4)

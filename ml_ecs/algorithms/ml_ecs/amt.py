@@ -115,8 +115,17 @@ def client_update(program: NodeProgram, stages_: Stages, tr: Trainables, opt_sta
       tr, opt, m = program.run_stage(tr, opt_state[name], split, stage_key, ctx, spec)
       opt_state = {**opt_state, name: opt}
       metrics.update({f'{name}_{k}': v for k, v in m.items()})
+  if 'private' in stages_.private.parts:   # AMT: the gate values after the round (telemetry)
+    metrics.update(gate_values(program, tr, ctx.frozen))
   z, valid = program.encode_split(tr, ctx.frozen, public)
   return ClientUpdate(tr, opt_state, metrics, z, valid)
+
+
+def gate_values(program: NodeProgram, tr: Trainables, frozen) -> dict[str, jax.Array]:
+  """The mean over blocks of the AMT gates `Block.mix_gates()`: 'gate_shared' (the shared LoRA's
+  weight) and 'gate_private' (the private LoRA's); reported as client/gate_shared, client/gate_private."""
+  g = jnp.stack([b.mix_gates() for b in program.model(tr, frozen).backbone.blocks]).mean(0)
+  return {'gate_shared': g[0], 'gate_private': g[1]}
 
 
 def global_view(tr: Trainables, global_shared, gate_form: str) -> Trainables:
