@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
       public_test_fraction=0.3,   # of the public sequences; the server's test split
       client_test_fraction=0.25,  # of each client's sequences
       client_val_fraction=0.0,    # of each client's training sequences (and of the public train split): tuning only
+      public_holdout_fraction=0.1,  # of the public training sequences, held out of all training: every node's
+                                  # SE-CCL reliability (LM loss) is measured on these same labelled samples
       dirichlet_alpha=0.5,
       modality_sets=(),           # explicit per-client modality tuples; empty = draw
       num_device_types=3,         # clients of one type share modalities + encoders (a cohort); 0 = all differ
@@ -53,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
       sample_missing_rate=0.1,    # per sample and present modality
       public_per_client=128,
       label_fraction=1.0,         # of each client's private training windows that carry their answer text;
-                                  # the rest is unlabelled: no LM loss, still used by CCL
+                                  # the rest is unlabelled: no LM loss, still used by CCL (modality-to-
+                                  # modality term when the anchor is text, ml_ecs/losses/ccl.py)
       public_labels=True,         # False: clients see the public split unlabelled (public stage = SE-CCL only)
       server_label_fraction=1.0,  # of the server's public training samples that carry their answer text
       seed=0,                     # partition seed
@@ -75,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       rounds=30, client_fraction=1.0, public_steps=4, private_steps=12, server_steps=12,
       batch_size=16, learning_rate=3e-3, weight_decay=0.0, clip_norm=1.0, eval_every=5,
+      server_learning_rate=3e-3,  # the server stage's (peak) rate: one value for every method, never tuned per
+                                  # method (train.learning_rate is the clients'); the server trains the same
+                                  # architecture under every method, so methods differ only in what it sees
       lr_schedule='warmup_cosine',  # 'constant' or 'warmup_cosine' (per stage optimizer, over rounds x its steps)
       warmup_steps=10,            # linear warm-up steps of 'warmup_cosine' (capped below the total)
       host_state=False,           # True: cohort state/data stay in host numpy, only each round's sampled block

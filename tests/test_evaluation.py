@@ -17,6 +17,17 @@ def test_score_and_accuracy():
     s.score(['x'], [], [])
 
 
+def test_ties_and_no_match_score_as_no_class():
+  """An answer equally close to several classes ("the" matches five classes at ROUGE-L 0.4) or to
+  none names no class: it is wrong for every label, never the first class (the old argmax tie-break)."""
+  s = TextScorer(synthetic.DESCRIPTIONS)
+  assert s.classify('the') == -1 and s.classify('xyzzy') == -1
+  out = s.score(['the', 'xyzzy'], ['the person is standing', 'the person is standing'], [0, 0])
+  assert out['accuracy'] == 0.0
+  assert TextScorer([['red car'], ['red bus']]).classify('red') == -1    # exact tie of two classes
+  assert TextScorer([['red car'], ['red bus']]).classify('red bus') == 1
+
+
 def test_paraphrase_reference_points():
   b = paraphrase_baselines(TextScorer(synthetic.DESCRIPTIONS))
   assert 0.2 < b['other_paraphrase'] < b['oracle'] < 0.7

@@ -117,17 +117,17 @@ def test_gram_is_text_anchored(tiny_config):
   prog = _program(model)
   tr, frozen = _parts(model)
   m = prog.model(tr, frozen)
-  batch = _batch(mods)
+  batch = dataclasses.replace(_batch(mods), labels=jnp.arange(4))   # four classes (same-class rows are no negatives)
   projected, _ = m.encode(batch.inputs, batch.mod_mask)
-  loss = prog.ccl_term(m, projected, batch)
+  loss = prog.ccl_term(m, projected, batch)[0]
   other = dataclasses.replace(batch, answers=batch.answers.at[0].set((batch.answers[0] + 7) % VOCAB))
-  assert abs(float(prog.ccl_term(m, projected, other)) - float(loss)) > 1e-6     # the answer text matters
+  assert abs(float(prog.ccl_term(m, projected, other)[0]) - float(loss)) > 1e-6     # the answer text matters
   perm = [2, 0, 1]
-  swapped = prog.ccl_term(m, projected[:, perm], dataclasses.replace(batch, mod_mask=batch.mod_mask[:, perm]))
+  swapped = prog.ccl_term(m, projected[:, perm], dataclasses.replace(batch, mod_mask=batch.mod_mask[:, perm]))[0]
   np.testing.assert_allclose(float(swapped), float(loss), rtol=1e-5)              # modality order does not
   # The modality anchor depends on the order and not on the text.
   mprog = dataclasses.replace(prog, ccl_anchor='modality')
-  np.testing.assert_allclose(float(mprog.ccl_term(m, projected, other)), float(mprog.ccl_term(m, projected, batch)))
+  np.testing.assert_allclose(float(mprog.ccl_term(m, projected, other)[0]), float(mprog.ccl_term(m, projected, batch)[0]))
 
 
 def test_duplicates_and_same_sequence_are_not_negatives():

@@ -108,6 +108,12 @@ class Algorithm:
                'agg/clipped': int(clipped.sum()),
                'agg/update_norm_median': float(np.median(norms)) if norms.size else 0.0,
                'agg/update_norm_max': float(norms.max()) if norms.size else 0.0}
+    # MMA telemetry: per modality, the uploads that carry it and their total weight (0: no holder this round)
+    pres = np.concatenate([np.asarray(p) for p in uploads.presence]) if uploads.presence else np.zeros((0, 0))
+    for j, mod in enumerate(setup.modalities):
+      col = pres[:, j] if pres.size else np.zeros((0,))
+      metrics[f'mma/{mod}_clients'] = int((col > 0).sum())
+      metrics[f'mma/{mod}_weight'] = float(col.sum())
     if setup.cfg.dp.enabled:
       metrics.update(privacy.round_metrics(setup.cfg.dp, setup.cfg.train.client_fraction, int(state.round) + 1))
     bounds = np.cumsum([0] + [len(w) for w in uploads.weights])

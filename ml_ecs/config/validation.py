@@ -121,6 +121,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _float(cfg, 'data.public_test_fraction', 0.0, 1.0, lo_open=True, hi_open=True)
   _float(cfg, 'data.client_test_fraction', 0.0, 1.0, lo_open=True, hi_open=True)
   _float(cfg, 'data.client_val_fraction', 0.0, 1.0, hi_open=True)
+  if 'public_holdout_fraction' in cfg.data:   # absent in configs saved before it existed: no hold-out
+    _float(cfg, 'data.public_holdout_fraction', 0.0, 1.0, hi_open=True)
   _int(cfg, 'data.modality_seed', -1)
   _float(cfg, 'data.dirichlet_alpha', 0.0, lo_open=True)
   _int(cfg, 'data.num_device_types', 0)
@@ -163,6 +165,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _int(cfg, f'train.{f}', 0)
   _int(cfg, 'train.batch_size', 1)
   _float(cfg, 'train.learning_rate', 0.0, 1.0, lo_open=True)
+  if 'server_learning_rate' in cfg.train:   # absent in configs saved before it existed: train.learning_rate
+    _float(cfg, 'train.server_learning_rate', 0.0, 1.0, lo_open=True)
   _float(cfg, 'train.weight_decay', 0.0)
   _float(cfg, 'train.clip_norm', 0.0, lo_open=True)
   _choice(cfg, 'train.lr_schedule', LR_SCHEDULES)

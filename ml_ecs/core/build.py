@@ -34,13 +34,13 @@ from ml_ecs.core.sampling import sampled_count
 from ml_ecs.core.scoring import TextScorer
 from ml_ecs.core.setup import CohortSetup, Setup
 from ml_ecs.core.state import CohortRound, NodeState, State
-from ml_ecs.data.cohort_data import cohort_data, full_modality_split
+from ml_ecs.data.cohort_data import cohort_data, full_modality_split, holdout_split
 from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.data.loaders import load_dataset
 from ml_ecs.data.partition import partition
 from ml_ecs.data.text import build_task_text
 from ml_ecs.models import params
-from ml_ecs.models.multimodal import MultimodalLM, model_options
+from ml_ecs.models.multimodal import MultimodalLM, node_options
 
 
 def stack_init(model_fn: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array, out_shardings=None) -> dict:
@@ -74,12 +74,12 @@ def make_cohort_round(algorithm: Algorithm, program: NodeProgram, stages: amt.St
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def round_fn(tr_all, opt_all, train_all, public_all, sel, rng, global_shared, server_z, frozen,
-               alignment=None) -> CohortRound:
+               alignment=None, holdout=None) -> CohortRound:
     take = (lambda t: t) if full else (lambda t: jax.tree.map(lambda x: x[sel], t))
     tr, opt, train, public = take(tr_all), take(opt_all), take(train_all), take(public_all)
     if communicate:
       tr = {**tr, 'shared': broadcast_to_clients(global_shared, tr['shared'])}
-    ctx = RoundContext(frozen, server_z, jnp.ones(server_z.shape[:1]), global_shared, alignment)
+    ctx = RoundContext(frozen, server_z, jnp.ones(server_z.shape[:1]), global_shared, alignment, holdout)
     out = update(tr, opt, train, public, per_client_keys(rng, sel), ctx)
     if full:
       tr_all, opt_all = out.trainables, out.opt_state
@@ -123,9 +123,9 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     raise ValueError(f'train.host_state=True runs in one process; this run has {jax.process_count()} '
                      '(set train.host_state=False: each process then holds its own clients on its devices)')
 
-  def model_fn(name, mods, enc, rngs):
+  def model_fn(name, mods, enc, rngs):   # the server's architecture is the same under every method
     return MultimodalLM({k: shapes[k] for k in mods}, enc, modalities, mcfgs[name],
-                        bb.vocab_size(name, text.tokenizer.vocab_size), rngs=rngs, **model_options(cfg))
+                        bb.vocab_size(name, text.tokenizer.vocab_size), rngs=rngs, **node_options(cfg, name))
 
   def program(fn, num_modalities):
     graphdef, _ = params.split_model(nnx.eval_shape(lambda: fn(nnx.Rngs(0))))
@@ -179,12 +179,15 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
       data = dataclasses.replace(data, **{s: distributed.put_rows(getattr(data, s), client_sharding, n_pad)
                                           for s in ('train', 'test', 'public', 'val') if getattr(data, s) is not None})
     ids = np.array([c.client_id for c in clients] + [-1] * (n_pad - n_real))
+    holdout = (distributed.replicate(holdout_split(ds, text, clients[0].modalities, part.public_holdout_idx,
+                                                   cfg.eval.max_server_test), replicated)
+               if len(part.public_holdout_idx) else None)
     cohorts.append(CohortSetup(data, prog, ids, n_real, num_sampled, num_selected,
                                make_cohort_round(algorithm, prog, stages, mesh, cfg.train.client_chunk,
                                                  bool(m.communicate), full=host or num_selected == n_pad),
                                make_generate(prog, mesh, cfg.text.answer_len),
                                faults.make_resync(client_init, functools.partial(algorithm.init_client_state, prog, stages),
-                                                  keys, client_sharding), host, rows))
+                                                  keys, client_sharding), host, rows, holdout))
     cohort_states.append(NodeState(trainables, opt_state))
 
   # Round-0 broadcast: every client starts from the same shared LoRA.
@@ -211,8 +214,10 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   public_test = squeeze(full_modality_split(ds, text, part.public_test_idx, cfg.eval.max_server_test))
   public_val = (squeeze(full_modality_split(ds, text, part.public_val_idx, cfg.eval.max_server_test))
                 if len(part.public_val_idx) else None)
-  server_tr, server_opt, public_train, public_test, public_val = distributed.replicate(
-      (server_tr, server_opt, public_train, public_test, public_val), replicated)
+  public_holdout = (holdout_split(ds, text, modalities, part.public_holdout_idx, cfg.eval.max_server_test)
+                    if len(part.public_holdout_idx) else None)
+  server_tr, server_opt, public_train, public_test, public_val, public_holdout = distributed.replicate(
+      (server_tr, server_opt, public_train, public_test, public_val, public_holdout), replicated)
   spec = stages.server
 
   # Frozen weights and data are arguments, not closure constants (which XLA would embed).
@@ -261,7 +266,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
       server_round_fn=server_round,
       server_generate_fn=jax.jit(lambda tr, fr, test: server_prog.generate_split(tr, fr, test, cfg.text.answer_len)),
       server_reliability_fn=jax.jit(server_prog.split_lm), backbones=bb.describe(), model_cfgs=mcfgs,
-      algorithm=algorithm)
+      algorithm=algorithm, public_holdout=public_holdout)
   round_, rng = jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(cfg.seed))
   if jax.process_count() > 1:   # one global value for every process (and its checkpoint)
     round_, rng = distributed.replicate((round_, rng), replicated)

@@ -26,6 +26,7 @@ class RoundContext:
   target_valid: jax.Array                # [N_public] weight of each target (0 = none)
   ref_shared: Any = None                 # the broadcast global shared LoRA (FedProx's reference)
   alignment: AlignmentGate | None = None  # None: the method exchanges no representations
+  holdout: Any = None                    # the public hold-out through the cohort's modalities (SE-CCL reliability)
 
   def replace(self, **changes) -> RoundContext:
     return dataclasses.replace(self, **changes)

@@ -29,7 +29,7 @@ from flax import nnx
 from ml_ecs.models import params
 from ml_ecs.core.context import RoundContext
 from ml_ecs.data.cohort_data import SplitArrays
-from ml_ecs.losses.ccl import ccl_loss
+from ml_ecs.losses.ccl import ccl_anchors, ccl_loss
 from ml_ecs.losses.lm import lm_loss
 from ml_ecs.losses.se_ccl import se_ccl_loss
 
@@ -46,6 +46,7 @@ class StageSpec:
   fedprox_mu: float = 0.0
   optimizer: Any = None           # this stage's optimizer; None = the program's
   reliability: bool = False       # SE-CCL: align only to a server at least as reliable (ml_ecs.algorithms.ml_ecs.se_ccl)
+  learning_rate: float | None = None   # the (peak) rate of `optimizer` when it is not the program's (a record)
 
 
 LR_SCHEDULES = ('constant', 'warmup_cosine')
@@ -128,7 +129,7 @@ class NodeProgram:
     logits = m(z, instr, instr_mask, batch.answers, batch.answer_mask)
     out = {'lm': lm_loss(logits, batch.answers, batch.answer_mask)}
     if spec.lambda_ccl:
-      out['ccl'] = self.ccl_term(m, projected, batch)
+      out['ccl'], out['ccl_anchors'] = self.ccl_term(m, projected, batch)
     if spec.lambda_se_ccl:
       valid = ctx.target_valid[batch.ids]
       out['se_ccl'] = se_ccl_loss(m.align(z), ctx.targets[batch.ids], batch.ids, batch.ids,
@@ -138,21 +139,33 @@ class NodeProgram:
       out['prox'] = 0.5 * sum(jax.tree.leaves(sq))
     return out
 
-  def ccl_term(self, m, projected: jax.Array, batch: SplitArrays) -> jax.Array:
-    """CCL of a batch. With the text anchor the views are [answer text, modalities...] and
-    the text is present for labelled samples only; pairs of different rows with the same sample
-    id (duplicates of sampling with replacement) or the same sequence id (windows of one
-    recording) are excluded from the negatives."""
+  def ccl_term(self, m, projected: jax.Array, batch: SplitArrays) -> tuple[jax.Array, jax.Array]:
+    """(CCL of a batch, the rows that anchor a positive pair). Pairs of different rows with the same
+    sample id (duplicates of sampling with replacement) or the same sequence id (windows of one
+    recording) are excluded from the negatives.
+
+    With the text anchor the views are [answer text, modalities...] for the labelled rows (the text
+    is present for them only), and two labelled rows of the same class are no negatives of each other
+    (the anchor is a class description); the unlabelled rows, whose class the node does not know,
+    join through the modality-to-modality term: CCL over their modality views alone (GRAM anchored on
+    the node's first modality). The two terms are averaged weighted by their anchor counts."""
     same = batch.ids[:, None] == batch.ids[None, :]
     if batch.seq is not None:
       same = same | (batch.seq[:, None] == batch.seq[None, :])
-    if self.ccl_anchor == 'text':
-      has_text = batch.answer_mask.sum(-1) > 0
-      anchor = m.text_embedding(batch.answers, batch.answer_mask)
-      views = jnp.concatenate([anchor[:, None], projected], axis=1)
-      mask = jnp.concatenate([has_text[:, None].astype(batch.mod_mask.dtype), batch.mod_mask], axis=1)
-      return ccl_loss(self.ccl, views, mask, self.tau_ccl, exclude=same)
-    return ccl_loss(self.ccl, projected, batch.mod_mask, self.tau_ccl, exclude=same)
+    if self.ccl_anchor != 'text':
+      return (ccl_loss(self.ccl, projected, batch.mod_mask, self.tau_ccl, exclude=same),
+              ccl_anchors(self.ccl, batch.mod_mask))
+    has_text = batch.answer_mask.sum(-1) > 0
+    same = same | (has_text[:, None] & has_text[None, :] & (batch.labels[:, None] == batch.labels[None, :]))
+    anchor = m.text_embedding(batch.answers, batch.answer_mask)
+    views = jnp.concatenate([anchor[:, None], projected], axis=1)
+    mask = jnp.concatenate([has_text[:, None].astype(batch.mod_mask.dtype), batch.mod_mask], axis=1)
+    text_loss, n_text = ccl_loss(self.ccl, views, mask, self.tau_ccl, exclude=same), ccl_anchors(self.ccl, mask)
+    unlabelled = batch.mod_mask * (~has_text)[:, None].astype(batch.mod_mask.dtype)
+    mod_loss = ccl_loss(self.ccl, projected, unlabelled, self.tau_ccl, exclude=same)
+    n_mod = ccl_anchors(self.ccl, unlabelled)
+    total = n_text + n_mod
+    return (n_text * text_loss + n_mod * mod_loss) / jnp.maximum(total, 1.0), total
 
   def split_lm(self, tr: Trainables, frozen: nnx.State, split: SplitArrays) -> jax.Array:
     """Teacher-forced LM loss over every labelled row of a split (inf if it has none): the
@@ -166,7 +179,8 @@ class NodeProgram:
 
   @staticmethod
   def total(terms: dict[str, jax.Array], spec: StageSpec) -> jax.Array:
-    weights = {'lm': 1.0, 'ccl': spec.lambda_ccl, 'se_ccl': spec.lambda_se_ccl, 'prox': spec.fedprox_mu}
+    weights = {'lm': 1.0, 'ccl': spec.lambda_ccl, 'se_ccl': spec.lambda_se_ccl, 'prox': spec.fedprox_mu,
+               'ccl_anchors': 0.0}   # a count (telemetry), not a loss
     return sum(weights[k] * v for k, v in terms.items())
 
   def init_opt(self, tr: Trainables, spec: StageSpec) -> optax.OptState:

@@ -68,11 +68,11 @@ def train_cohort(setup: Setup, c: CohortSetup, cs: NodeState, sel: np.ndarray, k
   if c.host:   # only the sampled block goes to the devices; it comes back into the host arrays
     block = gather_clients((cs.trainables, cs.opt_state, c.data.train, c.data.public), sel,
                            NamedSharding(setup.mesh, P(CLIENT_AXIS)))
-    out = c.round_fn(*block, jnp.asarray(sel), key, *broadcast[:2], setup.edge_frozen, broadcast[2])
+    out = c.round_fn(*block, jnp.asarray(sel), key, *broadcast[:2], setup.edge_frozen, broadcast[2], c.holdout)
     scatter_clients(cs, sel, NodeState(out.trainables, out.opt_state))
     return cs, out
   out = c.round_fn(cs.trainables, cs.opt_state, c.data.train, c.data.public, jnp.asarray(sel), key,
-                   *broadcast[:2], setup.edge_frozen, broadcast[2])
+                   *broadcast[:2], setup.edge_frozen, broadcast[2], c.holdout)
   return NodeState(out.trainables, out.opt_state), out
 
 

@@ -15,11 +15,13 @@ from rouge_score import rouge_scorer
 
 ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeL', 'rougeLsum')
 SCORE_NAMES = ROUGE_TYPES + ('rougeLsum_multi', 'accuracy')   # the keys of TextScorer.score
+TIE_TOLERANCE = 1e-9   # ROUGE-L F1 scores closer than this are a tie in `TextScorer.classify`
 
 
 class TextScorer:
   """Scores generated answers against references; accuracy = the class whose
-  description paraphrases are closest (ROUGE-L F1) to the generated text."""
+  description paraphrases are closest (ROUGE-L F1) to the generated text, counted wrong when
+  no single class is closest (a tie, or no overlap with any class)."""
 
   def __init__(self, descriptions: Sequence[Sequence[str]]):
     self.scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
@@ -27,10 +29,15 @@ class TextScorer:
 
   @functools.lru_cache(maxsize=65536)
   def classify(self, text: str) -> int:
-    """Class id whose paraphrases best match `text` (-1 for empty text)."""
+    """Class id whose paraphrases best match `text`; -1 (no class, so never correct) for empty
+    text, for text that matches no class (best ROUGE-L 0) and for a tie between classes (an
+    answer such as "the" that fits several classes equally names none of them)."""
     if not text.strip():
       return -1
-    best = [max(self.scorer.score(d, text)['rougeL'].fmeasure for d in ds) for ds in self.descriptions]
+    best = np.array([max(self.scorer.score(d, text)['rougeL'].fmeasure for d in ds) for ds in self.descriptions])
+    top = best.max()
+    if top <= 0.0 or np.sum(best >= top - TIE_TOLERANCE) > 1:
+      return -1
     return int(np.argmax(best))
 
   @functools.lru_cache(maxsize=262144)

@@ -41,6 +41,7 @@ class CohortSetup:
   resync_fn: Callable | None = None   # re-syncs diverged clients (ml_ecs.core.faults.make_resync)
   host: bool = False        # train.host_state: state and data stay in host numpy; only the sampled block moves
   rows: slice = dataclasses.field(default_factory=lambda: slice(None))   # this process's clients
+  holdout: SplitArrays | None = None   # the public hold-out through this cohort's modalities (SE-CCL reliability)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +71,11 @@ class Setup:
   targets_fn: Callable
   server_round_fn: Callable
   server_generate_fn: Callable
-  server_reliability_fn: Callable  # the server's SE-CCL reliability (LM loss on its labelled public split)
+  server_reliability_fn: Callable  # the server's SE-CCL reliability: its LM loss on a labelled split
   backbones: dict[str, Any] = dataclasses.field(default_factory=dict)   # backbones.Backbones.describe()
   model_cfgs: dict[str, Any] = dataclasses.field(default_factory=dict)  # model configs, resolved backbones
   algorithm: Any = None            # the method (ml_ecs.algorithms.base.Algorithm)
+  public_holdout: SplitArrays | None = None   # the public hold-out, all modalities (SE-CCL reliability)
 
   @property
   def num_public(self) -> int:

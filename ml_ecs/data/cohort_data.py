@@ -126,6 +126,21 @@ def cohort_data(ds: MultimodalDataset, text: TaskText, clients: Sequence[ClientS
   )
 
 
+def holdout_split(ds: MultimodalDataset, text: TaskText, modalities: Sequence[str], idx: np.ndarray,
+                  max_len: int | None = None) -> SplitArrays | None:
+  """The public hold-out (`Partition.public_holdout_idx`) as one labelled, unstacked split seen through
+  `modalities` (a cohort's; the server's: all), keeping the samples with at least one of them present;
+  None if there is none. Every node measures its SE-CCL reliability on it (the same samples)."""
+  present = ds.presence(modalities)[idx].astype(np.float32)
+  keep = present.sum(1) > 0
+  idx, present = idx[keep][:max_len], present[keep][:max_len]
+  if not len(idx):
+    return None
+  split = split_arrays(ds, text, modalities, [idx], [present], ids=[np.arange(len(idx))],
+                       labelled=[np.ones(len(idx), np.float32)])
+  return jax.tree.map(lambda x: x[0], split)
+
+
 def full_modality_split(ds: MultimodalDataset, text: TaskText, idx: np.ndarray,
                         max_len: int | None = None, label_fraction: float = 1.0,
                         label_seed: int = 0) -> SplitArrays:

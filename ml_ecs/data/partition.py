@@ -52,6 +52,8 @@ class Partition:
   public_train_idx: np.ndarray
   public_test_idx: np.ndarray
   public_val_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int64))
+  # held out of the public training split, never trained on: SE-CCL's reliability split (data.public_holdout_fraction)
+  public_holdout_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int64))
 
   def cohorts(self) -> list[list[ClientSpec]]:
     """Clients grouped by (modality set, encoder types), in order of first appearance."""
@@ -174,6 +176,12 @@ def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partitio
   private_idx, public_idx = _split_by_sequence(rng, all_idx, ds.sequence_ids, cfg.public_fraction,
                                                cfg.get('max_public_sequences', 0))
   pub_train, pub_test = _split_by_sequence(rng, public_idx, ds.sequence_ids, cfg.public_test_fraction)
+  # SE-CCL's reliability split: public sequences no node trains on, where the server and every client measure
+  # their LM loss on the same samples (ml_ecs.algorithms.ml_ecs.se_ccl); its own stream, cut only when asked for.
+  pub_holdout = np.zeros((0,), np.int64)
+  if cfg.get('public_holdout_fraction', 0.0):
+    pub_train, pub_holdout = _split_by_sequence(np.random.default_rng([cfg.seed, 103]), pub_train,
+                                                ds.sequence_ids, cfg.public_holdout_fraction)
   val_fraction = cfg.get('client_val_fraction', 0.0)
   # Validation splits (for tuning) come from their own stream, so that they are cut only when asked for.
   val_rng = np.random.default_rng([cfg.seed, 101])
@@ -227,7 +235,7 @@ def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partitio
                          f'{len(train)} train / {len(val)} validation samples')
       extra = dict(val_idx=val, val_mask=val_mask)
     clients.append(ClientSpec(k, mods, enc, train, test, pub, *masks, **extra))
-  return Partition(tuple(clients), pub_train, pub_test, pub_val)
+  return Partition(tuple(clients), pub_train, pub_test, pub_val, pub_holdout)
 
 
 def pad_indices(index_lists: Sequence[np.ndarray], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

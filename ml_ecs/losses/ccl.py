@@ -10,8 +10,13 @@ present for labelled samples only; a training loss only, so nothing leaks into e
 or 'modality' (the node's first modality, the original). Positives are by sample id:
 other rows of the batch with the same sample id (duplicates: batches are drawn with
 replacement) or the same sequence id (windows of one recording) are excluded from the
-negatives (`exclude`), in both losses.
-Metric names: client/private_ccl, server/ccl.
+negatives (`exclude`), in both losses. With the text anchor (`NodeProgram.ccl_term`) two
+labelled rows of the same class are excluded from each other's negatives too (the anchor is a
+class text: a same-class sample is not a negative of it), and the unlabelled rows, which have no
+text, join through a second, modality-to-modality term (GRAM anchored on the node's first
+modality, over the unlabelled rows); the two terms are averaged weighted by their anchors.
+Metric names: client/private_ccl, server/ccl; client/private_ccl_anchors, server/ccl_anchors
+(rows per batch that anchor a positive pair, text and modality terms together; `ccl_anchors`).
 """
 from __future__ import annotations
 
@@ -185,6 +190,17 @@ def pairwise_infonce_loss(emb: ArrayLike, mask: ArrayLike, tau: ArrayLike,
 
 CCL_KINDS = ('gram', 'infonce', 'none')
 CCL_ANCHORS = ('text', 'modality')
+
+
+def ccl_anchors(kind: str, mask: jax.Array) -> jax.Array:
+  """How many rows of a batch of views (mask [B, K]) take part in the configured CCL loss as a
+  positive pair: GRAM's valid diagonals (view 0 present and another view present), for InfoNCE the
+  rows with >= 2 views present; 0 for < 2 views or kind 'none' (float32 scalar)."""
+  m = jnp.asarray(mask).astype(bool)
+  if kind == 'none' or m.shape[1] < 2:
+    return jnp.zeros((), jnp.float32)
+  rows = m[:, 0] & jnp.any(m[:, 1:], axis=1) if kind == 'gram' else jnp.sum(m, axis=1) >= 2
+  return jnp.sum(rows).astype(jnp.float32)
 
 
 def ccl_loss(kind: str, projected: jax.Array, mask: jax.Array, tau: float,

@@ -20,7 +20,8 @@ Every node carries the module of every modality so that the shared part has one
 structure on all clients; those of modalities a node lacks receive no gradient
 and zero aggregation weight.
 
-Optional parts (`model_options` turns the `method` config into constructor flags):
+Optional parts (`model_options` turns the `method` config into a client's constructor flags;
+the server's, `server_model_options`, are the same under every method):
 ``text_proj`` (text-anchored CCL: frozen token embeddings of the answer, mean over
 tokens, trainable projection into the CCL space) and ``se_head`` (SE-CCL projection
 head: a small private MLP on z used only for the alignment loss).
@@ -95,11 +96,12 @@ def node_backbone_config(backbone_cfg: ml_collections.ConfigDict, gates: str = '
 
 
 def model_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """MultimodalLM keyword arguments of an experiment config's `method` (and seed).
+  """MultimodalLM keyword arguments of a client under an experiment config's `method` (and seed).
 
   The SE-CCL head outputs edge_model.d_z features on every node (edge and server), so
   the communicated representations keep their size. Without AMT the gates stay in the
-  'scaled' form at their init (shared weight 1), the plain LoRA model.
+  'scaled' form at their init (shared weight 1), the plain LoRA model; the gate form is a
+  client-side AMT choice (`server_model_options` never applies it).
   """
   m = cfg.method
   return dict(modality_params=m.modality_params, shared_seed=int(cfg.seed),
@@ -108,15 +110,41 @@ def model_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
               gates=m.gates if m.amt else 'scaled', gate_init=float(m.gate_init))
 
 
+def server_model_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """MultimodalLM keyword arguments of the server: the same architecture under every method.
+
+  The server is a comparison point between methods, so nothing about it depends on the method's
+  choices: its gates are the plain 'scaled' form (shared and private LoRA both at weight 1, AMT's
+  convex gates are a client-side choice), and it always carries the text projection and the
+  SE-CCL head (a method without text-anchored CCL or without SE-CCL leaves them unused: they get no
+  gradient and sit after every other module, so they do not shift the other modules'
+  initialisation). Only whether SE-CCL aligns through the head (`method.se_ccl_head`) follows the
+  method; it is a static flag, not a parameter.
+  """
+  m = cfg.method
+  return dict(modality_params=m.modality_params, shared_seed=int(cfg.seed), text_anchor=True,
+              se_head_dim=int(cfg.edge_model.d_z), align_head=m.se_ccl_head == 'mlp', gates='scaled',
+              gate_init=float(m.gate_init))
+
+
+def node_options(cfg: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
+  """MultimodalLM keyword arguments of node model `name` ('edge_model' or 'server_model'): what the
+  main job, sizing and export build."""
+  return server_model_options(cfg) if name == 'server_model' else model_options(cfg)
+
+
 class MultimodalLM(nnx.Module):
   """Encoders for this node's modalities + shared modality modules + connector + decoder LM."""
 
   def __init__(self, modality_shapes: Mapping[str, Sequence[int]], encoder_types: Mapping[str, str],
                all_modalities: Sequence[str], cfg: ml_collections.ConfigDict, vocab_size: int,
                *, rngs: nnx.Rngs, modality_params: str = 'adapter', shared_seed: int = 0,
-               text_anchor: bool = False, se_head_dim: int = 0, gates: str = 'scaled', gate_init: float = 2.0):
+               text_anchor: bool = False, se_head_dim: int = 0, gates: str = 'scaled', gate_init: float = 2.0,
+               align_head: bool = True):
     """cfg: the model config (encoder, connector and backbone fields, see configs/); the keyword
-    options come from the method config (`model_options`); their defaults are the original model."""
+    options come from the method config (`model_options` for a client, `server_model_options` for
+    the server); their defaults are the original model. align_head: SE-CCL aligns the SE-CCL
+    head's output (when the model has a head) rather than z."""
     self.modalities = tuple(m for m in all_modalities if m in modality_shapes)
     if not self.modalities:
       raise ValueError('a node needs at least one modality')
@@ -137,6 +165,7 @@ class MultimodalLM(nnx.Module):
     self.prompt_len = cfg.prompt_len
     self.text_proj = nnx.Linear(cfg.backbone.width, cfg.d_fuse, rngs=rngs) if text_anchor else None
     self.se_head = ProjectionHead(cfg.d_z, se_head_dim, rngs=rngs) if se_head_dim else None
+    self.align_head = bool(align_head)
 
   def text_embedding(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """The CCL text anchor [B, d_fuse]: mean of the frozen token embeddings of `tokens` [B, L]
@@ -149,8 +178,9 @@ class MultimodalLM(nnx.Module):
     return self.text_proj(mean)
 
   def align(self, z: jax.Array) -> jax.Array:
-    """The SE-CCL representation of z: the projection head's output, or z itself without a head."""
-    return z if self.se_head is None else self.se_head(z)
+    """The SE-CCL representation of z: the projection head's output, or z itself without a head
+    (or with `align_head` off)."""
+    return z if self.se_head is None or not self.align_head else self.se_head(z)
 
   def encode(self, inputs: Mapping[str, jax.Array], mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(projected modality embeddings [B,K,d_fuse], fused representation z [B,d_z]).

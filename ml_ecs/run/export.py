@@ -29,7 +29,7 @@ from ml_ecs.backbones import peft_io
 from ml_ecs.run.checkpoint import Checkpointer
 from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.backbones.hf_gpt2 import export_hf_gpt2
-from ml_ecs.models.multimodal import model_options, node_backbone_config
+from ml_ecs.models.multimodal import node_backbone_config, node_options
 from ml_ecs.config.validation import validate
 
 BASE_DIR = 'base_model'
@@ -86,9 +86,8 @@ def node(setup: federation.Setup, state: federation.State, client: int | None = 
   exported adapter folds in the gates the node really used."""
   if (client is None) == (not server):
     raise ValueError('name exactly one node: a client id or the server')
-  opts = model_options(setup.cfg)
-
   def with_gates(name):
+    opts = node_options(setup.cfg, name)
     mcfg = ml_collections.ConfigDict(setup.model_cfgs[name].to_dict())
     mcfg.backbone = node_backbone_config(mcfg.backbone, opts['gates'], opts['gate_init'])
     return mcfg

@@ -36,7 +36,7 @@ from ml_ecs.core.sampling import sampled_count
 from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.data.loaders import load_dataset
 from ml_ecs.data.partition import partition
-from ml_ecs.models.multimodal import MultimodalLM, model_options
+from ml_ecs.models.multimodal import MultimodalLM, node_options
 from ml_ecs.data.text import build_task_text
 from ml_ecs.config.validation import validate
 
@@ -44,7 +44,7 @@ ITEMSIZE = 4   # float32 parameters and representations, as the main job uses
 
 
 def _abstract_parts(shapes, encoders, modalities, mcfg, vocab_size, options) -> dict[str, nnx.State]:
-  """The parts of a node as the main job builds it (`options`: model_options of the config)."""
+  """The parts of a node as the main job builds it (`options`: `node_options` of the config)."""
   model = nnx.eval_shape(lambda: MultimodalLM(shapes, encoders, modalities, mcfg, vocab_size, rngs=nnx.Rngs(0),
                                               **options))
   return params.split_model(model)[1]
@@ -66,7 +66,7 @@ def size_config(cfg: ml_collections.ConfigDict, dataset: MultimodalDataset | Non
 
   def parts_of(name, mods, enc):
     return _abstract_parts({k: shapes[k] for k in mods}, enc, modalities, bb.models[name],
-                           bb.vocab_size(name, text_vocab), model_options(cfg))
+                           bb.vocab_size(name, text_vocab), node_options(cfg, name))
 
   edge, acct_clients, shared = [], [], None
   for clients in part.cohorts():

@@ -26,13 +26,15 @@ class MLECS(Algorithm):
                 fedprox_mu=0.0, zero_fill=False, modality_dropout=0.0, communicate=True)
 
   def round_context(self, setup, state) -> tuple[AlignmentGate | None, jax.Array | None]:
-    """The SE-CCL gate: on after the warm-up; the server's reliability (its LM loss on its labelled public
+    """The SE-CCL gate: on after the warm-up; the server's reliability (its LM loss on the public hold-out,
+    the samples every client measures its own on; without a hold-out, on its labelled public training
     split) computed only when reliability weighting is on and the warm-up is over (else 0, unused)."""
     if not setup.sends_representations:
       return None, None
     on = se_ccl.warm(int(state.round), setup.cfg.method.se_ccl_warmup)
     if setup.stages.public.reliability and on:
-      server_loss = setup.server_reliability_fn(state.server.trainables, setup.server_frozen, setup.public_train)
+      server_loss = setup.server_reliability_fn(state.server.trainables, setup.server_frozen,
+                                                se_ccl.reliability_split(setup.public_holdout, setup.public_train))
     else:
       server_loss = jnp.zeros((), jnp.float32)
     return AlignmentGate(jnp.float32(on), jnp.asarray(server_loss, jnp.float32)), server_loss

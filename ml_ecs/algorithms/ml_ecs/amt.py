@@ -13,6 +13,9 @@ The gates mix the two adapters per layer (`method.gates`, `Block.mix_gates`): 'c
 sigmoid(`method.gate_init`) (0.88 for 2.0), or 'scaled' (the original 2 * sigmoid per adapter,
 both 1 at init). Every stage optimizer follows `train.lr_schedule` over its own total steps
 (rounds x stage steps; a client's schedule advances only in rounds it is sampled).
+The server stage runs at `train.server_learning_rate` under every method (`server_learning_rate`), and
+the server's gates are always the plain 'scaled' form (`ml_ecs.models.multimodal.server_model_options`):
+the gate form is a client-side AMT choice, so the server is the same model under every method.
 
 The *global* model of a client (`global_view`) is its encoders and connector with the
 aggregated shared LoRA and the private LoRA off (gates forced to the shared side);
@@ -43,8 +46,15 @@ class Stages:
   server: StageSpec
 
 
+def server_learning_rate(train: ml_collections.ConfigDict) -> float:
+  """The server stage's (peak) learning rate: `train.server_learning_rate`, one value for every method
+  (configs saved before the field existed: `train.learning_rate`, as they ran)."""
+  return float(train.get('server_learning_rate', train.learning_rate))
+
+
 def stages(method: ml_collections.ConfigDict, train: ml_collections.ConfigDict) -> Stages:
-  """Client public/private and server stages of a (validated) method config."""
+  """Client public/private and server stages of a (validated) method config. The client stages run at
+  `train.learning_rate`, the server stage at `server_learning_rate(train)` (not the method's)."""
   communicate = bool(method.communicate)
   parts = tuple(p for p in params.TRAINABLE if method.amt or p != 'private')
   lambda_ccl = method.lambda_ccl if method.ccl != 'none' else 0.0
@@ -54,13 +64,17 @@ def stages(method: ml_collections.ConfigDict, train: ml_collections.ConfigDict) 
   def opt(steps):   # None: the program's constant-rate optimizer
     return None if train.lr_schedule == 'constant' else make_optimizer(train, train.rounds * steps)
 
+  server_train = ml_collections.ConfigDict({**train.to_dict(), 'learning_rate': server_learning_rate(train)})
+  server_total = 0 if train.lr_schedule == 'constant' else train.rounds * train.server_steps
+
   return Stages(
       public=StageSpec(train.public_steps, tuple(p for p in parts if p != 'encoders'), lambda_se_ccl=lambda_se,
                        optimizer=opt(train.public_steps), reliability=reliability),
       private=StageSpec(train.private_steps, parts, lambda_ccl=lambda_ccl,
                         fedprox_mu=method.fedprox_mu if communicate else 0.0, optimizer=opt(train.private_steps)),
       server=StageSpec(train.server_steps, params.TRAINABLE, lambda_ccl=lambda_ccl, lambda_se_ccl=lambda_se,
-                       optimizer=opt(train.server_steps), reliability=reliability))
+                       optimizer=make_optimizer(server_train, server_total), reliability=reliability,
+                       learning_rate=server_learning_rate(train)))
 
 
 class ClientUpdate(NamedTuple):
@@ -83,13 +97,15 @@ def client_update(program: NodeProgram, stages_: Stages, tr: Trainables, opt_sta
   """Public stage then private stage of one client, then its public representations.
 
   SE-CCL: the server's targets count with weight ctx.alignment.on (0 before the warm-up round)
-  times, with reliability weighting, 1[server LM loss <= this client's LM loss on its labelled
-  private data] (`se_ccl.client_target_weight`); metrics 'se_ccl_used' and 'reliability_lm'.
+  times, with reliability weighting, 1[server LM loss <= this client's LM loss], both losses on the
+  public hold-out (`ctx.holdout`; without one, the client's on its labelled private data)
+  (`se_ccl.client_target_weight`); metrics 'se_ccl_used' and 'reliability_lm'.
   """
   k_public, k_private = jax.random.split(key)
   metrics = {}
   if stages_.public.lambda_se_ccl and ctx.alignment is not None:
-    own = program.split_lm(tr, ctx.frozen, train) if stages_.public.reliability else jnp.zeros(())
+    own = (program.split_lm(tr, ctx.frozen, se_ccl.reliability_split(ctx.holdout, train))
+           if stages_.public.reliability else jnp.zeros(()))
     w = se_ccl.client_target_weight(own, ctx.alignment.server_loss, ctx.alignment.on, stages_.public.reliability)
     ctx = ctx.replace(target_valid=ctx.target_valid * w)
     metrics.update(se_ccl_used=w, reliability_lm=own)
@@ -99,8 +115,17 @@ def client_update(program: NodeProgram, stages_: Stages, tr: Trainables, opt_sta
       tr, opt, m = program.run_stage(tr, opt_state[name], split, stage_key, ctx, spec)
       opt_state = {**opt_state, name: opt}
       metrics.update({f'{name}_{k}': v for k, v in m.items()})
+  if 'private' in stages_.private.parts:   # AMT: the gate values after the round (telemetry)
+    metrics.update(gate_values(program, tr, ctx.frozen))
   z, valid = program.encode_split(tr, ctx.frozen, public)
   return ClientUpdate(tr, opt_state, metrics, z, valid)
+
+
+def gate_values(program: NodeProgram, tr: Trainables, frozen) -> dict[str, jax.Array]:
+  """The mean over blocks of the AMT gates `Block.mix_gates()`: 'gate_shared' (the shared LoRA's
+  weight) and 'gate_private' (the private LoRA's); reported as client/gate_shared, client/gate_private."""
+  g = jnp.stack([b.mix_gates() for b in program.model(tr, frozen).backbone.blocks]).mean(0)
+  return {'gate_shared': g[0], 'gate_private': g[1]}
 
 
 def global_view(tr: Trainables, global_shared, gate_form: str) -> Trainables:

@@ -14,12 +14,17 @@ Faithful options (configs/default.py):
   (0-based round index; targets get weight 0, so the term and its gradient are 0).
 - `method.se_ccl_reliability`: 'lm' weights targets by reliability, so that no side aligns
   to representations worse than its own. Reliability of a node = its teacher-forced LM
-  loss on its own labelled training data at the start of the round (lower is more
-  reliable): a client on its labelled private split, the server on its labelled public
-  split (`NodeProgram.split_lm`; inf without labels). A client aligns to the server's
+  loss at the start of the round (lower is more reliable; `NodeProgram.split_lm`) on the
+  public hold-out (`data.public_holdout_fraction` of the public training sequences, which
+  no node trains on): the same labelled samples for the server and every client, each
+  seen through its own modalities (`reliability_split`). A client aligns to the server's
   targets iff server loss <= client loss; the server uses a client's upload iff client
-  loss <= server loss. The two losses are on different data of the same task (caveat:
-  training-data losses favour overfit nodes). 'none': every target counts (the original).
+  loss <= server loss; like with like, so the rule fires in either direction.
+  Without a hold-out (data.public_holdout_fraction = 0, configs saved before it existed)
+  the old measure: a client on its labelled private training data, the server on its
+  labelled public training split (different data, training losses: the larger server
+  always looked better and the rule stopped firing toward the server).
+  'none': every target counts (the original).
 The round's plumbing (warm-up and reliability gates, the server's targets) is the ML-ECS
 algorithm's (ml_ecs.algorithms.ml_ecs.algorithm); the loss is ml_ecs.losses.se_ccl.
 Metrics: client/public_se_ccl, client/se_ccl_used (fraction of sampled clients that aligned),
@@ -37,6 +42,12 @@ from jax.typing import ArrayLike
 
 HEADS = ('mlp', 'none')
 RELIABILITY = ('lm', 'none')
+
+
+def reliability_split(holdout, own_training_split):
+  """The split a node's SE-CCL reliability is measured on: the public hold-out when there is one
+  (the same samples for every node), else the node's own labelled training split (the old measure)."""
+  return own_training_split if holdout is None else holdout
 
 
 def warm(round_index: int, warmup: int) -> bool:
