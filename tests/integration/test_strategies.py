@@ -11,7 +11,9 @@ from studies.compare import grid as compare
 from ml_ecs.core import federation
 from ml_ecs.algorithms.registry import STRATEGIES, apply_strategy
 
+# Runs shared by the tests of this module (`_run`), all on one xdist worker.
 _RUNS = {}
+pytestmark = pytest.mark.xdist_group('strategies')
 
 
 def _one_cohort(cfg):
