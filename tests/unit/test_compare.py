@@ -198,7 +198,7 @@ def test_headline_keys_and_tuning_objective():
 def test_grid_configs_validate_every_cell(name):
   import importlib
   module, _, variant = name.partition(':')
-  cfg = importlib.import_module(f'configs.{module}').get_config(*([variant] if variant else []))
+  cfg = importlib.import_module(f'studies.compare.configs.{module}').get_config(*([variant] if variant else []))
   todo, configs = compare.check_grid(cfg)
   assert len(todo) == len(configs) and len({(c.data.seed, c.seed) for c in configs}) == \
       len(set(cfg.grid.partition_seeds)) * len(set(cfg.grid.train_seeds))
