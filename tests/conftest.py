@@ -1,4 +1,5 @@
-"""Shared tiny configs and models for the test suite."""
+"""Shared by both tiers (tests/unit: fast, tiny shapes; tests/integration: end-to-end runs): tiny configs
+and the dataset, the repository root on sys.path, JAX's persistent compilation cache, xdist grouping."""
 import os
 import sys
 
@@ -11,6 +12,10 @@ if ROOT not in sys.path:
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: end-to-end tests (still run in CI)')
+  # Tests that share a module- or session-scoped run carry pytest.mark.xdist_group(name); with
+  # `-n N` (whose default distribution is 'load') they go to one worker, so the run is made once.
+  if getattr(config.option, 'dist', 'no') == 'load':
+    config.option.dist = 'loadgroup'
   # Many tests build federations whose jitted functions are identical (same tiny shapes):
   # a persistent compilation cache shared by the xdist workers compiles each once.
   import jax

@@ -12,6 +12,10 @@ from ml_ecs.core import federation
 from ml_ecs.algorithms.registry import STRATEGIES, apply_strategy
 
 _RUNS = {}
+# The runs of the full method and its ablations are shared by their own tests and the ablation test:
+# those tests go to one xdist worker (the other strategies' tests are free to run elsewhere).
+ABLATION = pytest.mark.xdist_group('strategies_ablation')
+ABLATED = ('ml_ecs', 'ml_ecs_no_amt', 'ml_ecs_no_ccl', 'ml_ecs_no_mma', 'ml_ecs_no_se_ccl')
 
 
 def _one_cohort(cfg):
@@ -40,7 +44,8 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', sorted(STRATEGIES))
+@pytest.mark.parametrize('name', [pytest.param(n, marks=ABLATION) if n in ABLATED else n
+                                  for n in sorted(STRATEGIES)])
 def test_strategy_runs_two_rounds(name, tiny_config, dataset, cache_dir):
   (setup, state), metrics, _ = _run(name, tiny_config, dataset, cache_dir)
   assert [m['round'] for m in metrics] == [1, 2]
@@ -54,6 +59,7 @@ def test_strategy_runs_two_rounds(name, tiny_config, dataset, cache_dir):
 
 
 @pytest.mark.slow
+@ABLATION
 def test_ablation_switches_remove_their_component(tiny_config, dataset, cache_dir):
   full = _run('ml_ecs', tiny_config, dataset, cache_dir)[1][-1]
   assert {'client/private_ccl', 'client/public_se_ccl', 'server/se_ccl', 'server/ccl'} <= set(full)

@@ -1,10 +1,11 @@
-"""The comparison protocol: grid resume, last-k scores, bootstrap intervals, tuning, reproduction check."""
+"""The comparison protocol: grid resume, last-k scores, the report's contrasts, tuning, reproduction check
+(the statistics themselves: tests/unit/test_compare_stats.py)."""
 import copy
+import csv
 import json
 import math
 import os
 
-import numpy as np
 import pytest
 
 from studies.compare import grid as compare, stats, tuning
@@ -53,11 +54,12 @@ def test_grid_resumes_scores_last_k_and_pairs_differences(tmp_path, tiny_config)
   r = next(x for x in results if x['method'] == 'fedavg' and x['partition_seed'] == 1)
   assert r['client_rougeLsum'] == pytest.approx(0.41 - 0.05)     # mean of rounds 2..4: 0.31, 0.36, 0.41
   assert r['final_client_rougeLsum'] == pytest.approx(0.41)
-  assert math.isnan(r['plateau_client'])                          # 5 evaluations < 2 * last_k
+  assert 'plateau_client' not in r                                # no plateau under a decaying schedule
   assert json.loads(r['client_rougeLsum_by_client'])['1'] == pytest.approx(0.36 + 0.02)
   md = (tmp_path / 'results.md').read_text()
-  assert 'best baseline of this setting (**fedavg**' in md
-  assert '| ml_ecs | **+0.100 [+0.100, +0.100]** | **+0.050 [+0.050, +0.050]** |' in md
+  assert 'Pre-registered contrasts' in md and 'best baseline' not in md
+  assert '| ml_ecs - fedavg | client | **+0.100 [+0.100, +0.100]** | 2 |' in md   # 2 partition seeds
+  assert '| ml_ecs - fedavg | server | **+0.050 [+0.050, +0.050]** | 2 |' in md
   assert (tmp_path / 'rouge_vs_round.png').stat().st_size > 1000
   assert (tmp_path / 'rouge_vs_missing_rate.png').stat().st_size > 1000
   header = (tmp_path / 'results.csv').read_text().splitlines()[0]
@@ -105,7 +107,7 @@ def test_tuned_values_per_method_and_ablations_use_ml_ecs(tmp_path, tiny_config)
 def test_tuning_gives_every_method_the_same_budget_on_validation_data(tmp_path, tiny_config):
   base = _base(tiny_config)
   base.data.client_val_fraction = 0.2
-  base.tune = dict(methods=('fedavg', 'fedprox', 'ml_ecs'), trials=3, seed=0, partition_seed=100, train_seed=100,
+  base.tune = dict(methods=('fedavg', 'fedprox', 'ml_ecs'), trials=3, seed=0, seeds=(100, 101),
                    missing_rate=0.5, rounds=4)
   base.train.rounds, base.grid.num_clients = 9, (4,)
   seen = []
@@ -114,8 +116,8 @@ def test_tuning_gives_every_method_the_same_budget_on_validation_data(tmp_path, 
     seen.append((cfg.method.name, cfg.eval.split, cfg.data.seed, cfg.seed, cfg.train.learning_rate))
     assert (cfg.train.rounds, cfg.data.num_clients) == (4, 4)   # tune.rounds; the grid's federation size
     lr = cfg.train.learning_rate
-    rows = [{'round': r, 'client/rougeLsum_mean': -abs(math.log(lr / 2e-3)), 'server/rougeLsum': 0.0}
-            for r in range(4)]
+    rows = [{'round': r, 'client/rougeLsum_mean': -abs(math.log(lr / 2e-3)) + 0.01 * cfg.seed,
+             'server/rougeLsum': 0.0} for r in range(4)]
     os.makedirs(tdir, exist_ok=True)
     metrics_io.write_jsonl(os.path.join(tdir, 'metrics.jsonl'), rows)
     metrics_io.write_json(os.path.join(tdir, 'summary.json'), {})
@@ -123,8 +125,12 @@ def test_tuning_gives_every_method_the_same_budget_on_validation_data(tmp_path, 
 
   best = tuning.run_tuning(base, str(tmp_path), fake, log=lambda s: None)
   counts = {m: sum(1 for s in seen if s[0] == m) for m in ('fedavg', 'fedprox', 'ml_ecs')}
-  assert counts == {'fedavg': 3, 'fedprox': 3, 'ml_ecs': 3}
-  assert {s[1] for s in seen} == {'val'} and {(s[2], s[3]) for s in seen} == {(100, 100)}
+  assert counts == {'fedavg': 6, 'fedprox': 6, 'ml_ecs': 6}        # 3 trials x 2 tuning seeds each
+  assert {s[1] for s in seen} == {'val'} and {(s[2], s[3]) for s in seen} == {(100, 100), (101, 101)}
+  assert len({s[4] for s in seen}) == 3                              # common random numbers: 3 rates for all
+  rows = list(csv.DictReader(open(tmp_path / 'tuning.csv')))
+  r0 = next(r for r in rows if r['method'] == 'fedavg' and r['trial'] == '0')
+  assert float(r0['objective']) == pytest.approx((float(r0['objective_s100']) + float(r0['objective_s101'])) / 2)
   for m in counts:                                     # the trial whose lr is closest to 2e-3 wins
     lrs = [s[4] for s in seen if s[0] == m]
     assert best[m]['overrides']['train.learning_rate'] == min(lrs, key=lambda x: abs(math.log(x / 2e-3)))
@@ -154,35 +160,12 @@ def test_reproduction_check(tmp_path, tiny_config):
   assert len(records) == 3 and all(r['identical'] for r in records)
   compare.write_reports(results, str(tmp_path))
   assert '## Reproduction check' in (tmp_path / 'results.md').read_text()
-  for r in results:                 # the plateau column: mean over a method's runs of how much it still moved
-    r['plateau_client'] = 0.04 if r['method'] == 'ml_ecs' else 0.02 * r['partition_seed']
-  md = compare.markdown_report(results)
-  rows = {}                         # the first table of the setting: means (the paired differences follow)
-  for line in md.splitlines():
-    if line.startswith('| '):
-      rows.setdefault(line.split(' | ')[0].strip('| '), line)
-  assert 'plateau Δ client' in md and rows['ml_ecs'].endswith('| +0.040 |') and rows['fedavg'].endswith('| +0.010 |')
+  assert 'plateau' not in (tmp_path / 'results.md').read_text()
 
 
-def test_cluster_bootstrap():
-  ci = stats.cluster_bootstrap_ci([[0.1, 0.3], [0.2], [0.0, 0.2, 0.4]])
-  assert ci['mean'] == pytest.approx(1.2 / 6) and ci['units'] == 3 and ci['n'] == 6
-  assert ci['lo'] <= ci['mean'] <= ci['hi'] and ci['lo'] >= 0.0 and ci['hi'] <= 0.4
-  same = stats.cluster_bootstrap_ci([[0.5, 0.5], [0.5]])
-  assert same['lo'] == pytest.approx(0.5) and same['hi'] == pytest.approx(0.5)
-  one = stats.cluster_bootstrap_ci([[0.1, 0.2]])
-  assert math.isnan(one['lo']) and one['units'] == 1
-  rng = np.random.default_rng(0)           # more runs -> a narrower interval
-  narrow = stats.cluster_bootstrap_ci([rng.normal(0.1, 0.05, 4) for _ in range(40)])
-  wide = stats.cluster_bootstrap_ci([rng.normal(0.1, 0.05, 4) for _ in range(4)])
-  assert narrow['hi'] - narrow['lo'] < wide['hi'] - wide['lo'] and narrow['lo'] < 0.1 < narrow['hi']
-
-
-def test_last_k_and_plateau():
+def test_last_k():
   rows = [{'round': 0, 'm': 0.0}, {'round': 1}, {'round': 2, 'm': 1.0}, {'round': 3, 'm': 2.0}, {'round': 4, 'm': 4.0}]
   assert stats.last_k_mean(rows, 'm', 2) == 3.0 and stats.last_k_mean(rows, 'm', 3) == pytest.approx(7 / 3)
-  assert stats.plateau(rows, 'm', 2) == pytest.approx(3.0 - 0.5)
-  assert math.isnan(stats.plateau(rows, 'm', 3))
 
 
 def test_headline_keys_and_tuning_objective():
@@ -198,7 +181,7 @@ def test_headline_keys_and_tuning_objective():
 def test_grid_configs_validate_every_cell(name):
   import importlib
   module, _, variant = name.partition(':')
-  cfg = importlib.import_module(f'configs.{module}').get_config(*([variant] if variant else []))
+  cfg = importlib.import_module(f'studies.compare.configs.{module}').get_config(*([variant] if variant else []))
   todo, configs = compare.check_grid(cfg)
   assert len(todo) == len(configs) and len({(c.data.seed, c.seed) for c in configs}) == \
       len(set(cfg.grid.partition_seeds)) * len(set(cfg.grid.train_seeds))

@@ -261,7 +261,7 @@ def test_constants_match_layout():
 def test_urfall_config_partitions_and_tokenizes(tmp_path):
   """configs/urfall.py works end to end up to the model inputs on test-written files."""
   import sys
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
   from configs import urfall as urfall_config
   from ml_ecs.data.partition import partition
   from ml_ecs.data.loaders import load_dataset

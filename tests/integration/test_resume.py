@@ -1,4 +1,5 @@
-"""The main job resumes exactly: SIGKILL mid-run, SIGTERM, finished runs, other configs, grid cells."""
+"""The main job resumes exactly: SIGKILL mid-run, SIGTERM, finished runs, other configs, grid cells
+(the config comparison alone is in tests/unit/test_resume.py)."""
 import copy
 import json
 import os
@@ -11,8 +12,10 @@ import pytest
 
 from studies.compare import grid as compare
 from ml_ecs.run import trainer
+from tests.paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tests share one uninterrupted run (`reference`): one xdist worker makes it.
+pytestmark = pytest.mark.xdist_group('resume')
 # Faults on: their draws must be functions of the round key, so resumed and repeated runs match too.
 FLAGS = ['--config.train.rounds=4', '--config.train.eval_every=2', '--config.train.checkpoint_every=1', '--noprogress',
          '--config.train.dropout_rate=0.2', '--config.train.straggler_rate=0.3']
@@ -128,12 +131,6 @@ def test_bad_config_is_refused_before_anything_is_written(tmp_path):
   rc, out = _run(str(tmp_path), '--config.train.eval_every=0')
   assert rc == 2 and 'train.eval_every = 0' in out and 'Traceback' not in out
   assert not (tmp_path / 'config.json').exists()
-
-
-def test_config_differences_names_nested_fields():
-  saved = {'a': 1, 'train': {'rounds': 4, 'lr': 0.1}, 'gone': 1}
-  current = {'a': 1, 'train': {'rounds': 5, 'lr': 0.1}, 'new': 2}
-  assert trainer.config_differences(saved, current) == ['gone', 'new', 'train.rounds']
 
 
 @pytest.mark.slow

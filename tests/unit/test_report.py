@@ -1,4 +1,5 @@
-"""Plots and the report command on small synthetic workdirs (no training), plus one real tiny run (slow)."""
+"""Plots and the report command on small synthetic workdirs (no training; the real tiny run is in
+tests/integration/test_report.py)."""
 import csv
 import json
 import os
@@ -10,9 +11,9 @@ import pytest
 from matplotlib.colors import to_hex
 
 from ml_ecs.run import plots
-from ml_ecs.run.report import NotAWorkdirError, load_grid, load_run, report
+from ml_ecs.run.report import NotAWorkdirError, load_grid, report
+from tests.paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 CLIENTS = [{'client_id': 0, 'modalities': ['accel', 'depth'], 'encoders': {'accel': 'conv1d', 'depth': 'mlp'},
             'cohort': 0, 'num_train': 10},
@@ -208,24 +209,3 @@ def test_grid_report_before_any_cell_finished(tmp_path):
   paths = report(workdir)
   assert [os.path.basename(p) for p in paths] == ['rouge_vs_round.png']
   assert_png(paths[0])
-
-
-@pytest.fixture(scope='module')
-def tiny_run(tmp_path_factory, tiny_config):
-  from ml_ecs.run.trainer import train
-  cfg = tiny_config.copy_and_resolve_references()
-  cfg.train.rounds = 2
-  workdir = str(tmp_path_factory.mktemp('tiny_run'))
-  train(cfg, workdir, progress=False, log=lambda s: None, checkpoint=False)
-  return workdir
-
-
-@pytest.mark.slow
-def test_report_on_a_real_tiny_run(tiny_run):
-  paths = report(tiny_run)
-  assert len(paths) == 4
-  for p in paths:
-    assert_png(p)
-  rows, _ = load_run(tiny_run)
-  fig = plots.plot_losses(rows)
-  assert len(fig.axes[1].get_lines()) >= 2  # the real rows carry client and server LM losses

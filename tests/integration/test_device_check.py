@@ -3,8 +3,8 @@ import json
 import os
 import subprocess
 import sys
+from tests.paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_device_check_small_mode(tmp_path):

@@ -102,7 +102,7 @@ def test_vmap_is_the_federation_cohort_update(setup):
 
 
 def test_round_variants_agree(setup, loop_result):
-  """ours (shard_map + chunked vmap + mma.aggregate), ours_vmap and the DrJAX round compute the same round:
+  """ours (shard_map + chunked vmap + the MMA mean), ours_vmap and the DrJAX round compute the same round:
   every client's update is its loop update, and the new global shared LoRA is their sample-weighted mean."""
   pytest.importorskip('drjax')
   results = {}

@@ -26,13 +26,13 @@ pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 
 from ml_ecs.models import params
-from ml_ecs import peft_io  # noqa: E402
-from ml_ecs.models import decoder, hf_gpt2  # noqa: E402
+from ml_ecs.backbones import hf_gpt2, peft_io  # noqa: E402
+from ml_ecs.models import decoder  # noqa: E402
 from ml_ecs.models.decoder import Block, DecoderLM  # noqa: E402
 from ml_ecs.models.variables import Frozen, Gate, PrivateLoRA, SharedLoRA  # noqa: E402
 from ml_ecs.data.tokenizer import HFTokenizer, TextTokenizer  # noqa: E402
+from tests.paths import FIXTURES
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 FIXTURE = os.path.join(FIXTURES, 'hf_gpt2')
 # float32 logits of two implementations (different summation orders): measured max |delta|
 # is ~1e-6 on this fixture (|logits| up to ~10); 1e-4 leaves room for other BLAS builds.

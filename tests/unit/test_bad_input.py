@@ -17,8 +17,8 @@ from studies.compare import grid as compare
 from ml_ecs.run import trainer
 from ml_ecs.run.checkpoint import Checkpointer
 from ml_ecs.config.validation import ConfigError, DataError, check_devices, check_partition, validate
+from tests.paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTINEL = 'row from an earlier run\n'
 
 

@@ -16,13 +16,15 @@ pytest.importorskip('safetensors')
 from ml_ecs.run import export
 from ml_ecs.models import params
 from ml_ecs.backbones import peft_io
-from ml_ecs import sizing  # noqa: E402
+from ml_ecs.run import sizing  # noqa: E402
 from ml_ecs.data.loaders import from_arrays, load_dataset, save_npz  # noqa: E402
 from ml_ecs.backbones.hf_gpt2 import load_hf_gpt2  # noqa: E402
 from ml_ecs.run.trainer import train  # noqa: E402
 
 CLASSES = ('rest', 'walk', 'jump')
 PARAS = (('resting quietly', 'at rest'), ('walking along', 'a slow walk'), ('jumping up', 'a jump'))
+# The tests share one run (`npz_run`): one xdist worker makes it.
+pytestmark = pytest.mark.xdist_group('workdir_export')
 
 
 def _user_dataset(n: int = 240, seed: int = 0):

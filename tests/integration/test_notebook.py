@@ -1,24 +1,10 @@
-"""colab/quickstart.ipynb runs top to bottom (one round), and is what colab/make_notebook.py writes."""
+"""colab/quickstart.ipynb runs top to bottom (one round)."""
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOK = os.path.join(ROOT, 'colab', 'quickstart.ipynb')
-
-
-def test_committed_notebook_is_generated_and_stripped():
-  nbformat = pytest.importorskip('nbformat')
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('make_notebook', os.path.join(ROOT, 'colab', 'make_notebook.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  committed = nbformat.read(NOTEBOOK, as_version=4)
-  assert [c.source for c in committed.cells] == [c.source for c in module.build().cells], \
-      'colab/quickstart.ipynb is stale: run python colab/make_notebook.py'
-  for cell in committed.cells:
-    if cell.cell_type == 'code':
-      assert not cell.outputs and cell.execution_count is None, 'outputs must be stripped'
+from tests.paths import JAX_CACHE, ROOT
+from tests.unit.test_notebook import NOTEBOOK
 
 
 @pytest.mark.slow
@@ -27,7 +13,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   nbclient = pytest.importorskip('nbclient')
   monkeypatch.setenv('ML_ECS_NOTEBOOK_ROUNDS', '1')
   monkeypatch.setenv('ML_ECS_NOTEBOOK_WORKDIR', str(tmp_path / 'run'))
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', os.path.join(ROOT, '.pytest_cache', 'jax_cache'))
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', JAX_CACHE)
   monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbclient.NotebookClient(nb, timeout=900, kernel_name='python3',

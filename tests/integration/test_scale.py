@@ -1,0 +1,33 @@
+"""The main job at scale end to end: studies/scale/configs/scale_cpu.py with 40 clients, sampled evaluation."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.paths import ROOT, cached_env
+from tests.unit.test_scale import SCALE_CPU_BYTES_PER_CLIENT
+
+
+@pytest.mark.slow
+def test_scale_cpu_config_end_to_end(tmp_path):
+  out = tmp_path / 'run'
+  cmd = [sys.executable, os.path.join(ROOT, 'launch', 'train.py'),
+         '--config=' + os.path.join(ROOT, 'studies', 'scale', 'configs', 'scale_cpu.py') + ':40', f'--workdir={out}',
+         '--config.train.rounds=2', '--config.train.eval_every=1', '--config.pretrain.steps=20',
+         '--config.eval.clients_per_eval=6', '--config.eval.final_full=True',
+         '--config.train.public_steps=1', '--config.train.private_steps=1', '--config.train.server_steps=1',
+         '--noprogress']
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=cached_env())
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = [json.loads(l) for l in open(out / 'metrics.jsonl')]
+  assert [r['round'] for r in rows] == [0, 1, 2]
+  assert rows[1]['clients/sampled'] == 10   # 25% of 40
+  # Sampled evaluations report how many clients they cover; the last one (final_full) covers all.
+  assert 3 <= rows[1]['client/evaluated'] <= 8 and len(rows[1]['client/rougeLsum']) == rows[1]['client/evaluated']
+  assert rows[2]['client/evaluated'] == 40
+  assert '(40 clients)' in res.stdout + res.stderr
+  summary = json.load(open(out / 'model_summary.json'))
+  assert 0 < summary['host_bytes_per_client'] < SCALE_CPU_BYTES_PER_CLIENT
+  assert os.path.isdir(out / 'checkpoints' / '2')
