@@ -1,4 +1,4 @@
-"""Statistics of a comparison: the last evaluations of a run, plateaus, intervals clustered on what was
+"""Statistics of a comparison: the last evaluations of a run, intervals clustered on what was
 randomised, and the Holm correction of the pre-registered contrasts.
 
 What is randomised is the partition seed (the clients' data, modality sets, label skew); training seeds
