@@ -10,7 +10,8 @@ checkpoint (exit status 143 / 130); rerun the same command to resume.
 `method.name` selects a strategy of ml_ecs/algorithms/registry.py (fedavg, fedprox, local, ...), which sets
 the method fields it controls; `--config.method.FIELD=...` given on the command line wins over it
 (e.g. --config.method.name=fedprox --config.method.fedprox_mu=0.1). Exit status 2: a config, data
-or workdir error (one `error:` line); 3: the whole federation diverged.
+or workdir error, an unknown config field (with did-you-mean) or a workdir held by another process
+(one `error:` line naming it); 3: the whole federation diverged (its state is never checkpointed).
 
 Many processes (one per host, or several CPU processes here): every process runs the same
 command; on SLURM (srun), Open MPI (mpirun) and TPU pod slices they find each other from the
@@ -29,7 +30,8 @@ from ml_collections import config_flags
 from ml_ecs.core import distributed
 from ml_ecs.core.faults import FederationDiverged
 from ml_ecs.algorithms.registry import apply_strategy
-from ml_ecs.run.trainer import WorkdirConflict, train
+from ml_ecs.run.trainer import WorkdirConflict, WorkdirLocked, train
+from ml_ecs.config.cli import parse_flags
 from ml_ecs.config.validation import ConfigError, DataError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -65,8 +67,11 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     cfg = resolved_config()
     result = train(cfg, _WORKDIR.value, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
-  except (ConfigError, DataError, WorkdirConflict) as e:
+  except (ConfigError, DataError, WorkdirConflict, WorkdirLocked) as e:
     print(f'error: {e}', file=sys.stderr)
+    return 2
+  except PermissionError as e:   # e.g. a read-only workdir or file in it
+    print(f'error: {e.strerror}: {e.filename} (is --workdir writable?)', file=sys.stderr)
     return 2
   except FederationDiverged as e:
     print(f'error: {e}', file=sys.stderr)
@@ -78,5 +83,10 @@ def main(argv):
   return 0
 
 
+def run():
+  """The `ml-ecs-train` console entry point (setup.py): this module's command from any directory."""
+  app.run(main, flags_parser=parse_flags)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()

@@ -199,6 +199,27 @@ def _missing_rows(x: np.ndarray, where: str, present: np.ndarray | None = None) 
   return present & ~all_nan
 
 
+# Larger input values are refused: they are not features but overflow (float32 ends at 3.4e38) or
+# unit errors, and a single such row makes its client diverge without naming why.
+MAX_ABS_VALUE = 1e30
+
+
+def _check_magnitudes(x: np.ndarray, where: str) -> None:
+  """Raises ValueError naming the rows holding +-Inf or |value| >= MAX_ABS_VALUE (NaN is the missing-sample rule)."""
+  if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+    return
+  flat = np.asarray(x, np.float64).reshape(len(x), -1)
+  with np.errstate(invalid='ignore'):
+    bad = np.isinf(flat) | (np.abs(flat) >= MAX_ABS_VALUE)
+  rows = np.flatnonzero(bad.any(1))
+  if rows.size:
+    r = rows[0]
+    first = flat[r][bad[r]][0]
+    shown = ', '.join(str(int(i)) for i in rows[:10]) + (f', ... ({rows.size} rows)' if rows.size > 10 else '')
+    raise ValueError(f'{where} has non-finite or absurd values (|x| >= {MAX_ABS_VALUE:g}) in rows {shown} '
+                     f'(row {r}: {float(first)!r}); fix or drop those rows (all-NaN marks a missing sample)')
+
+
 def from_arrays(modalities: Mapping[str, Any], labels: Any, class_names: Sequence[str],
                 sequence_ids: Any = None, descriptions: Sequence[Sequence[str]] | None = None,
                 text_ids: Any = None, present: Mapping[str, Any] | None = None,
@@ -243,6 +264,10 @@ def from_arrays(modalities: Mapping[str, Any], labels: Any, class_names: Sequenc
       raise ValueError(f'{where} has dtype {x.dtype}, expected a numeric array [N, *shape]')
     if x.ndim < 1 or x.shape[0] != n:
       raise ValueError(f'{where} has shape {x.shape}, expected ({n}, ...) (one row per label)')
+    if x.ndim > 1 and 0 in x.shape[1:]:
+      raise ValueError(f'{where} has shape {x.shape}: each row has no values (a modality needs at least one '
+                       'feature per sample; drop the modality)')
+    _check_magnitudes(x, where)
     x = x.astype(np.float32)
     p = None
     if present is not None and name in present:
