@@ -214,6 +214,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     except (OSError, ValueError) as e:   # a missing or malformed data file: the loaders name it
       raise DataError(f'data.path = {cfg.data.path!r} ({cfg.data.name}): {e}') from None
   check_partition(cfg, dataset)
+  differ = strategy_overrides(cfg.method)
+  if differ:   # e.g. a Python caller setting method.name without apply_strategy: say what runs
+    log(f'note: method {cfg.method.name!r} runs with fields that differ from its plain settings: {differ} '
+        '(ml_ecs.algorithms.registry.apply_strategy sets them; the command line applies it and keeps '
+        'the method fields you give)')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirConflict(f'--workdir {workdir} is a file, not a directory')
   try:
