@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
 import sys
 from typing import Any, Sequence
 
@@ -75,8 +76,25 @@ def config_override_errors(argv: Sequence[str], config_flag: str = 'config') -> 
   return out
 
 
+def packaged_config(spec: str) -> str:
+  """`--config` value `spec` ('path.py[:arg]'), or, when that path is no file, the installed configs
+  package's file of that name ('tiny', 'tiny.py' or 'configs/tiny.py' -> .../configs/tiny.py), so
+  that the installed command works from any directory. Unchanged if neither exists."""
+  path, sep, arg = spec.partition(':')
+  if os.path.isfile(path):
+    return spec
+  try:
+    import configs
+  except ImportError:
+    return spec
+  name = os.path.basename(path)
+  candidate = os.path.join(os.path.dirname(configs.__file__), name if name.endswith('.py') else name + '.py')
+  return candidate + sep + arg if os.path.isfile(candidate) else spec
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl `flags_parser`: parses `argv`; a flag or config-field error prints one `error:` line and exits 2."""
+  argv = [f'--config={packaged_config(a[9:])}' if a.startswith('--config=') else a for a in argv]
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001  (flags.Error, or ml_collections' AttributeError / KeyError / TypeError)
