@@ -183,3 +183,38 @@ def test_multiprocess_launcher_stops_the_rest_when_one_dies():
   status = local_multiprocess.run([(survivor, env), (dying, env)], cwd=ROOT)
   assert status == 7
   assert time.time() - t0 < 30   # not the survivor's 60 s (nor Gloo's time-out)
+
+
+# --------------------------------------------------------------------------- case 8a: the grid's exit status
+GRID_CONFIG = '''
+from configs import tiny
+
+def get_config():
+  c = tiny.get_config()
+  c.grid = dict(methods=('fedavg',), missing_rates=(0.3,), num_clients=(3,), partition_seeds=(0,), train_seeds=(0,),
+                modality_seed=0, last_k=1, tuned='', reproduce=0)
+  return c
+'''
+STOPPED_CELL = '''
+import sys
+from absl import app
+import studies.compare.run as r
+from ml_ecs.config.cli import parse_flags
+from ml_ecs.run.trainer import RunResult
+
+def train(cfg, cdir, **kw):   # the cell's run, stopped by a signal after its checkpoint
+  return RunResult('interrupted', [], cdir, None, sys.argv.pop())
+
+r.train = train
+app.run(r.main, flags_parser=parse_flags)
+'''
+
+
+@pytest.mark.parametrize('signal_name, status', [('SIGTERM', 143), ('SIGINT', 130)])
+def test_compare_exits_128_plus_the_signal_after_a_stopped_cell(tmp_path, signal_name, status):
+  (tmp_path / 'grid_cfg.py').write_text(GRID_CONFIG)
+  (tmp_path / 'stopped.py').write_text(STOPPED_CELL)
+  res = subprocess.run([sys.executable, str(tmp_path / 'stopped.py'), f'--config={tmp_path / "grid_cfg.py"}',
+                        f'--workdir={tmp_path / "grid"}', signal_name], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'))
+  assert res.returncode == status, res.stdout[-2000:] + res.stderr[-2000:]
