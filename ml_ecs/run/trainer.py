@@ -228,8 +228,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise WorkdirConflict(f'--workdir {workdir} is not writable')
   lock = WorkdirLock(workdir, log) if main else None   # process 0 holds it for all processes of the run
+  refused = None
   if lock is not None:
-    lock.acquire()
+    try:
+      lock.acquire()
+    except WorkdirLocked as e:
+      refused, lock = e, None
+  if distributed.any_process(refused is not None):   # every process stops, none waits in a collective
+    raise refused or WorkdirLocked(f'{workdir}: process 0 could not lock the workdir (its error line names why)')
   try:
     return _train(cfg, workdir, dataset, progress=progress, log=log, checkpoint=checkpoint, cache_dir=cache_dir,
                   overwrite=overwrite)
