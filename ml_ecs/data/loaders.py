@@ -266,10 +266,11 @@ def from_arrays(modalities: Mapping[str, Any], labels: Any, class_names: Sequenc
       raise ValueError(f'{where} has dtype {x.dtype}, expected a numeric array [N, *shape]')
     if x.ndim < 1 or x.shape[0] != n:
       raise ValueError(f'{where} has shape {x.shape}, expected ({n}, ...) (one row per label)')
+    named = f'{source}: modality {name!r}' + (f' ({origins[name]})' if origins and name in origins else '')
     if x.ndim > 1 and 0 in x.shape[1:]:
-      raise ValueError(f'{where} has shape {x.shape}: each row has no values (a modality needs at least one '
+      raise ValueError(f'{named} has shape {x.shape}: each row has no values (a modality needs at least one '
                        'feature per sample; drop the modality)')
-    _check_magnitudes(x, where)
+    _check_magnitudes(x, named)
     x = x.astype(np.float32)
     p = None
     if present is not None and name in present:
