@@ -51,13 +51,14 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
   os.replace(tmp, path)
 
 
-def _nan_for_null(obj: Any) -> Any:
+def nan_for_null(obj: Any) -> Any:
+  """`obj` with every null as NaN (what `strict` wrote as null), containers recursed."""
   if obj is None:
     return math.nan
   if isinstance(obj, dict):
-    return {k: _nan_for_null(v) for k, v in obj.items()}
+    return {k: nan_for_null(v) for k, v in obj.items()}
   if isinstance(obj, list):
-    return [_nan_for_null(v) for v in obj]
+    return [nan_for_null(v) for v in obj]
   return obj
 
 
@@ -69,7 +70,7 @@ def read_jsonl(path: str) -> list[dict]:
     for i, line in enumerate(f, 1):
       if line.strip():
         try:
-          rows.append(_nan_for_null(json.loads(line)))
+          rows.append(nan_for_null(json.loads(line)))
         except ValueError as e:
           raise ValueError(f'{path} line {i} is not JSON ({e})') from None
   return rows
