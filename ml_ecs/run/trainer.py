@@ -268,6 +268,12 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, dataset: MultimodalData
   t0 = time.perf_counter()
   setup, state = federation.init(cfg, workdir=workdir, dataset=dataset, log=log, cache_dir=cache_dir)
   setup_s = time.perf_counter() - t0
+  sets = cfg.data.get('modality_sets', ())
+  if sets and len(setup.cohorts) > len({tuple(sorted(s)) for s in sets}):
+    log(f'WARNING: data.modality_sets lists {len({tuple(sorted(s)) for s in sets})} distinct modality sets but the '
+        f'clients form {len(setup.cohorts)} cohorts: with explicit sets, client k takes option k mod n of each '
+        'data.encoders entry (num_device_types is not used), so clients of one set got different encoders '
+        '(clients.json lists them); give one encoder per modality to make each set one cohort')
   write_json(os.path.join(workdir, 'model_summary.json'),
              {**federation.model_summary(setup, state), 'pretrain': setup.pretrain_info, 'setup_s': setup_s})
   write_json(os.path.join(workdir, 'clients.json'), federation.clients_info(setup))
