@@ -218,3 +218,34 @@ def test_compare_exits_128_plus_the_signal_after_a_stopped_cell(tmp_path, signal
                         f'--workdir={tmp_path / "grid"}', signal_name], capture_output=True, text=True, cwd=ROOT,
                        timeout=300, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'))
   assert res.returncode == status, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- own data, installed command
+def test_npz_class_names_may_come_from_the_config(tmp_path):
+  from ml_ecs.data.loaders import load_npz
+  path = str(tmp_path / 'd.npz')
+  np.savez(path, x_gyro=np.ones((4, 3)), labels=np.array([0, 1, 0, 1]))
+  with pytest.raises(ValueError, match=r"no 'class_names' array \(or give data.class_names\)"):
+    load_npz(path)
+  assert load_npz(path, class_names=('rest', 'walk')).class_names == ('rest', 'walk')
+  np.savez(path, x_gyro=np.ones((4, 3)), labels=np.array([0, 1, 0, 1]), class_names=np.array(['a', 'b']))
+  with pytest.raises(ValueError, match='differ from the class_names array'):
+    load_npz(path, class_names=('rest', 'walk'))
+
+
+def test_packaged_configs_are_found_by_name_from_anywhere(tmp_path, monkeypatch):
+  from ml_ecs.config.cli import packaged_config
+  monkeypatch.chdir(tmp_path)
+  for spec in ('tiny', 'tiny.py', 'configs/tiny.py'):
+    assert packaged_config(spec) == os.path.join(ROOT, 'configs', 'tiny.py')
+  assert packaged_config('tiny:3').endswith(os.path.join('configs', 'tiny.py') + ':3')
+  assert packaged_config('nope') == 'nope'
+
+
+def test_setup_declares_the_console_entry_point():
+  src = open(os.path.join(ROOT, 'setup.py')).read()
+  assert "'ml-ecs-train = ml_ecs.run.train_cli:run'" in src
+  # not imported here: its absl flags would clash with launch/local_multiprocess.py's in one test process
+  import ast
+  tree = ast.parse(open(os.path.join(ROOT, 'ml_ecs', 'run', 'train_cli.py')).read())
+  assert 'run' in [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
