@@ -214,6 +214,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     except (OSError, ValueError) as e:   # a missing or malformed data file: the loaders name it
       raise DataError(f'data.path = {cfg.data.path!r} ({cfg.data.name}): {e}') from None
   check_partition(cfg, dataset)
+  unused = sorted(set(cfg.data.encoders.keys()) - set(dataset.modality_names))
+  if unused:
+    log(f'WARNING: data.encoders names modalities the dataset does not have: {unused} (ignored; the dataset '
+        f'has {list(dataset.modality_names)})')
   differ = strategy_overrides(cfg.method)
   if differ:   # e.g. a Python caller setting method.name without apply_strategy: say what runs
     log(f'note: method {cfg.method.name!r} runs with fields that differ from its plain settings: {differ} '
