@@ -8,6 +8,9 @@ setup(
     python_requires='>=3.11',
     packages=find_packages(include=['ml_ecs', 'ml_ecs.*', 'configs']),
     package_data={'ml_ecs.data': ['*.npz']},
+    # The main job from any directory: `ml-ecs-train --config=tiny --workdir=/tmp/run` (the packaged
+    # configs by name, or any config file's path).
+    entry_points={'console_scripts': ['ml-ecs-train = ml_ecs.run.train_cli:run']},
     install_requires=[
         'jax>=0.7,<0.11',
         'flax>=0.12,<0.13',

@@ -8,7 +8,8 @@ Every process runs launch/train.py (or --script) with the arguments after `--`, 
 environment gets JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=K.
 Process 0 prints the run's log. SIGTERM / Ctrl-C are passed to every process (they stop
 together after the current round, with a checkpoint); if one process fails the others are
-stopped. Exit status: the first non-zero status of a process, else 0.
+stopped at once (SIGTERM, SIGKILL 10 s later if one is stuck in a collective). Exit status: that
+of the first process that failed (killed by signal N: 128 + N), else 0.
 """
 from __future__ import annotations
 
@@ -59,7 +60,10 @@ def run(commands: Sequence[tuple[list[str], dict[str, str]]], cwd: str = ROOT) -
   """Runs the processes to the end; forwards SIGTERM / SIGINT; stops the rest when one fails."""
   procs = [subprocess.Popen(argv, env=env, cwd=cwd) for argv, env in commands]
 
+  forwarded = []
+
   def forward(signum, frame):
+    forwarded.append(signum)
     for p in procs:
       if p.poll() is None:
         p.send_signal(signum)
@@ -67,9 +71,13 @@ def run(commands: Sequence[tuple[list[str], dict[str, str]]], cwd: str = ROOT) -
   previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     status, failed_at = 0, None
-    while any(p.poll() is None for p in procs):
+    # Every process is polled every time (`any(...)` would stop at the first live one and never see
+    # a later one die: the survivors then hang in a collective until Gloo aborts them).
+    while [p for p in procs if p.poll() is None]:
       failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-      if failed and failed_at is None:   # the others would wait for it in a collective: stop them
+      if failed and failed_at is None and not forwarded:   # the others would wait for it in a collective: SIGTERM, then SIGKILL
+        print(f'local_multiprocess: a process exited with status {exit_status(failed[0])}; stopping the others',
+              file=sys.stderr, flush=True)
         status, failed_at = exit_status(failed[0]), time.time()
         for p in procs:
           if p.poll() is None:

@@ -1,6 +1,7 @@
 """Main job: ML-ECS federated training on the configured data; resumes a run in its workdir.
 
   python launch/train.py --config=configs/default.py --workdir=/tmp/ml_ecs
+  ml-ecs-train --config=default --workdir=/tmp/ml_ecs      # after pip install, from any directory
   python launch/train.py --config=configs/default.py --workdir=/tmp/run --config.data.num_clients=20
 
 Rerunning a command continues from the newest checkpoint in --workdir; a finished run is
@@ -10,7 +11,8 @@ checkpoint (exit status 143 / 130); rerun the same command to resume.
 `method.name` selects a strategy of ml_ecs/algorithms/registry.py (fedavg, fedprox, local, ...), which sets
 the method fields it controls; `--config.method.FIELD=...` given on the command line wins over it
 (e.g. --config.method.name=fedprox --config.method.fedprox_mu=0.1). Exit status 2: a config, data
-or workdir error (one `error:` line); 3: the whole federation diverged.
+or workdir error, an unknown config field (with did-you-mean) or a workdir held by another process
+(one `error:` line naming it); 3: the whole federation diverged (its state is never checkpointed).
 
 Many processes (one per host, or several CPU processes here): every process runs the same
 command; on SLURM (srun), Open MPI (mpirun) and TPU pod slices they find each other from the
@@ -18,65 +20,11 @@ environment, elsewhere give --coordinator_address, --num_processes and --process
 (launch/local_multiprocess.py does that for N local CPU processes). See docs/many_hosts.md.
 """
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from ml_ecs.core import distributed
-from ml_ecs.core.faults import FederationDiverged
-from ml_ecs.algorithms.registry import apply_strategy
-from ml_ecs.run.trainer import WorkdirConflict, train
-from ml_ecs.config.validation import ConfigError, DataError
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (metrics, summary, checkpoints).')
-_PROGRESS = flags.DEFINE_boolean('progress', True, 'Show a progress bar.')
-_OVERWRITE = flags.DEFINE_boolean('overwrite', False, 'Delete the run in --workdir and start afresh.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'HOST:PORT of process 0 when the run is one of several processes.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes of the run (with --coordinator_address).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
-_DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', distributed.MODES,
-                                 "Join other processes: 'auto' when SLURM, Open MPI or a TPU pod's environment "
-                                 "announces several; 'on' always (JAX's cluster detection, e.g. Cloud TPU VMs); "
-                                 "'off' never. Explicit --coordinator_address etc. win.")
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def resolved_config():
-  """The config with strategy method.name applied; method fields set on the command line win."""
-  cfg = _CONFIG.value
-  overrides = config_flags.get_override_values(flags.FLAGS['config'])
-  keep = [k.split('.', 1)[1] for k in overrides if k.startswith('method.') and k != 'method.name']
-  try:
-    return apply_strategy(cfg, cfg.method.name, keep=keep)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
-def main(argv):
-  del argv
-  try:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
-    cfg = resolved_config()
-    result = train(cfg, _WORKDIR.value, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
-  except (ConfigError, DataError, WorkdirConflict) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  except FederationDiverged as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 3
-  if result.status == 'interrupted':
-    return 128 + int(getattr(signal, result.signal_name))
-  if result.status == 'complete' and distributed.is_main():
-    print(f'wrote {os.path.join(_WORKDIR.value, "metrics.jsonl")} and summary.json')
-  return 0
-
+from ml_ecs.run.train_cli import main, resolved_config, run  # noqa: E402,F401  (flags, main: ml_ecs/run/train_cli.py)
 
 if __name__ == '__main__':
-  app.run(main)
+  run()

@@ -2,10 +2,14 @@
 
 Each round is one sampled Gaussian mechanism on the aggregated shared LoRA (noise multiplier
 z = dp.noise_multiplier), composed with a second one on the SE-CCL targets when
-dp.noise_representations is on; the sampling rate is q = train.client_fraction, modelled as
-Poisson sampling of clients (the usual DP-FL approximation: our sampler draws a fixed number
-per cohort; with q = 1 nothing is amplified and the bound is exact). The unit of privacy is one
-client (all of its data). `epsilon(cfg, rounds)` is the (epsilon, delta = dp.delta) guarantee
+dp.noise_representations is on. The sampling rate q is the one the sampler actually performs,
+not train.client_fraction: each cohort of n clients trains max(1, round(client_fraction * n)) of
+them per round, so a client of that cohort is in a round with probability k / n, and the
+guarantee (one for every client) uses the largest such rate over the cohorts
+(`sampling_rate`). A cohort of one client gives q = 1 whatever client_fraction says. The
+accountant models that rate as Poisson sampling of clients (the usual DP-FL approximation: our
+sampler draws a fixed number per cohort; with q = 1 nothing is amplified and the bound is exact);
+the metrics state it as `dp/sampling_rate`. The unit of privacy is one client (all of its data). `epsilon(cfg, rounds)` is the (epsilon, delta = dp.delta) guarantee
 after `rounds` rounds, from the RDP or PLD accountant (dp.accountant).
 """
 from __future__ import annotations
@@ -52,7 +56,15 @@ def epsilon(dp: ml_collections.ConfigDict, client_fraction: float, rounds: int) 
                   str(dp.accountant))
 
 
+def sampling_rate(cohorts) -> float:
+  """The largest per-round inclusion probability of a client, k / n over the cohorts' (k sampled of n
+  real clients) pairs: the rate the accountant must use, not the configured client_fraction."""
+  rates = [k / n for k, n in cohorts if n > 0]
+  return float(max(rates)) if rates else 1.0
+
+
 def round_metrics(dp: ml_collections.ConfigDict, client_fraction: float, rounds_done: int) -> dict[str, float]:
-  """dp/epsilon (cumulative after `rounds_done` rounds), dp/epsilon_round (one round alone), dp/delta."""
+  """dp/epsilon (cumulative after `rounds_done` rounds), dp/epsilon_round (one round alone), dp/delta and
+  dp/sampling_rate (the q they assume, Poisson sampling; pass `sampling_rate(...)` as `client_fraction`)."""
   return {'dp/epsilon': epsilon(dp, client_fraction, rounds_done), 'dp/epsilon_round': epsilon(dp, client_fraction, 1),
-          'dp/delta': float(dp.delta)}
+          'dp/delta': float(dp.delta), 'dp/sampling_rate': float(client_fraction)}

@@ -138,7 +138,7 @@ def cached_backbone(name: str, cfg: ml_collections.ConfigDict, text: TaskText, f
     pure = {'backbone': nnx.to_pure_dict(backbone_state)}
     if path:
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      tmp = path + '.tmp'
+      tmp = f'{path}.{os.getpid()}.tmp'   # per process: grid cells share the backbone cache
       with open(tmp, 'wb') as f:
         f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, pure)))
       os.replace(tmp, path)

@@ -14,9 +14,11 @@ class Accounting:
   reps_bytes: np.ndarray     # client's fused representations of its public subset
   total_model_bytes: int     # all edge models (trainables + frozen backbone each) + the server model
 
-  def round_bytes(self, sampled: np.ndarray, send_lora: bool, send_reps: bool) -> dict[str, float]:
-    """Bytes up/down of a round with the `sampled` client ids, and their ratio to all model bytes."""
-    out = round_bytes(self.shared_bytes, self.reps_bytes, sampled, send_lora, send_reps)
+  def round_bytes(self, sampled: np.ndarray, send_lora: bool, send_reps: bool,
+                  sent: np.ndarray | None = None) -> dict[str, float]:
+    """Bytes up/down of a round with the `sampled` client ids (`sent`: those whose upload was sent,
+    default all), and their ratio to all model bytes."""
+    out = round_bytes(self.shared_bytes, self.reps_bytes, sampled, send_lora, send_reps, sent)
     out['comm/ratio'] = (out['comm/bytes_up'] + out['comm/bytes_down']) / self.total_model_bytes
     return out
 
@@ -39,14 +41,19 @@ def accounting(clients: Sequence[tuple[int, Sequence[int], int, int]], leaf_byte
 
 
 def round_bytes(shared_bytes: np.ndarray, reps_bytes: np.ndarray, sampled: np.ndarray,
-                send_lora: bool, send_reps: bool) -> dict[str, int]:
-  """Bytes up/down of a round for the `sampled` client ids, split into LoRA and representations.
+                send_lora: bool, send_reps: bool, sent: np.ndarray | None = None) -> dict[str, int]:
+  """Bytes up/down of a round, split into LoRA and representations.
 
-  Down: the aggregated shared LoRA and the server's representations of each client's public
-  subset; up: the client's own of both.
+  Down, to every `sampled` client: the aggregated shared LoRA and the server's representations
+  of its public subset. Up, from the clients in `sent` (default: all sampled): the client's own
+  of both. A client that dropped out before its upload sends nothing; a late upload was sent
+  (the server discards or discounts it), so it counts.
   """
-  lora = int(shared_bytes[sampled].sum()) if send_lora else 0
-  reps = int(reps_bytes[sampled].sum()) if send_reps else 0
-  return {'comm/bytes_up': lora + reps, 'comm/bytes_down': lora + reps,
-          'comm/lora_bytes_up': lora, 'comm/reps_bytes_up': reps,
-          'comm/lora_bytes_down': lora, 'comm/reps_bytes_down': reps}
+  sent = sampled if sent is None else sent
+  lora_down = int(shared_bytes[sampled].sum()) if send_lora else 0
+  reps_down = int(reps_bytes[sampled].sum()) if send_reps else 0
+  lora_up = int(shared_bytes[sent].sum()) if send_lora else 0
+  reps_up = int(reps_bytes[sent].sum()) if send_reps else 0
+  return {'comm/bytes_up': lora_up + reps_up, 'comm/bytes_down': lora_down + reps_down,
+          'comm/lora_bytes_up': lora_up, 'comm/reps_bytes_up': reps_up,
+          'comm/lora_bytes_down': lora_down, 'comm/reps_bytes_down': reps_down}

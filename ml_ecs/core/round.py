@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_ecs.algorithms.base import Aggregated, Uploads
 from ml_ecs.algorithms.ml_ecs import mma
 from ml_ecs.aggregation.mean import clients_finite
+from ml_ecs.aggregation import privacy
 from ml_ecs.core import distributed, faults
 from ml_ecs.core.client_store import bucket, gather_clients, pad_positions, scatter_clients
 from ml_ecs.core.cohort_map import CLIENT_AXIS
@@ -103,6 +104,11 @@ def arrivals(setup: Setup, c: CohortSetup, out, real: np.ndarray, sel: np.ndarra
   return jnp.asarray(w), jnp.asarray(presence)
 
 
+def setup_sampling_rate(setup: Setup) -> float:
+  """The per-round inclusion probability the DP accountant uses (ml_ecs.aggregation.privacy.sampling_rate)."""
+  return privacy.sampling_rate([(c.num_sampled, c.num_real) for c in setup.cohorts])
+
+
 def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   """One communication round; returns the new state and the round's training metrics.
 
@@ -128,6 +134,8 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   uploads = Uploads(tuple(outs), tuple(weights), tuple(presence), np.concatenate(rows))
   if setup.communicate:
     agg = alg.aggregate(setup, state, uploads, key)
+    if 'dp/epsilon' in agg.metrics:   # accounted at the sampling rate performed, not the configured fraction
+      agg.metrics.update(privacy.round_metrics(setup.cfg.dp, setup_sampling_rate(setup), int(state.round) + 1))
   else:
     agg = Aggregated(state.global_shared, state.algorithm, (), {})
   targets, has_target, target_metrics = alg.server_targets(setup, state, uploads, agg.accepted, server_loss, key)
@@ -137,8 +145,9 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   metrics = {**agg.metrics, **target_metrics, **ledger.metrics()}
   metrics.update({f'server/{k}': float(v) for k, v in server_metrics.items()})
   metrics['server/diverged'] = int(not all(np.isfinite(float(v)) for v in server_metrics.values()))
+  sent = np.setdiff1d(np.asarray(ledger.sampled, np.int64), np.asarray(ledger.dropped, np.int64))   # dropped: no upload
   metrics.update(setup.accounting.round_bytes(np.asarray(ledger.sampled, np.int64), setup.communicate,
-                                              setup.sends_representations))
+                                              setup.sends_representations, sent=sent))
   jax.block_until_ready(server_z)
   new_state = State(cohorts=tuple(cohorts), server=NodeState(server_tr, server_opt), global_shared=agg.shared,
                     server_z=server_z, round=state.round + 1, rng=jax.random.key_data(rng), algorithm=agg.state)

@@ -29,7 +29,9 @@ partly NaN is an error (impute it, or make the whole row NaN to mark it missing)
 sample needs at least one modality present.
 
 Your own data in memory (no files): build the dataset from numpy arrays and hand it to the
-job instead of `data.name` (today `Federation(cfg, dataset=ds)`):
+job instead of `data.name` (`ml_ecs.run.trainer.train(cfg, workdir, dataset=ds)`, or
+`ml_ecs.core.federation.init(cfg, dataset=ds)`; for another method than ML-ECS pass
+`ml_ecs.algorithms.registry.apply_strategy(cfg, 'fedavg')`, as the command line does):
 
     from ml_ecs.data.loaders import from_arrays
     ds = from_arrays(
@@ -175,7 +177,7 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> MultimodalDataset:
   c = _columns_cfg(cfg)
   class_names = tuple(cfg.get('class_names', ()) or ())
   if name == 'npz':
-    return load_npz(cfg.path, modalities=c['modalities'])
+    return load_npz(cfg.path, modalities=c['modalities'], class_names=class_names)
   if name == 'hf':
     return load_hf(cfg.path, split=cfg.get('split', 'train'), modalities=c['modalities'],
                    label=c['label'], sequence_id=c['sequence_id'], text=c['text'], class_names=class_names)
@@ -197,6 +199,27 @@ def _missing_rows(x: np.ndarray, where: str, present: np.ndarray | None = None) 
     raise ValueError(f'{where} row {r} has {int(nan[r].sum())} NaN of {flat.shape[1]} values: a '
                      'missing sample must be entirely NaN (or None), a present one have no NaN')
   return present & ~all_nan
+
+
+# Larger input values are refused: they are not features but overflow (float32 ends at 3.4e38) or
+# unit errors, and a single such row makes its client diverge without naming why.
+MAX_ABS_VALUE = 1e30
+
+
+def _check_magnitudes(x: np.ndarray, where: str) -> None:
+  """Raises ValueError naming the rows holding +-Inf or |value| >= MAX_ABS_VALUE (NaN is the missing-sample rule)."""
+  if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+    return
+  flat = np.asarray(x, np.float64).reshape(len(x), -1)
+  with np.errstate(invalid='ignore'):
+    bad = np.isinf(flat) | (np.abs(flat) >= MAX_ABS_VALUE)
+  rows = np.flatnonzero(bad.any(1))
+  if rows.size:
+    r = rows[0]
+    first = flat[r][bad[r]][0]
+    shown = ', '.join(str(int(i)) for i in rows[:10]) + (f', ... ({rows.size} rows)' if rows.size > 10 else '')
+    raise ValueError(f'{where} has non-finite or absurd values (|x| >= {MAX_ABS_VALUE:g}) in rows {shown} '
+                     f'(row {r}: {float(first)!r}); fix or drop those rows (all-NaN marks a missing sample)')
 
 
 def from_arrays(modalities: Mapping[str, Any], labels: Any, class_names: Sequence[str],
@@ -243,6 +266,11 @@ def from_arrays(modalities: Mapping[str, Any], labels: Any, class_names: Sequenc
       raise ValueError(f'{where} has dtype {x.dtype}, expected a numeric array [N, *shape]')
     if x.ndim < 1 or x.shape[0] != n:
       raise ValueError(f'{where} has shape {x.shape}, expected ({n}, ...) (one row per label)')
+    named = f'{source}: modality {name!r}' + (f' ({origins[name]})' if origins and name in origins else '')
+    if x.ndim > 1 and 0 in x.shape[1:]:
+      raise ValueError(f'{named} has shape {x.shape}: each row has no values (a modality needs at least one '
+                       'feature per sample; drop the modality)')
+    _check_magnitudes(x, named)
     x = x.astype(np.float32)
     p = None
     if present is not None and name in present:
@@ -338,11 +366,12 @@ def save_npz(ds: MultimodalDataset, path: str | os.PathLike) -> None:
                       class_names=np.array(ds.class_names, dtype=str), descriptions=desc, **arrays)
 
 
-def load_npz(path: str | os.PathLike, modalities: Any = ()) -> MultimodalDataset:
+def load_npz(path: str | os.PathLike, modalities: Any = (), class_names: Sequence[str] = ()) -> MultimodalDataset:
   """Reads one .npz file (or a directory holding exactly one).
 
   Keys: `x_<modality>` float [N, *shape] per modality (all-NaN row = missing sample);
-  `labels` int [N]; `class_names` str [C]; optional `descriptions` str [C, P] (paraphrases
+  `labels` int [N]; `class_names` str [C] (optional when `class_names`, i.e. data.class_names,
+  gives them; given both, they must agree); optional `descriptions` str [C, P] (paraphrases
   per class, '' pads classes with fewer; default: the class name), `sequence_ids` int [N]
   (default: one sequence per sample), `text_ids` int [N] (default 0), `present_<modality>`
   bool [N] (False = missing, in addition to the NaN rule). `modalities` selects modalities
@@ -364,17 +393,26 @@ def load_npz(path: str | os.PathLike, modalities: Any = ()) -> MultimodalDataset
   except (ValueError, OSError) as e:
     raise ValueError(f'{path} is not a readable .npz file of plain arrays: {e}') from e
   keys = sorted(arrays)
-  for k in ('labels', 'class_names'):
+  given = [str(c) for c in class_names]
+  for k in ('labels',) + (() if given else ('class_names',)):
     if k not in arrays:
-      raise ValueError(f'{path} has no {k!r} array; keys are {keys} (expected x_<modality>, labels, '
+      hint = ' (or give data.class_names)' if k == 'class_names' else ''
+      raise ValueError(f'{path} has no {k!r} array{hint}; keys are {keys} (expected x_<modality>, labels, '
                        'class_names, optional descriptions, sequence_ids, text_ids, present_<modality>)')
   names = [k[2:] for k in keys if k.startswith('x_')]
   mods = _select(names, modalities, (), names, str(path), what='modalities (x_<name> keys)')
-  names_arr = arrays['class_names']
-  if names_arr.ndim != 1 or names_arr.dtype.kind not in 'US':
-    raise ValueError(f"{path}: 'class_names' has dtype {names_arr.dtype} and shape {names_arr.shape}, "
-                     'expected strings [C]')
-  class_names = [str(c) for c in names_arr]
+  if 'class_names' in arrays:
+    names_arr = arrays['class_names']
+    if names_arr.ndim != 1 or names_arr.dtype.kind not in 'US':
+      raise ValueError(f"{path}: 'class_names' has dtype {names_arr.dtype} and shape {names_arr.shape}, "
+                       'expected strings [C]')
+    stored = [str(c) for c in names_arr]
+    if given and given != stored:
+      raise ValueError(f'data.class_names {given} differ from the class_names array of {path} {stored}; '
+                       'give one of them, or the same')
+    class_names = stored
+  else:
+    class_names = given
   descriptions = None
   if 'descriptions' in arrays:
     d = arrays['descriptions']

@@ -66,7 +66,7 @@ class TextTokenizer(_Codec):
     return cls(Tokenizer.from_file(os.fspath(path)))
 
   def save(self, path: str | os.PathLike) -> None:
-    tmp = f'{path}.tmp'
+    tmp = f'{path}.{os.getpid()}.tmp'   # per process: no two writers share a temp file
     self.tok.save(tmp)
     os.replace(tmp, path)
 

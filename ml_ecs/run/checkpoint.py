@@ -7,12 +7,17 @@ back on the template's devices and shardings (numpy leaves of a host_state feder
 writable host arrays). With several processes every process calls `save` and `restore`; each writes
 and reads the shards on its own devices. Orbax finalises a step atomically
 (written under a temporary name, then renamed), so a killed run never leaves a
-half-written step that looks complete; a step that is damaged all the same is
-skipped with a warning and the previous one is used.
+half-written step that looks complete; a step that is damaged all the same is moved
+aside (to `checkpoints_damaged/`, with a warning naming both places) and the previous one is
+used, so the rerun that trains that round again can save it again.
+The trainer stores the run's config in every step's meta (`meta['config']`): a workdir whose
+config.json was lost is still checked against it (`checkpoint_config`).
 """
 from __future__ import annotations
 
+import json
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -26,6 +31,29 @@ def _flatten(tree: Any) -> dict[str, Any]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {jax.tree_util.keystr(path): x if isinstance(x, jax.Array) and not x.is_fully_addressable
           else np.asarray(x) for path, x in leaves}
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+  """The step directories under `directory` (whatever their state)."""
+  try:
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+
+
+def checkpoint_config(directory: str) -> tuple[int | None, dict | None]:
+  """(step, config) of the newest step under `directory` whose meta holds the run's config, read
+  straight from its JSON (no template needed); (None, None) when there is no such step."""
+  for step in reversed(checkpoint_steps(directory)):
+    path = os.path.join(directory, str(step), 'meta', 'metadata')
+    try:
+      with open(path) as f:
+        meta = json.load(f)
+    except (OSError, ValueError):
+      continue   # damaged or unfinished: an older step may still say
+    if isinstance(meta, dict) and isinstance(meta.get('config'), dict):
+      return step, meta['config']
+  return None, None
 
 
 class Checkpointer:
@@ -79,16 +107,28 @@ class Checkpointer:
     return jax.tree_util.tree_unflatten(treedef, leaves), dict(restored['meta'] or {})
 
   def restore_latest_valid(self, template: Any, warn: Callable[[str], None]) -> tuple[int, Any, dict] | None:
-    """The newest step that restores cleanly, as (step, state, meta); damaged newer steps are
-    reported through `warn` (naming their directory) and skipped. None if there is none."""
+    """The newest step that restores cleanly, as (step, state, meta); a damaged newer step is moved
+    aside to `<directory>_damaged/<step>-<time>` (reported through `warn`, naming both) so that
+    the step can be written again. None if there is none."""
     for step in reversed(self.steps()):
       try:
         state, meta = self.restore(template, step)
         return step, state, meta
       except Exception as e:  # noqa: BLE001  (any damage: missing files, bad bytes, wrong shapes)
-        warn(f'WARNING: checkpoint {self.step_dir(step)} cannot be restored ({type(e).__name__}: '
-             f'{str(e).splitlines()[0][:200] if str(e) else ""}); falling back to the previous one')
+        reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
+        moved = self.move_aside(step)
+        warn(f'WARNING: checkpoint {self.step_dir(step)} cannot be restored ({reason}); moved it to {moved} '
+             'and falling back to the previous one')
     return None
+
+  def move_aside(self, step: int) -> str:
+    """Renames step `step` out of the manager's directory (process 0 alone); returns where it went."""
+    target = os.path.join(self.directory + '_damaged', f'{step}-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}')
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(self.step_dir(step), target)
+    self.manager.reload()   # forget the step: saving it again is a new step, not StepAlreadyExistsError
+    return target
 
   def close(self) -> None:
     self.manager.close()

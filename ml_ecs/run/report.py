@@ -23,13 +23,15 @@ class NotAWorkdirError(ValueError):
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
-  """metrics.jsonl rows; a torn last line (a writer caught mid-write) is skipped."""
+  """metrics.jsonl rows (null, a non-finite value on disk, as NaN); a torn last line (a writer caught
+  mid-write) is skipped."""
+  from ml_ecs.run.metrics_io import nan_for_null
   rows = []
   with open(path) as f:
     for line in f:
       if line.strip():
         try:
-          rows.append(json.loads(line))
+          rows.append(nan_for_null(json.loads(line)))
         except json.JSONDecodeError:
           continue
   return [r for r in rows if 'round' in r]

@@ -26,18 +26,20 @@ import ml_collections
 from tqdm import tqdm
 
 from ml_ecs.core import distributed, faults, federation
+from ml_ecs.core.round import setup_sampling_rate
 from ml_ecs.run import metrics_io
 from ml_ecs.aggregation import privacy
-from ml_ecs.run.checkpoint import Checkpointer
+from ml_ecs.run.checkpoint import Checkpointer, checkpoint_config, checkpoint_steps
 from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.data.loaders import load_dataset
 from ml_ecs.run.metric_writer import MetricWriter
+from ml_ecs.run.workdir_lock import WorkdirLock, WorkdirLocked
 from ml_ecs.algorithms.registry import strategy_overrides
 from ml_ecs.config.validation import DataError, check_devices, check_partition, validate
 
 # Files of a run that `overwrite` removes (caches such as backbones/ stay).
 RUN_OUTPUTS = ('config.json', 'metrics.jsonl', 'timing.jsonl', 'summary.json', 'model_summary.json',
-               'clients.json', 'tokenizer.json', 'checkpoints', 'tensorboard', 'hosts')
+               'clients.json', 'tokenizer.json', 'checkpoints', 'checkpoints_damaged', 'tensorboard', 'hosts')
 
 
 class _NoWriter:
@@ -54,7 +56,10 @@ class _NoWriter:
 
 
 class WorkdirConflict(RuntimeError):
-  """The workdir holds a run of another config."""
+  """The workdir holds a run of another config (or one whose config cannot be told)."""
+
+
+__all__ = ['RunResult', 'WorkdirConflict', 'WorkdirLocked', 'train']
 
 
 @dataclasses.dataclass
@@ -135,15 +140,28 @@ def _check_workdir(workdir: str, cfg_json: dict[str, Any], overwrite: bool, log:
         os.remove(path)
     return False
   cfg_path = os.path.join(workdir, 'config.json')
+  finished = os.path.exists(os.path.join(workdir, 'summary.json'))
+  saved, source = None, None
   if os.path.exists(cfg_path):
-    with open(cfg_path) as f:
-      saved = json.load(f)
+    try:
+      with open(cfg_path) as f:
+        saved, source = json.load(f), 'config.json'
+    except ValueError as e:
+      log(f'WARNING: {cfg_path} is not valid JSON ({e}); checking the config saved in the checkpoints instead')
+  if saved is None:   # config.json lost or damaged: every checkpoint holds the config too
+    step, saved = checkpoint_config(os.path.join(workdir, 'checkpoints'))
+    source = f'checkpoint {step}' if saved is not None else None
+  if saved is not None:
     diff = config_differences(saved, cfg_json)
     if diff:
       raise WorkdirConflict(
-          f'{workdir} holds a run with a different config (fields differ: {", ".join(diff)}); '
-          'use another --workdir, or --overwrite to start afresh there')
-  return os.path.exists(os.path.join(workdir, 'summary.json'))
+          f'{workdir} holds a run with a different config (fields differ: {", ".join(diff)}; '
+          f'from its {source}); use another --workdir, or --overwrite to start afresh there')
+  elif finished or checkpoint_steps(os.path.join(workdir, 'checkpoints')):
+    raise WorkdirConflict(
+        f'{workdir} holds a run but neither its config.json nor a checkpoint says which config; '
+        'use another --workdir, or --overwrite to start afresh there')
+  return finished
 
 
 class _StopOnSignal:
@@ -196,7 +214,46 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     except (OSError, ValueError) as e:   # a missing or malformed data file: the loaders name it
       raise DataError(f'data.path = {cfg.data.path!r} ({cfg.data.name}): {e}') from None
   check_partition(cfg, dataset)
-  os.makedirs(workdir, exist_ok=True)
+  unused = sorted(set(cfg.data.encoders.keys()) - set(dataset.modality_names))
+  if unused:
+    log(f'WARNING: data.encoders names modalities the dataset does not have: {unused} (ignored; the dataset '
+        f'has {list(dataset.modality_names)})')
+  differ = strategy_overrides(cfg.method)
+  if differ:   # e.g. a Python caller setting method.name without apply_strategy: say what runs
+    log(f'note: method {cfg.method.name!r} runs with fields that differ from its plain settings: {differ} '
+        '(ml_ecs.algorithms.registry.apply_strategy sets them; the command line applies it and keeps '
+        'the method fields you give)')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirConflict(f'--workdir {workdir} is a file, not a directory')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirConflict(f'cannot create --workdir {workdir}: {e.strerror or e}') from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise WorkdirConflict(f'--workdir {workdir} is not writable')
+  lock = WorkdirLock(workdir, log) if main else None   # process 0 holds it for all processes of the run
+  refused = None
+  if lock is not None:
+    try:
+      lock.acquire()
+    except WorkdirLocked as e:
+      refused, lock = e, None
+  if distributed.any_process(refused is not None):   # every process stops, none waits in a collective
+    raise refused or WorkdirLocked(f'{workdir}: process 0 could not lock the workdir (its error line names why)')
+  try:
+    return _train(cfg, workdir, dataset, progress=progress, log=log, checkpoint=checkpoint, cache_dir=cache_dir,
+                  overwrite=overwrite)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, dataset: MultimodalDataset, *, progress: bool,
+           log: Callable[[str], None], checkpoint: bool, cache_dir: str | None, overwrite: bool) -> RunResult:
+  """`train` once the workdir is locked."""
+  main = distributed.is_main()
+  write_json = metrics_io.write_json if main else (lambda path, obj: None)
+  write_jsonl = metrics_io.write_jsonl if main else (lambda path, rows: None)
   cfg_json = config_dict(cfg)
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   complete = _check_workdir(workdir, cfg_json, overwrite, log)
@@ -204,12 +261,23 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   if complete:
     log(f'{workdir} holds a complete run of this config ({cfg.train.rounds} rounds): nothing to do '
         '(--overwrite starts it afresh)')
-    return RunResult('already_complete', metrics_io.read_jsonl(metrics_path), workdir)
+    try:
+      rows = metrics_io.read_jsonl(metrics_path)
+    except (OSError, ValueError) as e:
+      raise WorkdirConflict(f'{workdir} holds summary.json but its metrics.jsonl cannot be read ({e}); '
+                            '--overwrite starts the run afresh') from None
+    return RunResult('already_complete', rows, workdir)
   write_json(os.path.join(workdir, 'config.json'), cfg_json)
 
   t0 = time.perf_counter()
   setup, state = federation.init(cfg, workdir=workdir, dataset=dataset, log=log, cache_dir=cache_dir)
   setup_s = time.perf_counter() - t0
+  sets = cfg.data.get('modality_sets', ())
+  if sets and len(setup.cohorts) > len({tuple(sorted(s)) for s in sets}):
+    log(f'WARNING: data.modality_sets lists {len({tuple(sorted(s)) for s in sets})} distinct modality sets but the '
+        f'clients form {len(setup.cohorts)} cohorts: with explicit sets, client k takes option k mod n of each '
+        'data.encoders entry (num_device_types is not used), so clients of one set got different encoders '
+        '(clients.json lists them); give one encoder per modality to make each set one cohort')
   write_json(os.path.join(workdir, 'model_summary.json'),
              {**federation.model_summary(setup, state), 'pretrain': setup.pretrain_info, 'setup_s': setup_s})
   write_json(os.path.join(workdir, 'clients.json'), federation.clients_info(setup))
@@ -227,9 +295,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     found = ckpt.restore_latest_valid(state, log)
     if found is not None:
       resumed_from, state, meta = found
+      diff = config_differences(meta['config'], cfg_json) if 'config' in meta else []
+      if diff:
+        raise WorkdirConflict(
+            f'checkpoint {ckpt.step_dir(resumed_from)} holds a run with a different config (fields differ: '
+            f'{", ".join(diff)}); use another --workdir, or --overwrite to start afresh there')
       rows = meta['rows']
-      if os.path.exists(timing_path):
+      try:   # wall-clock times only: a damaged file loses them, not the run
         timings = [t for t in metrics_io.read_jsonl(timing_path) if t['round'] <= resumed_from]
+      except FileNotFoundError:
+        pass
+      except (OSError, ValueError, KeyError, TypeError) as e:
+        log(f'WARNING: {timing_path} cannot be read ({e}); its earlier wall-clock times are dropped')
       timings.append({'round': resumed_from, 'event': 'resumed', 'time/setup_s': setup_s})
       log(f'resuming from round {resumed_from} (checkpoint {ckpt.step_dir(resumed_from)})')
   if resumed_from is None:
@@ -268,12 +345,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
       writer.write_row(r, {**row, **timings[-1]})
       if distributed.any_process(stop.received is not None) and not stop.received:
         stop.received = 'SIGTERM'   # another process was signalled: stop with it
-      if ckpt is not None and (r == rounds or (every and r % every == 0) or stop.received):
-        ckpt.save(r, state, {'round': r, 'rows': rows})
-        saved_at = r
       log(round_line(row))
       bar.update(1)
-      try:
+      try:   # before any save: the state of a diverged federation is never checkpointed
         faults.check_round(row)
       except faults.FederationDiverged:
         bar.close()
@@ -281,6 +355,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
         if ckpt is not None:
           ckpt.close()
         raise
+      if ckpt is not None and (r == rounds or (every and r % every == 0) or stop.received):
+        ckpt.save(r, state, {'round': r, 'rows': rows, 'config': cfg_json})
+        saved_at = r
       if stop.received and r < rounds:
         bar.close()
         writer.close()
@@ -296,7 +373,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   summary = {**metrics_io.summarize(rows), 'rounds': rounds, 'method': cfg.method.name,
              'method_overrides': strategy_overrides(cfg.method)}
   if cfg.dp.enabled:
-    summary['dp'] = {'epsilon': privacy.epsilon(cfg.dp, cfg.train.client_fraction, rounds),
+    q = setup_sampling_rate(setup)
+    summary['dp'] = {'epsilon': privacy.epsilon(cfg.dp, q, rounds), 'sampling_rate': q,
+                     'sampling': 'fixed k of n per cohort, accounted as Poisson at q = max k/n',
                      'delta': float(cfg.dp.delta), 'noise_multiplier': float(cfg.dp.noise_multiplier),
                      'clip_norm': float(cfg.dp.clip_norm), 'accountant': cfg.dp.accountant,
                      'representations_noised': bool(cfg.dp.noise_representations)}

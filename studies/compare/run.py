@@ -4,10 +4,13 @@
 Writes DIR/tuning.csv, DIR/tuned.json, DIR/results.csv, DIR/results.md (means and paired
 differences with 95% intervals), DIR/rouge_vs_round.png, DIR/rouge_vs_missing_rate.png,
 DIR/repro.json, DIR/environment.jsonl, and one run directory per cell under DIR/cells/.
-SIGTERM / Ctrl-C stop after the current round of the running cell (with a checkpoint);
---max_minutes stops starting new cells after that long. Rerun the same command to go on.
+SIGTERM / Ctrl-C stop after the current round of the running cell (with a checkpoint) and exit
+143 / 130 (128 + the signal: a scheduler sees the run did not finish); --max_minutes stops starting
+new cells after that long (exit 0). Rerun the same command to go on. Exit 2: a config or workdir
+error (one `error:` line), also a cell workdir held by another process.
 """
 import os
+import signal
 import sys
 import time
 
@@ -18,8 +21,9 @@ from ml_collections import config_flags
 
 from studies.compare import grid as compare, tuning
 from ml_ecs.run.compilation_cache import enable_compilation_cache
-from ml_ecs.run.trainer import train
-from ml_ecs.config.validation import ConfigError
+from ml_ecs.run.trainer import WorkdirConflict, WorkdirLocked, train
+from ml_ecs.config.cli import parse_flags
+from ml_ecs.config.validation import ConfigError, DataError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Grid config (studies/compare/configs/compare.py).', lock_config=False)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
@@ -43,32 +47,42 @@ def main(argv):
   # Cells share many identical programs (same shapes, same server/eval functions).
   enable_compilation_cache(os.path.join(workdir, 'cache', 'jax'))
 
+  stopped_by: list[str] = []   # the signal that interrupted a cell, if one did
+
   def run_cell(c, cdir, cache):
-    if deadline is not None and time.time() > deadline:
+    if stopped_by or (deadline is not None and time.time() > deadline):
       return False
     result = train(c, cdir, progress=False, cache_dir=cache, log=lambda s: log('    ' + s))
+    if result.status == 'interrupted':
+      stopped_by.append(result.signal_name)
     return result.status != 'interrupted'
+
+  def status() -> int:   # 128 + N after signal N (the cell's checkpoint is written), else 0
+    return 128 + int(getattr(signal, stopped_by[0])) if stopped_by else 0
 
   try:
     if 'tune' in cfg and cfg.tune.trials > 0 and not cfg.grid.tuned:
       tuned = tuning.run_tuning(cfg, workdir, run_cell, log=log)
       if tuned is None:
         print('tuning stopped; rerun the same command to go on', flush=True)
-        return 0
+        return status()
       cfg.grid.tuned = os.path.join(workdir, 'tuned.json')
     results = compare.run_grid(cfg, workdir, run_cell, log=log, progress=True, deadline=deadline)
     if len(results) < len(compare.cells(cfg.grid)):
       print(f'{len(results)} of {len(compare.cells(cfg.grid))} cells done; rerun the same command to go on')
-      return 0
+      return status()
     if cfg.grid.get('reproduce', 0):
       compare.reproduce(cfg, workdir, run_cell, cfg.grid.reproduce, log=log)
       compare.write_reports(results, workdir, cfg.grid)
-  except (ConfigError, FileNotFoundError) as e:
+  except (ConfigError, DataError, WorkdirConflict, WorkdirLocked, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  if stopped_by:   # stopped during the reproduction check
+    print(f'stopped by {stopped_by[0]}; rerun the same command to go on', flush=True)
+    return status()
   print(f'grid complete: {workdir}/results.csv, results.md and plots', flush=True)
   return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
