@@ -115,7 +115,8 @@ class Algorithm:
       metrics[f'mma/{mod}_clients'] = int((col > 0).sum())
       metrics[f'mma/{mod}_weight'] = float(col.sum())
     if setup.cfg.dp.enabled:
-      metrics.update(privacy.round_metrics(setup.cfg.dp, setup.cfg.train.client_fraction, int(state.round) + 1))
+      # accounted at the sampling rate performed (a cohort's floor of one client raises it), not the fraction
+      metrics.update(privacy.round_metrics(setup.cfg.dp, setup.sampling_rate, int(state.round) + 1))
     bounds = np.cumsum([0] + [len(w) for w in uploads.weights])
     accepted = tuple(w * jnp.asarray(part[a:b]) for w, a, b in zip(uploads.weights, bounds[:-1], bounds[1:]))
     return Aggregated(agg.shared, state.algorithm, accepted, metrics)

@@ -20,7 +20,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_ecs.algorithms.base import Aggregated, Uploads
 from ml_ecs.algorithms.ml_ecs import mma
 from ml_ecs.aggregation.mean import clients_finite
-from ml_ecs.aggregation import privacy
 from ml_ecs.core import distributed, faults
 from ml_ecs.core.client_store import bucket, gather_clients, pad_positions, scatter_clients
 from ml_ecs.core.cohort_map import CLIENT_AXIS
@@ -104,11 +103,6 @@ def arrivals(setup: Setup, c: CohortSetup, out, real: np.ndarray, sel: np.ndarra
   return jnp.asarray(w), jnp.asarray(presence)
 
 
-def setup_sampling_rate(setup: Setup) -> float:
-  """The per-round inclusion probability the DP accountant uses (ml_ecs.aggregation.privacy.sampling_rate)."""
-  return privacy.sampling_rate([(c.num_sampled, c.num_real) for c in setup.cohorts])
-
-
 def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   """One communication round; returns the new state and the round's training metrics.
 
@@ -134,8 +128,6 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   uploads = Uploads(tuple(outs), tuple(weights), tuple(presence), np.concatenate(rows))
   if setup.communicate:
     agg = alg.aggregate(setup, state, uploads, key)
-    if 'dp/epsilon' in agg.metrics:   # accounted at the sampling rate performed, not the configured fraction
-      agg.metrics.update(privacy.round_metrics(setup.cfg.dp, setup_sampling_rate(setup), int(state.round) + 1))
   else:
     agg = Aggregated(state.global_shared, state.algorithm, (), {})
   targets, has_target, target_metrics = alg.server_targets(setup, state, uploads, agg.accepted, server_loss, key)

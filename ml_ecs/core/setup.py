@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from ml_ecs.aggregation import privacy
 from ml_ecs.algorithms.ml_ecs import amt
 from ml_ecs.core import communication
 from ml_ecs.core.node import NodeProgram
@@ -80,6 +81,11 @@ class Setup:
   @property
   def num_public(self) -> int:
     return len(self.partition.public_train_idx)
+
+  @property
+  def sampling_rate(self) -> float:
+    """The per-round inclusion probability of a client that DP accounting uses (the largest k / n of a cohort)."""
+    return privacy.sampling_rate([(c.num_sampled, c.num_real) for c in self.cohorts])
 
   @property
   def communicate(self) -> bool:

@@ -26,7 +26,6 @@ import ml_collections
 from tqdm import tqdm
 
 from ml_ecs.core import distributed, faults, federation
-from ml_ecs.core.round import setup_sampling_rate
 from ml_ecs.run import metrics_io
 from ml_ecs.aggregation import privacy
 from ml_ecs.run.checkpoint import Checkpointer, checkpoint_config, checkpoint_steps
@@ -373,7 +372,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, dataset: MultimodalData
   summary = {**metrics_io.summarize(rows), 'rounds': rounds, 'method': cfg.method.name,
              'method_overrides': strategy_overrides(cfg.method)}
   if cfg.dp.enabled:
-    q = setup_sampling_rate(setup)
+    q = setup.sampling_rate
     summary['dp'] = {'epsilon': privacy.epsilon(cfg.dp, q, rounds), 'sampling_rate': q,
                      'sampling': 'fixed k of n per cohort, accounted as Poisson at q = max k/n',
                      'delta': float(cfg.dp.delta), 'noise_multiplier': float(cfg.dp.noise_multiplier),

@@ -269,7 +269,7 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
 def write_reports(results: list[dict[str, Any]], workdir: str, grid: ml_collections.ConfigDict | None = None) -> None:
   """results.csv, results.md (with the grid's pre-registered contrasts and reference) and the two plots
   (atomically replaced)."""
-  tmp = os.path.join(workdir, 'results.csv.tmp')
+  tmp = metrics_io.temp_name(os.path.join(workdir, 'results.csv'))
   with open(tmp, 'w', newline='') as f:
     w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
     w.writeheader()
@@ -277,7 +277,7 @@ def write_reports(results: list[dict[str, Any]], workdir: str, grid: ml_collecti
   os.replace(tmp, os.path.join(workdir, 'results.csv'))
   repro_path = os.path.join(workdir, 'repro.json')
   repro = json.load(open(repro_path)) if os.path.exists(repro_path) else []
-  tmp = os.path.join(workdir, 'results.md.tmp')
+  tmp = metrics_io.temp_name(os.path.join(workdir, 'results.md'))
   with open(tmp, 'w') as f:
     f.write(markdown_report(results, repro, **report_options(grid)))
   os.replace(tmp, os.path.join(workdir, 'results.md'))

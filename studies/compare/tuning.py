@@ -123,7 +123,7 @@ def run_tuning(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable
 
 def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
   fields = list(dict.fromkeys(k for r in rows for k in r))
-  tmp = path + '.tmp'
+  tmp = metrics_io.temp_name(path)
   with open(tmp, 'w', newline='') as f:
     w = csv.DictWriter(f, fieldnames=fields)
     w.writeheader()
