@@ -356,7 +356,8 @@ def test_partition_honours_missing_samples(dataset, tiny_config):
   one = copy.deepcopy(cfg)
   one.num_clients, one.modality_sets = 1, (('depth',),)
   q = partition(ds, one)
-  public = np.isin(ds.sequence_ids, ds.sequence_ids[np.concatenate([q.public_train_idx, q.public_test_idx])])
+  public = np.isin(ds.sequence_ids, ds.sequence_ids[np.concatenate([q.public_train_idx, q.public_test_idx,
+                                                                   q.public_holdout_idx])])   # all public recordings
   (c,) = q.clients
   np.testing.assert_array_equal(np.sort(np.concatenate([c.train_idx, c.test_idx])),
                                 np.flatnonzero(~public & present['depth']))
