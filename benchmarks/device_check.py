@@ -2,7 +2,7 @@
 
 Modes:
   sanity  ~30 s: versions, devices, that pfl / drjax / torch import, one tiny cohort cell, 3 FedAvg rounds
-  small   CPU-sized (tests/test_device_check.py): the same pieces at toy sizes, pfl skipped without torch
+  small   CPU-sized (tests/integration/test_device_check.py): the same pieces at toy sizes, pfl skipped without torch
   full    ~6 min on one GPU: the cohort round at accelerator sizes (ours / ours_vmap / drjax / limit / loop, 256-4096
           clients), pfl's CIFAR-10 workload on our engine and on pfl itself (torch backend, a subprocess), and MFU
 

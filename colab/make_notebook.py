@@ -1,7 +1,7 @@
 """Writes colab/quickstart.ipynb (outputs stripped) from the cells below: python colab/make_notebook.py
 
 The notebook is code, so it lives here as text and is regenerated, never edited by hand;
-tests/test_notebook.py executes it (with ML_ECS_NOTEBOOK_ROUNDS=1) so it cannot rot.
+tests/integration/test_notebook.py executes it (with ML_ECS_NOTEBOOK_ROUNDS=1) so it cannot rot.
 """
 import os
 

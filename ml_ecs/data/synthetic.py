@@ -32,7 +32,7 @@ that each see only part of the factors, so they are complementary:
   blob whose vertical position and extent follow h and whose horizontal smear
   follows e, under heavy pixel noise: both factors, coarsely.
 
-``tests/test_data.py`` checks the complementarity: a classifier on all three
+``tests/unit/test_data.py`` checks the complementarity: a classifier on all three
 modalities beats the same classifier on any single one.
 """
 from __future__ import annotations
