@@ -11,11 +11,7 @@ from ml_ecs.core import federation
 from ml_ecs.data import synthetic
 from ml_ecs.data.loaders import load_dataset
 from ml_ecs.data.partition import partition
-
-
-def _scale_cfg(n):
-  from studies.scale.configs import scale_cpu
-  return scale_cpu.get_config(str(n))
+from tests.unit.test_scale import _host_cfg, _scale_cfg  # noqa: F401  (the configs the unit tests use)
 
 
 def test_evaluation_samples_clients_deterministically_by_round(tiny_config, dataset, tmp_path):
@@ -31,13 +27,6 @@ def test_evaluation_samples_clients_deterministically_by_round(tiny_config, data
   assert out['client/evaluated'] == len(out['client/rougeLsum']) == len(setup.cohorts) < 3
   again = federation.evaluate(setup, state)
   assert again['client/rougeLsum'] == out['client/rougeLsum']
-
-
-def _host_cfg(tiny_config):
-  cfg = copy.deepcopy(tiny_config)
-  cfg.train.update(dict(client_fraction=0.5, host_state=True))
-  cfg.eval.clients_per_eval = 2
-  return cfg
 
 
 def test_host_state_moves_only_the_sampled_block_and_compiles_once(tiny_config, dataset, tmp_path):
