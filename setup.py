@@ -37,7 +37,11 @@ setup(
         # array_record with numpy; importlib_resources is a TFDS import it does not declare).
         'data': ['datasets>=4,<6', 'pyarrow>=15', 'tensorflow-datasets>=4.9.4,<5', 'array-record>=0.5',
                  'importlib_resources>=6'],
-        'test': ['pytest>=8,<10', 'pytest-xdist>=3.5,<4',
+        # What colab/quickstart.ipynb imports beyond the package (its tables), and a kernel to run it.
+        'notebook': ['pandas>=2.1,<4', 'ipykernel>=6.29,<8'],
+        # pytest 9.2 keeps node ids where pytest-xdist 3.8 cannot tag them with their xdist_group, so
+        # --dist loadgroup stops grouping (shared runs would be made once per worker): below 9.2.
+        'test': ['pytest>=8,<9.2', 'pytest-xdist>=3.5,<4', 'pandas>=2.1,<4',
                  'tensorboard>=2.15,<3',   # its event reader, to check the events we write
                  'nbformat>=5.9,<6', 'nbclient>=0.10,<1', 'ipykernel>=6.29,<8',   # running the notebook
                  'drjax==0.2.1'],          # the DrJAX round variant of the benchmark (needs jax only)

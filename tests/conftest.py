@@ -12,15 +12,23 @@ if ROOT not in sys.path:
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: end-to-end tests (still run in CI)')
-  # Tests that share a module- or session-scoped run carry pytest.mark.xdist_group(name); with
-  # `-n N` (whose default distribution is 'load') they go to one worker, so the run is made once.
-  if getattr(config.option, 'dist', 'no') == 'load':
-    config.option.dist = 'loadgroup'
+  config.addinivalue_line('markers', 'exhaustive: long versions of a slow test (e.g. 20 kills instead of 4); '
+                          'skipped unless selected with -m exhaustive')
+  # Shared runs stay on one xdist worker: pytest.ini's --dist loadgroup and pytest.mark.xdist_group(name).
   # Many tests build federations whose jitted functions are identical (same tiny shapes):
   # a persistent compilation cache shared by the xdist workers compiles each once.
   import jax
   from ml_ecs.run.compilation_cache import enable_compilation_cache
   enable_compilation_cache(os.path.join(config.rootpath, '.pytest_cache', 'jax_cache'))
+
+
+def pytest_collection_modifyitems(config, items):
+  if 'exhaustive' in (config.option.markexpr or ''):
+    return
+  skip = pytest.mark.skip(reason='exhaustive: run it with python -m pytest -m exhaustive tests')
+  for item in items:
+    if 'exhaustive' in item.keywords:
+      item.add_marker(skip)
 
 
 @pytest.fixture(scope='session')

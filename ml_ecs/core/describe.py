@@ -80,7 +80,7 @@ def clients_info(setup: Setup) -> list[dict[str, Any]]:
 
 def answer_examples(setup: Setup, state: State, per_class: int = 1) -> list[dict[str, Any]]:
   """The server's generated answers for the first `per_class` public test samples of each class,
-  beside their references."""
+  beside their references; paraphrase: the answer is, word for word, one of its class's sentences."""
   preds, idx = server_predictions(setup, state)
   out, seen = [], {}
   for pred, i in zip(preds, idx):
@@ -88,5 +88,5 @@ def answer_examples(setup: Setup, state: State, per_class: int = 1) -> list[dict
     if seen.get(label, 0) < per_class:
       seen[label] = seen.get(label, 0) + 1
       out.append({'class': setup.dataset.class_names[label], 'reference': setup.text.references[i],
-                  'generated': pred})
+                  'generated': pred, 'paraphrase': pred.strip() in setup.scorer.descriptions[label]})
   return sorted(out, key=lambda r: r['class'])

@@ -3,7 +3,7 @@ server's on the public test split, scored with ROUGE and accuracy (`ml_ecs.core.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import jax
@@ -17,6 +17,7 @@ from ml_ecs.core.cohort_map import CLIENT_AXIS
 from ml_ecs.core.scoring import SCORE_NAMES
 from ml_ecs.core.setup import Setup
 from ml_ecs.core.state import State
+from ml_ecs.data.partition import ClientSpec
 from ml_ecs.models.multimodal import model_options
 
 
@@ -62,16 +63,13 @@ def eval_blocks(setup: Setup, k: int, pos: np.ndarray | None) -> list[tuple[np.n
   return [(pad_positions(pos[i:i + size], size), pos[i:i + size]) for i in range(0, len(pos), size)]
 
 
-def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test',
-                   positions: Sequence[np.ndarray | None] | None = None, view: Callable | None = None
-                   ) -> tuple[dict[str, dict[str, float]], list[int]]:
-  """Scores of every real client's generations on its `split` ('test' or 'val'), given each cohort's
-  trainables, and the ids of the clients left out because their weights are not finite.
-  `positions[k]`: only these clients of cohort k, decoded in padded blocks (`eval_blocks`, one
-  batched generate call each); `view` maps the (gathered) stacked trainables before decoding."""
-  text, scorer = setup.text, setup.scorer
-  per_client: dict[str, dict[str, float]] = {}
-  diverged: list[int] = []   # non-finite clients: left out of every client mean (ml_ecs.core.faults)
+def _client_generations(setup: Setup, trainables: Sequence[dict], split: str = 'test',
+                        positions: Sequence[np.ndarray | None] | None = None, view: Callable | None = None
+                        ) -> Iterator[tuple[ClientSpec, list[str] | None, np.ndarray, np.ndarray]]:
+  """Per real client (of `positions[k]` in cohort k, all when None): (spec, generated answers on its
+  `split` or None when its weights are not finite, their dataset indices, their labels). Clients are
+  decoded in padded blocks (`eval_blocks`, one batched generate call each); `view` maps the (gathered)
+  stacked trainables before decoding."""
   positions = positions or [None] * len(setup.cohorts)
   sharding = NamedSharding(setup.mesh, P(CLIENT_AXIS))
   for k, (c, tr_all, pos) in enumerate(zip(setup.cohorts, trainables, positions)):
@@ -82,14 +80,38 @@ def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test'
       toks, counts, labels, finite = distributed.to_host(   # every process scores every client
           (c.generate_fn(tr, data, setup.edge_frozen), data.count, data.labels, faults.clients_finite(tr)))
       for j, p in enumerate(real):
-        spec = c.data.clients[p]
-        if not finite[j]:
-          diverged.append(int(spec.client_id))
-          continue
-        preds = text.tokenizer.decode(toks[j, :counts[j]])
-        refs = [text.references[i] for i in index_lists[p][:counts[j]]]
-        per_client[str(spec.client_id)] = scorer.score(preds, refs, labels[j, :counts[j]].tolist())
+        n = counts[j]
+        preds = setup.text.tokenizer.decode(toks[j, :n]) if finite[j] else None
+        yield c.data.clients[p], preds, index_lists[p][:n], labels[j, :n]
+
+
+def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test',
+                   positions: Sequence[np.ndarray | None] | None = None, view: Callable | None = None
+                   ) -> tuple[dict[str, dict[str, float]], list[int]]:
+  """Scores of every (or the `positions`) real client's generations on its `split` ('test' or 'val'),
+  given each cohort's trainables, and the ids of the clients left out because their weights are not
+  finite (left out of every client mean, ml_ecs.core.faults)."""
+  per_client: dict[str, dict[str, float]] = {}
+  diverged: list[int] = []
+  for spec, preds, idx, labels in _client_generations(setup, trainables, split, positions, view):
+    if preds is None:
+      diverged.append(int(spec.client_id))
+    else:
+      per_client[str(spec.client_id)] = setup.scorer.score(preds, [setup.text.references[i] for i in idx],
+                                                           labels.tolist())
   return per_client, diverged
+
+
+def client_answers(setup: Setup, state: State, split: str = 'test') -> list[dict[str, Any]]:
+  """Every client's generated answer for each of its `split` windows: client_id, class, reference,
+  generated, paraphrase (the answer is, word for word, one of its class's sentences)."""
+  names, paraphrases = setup.dataset.class_names, setup.scorer.descriptions
+  out = []
+  for spec, preds, idx, labels in _client_generations(setup, [cs.trainables for cs in state.cohorts], split):
+    for pred, i, y in zip(preds or [], idx, labels):
+      out.append({'client_id': int(spec.client_id), 'class': names[int(y)], 'reference': setup.text.references[i],
+                  'generated': pred, 'paraphrase': pred.strip() in paraphrases[int(y)]})
+  return out
 
 
 def server_predictions(setup: Setup, state: State, split: str = 'test') -> tuple[list[str], np.ndarray]:
@@ -136,4 +158,36 @@ def evaluate(setup: Setup, state: State, split: str = 'test', full: bool = False
     out['client/evaluated'] = len(ids) + len(diverged)
   out['samples/server_prediction'] = server_preds[0] if server_preds else ''
   out['time/eval_s'] = time.perf_counter() - t0
+  return out
+
+
+FLOOR_ANSWERS = ('the', 'majority')   # the constant answers of `floors`
+FLOOR_SCORES = ('rougeLsum', 'rougeLsum_multi', 'accuracy')
+
+
+def floors(setup: Setup) -> dict[str, float]:
+  """Trivial answers scored exactly as `evaluate` scores the models, on the same test windows: each
+  client (and the server) always answering 'the', or always answering the first paraphrase of the
+  majority class of its own training windows. A method is only learning once it is above both.
+  Keys: floor/{client,server}/{the,majority}_{rougeLsum,rougeLsum_multi,accuracy} (client: mean over
+  clients)."""
+  scorer, refs, labels = setup.scorer, setup.text.references, setup.dataset.labels
+  names = setup.dataset.class_names
+
+  def constant(train_idx, test_idx) -> dict[str, dict[str, float]]:
+    majority = scorer.descriptions[int(np.bincount(labels[train_idx], minlength=len(names)).argmax())][0]
+    y = labels[test_idx].tolist()
+    return {a: scorer.score([ans] * len(y), [refs[i] for i in test_idx], y)
+            for a, ans in zip(FLOOR_ANSWERS, ('the', majority))}
+
+  max_test = setup.cfg.eval.max_test_per_client
+  per_client = [constant(spec.train_idx, spec.test_idx[:max_test])
+                for c in setup.cohorts for spec in c.data.clients[:c.num_real]]
+  part = setup.partition
+  server = constant(part.public_train_idx, part.public_test_idx[:int(setup.public_test.count)])
+  out = {}
+  for a in FLOOR_ANSWERS:
+    for t in FLOOR_SCORES:
+      out[f'floor/client/{a}_{t}'] = float(np.mean([s[a][t] for s in per_client]))
+      out[f'floor/server/{a}_{t}'] = server[a][t]
   return out

@@ -15,7 +15,8 @@ from ml_ecs.core.build import client_mesh, init, make_cohort_round, stack_init  
 from ml_ecs.core.client_store import bucket, gather_clients, pad_positions, scatter_clients  # noqa: F401
 from ml_ecs.core.describe import (answer_examples, clients_info, cohort_layout, host_bytes_per_client,  # noqa: F401
                                   model_summary, process_holdings)
-from ml_ecs.core.evaluate import eval_blocks, eval_positions, evaluate, server_predictions  # noqa: F401
+from ml_ecs.core.evaluate import (client_answers, eval_blocks, eval_positions, evaluate, floors,  # noqa: F401
+                                  server_predictions)
 from ml_ecs.core.round import run_round  # noqa: F401
 from ml_ecs.core.setup import CohortSetup, Setup  # noqa: F401
 from ml_ecs.core.state import CohortRound, NodeState, State  # noqa: F401

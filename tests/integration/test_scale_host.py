@@ -100,9 +100,3 @@ def test_host_state_checkpoint_round_trip_resumes_exactly(tiny_config, dataset, 
         {k: v for k, v in m.items() if not k.startswith('time/')}
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-# Measured 0.87 MB per client for tiny and 1.13 MB for studies/scale/configs/scale_cpu.py (trainables and their
-# Adam moments dominate; data ~0.05-0.1 MB; benchmarks/RESULTS.md); the bounds leave ~20% headroom.
-TINY_BYTES_PER_CLIENT = 1.05e6
-SCALE_CPU_BYTES_PER_CLIENT = 1.35e6
