@@ -12,3 +12,12 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update('jax_compilation_cache_dir', directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def default_cache_dir() -> str:
+  """$JAX_COMPILATION_CACHE_DIR when set, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache)
+  /ml_ecs/jax: where the main job keeps compiled programs unless told otherwise."""
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return os.environ['JAX_COMPILATION_CACHE_DIR']
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'ml_ecs', 'jax')

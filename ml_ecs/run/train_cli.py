@@ -32,6 +32,7 @@ from ml_ecs.algorithms.registry import apply_strategy
 from ml_ecs.run.trainer import WorkdirConflict, WorkdirLocked, train
 from ml_ecs.config.cli import parse_flags
 from ml_ecs.config.validation import ConfigError, DataError
+from ml_ecs.run.compilation_cache import default_cache_dir, enable_compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                           lock_config=True)
@@ -46,6 +47,10 @@ _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', distributed.MODES,
                                  "Join other processes: 'auto' when SLURM, Open MPI or a TPU pod's environment "
                                  "announces several; 'on' always (JAX's cluster detection, e.g. Cloud TPU VMs); "
                                  "'off' never. Explicit --coordinator_address etc. win.")
+_CACHE = flags.DEFINE_string('compilation_cache', None,
+                             'Folder of compiled XLA programs reused by later runs (a second run skips most of '
+                             "its first-round compilation); default $JAX_COMPILATION_CACHE_DIR or "
+                             "~/.cache/ml_ecs/jax; '' turns it off. Results are the same either way.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -62,6 +67,13 @@ def resolved_config():
 
 def main(argv):
   del argv
+  cache = default_cache_dir() if _CACHE.value is None else _CACHE.value
+  if cache:
+    try:
+      enable_compilation_cache(cache)
+    except OSError as e:   # an unwritable cache folder costs only time: say so and run without
+      print(f'warning: no compilation cache ({e}); pass --compilation_cache=DIR or --compilation_cache=',
+            file=sys.stderr)
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     cfg = resolved_config()
