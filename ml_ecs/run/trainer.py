@@ -370,7 +370,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, dataset: MultimodalData
   if ckpt is not None:
     ckpt.close()
   summary = {**metrics_io.summarize(rows), 'rounds': rounds, 'method': cfg.method.name,
-             'method_overrides': strategy_overrides(cfg.method)}
+             'method_overrides': strategy_overrides(cfg.method),
+             'floors': federation.floors(setup)}   # constant answers on the same test windows
   if cfg.dp.enabled:
     q = setup.sampling_rate
     summary['dp'] = {'epsilon': privacy.epsilon(cfg.dp, q, rounds), 'sampling_rate': q,

@@ -49,8 +49,12 @@ METRICS = (('client_rougeLsum_multi', 'client/rougeLsum_multi_mean', 'client ROU
            ('server_accuracy', 'server/accuracy', 'server acc'))
 PER_CLIENT = (('client_rougeLsum_multi_by_client', 'client/rougeLsum_multi'),
               ('client_rougeLsum_by_client', 'client/rougeLsum'), ('client_accuracy_by_client', 'client/accuracy'))
+# Constant answers scored on each cell's own test windows (summary.json 'floors', ml_ecs.core.evaluate.floors).
+FLOORS = tuple((f'floor_{side}_{answer}_{score}', f'floor/{side}/{answer}_{score}', f'{side}: always {label}, {name}')
+               for side in ('client', 'server') for answer, label in (('the', '"the"'), ('majority', 'majority class'))
+               for score, name in (('rougeLsum_multi', 'ROUGE-LSum multi-ref'), ('accuracy', 'acc')))
 CSV_FIELDS = (('method', 'missing_rate', 'num_clients', 'partition_seed', 'train_seed', 'cell')
-              + tuple(f for f, _, _ in METRICS) + tuple(f for f, _ in PER_CLIENT)
+              + tuple(f for f, _, _ in METRICS) + tuple(f for f, _ in PER_CLIENT) + tuple(f for f, _, _ in FLOORS)
               + ('final_client_rougeLsum', 'final_server_rougeLsum', 'comm_ratio', 'rounds', 'wall_s'))
 
 Cell = tuple[str, float, int, int, int]   # method, missing rate, clients, partition seed, training seed
@@ -165,8 +169,10 @@ def cell_config(base: ml_collections.ConfigDict, cell: Cell, tuned: dict[str, di
   return cfg
 
 
-def cell_row(cell: Cell, name: str, rows: list[dict], timings: list[dict], last_k: int) -> dict[str, Any]:
-  """The results row of a finished cell (`name`: its directory name under cells/)."""
+def cell_row(cell: Cell, name: str, rows: list[dict], timings: list[dict], last_k: int,
+             floors: dict[str, float] | None = None) -> dict[str, Any]:
+  """The results row of a finished cell (`name`: its directory name under cells/; `floors`: its
+  summary.json's constant-answer floors, '' where a cell predates them)."""
   method, rate, clients, partition_seed, train_seed = cell
   final = stats.evaluated(rows, 'client/rougeLsum_mean')[-1]
   out = {'method': method, 'missing_rate': rate, 'num_clients': clients, 'partition_seed': partition_seed,
@@ -178,6 +184,7 @@ def cell_row(cell: Cell, name: str, rows: list[dict], timings: list[dict], last_
   out.update(final_client_rougeLsum=final['client/rougeLsum_mean'], final_server_rougeLsum=final['server/rougeLsum'],
              comm_ratio=max((r.get('comm/ratio', 0.0) for r in rows), default=0.0), rounds=final['round'],
              wall_s=max((t.get('time/elapsed_s', 0.0) for t in timings), default=float('nan')))
+  out.update({field: (floors or {}).get(key, '') for field, key, _ in FLOORS})
   return out
 
 
@@ -222,8 +229,11 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, 
           break
         bar.update(1)
       timing_path = os.path.join(cdir, 'timing.jsonl')
+      with open(os.path.join(cdir, 'summary.json')) as f:
+        floors = json.load(f).get('floors')
       results.append(cell_row(cell, name, metrics_io.read_jsonl(os.path.join(cdir, 'metrics.jsonl')),
-                              metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else [], last_k))
+                              metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else [], last_k,
+                              floors))
       write_reports(results, workdir, base.grid)
   finally:
     bar.close()
@@ -367,6 +377,25 @@ def report_options(grid: ml_collections.ConfigDict | None) -> dict[str, Any]:
           'reference': grid.get('reference', REFERENCE)}
 
 
+def floor_rows(setting: list[dict[str, Any]], metrics: Sequence[tuple[str, str, str]]) -> list[str]:
+  """Table rows of the constant-answer floors ('"the"', the majority class) under the methods' columns that
+  have one (ROUGE-LSum multi-ref and accuracy), averaged over the setting's partitions; none for cells
+  that predate the floors."""
+  out = []
+  for answer, label in (('the', 'floor: always "the"'), ('majority', 'floor: always its majority class')):
+    by_seed: dict[int, list[float]] = {}
+    cols = []
+    for field, _, _ in metrics:
+      side, _, score = field.partition('_')
+      key = f'floor_{side}_{answer}_{score}'
+      vals = {int(r['partition_seed']): float(r[key]) for r in setting if r.get(key, '') != ''}
+      by_seed.update(vals)
+      cols.append(f'{np.mean(list(vals.values())):.3f}' if vals else '')
+    if by_seed:
+      out.append(f'| {label} | | {len(by_seed)} | ' + ' | '.join(cols) + ' |')
+  return out
+
+
 def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] | None = None,
                     contrasts: Sequence[tuple[str, str]] = CONTRASTS, reference: str = REFERENCE) -> str:
   """Per setting: means with 95% intervals clustered on the partition seed; the pre-registered contrasts
@@ -390,6 +419,7 @@ def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] |
       cols = [_fmt_ci(stats.clustered_t(by_partition(rs, m, f))) if by_partition(rs, m, f) else '—'
               for f, _, _ in metrics]
       out.append(f'| {m} | {len(rs)} | {len({int(r["partition_seed"]) for r in rs})} | ' + ' | '.join(cols) + ' |')
+    out += floor_rows(setting, metrics)
     family = [(a, b) for a, b in contrasts if a in by_method and b in by_method]
     if family:
       out += ['', 'Pre-registered contrasts (headline ROUGE-LSum); **bold** where the Holm-adjusted p < 0.05.', '',
