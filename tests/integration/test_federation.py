@@ -29,6 +29,9 @@ def test_main_command_writes_results(tiny_main_run):
     assert key in rows[-1], key
   summary = json.load(open(out / 'summary.json'))
   assert summary['server/rougeLsum']['final_round'] == 2
+  floors = summary['floors']   # constant answers ("the" names no class, so never scores)
+  assert floors['floor/client/the_accuracy'] == floors['floor/server/the_accuracy'] == 0.0
+  assert 0.0 < floors['floor/client/majority_accuracy'] < 1.0
   assert json.load(open(out / 'config.json'))['train']['rounds'] == 2
   assert os.path.isdir(out / 'checkpoints' / '2')
   assert 'round   2' in stdout + stderr
