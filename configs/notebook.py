@@ -6,6 +6,10 @@ What makes the edge LM learn in a few rounds: its frozen backbone is pretrained 
 sentences (`pretrain.corpus='answers'`, as the main job), so the clients learn only which sentence
 fits the sensor windows; a backbone pretrained on generic text stays near "the" for many rounds.
 tests/integration/test_notebook.py executes the notebook on this config and checks that it learns.
+Measured there (8 rounds): client accuracy 0.586 for ML-ECS and 0.539 for FedAvg, against floors of 0.0
+(always "the") and 0.328 (always the client's majority class); 65% of the ML-ECS clients' answers are
+word for word a sentence of the right class; the clients' LM loss 0.450 -> 0.354. The whole notebook took
+701 s on 2 cores shared with the test suite (cold compilation cache; mostly compilation).
 
 Run it as the main job: python launch/train.py --config=configs/notebook.py --workdir=/tmp/ml_ecs_notebook
 """
