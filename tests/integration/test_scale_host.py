@@ -37,6 +37,8 @@ def test_host_state_moves_only_the_sampled_block_and_compiles_once(tiny_config, 
   cohort_shapes = {x.shape for c, cs in zip(setup.cohorts, state.cohorts) if len(c.client_ids) > c.num_selected
                    for x in jax.tree.leaves(cs) if x.ndim >= 3}
   assert cohort_shapes
+  # Arrays other tests of this worker keep alive (fixtures, caches) may share a shape: only new ones count.
+  earlier = {id(x) for x in jax.live_arrays()}
   seen = []
 
   def spy(c):
@@ -51,7 +53,7 @@ def test_host_state_moves_only_the_sampled_block_and_compiles_once(tiny_config, 
     state, m = federation.run_round(spied, state)
     rows.append(m)
     # No device array the size of a whole cohort's state exists between rounds.
-    assert not cohort_shapes & {x.shape for x in jax.live_arrays()}
+    assert not cohort_shapes & {x.shape for x in jax.live_arrays() if id(x) not in earlier}
   assert any(n < len(c.client_ids) for n, c in zip([c.num_selected for c in setup.cohorts], setup.cohorts))
   # The compiled round received device arrays of the sampled block only ...
   assert len(seen) == 4 * len(setup.cohorts)
