@@ -88,5 +88,5 @@ def answer_examples(setup: Setup, state: State, per_class: int = 1) -> list[dict
     if seen.get(label, 0) < per_class:
       seen[label] = seen.get(label, 0) + 1
       out.append({'class': setup.dataset.class_names[label], 'reference': setup.text.references[i],
-                  'generated': pred, 'paraphrase': pred.strip() in setup.scorer.descriptions[label]})
+                  'generated': pred, 'paraphrase': setup.scorer.is_paraphrase(pred, label)})
   return sorted(out, key=lambda r: r['class'])

@@ -105,12 +105,12 @@ def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test'
 def client_answers(setup: Setup, state: State, split: str = 'test') -> list[dict[str, Any]]:
   """Every client's generated answer for each of its `split` windows: client_id, class, reference,
   generated, paraphrase (the answer is, word for word, one of its class's sentences)."""
-  names, paraphrases = setup.dataset.class_names, setup.scorer.descriptions
+  names = setup.dataset.class_names
   out = []
   for spec, preds, idx, labels in _client_generations(setup, [cs.trainables for cs in state.cohorts], split):
     for pred, i, y in zip(preds or [], idx, labels):
       out.append({'client_id': int(spec.client_id), 'class': names[int(y)], 'reference': setup.text.references[i],
-                  'generated': pred, 'paraphrase': pred.strip() in paraphrases[int(y)]})
+                  'generated': pred, 'paraphrase': setup.scorer.is_paraphrase(pred, int(y))})
   return out
 
 

@@ -57,6 +57,10 @@ class TextScorer:
     return {**dict(zip(ROUGE_TYPES, scores.mean(0).tolist())), 'rougeLsum_multi': float(multi),
             'accuracy': float(acc)}
 
+  def is_paraphrase(self, text: str, label: int) -> bool:
+    """Whether `text` is, word for word, one of class `label`'s sentences."""
+    return text.strip() in self.descriptions[label]
+
   def multi_reference(self, prediction: str, reference: str, label: int) -> float:
     """Best ROUGE-LSum F1 over `reference` and every paraphrase of class `label`."""
     refs = {reference, *(self.descriptions[label] if 0 <= label < len(self.descriptions) else ())}

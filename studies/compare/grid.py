@@ -50,11 +50,11 @@ METRICS = (('client_rougeLsum_multi', 'client/rougeLsum_multi_mean', 'client ROU
 PER_CLIENT = (('client_rougeLsum_multi_by_client', 'client/rougeLsum_multi'),
               ('client_rougeLsum_by_client', 'client/rougeLsum'), ('client_accuracy_by_client', 'client/accuracy'))
 # Constant answers scored on each cell's own test windows (summary.json 'floors', ml_ecs.core.evaluate.floors).
-FLOORS = tuple((f'floor_{side}_{answer}_{score}', f'floor/{side}/{answer}_{score}', f'{side}: always {label}, {name}')
-               for side in ('client', 'server') for answer, label in (('the', '"the"'), ('majority', 'majority class'))
-               for score, name in (('rougeLsum_multi', 'ROUGE-LSum multi-ref'), ('accuracy', 'acc')))
+FLOORS = tuple((f'floor_{side}_{answer}_{score}', f'floor/{side}/{answer}_{score}')
+               for side in ('client', 'server') for answer in ('the', 'majority')
+               for score in ('rougeLsum_multi', 'accuracy'))
 CSV_FIELDS = (('method', 'missing_rate', 'num_clients', 'partition_seed', 'train_seed', 'cell')
-              + tuple(f for f, _, _ in METRICS) + tuple(f for f, _ in PER_CLIENT) + tuple(f for f, _, _ in FLOORS)
+              + tuple(f for f, _, _ in METRICS) + tuple(f for f, _ in PER_CLIENT) + tuple(f for f, _ in FLOORS)
               + ('final_client_rougeLsum', 'final_server_rougeLsum', 'comm_ratio', 'rounds', 'wall_s'))
 
 Cell = tuple[str, float, int, int, int]   # method, missing rate, clients, partition seed, training seed
@@ -184,7 +184,7 @@ def cell_row(cell: Cell, name: str, rows: list[dict], timings: list[dict], last_
   out.update(final_client_rougeLsum=final['client/rougeLsum_mean'], final_server_rougeLsum=final['server/rougeLsum'],
              comm_ratio=max((r.get('comm/ratio', 0.0) for r in rows), default=0.0), rounds=final['round'],
              wall_s=max((t.get('time/elapsed_s', 0.0) for t in timings), default=float('nan')))
-  out.update({field: (floors or {}).get(key, '') for field, key, _ in FLOORS})
+  out.update({field: (floors or {}).get(key, '') for field, key in FLOORS})
   return out
 
 
@@ -383,16 +383,16 @@ def floor_rows(setting: list[dict[str, Any]], metrics: Sequence[tuple[str, str, 
   that predate the floors."""
   out = []
   for answer, label in (('the', 'floor: always "the"'), ('majority', 'floor: always its majority class')):
-    by_seed: dict[int, list[float]] = {}
+    seeds: set[int] = set()   # partitions with a floor
     cols = []
     for field, _, _ in metrics:
       side, _, score = field.partition('_')
       key = f'floor_{side}_{answer}_{score}'
       vals = {int(r['partition_seed']): float(r[key]) for r in setting if r.get(key, '') != ''}
-      by_seed.update(vals)
+      seeds.update(vals)
       cols.append(f'{np.mean(list(vals.values())):.3f}' if vals else '')
-    if by_seed:
-      out.append(f'| {label} | | {len(by_seed)} | ' + ' | '.join(cols) + ' |')
+    if seeds:
+      out.append(f'| {label} | | {len(seeds)} | ' + ' | '.join(cols) + ' |')
   return out
 
 

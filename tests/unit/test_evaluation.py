@@ -31,3 +31,10 @@ def test_ties_and_no_match_score_as_no_class():
 def test_paraphrase_reference_points():
   b = paraphrase_baselines(TextScorer(synthetic.DESCRIPTIONS))
   assert 0.2 < b['other_paraphrase'] < b['oracle'] < 0.7
+
+
+def test_a_paraphrase_is_one_of_its_class_sentences_word_for_word():
+  s = TextScorer(synthetic.DESCRIPTIONS)
+  sentence = synthetic.DESCRIPTIONS[4][0]
+  assert s.is_paraphrase(sentence, 4) and s.is_paraphrase(f' {sentence} ', 4)
+  assert not s.is_paraphrase(sentence, 2) and not s.is_paraphrase(sentence + ' fast', 4)

@@ -43,7 +43,7 @@ def test_report_prints_floors_under_the_methods():
   row = lambda m, seed, **kw: {'method': m, 'missing_rate': 0.3, 'num_clients': 4, 'partition_seed': seed,
                                'train_seed': 0, 'cell': f'{m}{seed}', 'client_rougeLsum_multi': 0.8,
                                'client_accuracy': 0.5, **kw}
-  floor = lambda v: {f: v for f, _, _ in grid.FLOORS}
+  floor = lambda v: {f: v for f, _ in grid.FLOORS}
   results = [row('ml_ecs', 0, **floor(0.2)), row('ml_ecs', 1, **floor(0.4)), row('local', 0, **floor(0.2)),
              row('local', 1, **floor(0.4))]
   text = grid.markdown_report(results)
