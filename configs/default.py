@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
                                   # dataset whatever the federation's size (the server encodes it every round)
       public_test_fraction=0.3,   # of the public sequences; the server's test split
       client_test_fraction=0.25,  # of each client's sequences
+      test_order='recordings',    # order of the test splits, whose first eval.max_test_per_client (max_server_test)
+                                  # windows are scored: 'recordings' (dataset order: whole recordings, the first
+                                  # few) or 'interleaved' (round-robin over every test recording)
       client_val_fraction=0.0,    # of each client's training sequences (and of the public train split): tuning only
       public_holdout_fraction=0.1,  # of the public training sequences, held out of all training: every node's
                                   # SE-CCL reliability (LM loss) is measured on these same labelled samples

@@ -21,6 +21,7 @@ from ml_ecs.algorithms.ml_ecs.se_ccl import HEADS, RELIABILITY
 from ml_ecs.models.decoder import LORA_TARGETS
 from ml_ecs.models.encoders import ENCODER_TYPES
 from ml_ecs.aggregation import robust
+from ml_ecs.data.partition import TEST_ORDERS
 from ml_ecs.errors import ConfigError, DataError  # noqa: F401  (raised here; callers catch them from here)
 from ml_ecs.algorithms import registry
 from ml_ecs.algorithms.mmfl import MMFL
@@ -123,6 +124,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _float(cfg, 'data.client_val_fraction', 0.0, 1.0, hi_open=True)
   if 'public_holdout_fraction' in cfg.data:   # absent in configs saved before it existed: no hold-out
     _float(cfg, 'data.public_holdout_fraction', 0.0, 1.0, hi_open=True)
+  if 'test_order' in cfg.data:   # absent in configs saved before it existed: 'recordings'
+    _choice(cfg, 'data.test_order', TEST_ORDERS)
   _int(cfg, 'data.modality_seed', -1)
   _float(cfg, 'data.dirichlet_alpha', 0.0, lo_open=True)
   _int(cfg, 'data.num_device_types', 0)

@@ -14,7 +14,9 @@ import numpy as np
 from rouge_score import rouge_scorer
 
 ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeL', 'rougeLsum')
-SCORE_NAMES = ROUGE_TYPES + ('rougeLsum_multi', 'accuracy')   # the keys of TextScorer.score
+# The keys of TextScorer.score; 'sentence': the share of answers that are, word for word, a sentence of some
+# class (any class): whether the LM writes answers at all, apart from whether they are right.
+SCORE_NAMES = ROUGE_TYPES + ('rougeLsum_multi', 'accuracy', 'sentence')
 TIE_TOLERANCE = 1e-9   # ROUGE-L F1 scores closer than this are a tie in `TextScorer.classify`
 
 
@@ -26,6 +28,7 @@ class TextScorer:
   def __init__(self, descriptions: Sequence[Sequence[str]]):
     self.scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     self.descriptions = [list(d) for d in descriptions]
+    self.sentences = frozenset(d for ds in self.descriptions for d in ds)
 
   @functools.lru_cache(maxsize=65536)
   def classify(self, text: str) -> int:
@@ -46,7 +49,8 @@ class TextScorer:
     return tuple(s[t].fmeasure for t in ROUGE_TYPES)
 
   def score(self, predictions: Sequence[str], references: Sequence[str], labels: Sequence[int]) -> dict[str, float]:
-    """Mean ROUGE F1 of each type, multi-reference ROUGE-LSum and accuracy over the samples."""
+    """Mean ROUGE F1 of each type, multi-reference ROUGE-LSum, accuracy and the share of answers that are a
+    class sentence word for word ('sentence') over the samples."""
     if len(predictions) != len(references) or len(predictions) != len(labels):
       raise ValueError('predictions, references and labels must have the same length')
     if not predictions:
@@ -54,8 +58,9 @@ class TextScorer:
     scores = np.array([self._score(r, p) for r, p in zip(references, predictions)])
     multi = np.mean([self.multi_reference(p, r, int(y)) for p, r, y in zip(predictions, references, labels)])
     acc = np.mean([self.classify(p) == int(y) for p, y in zip(predictions, labels)])
+    sentence = np.mean([p.strip() in self.sentences for p in predictions])
     return {**dict(zip(ROUGE_TYPES, scores.mean(0).tolist())), 'rougeLsum_multi': float(multi),
-            'accuracy': float(acc)}
+            'accuracy': float(acc), 'sentence': float(sentence)}
 
   def is_paraphrase(self, text: str, label: int) -> bool:
     """Whether `text` is, word for word, one of class `label`'s sentences."""

@@ -76,6 +76,26 @@ def _split_by_sequence(rng, idx, seq_ids, test_fraction, max_test: int = 0):
   return idx[~is_test], idx[is_test]
 
 
+TEST_ORDERS = ('recordings', 'interleaved')
+
+
+def _interleave(rng, idx: np.ndarray, seq_ids: np.ndarray) -> np.ndarray:
+  """`idx` reordered round-robin over its recordings (in a drawn order): the first window of each
+  recording, then the second of each, ... so that any prefix (the evaluation's cap,
+  eval.max_test_per_client / eval.max_server_test) spreads over as many recordings as it can."""
+  if not len(idx):
+    return idx
+  seqs = np.unique(seq_ids[idx])
+  rank = np.empty(len(seqs), np.int64)
+  rank[rng.permutation(len(seqs))] = np.arange(len(seqs))
+  seq_rank = rank[np.searchsorted(seqs, seq_ids[idx])]
+  order = np.argsort(seq_rank, kind='stable')           # grouped by recording, windows in dataset order
+  within = np.empty(len(idx), np.int64)                 # position of each window inside its recording
+  starts = np.flatnonzero(np.r_[True, np.diff(seq_rank[order]) != 0])
+  within[order] = np.arange(len(idx)) - np.repeat(starts, np.diff(np.r_[starts, len(idx)]))
+  return idx[np.lexsort((seq_rank, within))]
+
+
 def _dirichlet_by_sequence(rng, seq_label, num_clients, num_classes, alpha):
   """Assigns whole sequences to clients with per-class Dirichlet(alpha) proportions."""
   owner = np.empty(len(seq_label), np.int64)
@@ -176,6 +196,14 @@ def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partitio
   private_idx, public_idx = _split_by_sequence(rng, all_idx, ds.sequence_ids, cfg.public_fraction,
                                                cfg.get('max_public_sequences', 0))
   pub_train, pub_test = _split_by_sequence(rng, public_idx, ds.sequence_ids, cfg.public_test_fraction)
+  # data.test_order='interleaved': test splits ordered round-robin over their recordings (own stream),
+  # so the evaluation's cap takes windows of every recording instead of the first few recordings.
+  test_order = cfg.get('test_order', 'recordings')
+  if test_order not in TEST_ORDERS:
+    raise ValueError(f'data.test_order={test_order!r}: expected one of {TEST_ORDERS}')
+  order_rng = np.random.default_rng([cfg.seed, 107])
+  if test_order == 'interleaved':
+    pub_test = _interleave(order_rng, pub_test, ds.sequence_ids)
   # SE-CCL's reliability split: public sequences no node trains on, where the server and every client measure
   # their LM loss on the same samples (ml_ecs.algorithms.ml_ecs.se_ccl); its own stream, cut only when asked for.
   pub_holdout = np.zeros((0,), np.int64)
@@ -208,6 +236,8 @@ def partition(ds: MultimodalDataset, cfg: ml_collections.ConfigDict) -> Partitio
   for k in range(cfg.num_clients):
     idx = by_client[k]
     train, test = _split_by_sequence(rng, idx, ds.sequence_ids, cfg.client_test_fraction)
+    if test_order == 'interleaved':
+      test = _interleave(order_rng, test, ds.sequence_ids)
     val = None
     if val_fraction:
       train, val = _split_by_sequence(val_rng, train, ds.sequence_ids, val_fraction)

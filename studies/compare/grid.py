@@ -46,7 +46,10 @@ METRICS = (('client_rougeLsum_multi', 'client/rougeLsum_multi_mean', 'client ROU
            ('client_global_rougeLsum_multi', 'client/global_rougeLsum_multi_mean', 'global model ROUGE-LSum multi-ref'),
            ('server_rougeLsum_multi', 'server/rougeLsum_multi', 'server ROUGE-LSum multi-ref'),
            ('server_rougeLsum', 'server/rougeLsum', 'server ROUGE-LSum'),
-           ('server_accuracy', 'server/accuracy', 'server acc'))
+           ('server_accuracy', 'server/accuracy', 'server acc'),
+           # whether the LMs write answers at all: the share that are a class sentence word for word
+           ('client_sentence', 'client/sentence_mean', 'client sentence rate'),
+           ('server_sentence', 'server/sentence', 'server sentence rate'))
 PER_CLIENT = (('client_rougeLsum_multi_by_client', 'client/rougeLsum_multi'),
               ('client_rougeLsum_by_client', 'client/rougeLsum'), ('client_accuracy_by_client', 'client/accuracy'))
 # Constant answers scored on each cell's own test windows (summary.json 'floors', ml_ecs.core.evaluate.floors).
@@ -287,9 +290,11 @@ def write_reports(results: list[dict[str, Any]], workdir: str, grid: ml_collecti
   os.replace(tmp, os.path.join(workdir, 'results.csv'))
   repro_path = os.path.join(workdir, 'repro.json')
   repro = json.load(open(repro_path)) if os.path.exists(repro_path) else []
+  headroom_path = os.path.join(workdir, 'headroom.json')
+  headroom = json.load(open(headroom_path)) if os.path.exists(headroom_path) else None
   tmp = metrics_io.temp_name(os.path.join(workdir, 'results.md'))
   with open(tmp, 'w') as f:
-    f.write(markdown_report(results, repro, **report_options(grid)))
+    f.write(markdown_report(results, repro, headroom=headroom, **report_options(grid)))
   os.replace(tmp, os.path.join(workdir, 'results.md'))
   report.report_grid(workdir, out_dir=workdir)
 
@@ -374,7 +379,7 @@ def report_options(grid: ml_collections.ConfigDict | None) -> dict[str, Any]:
   grid = grid or {}
   contrasts = grid.get('contrasts', CONTRASTS)
   return {'contrasts': tuple(tuple(c.split('-')) if isinstance(c, str) else tuple(c) for c in contrasts),
-          'reference': grid.get('reference', REFERENCE)}
+          'reference': grid.get('reference', REFERENCE), 'design': grid.get('design', '')}
 
 
 def floor_rows(setting: list[dict[str, Any]], metrics: Sequence[tuple[str, str, str]]) -> list[str]:
@@ -396,11 +401,49 @@ def floor_rows(setting: list[dict[str, Any]], metrics: Sequence[tuple[str, str, 
   return out
 
 
+def ceiling_rows(headroom: dict[str, Any] | None, rate: float, clients: int,
+                 metrics: Sequence[tuple[str, str, str]]) -> list[str]:
+  """Table rows of the linear-probe ceilings (studies/compare/headroom.py, WORKDIR/headroom.json) under the
+  accuracy columns: probes on a node's own labels and on every node's labels, averaged over partitions."""
+  setting = ((headroom or {}).get('settings') or {}).get(f'mr{rate:g}__c{clients}')
+  if not setting:
+    return []
+  s = setting['summary']
+  out = []
+  for what, label in (('own', 'ceiling: linear probe, own labels'), ('pooled', 'ceiling: linear probe, every node\'s labels')):
+    cols = [format(s[f.replace('accuracy', what)], '.3f') if f in ('client_accuracy', 'server_accuracy') else ''
+            for f, _, _ in metrics]
+    out.append(f"| {label} | | {s['partitions']} | " + ' | '.join(cols) + ' |')
+  return out
+
+
+def headroom_section(headroom: dict[str, Any]) -> list[str]:
+  """The headroom check in words: probe gaps per setting and the LM check."""
+  out = ['## Headroom check (before the grid)', '',
+         'Linear probes on simple sensor features (studies/compare/headroom.py), scored on the windows the '
+         'evaluation scores: trained on a node\'s own labelled windows, and on every node\'s labelled windows '
+         'seen through its modalities. The gap is what the others\' labels could give.', '',
+         '| setting | partitions | client own | client pooled | client gap | server own | server pooled | server gap |',
+         '|---|---|---|---|---|---|---|---|']
+  for key, v in (headroom.get('settings') or {}).items():
+    s = v['summary']
+    out.append(f"| {key} | {s['partitions']} | {s['client_own']:.3f} | {s['client_pooled']:.3f} | "
+               f"{s['client_gap']:+.3f} | {s['server_own']:.3f} | {s['server_pooled']:.3f} | {s['server_gap']:+.3f} |")
+  lm = headroom.get('lm_check')
+  if lm:
+    out += ['', f"LM check: a local run with every label ({lm['run']}) writes a class sentence word for word in "
+            f"{lm['client_sentence']:.1%} of its clients' answers at round {lm['round']} (needed: "
+            f"{lm['minimum']:.0%}); client accuracy {lm['client_accuracy']:.3f}."]
+  return out + ['']
+
+
 def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] | None = None,
-                    contrasts: Sequence[tuple[str, str]] = CONTRASTS, reference: str = REFERENCE) -> str:
-  """Per setting: means with 95% intervals clustered on the partition seed; the pre-registered contrasts
-  with Holm-adjusted p-values; other methods against the reference baseline fixed in the config, and the
-  ablations against the full method (exploratory: not corrected)."""
+                    contrasts: Sequence[tuple[str, str]] = CONTRASTS, reference: str = REFERENCE,
+                    headroom: dict[str, Any] | None = None, design: str = '') -> str:
+  """Per setting: means with 95% intervals clustered on the partition seed, the floors and probe ceilings;
+  the pre-registered contrasts with Holm-adjusted p-values; other methods against the reference baseline
+  fixed in the config, and the ablations against the full method (exploratory: not corrected); the
+  headroom check (`headroom`, a headroom.json) and the reproduction check."""
   metrics = _present(results)
   out = ['# Results', '',
          'Each run is scored by the mean of its last evaluations. Intervals are 95% Student-t intervals over '
@@ -412,7 +455,8 @@ def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] |
     groups[(float(r['missing_rate']), int(r['num_clients']))][r['method']].append(r)
   for (rate, clients), by_method in sorted(groups.items()):
     setting = [r for rs in by_method.values() for r in rs]
-    out += [f'## missing rate {rate:g}, {clients} clients', '',
+    title = f'design {design} (explicit modality sets)' if design else f'missing rate {rate:g}'
+    out += [f'## {title}, {clients} clients', '',
             '| method | runs | partitions | ' + ' | '.join(h for _, _, h in metrics) + ' |',
             '|---|---|---|' + '---|' * len(metrics)]
     for m, rs in by_method.items():
@@ -420,6 +464,7 @@ def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] |
               for f, _, _ in metrics]
       out.append(f'| {m} | {len(rs)} | {len({int(r["partition_seed"]) for r in rs})} | ' + ' | '.join(cols) + ' |')
     out += floor_rows(setting, metrics)
+    out += ceiling_rows(headroom, rate, clients, metrics)
     family = [(a, b) for a, b in contrasts if a in by_method and b in by_method]
     if family:
       out += ['', 'Pre-registered contrasts (headline ROUGE-LSum); **bold** where the Holm-adjusted p < 0.05.', '',
@@ -441,6 +486,8 @@ def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] |
         out.append(f'| {m} - {b} | ' + ' | '.join('—' if d is None else _fmt_ci(d, signed=True) for d in cells_)
                    + ' |')
     out.append('')
+  if headroom:
+    out += headroom_section(headroom)
   if repro:
     out += ['## Reproduction check', '', '| cell | metrics.jsonl identical | client ROUGE-LSum original | rerun |',
             '|---|---|---|---|']

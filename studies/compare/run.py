@@ -1,7 +1,8 @@
-"""The comparison protocol: tuning -> grid -> reproduction check; resumes every stage.
+"""The comparison protocol: headroom check -> tuning -> grid -> reproduction check; resumes every stage.
 
   python studies/compare/run.py --config=studies/compare/configs/compare.py --workdir=/tmp/compare --max_minutes=100
-Writes DIR/tuning.csv, DIR/tuned.json, DIR/results.csv, DIR/results.md (means and paired
+Writes DIR/headroom.json (studies/compare/headroom.py: linear-probe ceilings, the LM check; a benchmark
+without headroom stops here with exit 2), DIR/tuning.csv, DIR/tuned.json, DIR/results.csv, DIR/results.md (means and paired
 differences with 95% intervals), DIR/rouge_vs_round.png, DIR/rouge_vs_missing_rate.png,
 DIR/repro.json, DIR/environment.jsonl, and one run directory per cell under DIR/cells/.
 SIGTERM / Ctrl-C stop after the current round of the running cell (with a checkpoint) and exit
@@ -19,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from absl import app, flags
 from ml_collections import config_flags
 
-from studies.compare import grid as compare, tuning
+from studies.compare import grid as compare, headroom, tuning
 from ml_ecs.run.compilation_cache import enable_compilation_cache
 from ml_ecs.run.trainer import WorkdirConflict, WorkdirLocked, train
 from ml_ecs.config.cli import parse_flags
@@ -61,6 +62,9 @@ def main(argv):
     return 128 + int(getattr(signal, stopped_by[0])) if stopped_by else 0
 
   try:
+    if headroom.run_checks(cfg, workdir, run_cell, log=log) is None:
+      print('headroom check stopped; rerun the same command to go on', flush=True)
+      return status()
     if 'tune' in cfg and cfg.tune.trials > 0 and not cfg.grid.tuned:
       tuned = tuning.run_tuning(cfg, workdir, run_cell, log=log)
       if tuned is None:
@@ -74,7 +78,7 @@ def main(argv):
     if cfg.grid.get('reproduce', 0):
       compare.reproduce(cfg, workdir, run_cell, cfg.grid.reproduce, log=log)
       compare.write_reports(results, workdir, cfg.grid)
-  except (ConfigError, DataError, WorkdirConflict, WorkdirLocked, FileNotFoundError) as e:
+  except (ConfigError, DataError, WorkdirConflict, WorkdirLocked, FileNotFoundError, headroom.NoHeadroom) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if stopped_by:   # stopped during the reproduction check

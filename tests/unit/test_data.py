@@ -7,6 +7,7 @@ import pytest
 from ml_ecs.data import synthetic
 from ml_ecs.data.embedded import load_default
 from ml_ecs.data.partition import pad_indices, partition
+from studies.compare.headroom import modality_features, probe_accuracy
 
 
 def test_embedded_dataset_shape_and_regeneration(dataset):
@@ -21,34 +22,13 @@ def test_embedded_dataset_shape_and_regeneration(dataset):
   assert len(set(dataset.texts())) == sum(len(d) for d in dataset.descriptions)
 
 
-def _features(x):
-  f = [x.reshape(len(x), -1)]
-  if x.ndim == 3:  # time series: per-channel energy and peak
-    f += [x.std(1), np.abs(x).max(1), np.abs(np.diff(x, axis=1)).mean(1)]
-  return np.concatenate(f, 1)
-
-
-def _softmax_regression_accuracy(xtr, ytr, xte, yte, k, steps=300, lr=0.2):
-  mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-  xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
-  w, b, y1 = np.zeros((xtr.shape[1], k)), np.zeros(k), np.eye(k)[ytr]
-  for _ in range(steps):
-    z = xtr @ w + b
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    g = (p - y1) / len(xtr)
-    w -= lr * (xtr.T @ g + 1e-3 * w)
-    b -= lr * g.sum(0)
-  return float(((xte @ w + b).argmax(1) == yte).mean())
-
-
 def test_modalities_are_complementary(dataset):
   test = dataset.sequence_ids % 5 == 0
-  feats = {k: _features(v) for k, v in dataset.modalities.items()}
-  acc = {k: _softmax_regression_accuracy(f[~test], dataset.labels[~test], f[test], dataset.labels[test], 6)
+  feats = {k: modality_features(v) for k, v in dataset.modalities.items()}
+  acc = {k: probe_accuracy(f[~test], dataset.labels[~test], f[test], dataset.labels[test], 6)
          for k, f in feats.items()}
   all_f = np.concatenate(list(feats.values()), 1)
-  acc_all = _softmax_regression_accuracy(all_f[~test], dataset.labels[~test], all_f[test], dataset.labels[test], 6)
+  acc_all = probe_accuracy(all_f[~test], dataset.labels[~test], all_f[test], dataset.labels[test], 6)
   print({**{k: round(v, 3) for k, v in acc.items()}, 'all': round(acc_all, 3)})  # quoted in docs/own_data.md (-s)
   assert acc_all > max(acc.values()) + 0.15, (acc_all, acc)
   assert all(a > 1 / 6 + 0.1 for a in acc.values()), acc  # each modality is informative

@@ -11,6 +11,9 @@ def test_score_and_accuracy():
   out = s.score(['the person is running', 'a person is walking'], refs, [4, 2])
   assert out['rougeLsum'] < 1.0 and out['rouge1'] > 0.5
   assert out['accuracy'] == 0.5                         # second answer names the wrong activity
+  assert out['sentence'] == 0.5                         # 'a person is walking' is no class's sentence
+  wrong_class = s.score(['a person walks at a steady pace', ' someone is running fast '], refs, [3, 2])
+  assert wrong_class['sentence'] == 1.0 and wrong_class['accuracy'] == 0.5   # a sentence of any class counts
   assert s.score(refs, refs, [4, 2])['rougeLsum'] == pytest.approx(1.0)
   assert s.classify('') == -1 and s.classify('someone has a sudden fall') == 5
   with pytest.raises(ValueError, match='same length'):
