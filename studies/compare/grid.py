@@ -32,6 +32,7 @@ import numpy as np
 
 from ml_ecs.run import environment, metrics_io, report
 from studies.compare import stats
+from ml_ecs.algorithms import registry
 from ml_ecs.algorithms.registry import STRATEGIES, apply_strategy
 from ml_ecs.config.validation import ConfigError, validate
 
@@ -138,11 +139,13 @@ def tuned_values(grid: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
 
 
 def tuned_for(method: str, tuned: dict[str, dict[str, Any]]) -> dict[str, Any]:
-  """A method's tuned overrides; ablations use ML-ECS's."""
+  """A method's tuned overrides; ablations use ML-ECS's, but for the fields that remove their component (a
+  tuned MMA weighting must not return to the no-MMA ablation)."""
   if method in tuned:
     return tuned[method]
-  if method.startswith('ml_ecs_no_') and 'ml_ecs' in tuned:
-    return tuned['ml_ecs']
+  if method.startswith('ml_ecs_no_') and 'ml_ecs' in tuned:   # except the fields the ablation itself sets
+    removed = getattr(registry.get(method), 'changes', {})
+    return {k: v for k, v in tuned['ml_ecs'].items() if k.removeprefix('method.') not in removed}
   return {}
 
 

@@ -3,7 +3,7 @@
 Every tuned method gets the same number of trials (`tune.trials`) of the same length
 (`tune.rounds`, or the grid's rounds when 0), with common random numbers: trial i of every
 method has the same learning rate (one stream for the fields every method shares), and each
-method's own knobs (FedProx's mu, the multimodal baseline's modality dropout, ML-ECS's CCL /
+method's own knobs (FedProx's mu, the multimodal baseline's modality dropout, ML-ECS's MMA weighting and CCL /
 SE-CCL weights and temperatures) are drawn on top from a stream of its own. A trial trains on
 every tuning seed (`tune.seeds`, each the partition and the training seed, apart from the
 grid's seeds) with a validation split cut from the clients' training data
@@ -27,33 +27,41 @@ from studies.compare import grid as compare, stats
 from ml_ecs.run import metrics_io
 from ml_ecs.algorithms.registry import apply_strategy
 
-# dotted field -> ('log' | 'lin', low, high)
+# dotted field -> ('log' | 'lin', low, high) or ('choice', options)
 COMMON_SPACE = {'train.learning_rate': ('log', 3e-4, 1e-2)}
 METHOD_SPACES = {
     'fedprox': {'method.fedprox_mu': ('log', 1e-3, 1.0)},
     'mmfl': {'method.modality_dropout': ('lin', 0.0, 0.5)},
     'ml_ecs': {'method.lambda_ccl': ('log', 0.01, 1.0), 'method.tau_ccl': ('log', 0.05, 1.0),
-               'method.lambda_se_ccl': ('log', 0.05, 2.0), 'method.tau_se_ccl': ('log', 0.05, 1.0)},
+               'method.lambda_se_ccl': ('log', 0.05, 2.0), 'method.tau_se_ccl': ('log', 0.05, 1.0),
+               # MMA's backbone weights: by samples (FedAvg), by modality count (the authors' code) or both;
+               # chosen by the tuning like the other knobs, and stated in tuned.json
+               'method.mma_backbone': ('choice', ('samples', 'modality', 'modality_samples'))},
 }
 
 
-def search_space(method: str) -> dict[str, tuple[str, float, float]]:
+def search_space(method: str) -> dict[str, tuple]:
   return {**COMMON_SPACE, **METHOD_SPACES.get(method, {})}
 
 
-def _draw(space: dict[str, tuple[str, float, float]], count: int, rng: np.random.Generator) -> list[dict[str, float]]:
+def _draw(space: dict[str, tuple], count: int, rng: np.random.Generator) -> list[dict[str, Any]]:
   trials = []
   for _ in range(count):
-    point = {}
-    for field, (kind, lo, hi) in sorted(space.items()):
+    point: dict[str, Any] = {}
+    for field, (kind, *bounds) in sorted(space.items()):
       u = rng.random()
+      if kind == 'choice':
+        options = bounds[0]
+        point[field] = options[min(int(u * len(options)), len(options) - 1)]
+        continue
+      lo, hi = bounds
       point[field] = float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))) if kind == 'log'
                            else lo + u * (hi - lo))
     trials.append(point)
   return trials
 
 
-def draw_trials(method: str, count: int, seed: int) -> list[dict[str, float]]:
+def draw_trials(method: str, count: int, seed: int) -> list[dict[str, Any]]:
   """`count` random points of the method's search space: the common fields from one stream shared by
   every method (common random numbers), the method's own from its own stream (deterministic per seed)."""
   common = _draw(COMMON_SPACE, count, np.random.default_rng([seed, 0]))
@@ -72,7 +80,7 @@ def tuning_seeds(tune: ml_collections.ConfigDict) -> list[int]:
   return compare._values('tune.seeds', tune.seeds, int)
 
 
-def trial_config(base: ml_collections.ConfigDict, method: str, point: dict[str, float],
+def trial_config(base: ml_collections.ConfigDict, method: str, point: dict[str, Any],
                  seed: int) -> ml_collections.ConfigDict:
   """The run config of one trial on one tuning seed."""
   tune = base.tune

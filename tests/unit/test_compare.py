@@ -148,8 +148,10 @@ def test_trials_are_deterministic_and_inside_the_space():
   a, b = tuning.draw_trials('ml_ecs', 8, 0), tuning.draw_trials('ml_ecs', 8, 0)
   assert a == b and len(a) == 8 and tuning.draw_trials('ml_ecs', 8, 1) != a
   for point in a:
-    for field, (_, lo, hi) in tuning.search_space('ml_ecs').items():
-      assert lo <= point[field] <= hi
+    for field, (kind, *bounds) in tuning.search_space('ml_ecs').items():
+      assert point[field] in bounds[0] if kind == 'choice' else bounds[0] <= point[field] <= bounds[1]
+  # the categorical MMA weighting is drawn too, and over 8 trials takes more than one value
+  assert len({p['method.mma_backbone'] for p in a}) > 1
 
 
 def test_reproduction_check(tmp_path, tiny_config):
@@ -186,3 +188,14 @@ def test_grid_configs_validate_every_cell(name):
   assert len(todo) == len(configs) and len({(c.data.seed, c.seed) for c in configs}) == \
       len(set(cfg.grid.partition_seeds)) * len(set(cfg.grid.train_seeds))
   assert {c.data.modality_seed for c in configs} == {cfg.grid.modality_seed}
+
+
+def test_ablations_reuse_ml_ecs_tuning_but_not_the_component_they_remove(tiny_config):
+  tuned = {'ml_ecs': {'train.learning_rate': 1e-3, 'method.mma_backbone': 'modality', 'method.lambda_ccl': 0.3}}
+  assert compare.tuned_for('ml_ecs', tuned) == tuned['ml_ecs']
+  assert compare.tuned_for('ml_ecs_no_mma', tuned) == {'train.learning_rate': 1e-3, 'method.lambda_ccl': 0.3}
+  assert compare.tuned_for('ml_ecs_no_ccl', tuned) == tuned['ml_ecs']   # lambda_ccl is unused without CCL
+  base = _base(tiny_config)
+  cfg = compare.cell_config(base, ('ml_ecs_no_mma', 0.3, 3, 0, 0), tuned)
+  assert cfg.method.mma_backbone == 'samples' and cfg.train.learning_rate == 1e-3
+  assert compare.cell_config(base, ('ml_ecs', 0.3, 3, 0, 0), tuned).method.mma_backbone == 'modality'

@@ -65,8 +65,9 @@ class MLECS(Algorithm):
 
 
 def ablation(name: str, **changes) -> type[MLECS]:
-  """ML-ECS with some method fields changed (one component removed)."""
-  return type(f'MLECS_{name}', (MLECS,), {'name': name, 'fields': {**MLECS.fields, **changes}})
+  """ML-ECS with some method fields changed (one component removed); `changes` says which."""
+  return type(f'MLECS_{name}', (MLECS,), {'name': name, 'fields': {**MLECS.fields, **changes},
+                                          'changes': dict(changes)})
 
 
 ABLATIONS = (ablation('ml_ecs_no_ccl', ccl='none'), ablation('ml_ecs_no_amt', amt=False),
