@@ -57,9 +57,18 @@ PER_CLIENT = (('client_rougeLsum_multi_by_client', 'client/rougeLsum_multi'),
 FLOORS = tuple((f'floor_{side}_{answer}_{score}', f'floor/{side}/{answer}_{score}')
                for side in ('client', 'server') for answer in ('the', 'majority')
                for score in ('rougeLsum_multi', 'accuracy'))
+# Mechanism telemetry (metrics.jsonl, per training round): (key or key prefix, what it counts). A cell records
+# each key's mean over its rounds and the share of rounds in which it was above 0 ('fired').
+TELEMETRY = (('server/se_ccl_clients', 'SE-CCL: client uploads the server aligned to'),
+             ('client/se_ccl_used', 'SE-CCL: share of sampled clients that aligned to the server'),
+             ('client/private_ccl_anchors', 'CCL: anchored rows per client batch'),
+             ('server/ccl_anchors', 'CCL: anchored rows per server batch'),
+             ('client/gate_shared', 'AMT: gate of the shared LoRA'),
+             ('client/gate_private', 'AMT: gate of the private LoRA'),
+             ('mma/', 'MMA: per modality, clients and weight in the aggregate'))
 CSV_FIELDS = (('method', 'missing_rate', 'num_clients', 'partition_seed', 'train_seed', 'cell')
               + tuple(f for f, _, _ in METRICS) + tuple(f for f, _ in PER_CLIENT) + tuple(f for f, _ in FLOORS)
-              + ('final_client_rougeLsum', 'final_server_rougeLsum', 'comm_ratio', 'rounds', 'wall_s'))
+              + ('final_client_rougeLsum', 'final_server_rougeLsum', 'comm_ratio', 'rounds', 'wall_s', 'telemetry'))
 
 Cell = tuple[str, float, int, int, int]   # method, missing rate, clients, partition seed, training seed
 
@@ -165,6 +174,8 @@ def cell_config(base: ml_collections.ConfigDict, cell: Cell, tuned: dict[str, di
   cfg = apply_strategy(base, method)
   grid = cfg.grid
   del cfg['grid']
+  if 'tune' in cfg:   # the tuning's settings are not the run's (a cell's hash must not move with them)
+    del cfg['tune']
   set_fields(cfg, tuned_for(method, tuned or {}))
   cfg.data.modality_missing_rate = rate
   cfg.data.num_clients = clients
@@ -191,6 +202,22 @@ def cell_row(cell: Cell, name: str, rows: list[dict], timings: list[dict], last_
              comm_ratio=max((r.get('comm/ratio', 0.0) for r in rows), default=0.0), rounds=final['round'],
              wall_s=max((t.get('time/elapsed_s', 0.0) for t in timings), default=float('nan')))
   out.update({field: (floors or {}).get(key, '') for field, key in FLOORS})
+  out['telemetry'] = json.dumps(telemetry(rows), sort_keys=True)
+  return out
+
+
+def telemetry(rows: list[dict]) -> dict[str, dict[str, float]]:
+  """{key: {'mean': mean over the training rounds, 'fired': share of rounds with a value > 0}} of the TELEMETRY
+  keys a run's metrics hold (a mechanism that is off or never fires reads fired = 0)."""
+  trained = [r for r in rows if r.get('round', 0) > 0]
+  keys = sorted({k for r in trained for k, v in r.items() if isinstance(v, (int, float))
+                 and any(k == t or (t.endswith('/') and k.startswith(t)) for t, _ in TELEMETRY)})
+  out = {}
+  for k in keys:
+    vals = np.array([float(r[k]) for r in trained if k in r], float)
+    vals = vals[np.isfinite(vals)]
+    if len(vals):
+      out[k] = {'mean': float(vals.mean()), 'fired': float((vals > 0).mean())}
   return out
 
 
@@ -420,6 +447,28 @@ def ceiling_rows(headroom: dict[str, Any] | None, rate: float, clients: int,
   return out
 
 
+def telemetry_section(results: list[dict[str, Any]]) -> list[str]:
+  """Per method, each mechanism's mean per round and the share of rounds it fired, averaged over runs;
+  a mechanism a method has that never fired is flagged."""
+  per: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
+  for r in results:
+    for k, v in json.loads(r.get('telemetry') or '{}').items():
+      per[r['method']][k].append(v)
+  if not per:
+    return []
+  out = ['## Mechanisms (telemetry)', '', 'Per training round, averaged over rounds and runs: the mean value and '
+         'the share of rounds in which it was above 0. **never fired**: the method has the mechanism and it did '
+         'nothing in any round of any run.', '', '| method | telemetry | mean per round | rounds fired |',
+         '|---|---|---|---|']
+  for method in sorted(per):
+    for k in sorted(per[method]):
+      vals = per[method][k]
+      mean, fired = np.mean([v['mean'] for v in vals]), np.mean([v['fired'] for v in vals])
+      note = ' **never fired**' if fired == 0 and not k.endswith('_weight') else ''
+      out.append(f'| {method} | {k} | {mean:.3f} | {fired:.0%}{note} |')
+  return out + ['']
+
+
 def headroom_section(headroom: dict[str, Any]) -> list[str]:
   """The headroom check in words: probe gaps per setting and the LM check."""
   out = ['## Headroom check (before the grid)', '',
@@ -489,6 +538,7 @@ def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] |
         out.append(f'| {m} - {b} | ' + ' | '.join('—' if d is None else _fmt_ci(d, signed=True) for d in cells_)
                    + ' |')
     out.append('')
+  out += telemetry_section(results)
   if headroom:
     out += headroom_section(headroom)
   if repro:

@@ -199,3 +199,18 @@ def test_ablations_reuse_ml_ecs_tuning_but_not_the_component_they_remove(tiny_co
   cfg = compare.cell_config(base, ('ml_ecs_no_mma', 0.3, 3, 0, 0), tuned)
   assert cfg.method.mma_backbone == 'samples' and cfg.train.learning_rate == 1e-3
   assert compare.cell_config(base, ('ml_ecs', 0.3, 3, 0, 0), tuned).method.mma_backbone == 'modality'
+
+
+def test_mechanism_telemetry_is_summarised_and_a_silent_mechanism_is_flagged():
+  rows = [{'round': 0, 'server/se_ccl_clients': 9}]   # round 0 is the evaluation before training
+  rows += [{'round': r, 'server/se_ccl_clients': s, 'client/gate_shared': 0.8, 'mma/accel_clients': 0,
+            'mma/accel_weight': 0.0, 'client/private_lm': 1.0} for r, s in ((1, 0), (2, 4), (3, 2), (4, 0))]
+  t = compare.telemetry(rows)
+  assert t['server/se_ccl_clients'] == {'mean': 1.5, 'fired': 0.5}
+  assert t['client/gate_shared'] == {'mean': 0.8, 'fired': 1.0}
+  assert 'client/private_lm' not in t and t['mma/accel_clients']['fired'] == 0.0
+  results = [{'method': 'ml_ecs', 'telemetry': json.dumps(t)}, {'method': 'local', 'telemetry': '{}'}]
+  md = '\n'.join(compare.telemetry_section(results))
+  assert '| ml_ecs | server/se_ccl_clients | 1.500 | 50% |' in md
+  assert '| ml_ecs | mma/accel_clients | 0.000 | 0% **never fired** |' in md
+  assert 'mma/accel_weight | 0.000 | 0% |' in md     # the weight repeats the clients' flag: not flagged twice

@@ -44,6 +44,7 @@ def get_config(variant: str = 'full') -> ml_collections.ConfigDict:
   c = discriminating.get_config('clients_scarce')   # the benchmark where collaboration carries information
   c.train.update(dict(rounds=50, eval_every=5, checkpoint_every=10))
   c.data.client_val_fraction = 0.2   # the same partition for tuning and grid; val never used by the grid
+  c.data.test_order = 'interleaved'   # the scored test windows spread over every test recording
   c.grid = ml_collections.ConfigDict(dict(
       methods=tuple(STRATEGIES),
       missing_rates=(0.3, 0.5, 0.7),
