@@ -16,6 +16,7 @@ environment.jsonl; `reproduce` reruns finished cells and records whether they ma
 from __future__ import annotations
 
 import csv
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -57,7 +58,7 @@ PER_CLIENT = (('client_rougeLsum_multi_by_client', 'client/rougeLsum_multi'),
 FLOORS = tuple((f'floor_{side}_{answer}_{score}', f'floor/{side}/{answer}_{score}')
                for side in ('client', 'server') for answer in ('the', 'majority')
                for score in ('rougeLsum_multi', 'accuracy'))
-# Mechanism telemetry (metrics.jsonl, per training round): (key or key prefix, what it counts). A cell records
+# Mechanism telemetry (metrics.jsonl, per training round): (key or key pattern, what it counts). A cell records
 # each key's mean over its rounds and the share of rounds in which it was above 0 ('fired').
 TELEMETRY = (('server/se_ccl_clients', 'SE-CCL: client uploads the server aligned to'),
              ('client/se_ccl_used', 'SE-CCL: share of sampled clients that aligned to the server'),
@@ -65,7 +66,8 @@ TELEMETRY = (('server/se_ccl_clients', 'SE-CCL: client uploads the server aligne
              ('server/ccl_anchors', 'CCL: anchored rows per server batch'),
              ('client/gate_shared', 'AMT: gate of the shared LoRA'),
              ('client/gate_private', 'AMT: gate of the private LoRA'),
-             ('mma/', 'MMA: per modality, clients and weight in the aggregate'))
+             ('mma/*_clients', 'MMA: per modality, the clients in its aggregate'),
+             ('mma/*_weight', 'MMA: per modality, the total weight of its aggregate'))
 CSV_FIELDS = (('method', 'missing_rate', 'num_clients', 'partition_seed', 'train_seed', 'cell')
               + tuple(f for f, _, _ in METRICS) + tuple(f for f, _ in PER_CLIENT) + tuple(f for f, _ in FLOORS)
               + ('final_client_rougeLsum', 'final_server_rougeLsum', 'comm_ratio', 'rounds', 'wall_s', 'telemetry'))
@@ -100,6 +102,8 @@ def check_grid(base: ml_collections.ConfigDict) -> tuple[list[Cell], list[ml_col
     if any(len(pair) != 2 for pair in opts['contrasts']) or not named <= set(STRATEGIES):
       raise ValueError(f"grid.contrasts={base.grid.get('contrasts')!r} / grid.reference={opts['reference']!r}: "
                        f"expected 'method-baseline' pairs and a reference from {sorted(STRATEGIES)}")
+    if opts['headline'] not in stats.HEADLINES:
+      raise ValueError(f"grid.headline={opts['headline']!r}: expected one of {stats.HEADLINES}")
     if not (named & methods):
       raise ValueError(f'grid.contrasts / grid.reference name none of grid.methods {sorted(methods)}')
   except ValueError as e:
@@ -211,7 +215,7 @@ def telemetry(rows: list[dict]) -> dict[str, dict[str, float]]:
   keys a run's metrics hold (a mechanism that is off or never fires reads fired = 0)."""
   trained = [r for r in rows if r.get('round', 0) > 0]
   keys = sorted({k for r in trained for k, v in r.items() if isinstance(v, (int, float))
-                 and any(k == t or (t.endswith('/') and k.startswith(t)) for t, _ in TELEMETRY)})
+                 and any(fnmatch.fnmatchcase(k, t) for t, _ in TELEMETRY)})
   out = {}
   for k in keys:
     vals = np.array([float(r[k]) for r in trained if k in r], float)
@@ -379,8 +383,10 @@ def paired_difference(results: list[dict[str, Any]], method: str, baseline: str,
   return stats.clustered_t(clusters, level) if clusters else None
 
 
-def _headline_fields(metrics) -> tuple[str, str, str]:
-  """(client field, its per-client field, server field) of the headline metric the results hold."""
+def _headline_fields(metrics, headline: str = 'rougeLsum') -> tuple[str, str, str]:
+  """(client field, its per-client field, server field) of the headline metric (grid.headline) the results hold."""
+  if headline == 'accuracy':
+    return 'client_accuracy', 'client_accuracy_by_client', 'server_accuracy'
   fields = {f for f, _, _ in metrics}
   if 'client_rougeLsum_multi' in fields:
     return 'client_rougeLsum_multi', 'client_rougeLsum_multi_by_client', 'server_rougeLsum_multi'
@@ -388,10 +394,10 @@ def _headline_fields(metrics) -> tuple[str, str, str]:
 
 
 def contrast_rows(results: list[dict[str, Any]], contrasts: Sequence[tuple[str, str]],
-                  level: float = 0.95) -> list[dict[str, Any]]:
+                  level: float = 0.95, headline: str = 'rougeLsum') -> list[dict[str, Any]]:
   """The pre-registered contrasts (method, baseline) on the clients' and the server's headline metric,
   each clustered on the partition seed, with Holm-adjusted p-values over the whole family."""
-  client, per_client, server = _headline_fields(_present(results))
+  client, per_client, server = _headline_fields(_present(results), headline)
   rows = []
   for method, baseline in contrasts:
     for side, d in (('client', paired_difference(results, method, baseline, client, per_client, level)),
@@ -409,7 +415,8 @@ def report_options(grid: ml_collections.ConfigDict | None) -> dict[str, Any]:
   grid = grid or {}
   contrasts = grid.get('contrasts', CONTRASTS)
   return {'contrasts': tuple(tuple(c.split('-')) if isinstance(c, str) else tuple(c) for c in contrasts),
-          'reference': grid.get('reference', REFERENCE), 'design': grid.get('design', '')}
+          'reference': grid.get('reference', REFERENCE), 'design': grid.get('design', ''),
+          'headline': grid.get('headline', 'rougeLsum')}
 
 
 def floor_rows(setting: list[dict[str, Any]], metrics: Sequence[tuple[str, str, str]]) -> list[str]:
@@ -491,7 +498,7 @@ def headroom_section(headroom: dict[str, Any]) -> list[str]:
 
 def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] | None = None,
                     contrasts: Sequence[tuple[str, str]] = CONTRASTS, reference: str = REFERENCE,
-                    headroom: dict[str, Any] | None = None, design: str = '') -> str:
+                    headroom: dict[str, Any] | None = None, design: str = '', headline: str = 'rougeLsum') -> str:
   """Per setting: means with 95% intervals clustered on the partition seed, the floors and probe ceilings;
   the pre-registered contrasts with Holm-adjusted p-values; other methods against the reference baseline
   fixed in the config, and the ablations against the full method (exploratory: not corrected); the
@@ -519,14 +526,15 @@ def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] |
     out += ceiling_rows(headroom, rate, clients, metrics)
     family = [(a, b) for a, b in contrasts if a in by_method and b in by_method]
     if family:
-      out += ['', 'Pre-registered contrasts (headline ROUGE-LSum); **bold** where the Holm-adjusted p < 0.05.', '',
-              '| contrast | side | Δ [95% CI] | partitions | p | p (Holm) |', '|---|---|---|---|---|---|']
-      for r in contrast_rows(setting, family):
+      what = 'accuracy' if headline == 'accuracy' else 'ROUGE-LSum'
+      out += ['', f'Pre-registered contrasts (headline {what}, grid.headline); **bold** where the Holm-adjusted '
+              'p < 0.05.', '', '| contrast | side | Δ [95% CI] | partitions | p | p (Holm) |', '|---|---|---|---|---|---|']
+      for r in contrast_rows(setting, family, headline=headline):
         txt = _fmt_ci(r, signed=True)
         txt = f'**{txt}**' if r['p_holm'] < 0.05 else txt
         out.append(f"| {r['contrast']} | {r['side']} | {txt} | {r['clusters']} | {_fmt_p(r['p'])} | "
                    f"{_fmt_p(r['p_holm'])} |")
-    client, per_client, server = _headline_fields(metrics)
+    client, per_client, server = _headline_fields(metrics, headline)
     explore = [(m, reference) for m in by_method if m != reference and reference in by_method
                and not m.startswith('ml_ecs')]
     explore += [(m, 'ml_ecs') for m in by_method if m.startswith('ml_ecs_no_') and 'ml_ecs' in by_method]

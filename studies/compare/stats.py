@@ -21,8 +21,16 @@ def evaluated(rows: Sequence[Mapping[str, Any]], key: str) -> list[Mapping[str, 
   return [r for r in rows if key in r]
 
 
-def headline_keys(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
-  """(client, server) headline ROUGE-LSum keys the runs hold: multi-reference, else single-reference."""
+HEADLINES = ('rougeLsum', 'accuracy')   # grid.headline: the pre-registered metric of contrasts and tuning
+
+
+def headline_keys(rows: Sequence[Mapping[str, Any]], headline: str = 'rougeLsum') -> tuple[str, str]:
+  """(client, server) headline keys the runs hold: for 'rougeLsum' multi-reference ROUGE-LSum, else
+  single-reference; for 'accuracy' the answer accuracy."""
+  if headline not in HEADLINES:
+    raise ValueError(f'grid.headline={headline!r}: expected one of {HEADLINES}')
+  if headline == 'accuracy':
+    return 'client/accuracy_mean', 'server/accuracy'
   if evaluated(rows, 'client/rougeLsum_multi_mean'):
     return 'client/rougeLsum_multi_mean', 'server/rougeLsum_multi'
   return 'client/rougeLsum_mean', 'server/rougeLsum'

@@ -8,8 +8,8 @@ SE-CCL weights and temperatures) are drawn on top from a stream of its own. A tr
 every tuning seed (`tune.seeds`, each the partition and the training seed, apart from the
 grid's seeds) with a validation split cut from the clients' training data
 (data.client_val_fraction) and is scored on it (eval.split='val'), never on the test data, by
-the mean over the seeds of its last evaluations of (client + server) / 2 of the headline
-ROUGE-LSum. Ablations are not tuned:
+the mean over the seeds of its last evaluations of (client + server) / 2 of the grid's headline
+metric (grid.headline: ROUGE-LSum, or accuracy). Ablations are not tuned:
 the grid gives them ML-ECS's values (studies.compare.grid.tuned_for).
 """
 from __future__ import annotations
@@ -69,9 +69,9 @@ def draw_trials(method: str, count: int, seed: int) -> list[dict[str, Any]]:
   return [{**c, **o} for c, o in zip(common, own)]
 
 
-def objective(rows: list[dict[str, Any]], last_k: int) -> float:
-  """Mean of the last evaluations of (client + server) / 2 of the headline ROUGE-LSum."""
-  client, server = stats.headline_keys(rows)
+def objective(rows: list[dict[str, Any]], last_k: int, headline: str = 'rougeLsum') -> float:
+  """Mean of the last evaluations of (client + server) / 2 of the grid's headline metric (grid.headline)."""
+  client, server = stats.headline_keys(rows, headline)
   return 0.5 * (stats.last_k_mean(rows, client, last_k) + stats.last_k_mean(rows, server, last_k))
 
 
@@ -118,7 +118,8 @@ def run_tuning(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable
           log(f'tuning {method} trial {i + 1}/{tune.trials}, seed {seed}: {point}')
           if not train_fn(cfg, tdir, os.path.join(workdir, 'cache')):
             return None
-        scores.append(objective(metrics_io.read_jsonl(os.path.join(tdir, 'metrics.jsonl')), base.grid.get('last_k', 3)))
+        scores.append(objective(metrics_io.read_jsonl(os.path.join(tdir, 'metrics.jsonl')), base.grid.get('last_k', 3),
+                                base.grid.get('headline', 'rougeLsum')))
       score = float(np.mean(scores))
       rows.append({'method': method, 'trial': i, 'objective': score, **{f'objective_s{s}': v for s, v in
                                                                          zip(tuning_seeds(tune), scores)}, **point})

@@ -177,6 +177,25 @@ def test_headline_keys_and_tuning_objective():
   assert stats.headline_keys(single) == ('client/rougeLsum_mean', 'server/rougeLsum')
   assert stats.headline_keys(multi) == ('client/rougeLsum_multi_mean', 'server/rougeLsum_multi')
   assert tuning.objective(single, 3) == pytest.approx(0.3) and tuning.objective(multi, 3) == pytest.approx(0.7)
+  multi[0].update({'client/accuracy_mean': 0.2, 'server/accuracy': 0.6})
+  assert stats.headline_keys(multi, 'accuracy') == ('client/accuracy_mean', 'server/accuracy')
+  assert tuning.objective(multi, 3, 'accuracy') == pytest.approx(0.4)
+  with pytest.raises(ValueError, match='grid.headline'):
+    stats.headline_keys(multi, 'bleu')
+
+
+def test_contrasts_follow_the_preregistered_headline():
+  rows = [{'method': m, 'missing_rate': 0.0, 'num_clients': 2, 'partition_seed': p, 'train_seed': 0,
+           'client_rougeLsum_multi': 0.5, 'server_rougeLsum_multi': 0.5, 'client_accuracy': acc + 0.01 * p,
+           'server_accuracy': acc, 'client_rougeLsum_multi_by_client': json.dumps({'0': 0.5, '1': 0.5}),
+           'client_accuracy_by_client': json.dumps({'0': acc, '1': acc + 0.02 * p})}
+          for m, acc in (('ml_ecs', 0.6), ('local', 0.5)) for p in range(3)]
+  by_rouge = compare.contrast_rows(rows, [('ml_ecs', 'local')])
+  by_acc = compare.contrast_rows(rows, [('ml_ecs', 'local')], headline='accuracy')
+  assert [r['mean'] for r in by_rouge] == [0.0, 0.0]
+  assert [round(r['mean'], 6) for r in by_acc] == [0.1, 0.1]
+  md = compare.markdown_report(rows, contrasts=[('ml_ecs', 'local')], headline='accuracy')
+  assert 'headline accuracy' in md
 
 
 @pytest.mark.parametrize('name', ['compare', 'compare:reduced', 'compare_secondary:discriminating', 'compare_secondary:embedded'])
@@ -204,11 +223,12 @@ def test_ablations_reuse_ml_ecs_tuning_but_not_the_component_they_remove(tiny_co
 def test_mechanism_telemetry_is_summarised_and_a_silent_mechanism_is_flagged():
   rows = [{'round': 0, 'server/se_ccl_clients': 9}]   # round 0 is the evaluation before training
   rows += [{'round': r, 'server/se_ccl_clients': s, 'client/gate_shared': 0.8, 'mma/accel_clients': 0,
-            'mma/accel_weight': 0.0, 'client/private_lm': 1.0} for r, s in ((1, 0), (2, 4), (3, 2), (4, 0))]
+            'mma/accel_weight': 0.0, 'mma/excluded': 0, 'client/private_lm': 1.0}
+           for r, s in ((1, 0), (2, 4), (3, 2), (4, 0))]
   t = compare.telemetry(rows)
   assert t['server/se_ccl_clients'] == {'mean': 1.5, 'fired': 0.5}
   assert t['client/gate_shared'] == {'mean': 0.8, 'fired': 1.0}
-  assert 'client/private_lm' not in t and t['mma/accel_clients']['fired'] == 0.0
+  assert 'client/private_lm' not in t and 'mma/excluded' not in t and t['mma/accel_clients']['fired'] == 0.0
   results = [{'method': 'ml_ecs', 'telemetry': json.dumps(t)}, {'method': 'local', 'telemetry': '{}'}]
   md = '\n'.join(compare.telemetry_section(results))
   assert '| ml_ecs | server/se_ccl_clients | 1.500 | 50% |' in md
