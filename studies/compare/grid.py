@@ -120,11 +120,18 @@ def check_grid(base: ml_collections.ConfigDict) -> tuple[list[Cell], list[ml_col
 
 
 def cells(grid: ml_collections.ConfigDict) -> list[Cell]:
-  """Every (method, missing rate, clients, partition seed, training seed) of the grid."""
-  return list(itertools.product(
-      _values('methods', grid.methods, str), _values('missing_rates', grid.missing_rates, float),
-      _values('num_clients', grid.num_clients, int), _values('partition_seeds', grid.partition_seeds, int),
-      _values('train_seeds', grid.train_seeds, int)))
+  """Every (method, missing rate, clients, partition seed, training seed) of the grid; a method named in
+  grid.train_seeds_for runs only the training seeds given there (e.g. ablations on one training seed)."""
+  seeds = _values('train_seeds', grid.train_seeds, int)
+  per_method = {m: _values(f'train_seeds_for.{m}', v, int) for m, v in (grid.get('train_seeds_for') or {}).items()}
+  methods = _values('methods', grid.methods, str)
+  unknown = sorted(set(per_method) - set(methods))
+  if unknown:
+    raise ValueError(f'grid.train_seeds_for names methods {unknown} that grid.methods={methods} does not run')
+  return [cell for cell in itertools.product(
+      methods, _values('missing_rates', grid.missing_rates, float), _values('num_clients', grid.num_clients, int),
+      _values('partition_seeds', grid.partition_seeds, int), seeds)
+      if cell[4] in per_method.get(cell[0], seeds)]
 
 
 def cell_name(method: str, rate: float, clients: int, partition_seed: int, train_seed: int) -> str:

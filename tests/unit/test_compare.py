@@ -234,3 +234,14 @@ def test_mechanism_telemetry_is_summarised_and_a_silent_mechanism_is_flagged():
   assert '| ml_ecs | server/se_ccl_clients | 1.500 | 50% |' in md
   assert '| ml_ecs | mma/accel_clients | 0.000 | 0% **never fired** |' in md
   assert 'mma/accel_weight | 0.000 | 0% |' in md     # the weight repeats the clients' flag: not flagged twice
+
+
+def test_train_seeds_for_runs_some_methods_on_fewer_training_seeds(tiny_config):
+  base = _base(tiny_config, methods=('ml_ecs', 'ml_ecs_no_ccl'), missing_rates=(0.3,), train_seeds=(0, 1))
+  base.grid.train_seeds_for = {'ml_ecs_no_ccl': (0,)}
+  todo = compare.cells(base.grid)
+  assert [c for c in todo if c[0] == 'ml_ecs_no_ccl'] == [('ml_ecs_no_ccl', 0.3, 3, p, 0) for p in (0, 1)]
+  assert len([c for c in todo if c[0] == 'ml_ecs']) == 4
+  base.grid.train_seeds_for = {'fedavg': (0,)}
+  with pytest.raises(ValueError, match='train_seeds_for names methods'):
+    compare.cells(base.grid)

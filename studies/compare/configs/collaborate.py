@@ -24,12 +24,13 @@ What differs from studies/compare/configs/compare.py (the older benchmark, kept 
 Variants: DESIGN or DESIGN_reduced for each DESIGN in DESIGNS. The full variant is the whole protocol of
 compare.py on that design (every method and ablation, 10 partition x 2 training seeds, 8 tuning trials x 2
 seeds); `_reduced` keeps the seeds, the statistics and the equal tuning and cuts what a 2-core session cannot
-run: methods local, fedavg and ml_ecs, 4 tuning trials, half the steps per round (as compare.py:reduced).
-The ablations at 10 partition x 1 training seed are one more command on the same design:
-  --config.grid.methods=ml_ecs,ml_ecs_no_ccl,ml_ecs_no_amt,ml_ecs_no_mma,ml_ecs_no_se_ccl --config.grid.train_seeds=0
+run: local, FedAvg and ML-ECS on 10 partition x 2 training seeds and the four ablations on 10 x 1
+(grid.train_seeds_for), 4 tuning trials of local, FedAvg and ML-ECS, half the steps per round (as
+compare.py:reduced), no FedProx or multimodal baseline: 100 cells and 24 tuning runs.
 """
 import ml_collections
 
+from ml_ecs.algorithms.registry import STRATEGIES
 from studies.compare.configs import compare
 
 MODALITIES = ('accel', 'depth', 'image')
@@ -67,4 +68,8 @@ def get_config(variant: str = 'pairs') -> ml_collections.ConfigDict:
       headline='accuracy',
   ))
   c.tune.missing_rate = 0.0
+  if reduced:   # the issue's minimum: local, FedAvg, ML-ECS on 10 x 2 seeds, the ablations on 10 x 1
+    ablations = tuple(m for m in STRATEGIES if m.startswith('ml_ecs_no_'))
+    c.grid.methods = ('local', 'fedavg', 'ml_ecs') + ablations
+    c.grid.train_seeds_for = {m: (0,) for m in ablations}
   return c
