@@ -125,12 +125,14 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
     cs, out = train_cohort(setup, c, cs, sel, ck, broadcast)
     w, pres = arrivals(setup, c, out, real, sel, jax.random.fold_in(fault_key, k), ledger)
     cohorts.append(cs), outs.append(out), weights.append(w), presence.append(pres), rows.append(c.client_ids[sel])
+  t_cohorts = time.perf_counter()   # every cohort's update has finished (arrivals read its metrics)
   uploads = Uploads(tuple(outs), tuple(weights), tuple(presence), np.concatenate(rows))
   if setup.communicate:
     agg = alg.aggregate(setup, state, uploads, key)
   else:
     agg = Aggregated(state.global_shared, state.algorithm, (), {})
   targets, has_target, target_metrics = alg.server_targets(setup, state, uploads, agg.accepted, server_loss, key)
+  t_aggregate = time.perf_counter()
   server_tr, server_opt, server_metrics, server_z = setup.server_round_fn(
       state.server.trainables, state.server.opt_state, server_key, targets, has_target.astype(jnp.float32),
       setup.server_frozen, setup.public_train)
@@ -144,5 +146,9 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   new_state = State(cohorts=tuple(cohorts), server=NodeState(server_tr, server_opt), global_shared=agg.shared,
                     server_z=server_z, round=state.round + 1, rng=jax.random.key_data(rng), algorithm=agg.state)
   metrics['round'] = int(new_state.round)
-  metrics['time/round_s'] = time.perf_counter() - t0
+  t_end = time.perf_counter()
+  # The round's parts (timing.jsonl): client cohorts (dispatch to their metrics on the host, re-syncs and
+  # sampling included), aggregation with the server's targets (host work and what it waits for), server stage.
+  metrics.update({'time/round_s': t_end - t0, 'time/cohorts_s': t_cohorts - t0,
+                  'time/aggregate_s': t_aggregate - t_cohorts, 'time/server_s': t_end - t_aggregate})
   return new_state, metrics

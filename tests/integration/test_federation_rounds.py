@@ -43,6 +43,9 @@ def test_state_is_a_pytree_and_round_is_pure(fed):
   assert {k: v for k, v in m1.items() if not k.startswith('time/')} == \
       {k: v for k, v in m2.items() if not k.startswith('time/')}
   assert int(s1.round) == 1 and not np.array_equal(np.asarray(s1.rng), np.asarray(state.rng))
+  # the round's parts (timing.jsonl) add up to the round
+  parts = [m1[f'time/{p}_s'] for p in ('cohorts', 'aggregate', 'server')]
+  assert all(p >= 0 for p in parts) and sum(parts) == pytest.approx(m1['time/round_s'], rel=1e-6)
 
 
 def test_two_rounds_aggregate_shared_and_keep_private(fed):
