@@ -454,7 +454,8 @@ def ceiling_rows(headroom: dict[str, Any] | None, rate: float, clients: int,
     return []
   s = setting['summary']
   out = []
-  for what, label in (('own', 'ceiling: linear probe, own labels'), ('pooled', 'ceiling: linear probe, every node\'s labels')):
+  for what, label in (('own', 'ceiling: linear probe, own labels'),
+                      ('pooled', "ceiling: linear probe, every node's labels")):
     cols = [format(s[f.replace('accuracy', what)], '.3f') if f in ('client_accuracy', 'server_accuracy') else ''
             for f, _, _ in metrics]
     out.append(f"| {label} | | {s['partitions']} | " + ' | '.join(cols) + ' |')
@@ -535,7 +536,8 @@ def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] |
     if family:
       what = 'accuracy' if headline == 'accuracy' else 'ROUGE-LSum'
       out += ['', f'Pre-registered contrasts (headline {what}, grid.headline); **bold** where the Holm-adjusted '
-              'p < 0.05.', '', '| contrast | side | Δ [95% CI] | partitions | p | p (Holm) |', '|---|---|---|---|---|---|']
+              'p < 0.05.', '', '| contrast | side | Δ [95% CI] | partitions | p | p (Holm) |',
+              '|---|---|---|---|---|---|']
       for r in contrast_rows(setting, family, headline=headline):
         txt = _fmt_ci(r, signed=True)
         txt = f'**{txt}**' if r['p_holm'] < 0.05 else txt

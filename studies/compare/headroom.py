@@ -152,9 +152,9 @@ def setting_key(rate: float, clients: int) -> str:
 def run_checks(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
                log: Callable[[str], None] = print) -> dict[str, Any] | None:
   """The checks before a grid: the probes of every setting's partitions and, with grid.lm_check, one
-  full-label local run (does the edge LM write class sentences?); grid.headroom_min <= 0 only reports. Writes WORKDIR/headroom.json (resumes: a
-  finished check is read back) and returns it; None if the LM-check run was interrupted. Raises
-  NoHeadroom when a check falls short of grid.headroom_min / grid.lm_check_min."""
+  full-label local run (does the edge LM write class sentences?). Writes WORKDIR/headroom.json (resumes: a
+  finished check is read back) and returns it; None if the LM-check run was interrupted. Raises NoHeadroom
+  when a check falls short of grid.headroom_min / grid.lm_check_min (grid.headroom_min <= 0: report only)."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'headroom.json')
   out = json.load(open(path)) if os.path.exists(path) else {}
