@@ -22,11 +22,16 @@ Rules:
   unused). Anything else is an error naming both checkpoints.
 - ``max_len``: prompt_len + text.instr_len + text.answer_len must fit the
   checkpoint's n_positions (checked here, as `validate` cannot read the checkpoint).
+- ``random:NAME`` (NAME a known GPT-2 checkpoint, `KNOWN_GPT2`): that architecture with random
+  weights (seeded by the training seed), our own tokenizer and the checkpoint's embedding rows;
+  nothing is read and no Hugging Face package is needed. For realistic time, memory and
+  communication where no checkpoint is at hand (init logs that its answers mean nothing).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
 from typing import Any, Callable
 
 import jax
@@ -57,6 +62,12 @@ KNOWN_GPT2 = {
     for name in names}
 
 
+# backbone.hf = 'random:NAME': the architecture of known GPT-2 checkpoint NAME (KNOWN_GPT2) with random weights and
+# our own tokenizer (embedding rows as the checkpoint's): realistic sizes for time, memory and communication where no
+# checkpoint can be read; its answers mean nothing. No Hugging Face packages needed.
+RANDOM = 'random:'
+
+
 def hf_name(mcfg: ml_collections.ConfigDict) -> str:
   """The `backbone.hf` of a model config ('' = our own pretrained backbone)."""
   return str(mcfg.backbone.get('hf', '') or '')
@@ -83,7 +94,8 @@ class Backbones:
   @property
   def tokenizer_id(self) -> str:
     """'' (our BPE) or the HF checkpoint whose tokenizer the text uses (a pretraining cache key)."""
-    return next((s for s in self.sources.values() if s != 'pretrained'), '') if self.tokenizer is not None else ''
+    return next((s for s in self.sources.values() if s != 'pretrained' and not s.startswith(RANDOM)), '') \
+        if self.tokenizer is not None else ''
 
   def vocab_size(self, name: str, text_vocab_size: int) -> int:
     return self.vocab_sizes.get(name, text_vocab_size)
@@ -127,7 +139,7 @@ def _hf_config_only(name: str):
 def _resolve_model(name: str, mcfg: ml_collections.ConfigDict, hf_config, hf: str
                    ) -> tuple[ml_collections.ConfigDict, dict[str, tuple[Any, Any]]]:
   """(model config with the checkpoint's backbone architecture, {field: (ours, checkpoint's)} that differ)."""
-  hf_gpt2 = _hf_module()
+  from ml_ecs.backbones import hf_gpt2   # reads the config's fields only: no Hugging Face package needed
   b = mcfg.backbone
   try:
     resolved = hf_gpt2.backbone_config_from_hf(hf_config, b.lora_rank, b.lora_alpha, tuple(b.lora_targets))
@@ -171,6 +183,17 @@ def resolve(cfg: ml_collections.ConfigDict, *, load_weights: bool = True,
     mcfg, hf = cfg[name], hf_name(cfg[name])
     if not hf:
       models[name], sources[name] = ml_collections.ConfigDict(mcfg.to_dict()), 'pretrained'
+      continue
+    if hf.startswith(RANDOM):
+      arch = hf[len(RANDOM):]
+      if arch not in KNOWN_GPT2:
+        raise ConfigError(f'{name}.backbone.hf = {hf!r}: expected random:NAME with NAME one of {sorted(KNOWN_GPT2)}')
+      hf_config = types.SimpleNamespace(**KNOWN_GPT2[arch])
+      models[name], overrides[name] = _resolve_model(name, mcfg, hf_config, hf)
+      sources[name], vocab[name] = hf, int(hf_config.vocab_size)
+      _check_fits(cfg, name, models[name], hf)
+      log(f'{name}.backbone: the architecture of {arch} with RANDOM weights (no checkpoint is read): for time, '
+          'memory and communication only; its answers mean nothing')
       continue
     hf_gpt2 = _hf_module()
     if load_weights:

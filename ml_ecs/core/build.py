@@ -139,6 +139,11 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   for name in backbones.MODELS:
     template = nnx.eval_shape(lambda: model_fn(name, modalities, {k: 'mlp' for k in modalities}, nnx.Rngs(0)))
     template = params.split_model(template)[1]['frozen']
+    if bb.sources[name].startswith(backbones.RANDOM):   # an architecture with random weights, no pretraining
+      random_frozen = lambda name=name: params.split_model(model_fn(name, modalities, {k: 'mlp' for k in modalities},
+                                                                    nnx.Rngs(cfg.seed + 41)))[1]['frozen']
+      frozen[name] = jax.jit(random_frozen)()
+      continue
     if bb.sources[name] != 'pretrained':
       frozen[name] = backbones.frozen_state(bb, name, template, replicated, placed)
       continue
