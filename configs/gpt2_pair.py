@@ -7,6 +7,8 @@ LoRA r=8, alpha 16 on the GPT-2 attention projections (c_attn, c_proj), as in PE
 usual GPT-2 setup. Needs the checkpoints: a hub connection, the Hugging Face cache, or
 local directories (--config.edge_model.backbone.hf=/path/to/distilgpt2 ...).
 
+Without checkpoints:      --config.edge_model.backbone.hf=random:distilgpt2 (and random:gpt2-medium) builds the
+                          same architectures with random weights (timing and memory only; docs/own_data.md)
 Size it without weights:  python -m ml_ecs.run.sizing --config=configs/gpt2_pair.py
 Train:                    python launch/train.py --config=configs/gpt2_pair.py --workdir=DIR
 """
