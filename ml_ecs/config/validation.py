@@ -22,6 +22,7 @@ from ml_ecs.models.decoder import LORA_TARGETS
 from ml_ecs.models.encoders import ENCODER_TYPES
 from ml_ecs.aggregation import robust
 from ml_ecs.data.partition import TEST_ORDERS
+from ml_ecs.backbones.resolve import RANDOM
 from ml_ecs.errors import ConfigError, DataError  # noqa: F401  (raised here; callers catch them from here)
 from ml_ecs.algorithms import registry
 from ml_ecs.algorithms.mmfl import MMFL
@@ -280,3 +281,13 @@ def check_partition(cfg: ml_collections.ConfigDict, dataset) -> None:
   if cfg.train.batch_size > largest:
     _fail('train.batch_size', cfg.train.batch_size, f'at most the largest client training split ({largest} '
           'samples; batches are drawn with replacement)')
+  # The task text must fit text.instr_len / text.answer_len under our tokenizer (a Hugging Face checkpoint's
+  # tokenizer is checked when init reads it); a config that does not fit is refused before anything is written.
+  if not any(_reads_tokenizer(cfg[m].backbone.get('hf', '')) for m in ('edge_model', 'server_model')):
+    from ml_ecs.data.text import build_task_text
+    build_task_text(dataset, cfg.text)
+
+
+def _reads_tokenizer(hf: str) -> bool:
+  """Whether backbone.hf names a checkpoint whose tokenizer the text uses ('' and 'random:NAME' use ours)."""
+  return bool(hf) and not str(hf).startswith(RANDOM)

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 
 from ml_ecs.data.dataset import MultimodalDataset
+from ml_ecs.errors import ConfigError
 from ml_ecs.data.tokenizer import HFTokenizer, TextTokenizer
 
 
@@ -41,9 +42,9 @@ def build_task_text(ds: MultimodalDataset, cfg: ml_collections.ConfigDict,
   try:
     instr, instr_mask = tok.encode([cfg.instruction], cfg.instr_len, add_eos=False)
   except ValueError as e:
-    raise ValueError(f'text.instr_len too small: {e}') from None
+    raise ConfigError(f'text.instr_len too small: {e}') from None
   try:
     answers, answer_mask = tok.encode(refs, cfg.answer_len)
   except ValueError as e:
-    raise ValueError(f'text.answer_len too small: {e}') from None
+    raise ConfigError(f'text.answer_len too small: {e}') from None
   return TaskText(tok, instr[0], instr_mask[0], answers, answer_mask, refs)

@@ -236,6 +236,7 @@ def _launch(script, *args):
     (['--config.method.name=nope'], 'method.name'),
     (['--config.train.dropout_rate=1.0'], 'train.dropout_rate = 1.0'),
     (['--config.data.name=urfall'], 'data.path'),
+    (['--config.text.instr_len=3'], 'text.instr_len too small'),   # found only when the text is tokenised
 ])
 def test_train_launcher_refuses(args, text, results):
   rc, out = _launch('launch/train.py', f'--config={ROOT}/configs/tiny.py', f'--workdir={results}', *args)
