@@ -137,13 +137,11 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   # Frozen backbones: Hugging Face checkpoints, or pretrained (or cached); one copy per device.
   pretrain_info, frozen, placed = {}, {}, {}
   for name in backbones.MODELS:
-    template = nnx.eval_shape(lambda: model_fn(name, modalities, {k: 'mlp' for k in modalities}, nnx.Rngs(0)))
-    template = params.split_model(template)[1]['frozen']
+    new_model = lambda rngs, name=name: model_fn(name, modalities, {k: 'mlp' for k in modalities}, rngs)
     if bb.sources[name].startswith(backbones.RANDOM):   # an architecture with random weights, no pretraining
-      random_frozen = lambda name=name: params.split_model(model_fn(name, modalities, {k: 'mlp' for k in modalities},
-                                                                    nnx.Rngs(cfg.seed + 41)))[1]['frozen']
-      frozen[name] = jax.jit(random_frozen)()
+      frozen[name] = jax.jit(lambda: params.split_model(new_model(nnx.Rngs(cfg.seed + 41)))[1]['frozen'])()
       continue
+    template = params.split_model(nnx.eval_shape(lambda: new_model(nnx.Rngs(0))))[1]['frozen']
     if bb.sources[name] != 'pretrained':
       frozen[name] = backbones.frozen_state(bb, name, template, replicated, placed)
       continue

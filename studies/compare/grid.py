@@ -58,16 +58,12 @@ PER_CLIENT = (('client_rougeLsum_multi_by_client', 'client/rougeLsum_multi'),
 FLOORS = tuple((f'floor_{side}_{answer}_{score}', f'floor/{side}/{answer}_{score}')
                for side in ('client', 'server') for answer in ('the', 'majority')
                for score in ('rougeLsum_multi', 'accuracy'))
-# Mechanism telemetry (metrics.jsonl, per training round): (key or key pattern, what it counts). A cell records
-# each key's mean over its rounds and the share of rounds in which it was above 0 ('fired').
-TELEMETRY = (('server/se_ccl_clients', 'SE-CCL: client uploads the server aligned to'),
-             ('client/se_ccl_used', 'SE-CCL: share of sampled clients that aligned to the server'),
-             ('client/private_ccl_anchors', 'CCL: anchored rows per client batch'),
-             ('server/ccl_anchors', 'CCL: anchored rows per server batch'),
-             ('client/gate_shared', 'AMT: gate of the shared LoRA'),
-             ('client/gate_private', 'AMT: gate of the private LoRA'),
-             ('mma/*_clients', 'MMA: per modality, the clients in its aggregate'),
-             ('mma/*_weight', 'MMA: per modality, the total weight of its aggregate'))
+# Mechanism telemetry (metrics.jsonl, per training round), keys or key patterns: SE-CCL (client uploads the server
+# aligned to; share of sampled clients that aligned to the server), CCL (anchored rows per client / server batch),
+# AMT (gates of the shared and the private LoRA), MMA (per modality, the clients in its aggregate and their total
+# weight). A cell records each key's mean over its rounds and the share of rounds in which it was above 0 ('fired').
+TELEMETRY = ('server/se_ccl_clients', 'client/se_ccl_used', 'client/private_ccl_anchors', 'server/ccl_anchors',
+             'client/gate_shared', 'client/gate_private', 'mma/*_clients', 'mma/*_weight')
 CSV_FIELDS = (('method', 'missing_rate', 'num_clients', 'partition_seed', 'train_seed', 'cell')
               + tuple(f for f, _, _ in METRICS) + tuple(f for f, _ in PER_CLIENT) + tuple(f for f, _ in FLOORS)
               + ('final_client_rougeLsum', 'final_server_rougeLsum', 'comm_ratio', 'rounds', 'wall_s', 'telemetry'))
@@ -132,6 +128,11 @@ def cells(grid: ml_collections.ConfigDict) -> list[Cell]:
       methods, _values('missing_rates', grid.missing_rates, float), _values('num_clients', grid.num_clients, int),
       _values('partition_seeds', grid.partition_seeds, int), seeds)
       if cell[4] in per_method.get(cell[0], seeds)]
+
+
+def setting_key(rate: float, clients: int) -> str:
+  """The name of a grid setting (missing rate, clients), as headroom.json keys it."""
+  return f'mr{rate:g}__c{clients}'
 
 
 def cell_name(method: str, rate: float, clients: int, partition_seed: int, train_seed: int) -> str:
@@ -222,7 +223,7 @@ def telemetry(rows: list[dict]) -> dict[str, dict[str, float]]:
   keys a run's metrics hold (a mechanism that is off or never fires reads fired = 0)."""
   trained = [r for r in rows if r.get('round', 0) > 0]
   keys = sorted({k for r in trained for k, v in r.items() if isinstance(v, (int, float))
-                 and any(fnmatch.fnmatchcase(k, t) for t, _ in TELEMETRY)})
+                 and any(fnmatch.fnmatchcase(k, t) for t in TELEMETRY)})
   out = {}
   for k in keys:
     vals = np.array([float(r[k]) for r in trained if k in r], float)
@@ -449,7 +450,7 @@ def ceiling_rows(headroom: dict[str, Any] | None, rate: float, clients: int,
                  metrics: Sequence[tuple[str, str, str]]) -> list[str]:
   """Table rows of the linear-probe ceilings (studies/compare/headroom.py, WORKDIR/headroom.json) under the
   accuracy columns: probes on a node's own labels and on every node's labels, averaged over partitions."""
-  setting = ((headroom or {}).get('settings') or {}).get(f'mr{rate:g}__c{clients}')
+  setting = ((headroom or {}).get('settings') or {}).get(setting_key(rate, clients))
   if not setting:
     return []
   s = setting['summary']

@@ -145,10 +145,6 @@ def check(per_partition: dict[str, dict[str, Any]], minimum: float) -> dict[str,
   return out
 
 
-def setting_key(rate: float, clients: int) -> str:
-  return f'mr{rate:g}__c{clients}'
-
-
 def run_checks(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
                log: Callable[[str], None] = print) -> dict[str, Any] | None:
   """The checks before a grid: the probes of every setting's partitions and, with grid.lm_check, one
@@ -173,9 +169,9 @@ def run_checks(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable
         if views is None:   # the data of a setting (a synthetic dataset's size follows the clients)
           views = _Views(load_dataset(cfg.data))
         per[str(p)] = partition_headroom(views.ds, cfg, views)
-      settings[setting_key(rate, clients)] = {'partitions': per, 'summary': check(per, minimum)}
-      s = settings[setting_key(rate, clients)]['summary']
-      log(f"headroom {setting_key(rate, clients)}: client probe own {s['client_own']:.3f} pooled "
+      key, s = compare.setting_key(rate, clients), check(per, minimum)
+      settings[key] = {'partitions': per, 'summary': s}
+      log(f"headroom {key}: client probe own {s['client_own']:.3f} pooled "
           f"{s['client_pooled']:.3f}, server own {s['server_own']:.3f} pooled {s['server_pooled']:.3f}")
     out['settings'] = settings
     metrics_io.write_json(path, out)
