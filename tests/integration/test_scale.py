@@ -10,6 +10,14 @@ from tests.paths import ROOT, cached_env
 from tests.unit.test_scale import SCALE_CPU_BYTES_PER_CLIENT
 
 
+# configs/tiny.py's model sizes: what this test checks (sampling, sampled evaluation, host state,
+# checkpoints at 40 clients) does not depend on them, and they compile several times faster.
+TINY_MODELS = [f'--config.{node}_model.{field}={value}' for node, fields in (
+    ('edge', dict(encoder_width=16, **{'backbone.width': 32, 'backbone.layers': 1, 'backbone.heads': 2})),
+    ('server', dict(encoder_width=16, **{'backbone.width': 48, 'backbone.layers': 2, 'backbone.heads': 2})))
+    for field, value in fields.items()]
+
+
 @pytest.mark.slow
 def test_scale_cpu_config_end_to_end(tmp_path):
   out = tmp_path / 'run'
@@ -18,7 +26,7 @@ def test_scale_cpu_config_end_to_end(tmp_path):
          '--config.train.rounds=2', '--config.train.eval_every=1', '--config.pretrain.steps=20',
          '--config.eval.clients_per_eval=6', '--config.eval.final_full=True',
          '--config.train.public_steps=1', '--config.train.private_steps=1', '--config.train.server_steps=1',
-         '--noprogress']
+         *TINY_MODELS, '--noprogress']
   res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=cached_env())
   assert res.returncode == 0, res.stderr[-3000:]
   rows = [json.loads(l) for l in open(out / 'metrics.jsonl')]

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.paths import JAX_CACHE, ROOT
+from tests.paths import JAX_CACHE, ROOT, xla_flags
 from tests.rows import assert_rows_close
 
 FRACTIONS = (1.0, 0.5)
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.xdist_group('sharding')
 
 
 def _run(devices, workdir, cache, fractions) -> dict[float, dict]:
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS='cpu')
   res = subprocess.run([sys.executable, '-c', PROBE, '', str(workdir), str(cache), *map(str, fractions)],
                        capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
   assert res.returncode == 0, res.stderr[-4000:]
