@@ -18,9 +18,10 @@ import time
 import numpy as np
 import pytest
 
+from tests.paths import ROOT, cached_env
+
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = ['--noprogress', '--config.train.rounds=3', '--config.train.eval_every=1', '--config.train.checkpoint_every=1',
          '--config.train.dropout_rate=0.2', '--config.train.straggler_rate=0.3']
 
@@ -31,9 +32,7 @@ def _cmd(workdir):
 
 
 def _env():
-  cache = os.path.join(ROOT, '.pytest_cache', 'jax_cache')
-  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return cached_env(PYTHONPATH=ROOT)
 
 
 def _read(path):

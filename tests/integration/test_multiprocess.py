@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from launch import local_multiprocess
-from tests.paths import JAX_CACHE, ROOT, xla_flags
+from tests.paths import ROOT, cached_env, xla_flags
 from tests.rows import assert_rows_close
 
 # tiny, with 5 clients: a cohort of 4 (two on each process) and one of 1 (on process 0).
@@ -36,10 +36,7 @@ pytestmark = pytest.mark.xdist_group('multiprocess')
 
 
 def _env(devices: int) -> dict:
-  cache = JAX_CACHE
-  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-              XLA_FLAGS=xla_flags(devices))
+  return cached_env(PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(devices))
 
 
 def _train_args(config: str, workdir: str) -> list[str]:

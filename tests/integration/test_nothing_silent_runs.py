@@ -19,10 +19,10 @@ import pytest
 
 from ml_ecs.aggregation import privacy
 from ml_ecs.run.checkpoint import checkpoint_steps
+from tests.paths import ROOT, cached_env
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, 'launch', 'train.py')
 # The issue's settings: nothing is uploaded (dropout 0.999), one client sampled per cohort (0.001), DP on.
 FLAGS = ['--noprogress', '--config.train.rounds=2', '--config.train.eval_every=2', '--config.train.checkpoint_every=1',
@@ -31,9 +31,7 @@ FLAGS = ['--noprogress', '--config.train.rounds=2', '--config.train.eval_every=2
 
 
 def _env():
-  cache = os.path.join(ROOT, '.pytest_cache', 'jax_cache')
-  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return cached_env(PYTHONPATH=ROOT)
 
 
 def _cmd(workdir, *extra, program=(TRAIN,)):

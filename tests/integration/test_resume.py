@@ -12,7 +12,7 @@ import pytest
 
 from studies.compare import grid as compare
 from ml_ecs.run import trainer
-from tests.paths import ROOT
+from tests.paths import ROOT, cached_env
 
 # The tests share one uninterrupted run (`reference`): one xdist worker makes it.
 pytestmark = pytest.mark.xdist_group('resume')
@@ -27,10 +27,7 @@ def _cmd(workdir, *extra):
 
 
 def _env():
-  # Reruns reuse compiled programs (JAX's persistent cache, shared with the rest of the suite).
-  cache = os.path.join(ROOT, '.pytest_cache', 'jax_cache')
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', JAX_PLATFORMS='cpu')
+  return cached_env()   # reruns reuse compiled programs (JAX's persistent cache, shared with the suite)
 
 
 def _run(workdir, *extra):
@@ -68,6 +65,8 @@ def reference(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_identical_results(reference, tmp_path):
+  """Also reproducibility on one machine: the rounds run fresh before the kill and those run after the
+  resume write the bytes of the uninterrupted reference."""
   _, metrics, summary = reference
   rc, out = _start_and_signal(str(tmp_path), signal.SIGKILL, after_checkpoint=1)
   assert rc == -signal.SIGKILL
@@ -80,16 +79,6 @@ def test_sigkill_then_rerun_gives_identical_results(reference, tmp_path):
   rows = [json.loads(line) for line in metrics.splitlines()]
   assert [r['round'] for r in rows] == [0, 1, 2, 3, 4]
   assert not any(k.startswith('time/') for r in rows for k in r)   # wall-clock times live in timing.jsonl
-
-
-@pytest.mark.slow
-def test_same_command_twice_gives_identical_metrics(reference, tmp_path):
-  """Reproducibility on one machine: a second fresh run of the same command writes the same metrics."""
-  _, metrics, summary = reference
-  rc, out = _run(str(tmp_path))
-  assert rc == 0, out[-3000:]
-  assert _read(tmp_path / 'metrics.jsonl') == metrics
-  assert _read(tmp_path / 'summary.json') == summary
 
 
 @pytest.mark.slow
