@@ -11,13 +11,16 @@ Every field is checked by ml_ecs.config.validation.validate before any work is d
 import ml_collections
 
 
-def backbone(width: int, layers: int, heads: int, max_len: int = 32, hf: str = '') -> ml_collections.ConfigDict:
+def backbone(width: int, layers: int, heads: int, max_len: int = 32, hf: str = '',
+             frozen_dtype: str = 'float32') -> ml_collections.ConfigDict:
   """hf: '' = our own decoder, pretrained on the task text; else a Hugging Face GPT-2-family
   hub name or checkpoint directory, whose config then decides width/layers/heads/mlp/max_len
-  (ml_ecs/backbones/resolve.py); the LoRA fields stay these."""
+  (ml_ecs/backbones/resolve.py); the LoRA fields stay these. frozen_dtype: how the frozen weights
+  are held on each device, 'float32' or 'bfloat16' (half the bytes; computed with in float32)."""
   return ml_collections.ConfigDict(dict(
       width=width, layers=layers, heads=heads, mlp_ratio=4, max_len=max_len,
-      lora_rank=4, lora_alpha=8.0, lora_targets=('qkv', 'attn_out', 'mlp_in', 'mlp_out'), hf=hf))
+      lora_rank=4, lora_alpha=8.0, lora_targets=('qkv', 'attn_out', 'mlp_in', 'mlp_out'), hf=hf,
+      frozen_dtype=frozen_dtype))
 
 
 def model(backbone_cfg: ml_collections.ConfigDict, encoder_width: int) -> ml_collections.ConfigDict:

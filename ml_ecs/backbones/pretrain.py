@@ -122,7 +122,8 @@ def cached_backbone(name: str, cfg: ml_collections.ConfigDict, text: TaskText, f
   """
   from flax import serialization
   mcfg = cfg[name]
-  backbone = {k: v for k, v in mcfg.backbone.to_dict().items() if k != 'hf'}  # '' here: our own
+  # hf is '' here (our own); frozen_dtype is how the result is held afterwards, not what is pretrained.
+  backbone = {k: v for k, v in mcfg.backbone.to_dict().items() if k not in ('hf', 'frozen_dtype')}
   key = [backbone, mcfg.prompt_len, cfg.text.to_dict(), cfg.pretrain.to_dict(),
          cfg.seed, cfg.data.name, cfg.data.path, name] + ([tokenizer_id] if tokenizer_id else [])
   key = json.dumps(key, sort_keys=True, default=str)

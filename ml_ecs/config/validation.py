@@ -19,6 +19,7 @@ from ml_ecs.core.node import LR_SCHEDULES
 from ml_ecs.backbones.pretrain import CORPORA
 from ml_ecs.algorithms.ml_ecs.se_ccl import HEADS, RELIABILITY
 from ml_ecs.models.decoder import LORA_TARGETS
+from ml_ecs.models.params import FROZEN_DTYPES
 from ml_ecs.models.encoders import ENCODER_TYPES
 from ml_ecs.aggregation import robust
 from ml_ecs.data.partition import TEST_ORDERS
@@ -96,6 +97,7 @@ def _model(cfg, name: str) -> None:
   targets = _get(cfg, f'{b}.lora_targets')
   if isinstance(targets, str) or not targets or any(t not in LORA_TARGETS for t in targets):
     _fail(f'{b}.lora_targets', targets, f'a non-empty tuple of the decoder targets {LORA_TARGETS}')
+  _choice(cfg, f'{b}.frozen_dtype', FROZEN_DTYPES)
   hf = cfg[name].backbone.get('hf', '')
   if not isinstance(hf, str):
     _fail(f'{b}.hf', hf, "'' (our own pretrained backbone) or a Hugging Face GPT-2 hub name or checkpoint directory")

@@ -150,6 +150,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
       pretrain_info[name] = info
       log(f"pretrained {name} backbone: LM loss {info['loss_first']:.2f} -> {info['loss_final']:.2f}")
   bb.weights.clear()   # the host copies of HF weights; the device copies are in `frozen`
+  frozen = {name: params.store_frozen(f, cfg[name].backbone.frozen_dtype) for name, f in frozen.items()}
   edge_frozen, server_frozen = distributed.replicate((frozen['edge_model'], frozen['server_model']), replicated)
 
   # Cohorts: stacked, padded, sharded on the client axis.

@@ -97,7 +97,7 @@ class NodeProgram:
     return spec.optimizer if spec.optimizer is not None else self.optimizer
 
   def model(self, tr: Trainables, frozen: nnx.State) -> nnx.Module:
-    return params.merge_model(self.graphdef, {**tr, 'frozen': frozen})
+    return params.merge_model(self.graphdef, {**tr, 'frozen': params.compute_frozen(frozen)})
 
   def instructions(self, b: int) -> tuple[jax.Array, jax.Array]:
     """The instruction tokens and mask repeated for a batch of b samples."""

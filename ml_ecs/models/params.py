@@ -29,6 +29,24 @@ def merge_model(graphdef: nnx.GraphDef, parts: dict[str, nnx.State]) -> nnx.Modu
   return nnx.merge(graphdef, *(parts[p] for p in PARTS))
 
 
+# How a frozen backbone is held on each device (`backbone.frozen_dtype`); it is computed with in float32.
+FROZEN_DTYPES = ('float32', 'bfloat16')
+
+
+def store_frozen(frozen: Any, dtype: str) -> Any:
+  """The frozen backbone held in `dtype` (its floating leaves): bfloat16 halves its bytes per device."""
+  if dtype == 'float32':
+    return frozen
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(cast, frozen)
+
+
+def compute_frozen(frozen: Any) -> Any:
+  """A held frozen backbone as the model computes with it: bfloat16 leaves cast to float32. Called inside
+  the jitted programs, so only the held copy stays resident between them."""
+  return jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, frozen)
+
+
 def stack(trees: Sequence[Any]) -> Any:
   """Stacks same-structure pytrees on a new leading client axis."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)

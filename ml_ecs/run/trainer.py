@@ -34,6 +34,7 @@ from ml_ecs.data.loaders import load_dataset
 from ml_ecs.run.metric_writer import MetricWriter
 from ml_ecs.run.workdir_lock import WorkdirLock, WorkdirLocked
 from ml_ecs.algorithms.registry import strategy_overrides
+from ml_ecs.config.identity import identity
 from ml_ecs.config.validation import DataError, check_devices, check_partition, validate
 
 # Files of a run that `overwrite` removes (caches such as backbones/ stay).
@@ -151,7 +152,7 @@ def _check_workdir(workdir: str, cfg_json: dict[str, Any], overwrite: bool, log:
     step, saved = checkpoint_config(os.path.join(workdir, 'checkpoints'))
     source = f'checkpoint {step}' if saved is not None else None
   if saved is not None:
-    diff = config_differences(saved, cfg_json)
+    diff = config_differences(identity(saved), identity(cfg_json))
     if diff:
       raise WorkdirConflict(
           f'{workdir} holds a run with a different config (fields differ: {", ".join(diff)}; '
@@ -294,7 +295,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, dataset: MultimodalData
     found = ckpt.restore_latest_valid(state, log)
     if found is not None:
       resumed_from, state, meta = found
-      diff = config_differences(meta['config'], cfg_json) if 'config' in meta else []
+      diff = config_differences(identity(meta['config']), identity(cfg_json)) if 'config' in meta else []
       if diff:
         raise WorkdirConflict(
             f'checkpoint {ckpt.step_dir(resumed_from)} holds a run with a different config (fields differ: '

@@ -36,6 +36,7 @@ from studies.compare import stats
 from ml_ecs.algorithms import registry
 from ml_ecs.algorithms.registry import STRATEGIES, apply_strategy
 from ml_ecs.config.validation import ConfigError, validate
+from ml_ecs.config.identity import identity_json
 
 # Fixed before the grid runs (grid.contrasts / grid.reference override them): the family of confirmatory
 # contrasts, Holm-corrected together, and the reference baseline of the exploratory differences.
@@ -140,7 +141,7 @@ def cell_name(method: str, rate: float, clients: int, partition_seed: int, train
 
 
 def config_hash(cfg: ml_collections.ConfigDict) -> str:
-  return hashlib.sha1(cfg.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:8]
+  return hashlib.sha1(identity_json(cfg).encode()).hexdigest()[:8]
 
 
 def cell_dir(workdir: str, cell: Cell, cfg: ml_collections.ConfigDict) -> str:

@@ -66,6 +66,7 @@ CONFIG_CASES = [
     ('server_model.d_z', 0, '0'),
     ('edge_model.backbone.lora_targets', ('qkv', 'conv'), 'conv'),
     ('edge_model.backbone.max_len', 8, '8'),
+    ('server_model.backbone.frozen_dtype', 'float16', 'bfloat16'),
     ('train.rounds', -1, '-1'),
     ('train.batch_size', 0, '0'),
     ('train.batch_size', 2.5, '2.5'),
