@@ -98,7 +98,7 @@ def pretrain_backbone(backbone_cfg: ml_collections.ConfigDict, prompt_len: int, 
     return jax.lax.scan(step, carry, keys)
 
   # The steps run in chunks so that a progress bar can follow them (shown on a terminal only);
-  # each step computes exactly what one scan over all steps would.
+  # each step computes what one scan over all steps would (bit for bit under XLA's default flags).
   keys = jax.random.split(jax.random.key(seed + 1), cfg.steps)
   size = chunk or -(-cfg.steps // PROGRESS_CHUNKS)
   carry, losses = (frozen, tx.init(frozen)), []

@@ -156,7 +156,9 @@ def test_partition_stack_and_count(tiny_config):
 
 
 def test_pretraining_in_chunks_equals_one_scan(tiny_config):
-  """The progress bar's chunked pretraining computes exactly what one scan over all steps does."""
+  """The progress bar's chunked pretraining computes what one scan over all steps does: bit for bit under
+  XLA's default flags; to float rounding under the suite's light optimisation (tests/paths.FAST_COMPILE),
+  where XLA's code for a 4-step and a 9-step scan may round differently."""
   import numpy as np
   from ml_ecs.data.embedded import load_default
   from ml_ecs.backbones.pretrain import pretrain_backbone
@@ -168,6 +170,7 @@ def test_pretraining_in_chunks_equals_one_scan(tiny_config):
   pre.steps = 9
   one, info_one = pretrain_backbone(cfg.edge_model.backbone, cfg.edge_model.prompt_len, text, pre, 0, chunk=9)
   parts, info_parts = pretrain_backbone(cfg.edge_model.backbone, cfg.edge_model.prompt_len, text, pre, 0, chunk=4)
-  assert info_one == info_parts
+  np.testing.assert_allclose([info_one[k] for k in sorted(info_one)], [info_parts[k] for k in sorted(info_parts)],
+                             rtol=1e-6)
   for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(one)), jax.tree.leaves(nnx.to_pure_dict(parts))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
