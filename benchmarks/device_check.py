@@ -4,10 +4,12 @@ Modes:
   sanity  ~30 s: versions, devices, that pfl / drjax / torch import, one tiny cohort cell, 3 FedAvg rounds
   small   CPU-sized (tests/integration/test_device_check.py): the same pieces at toy sizes, pfl skipped without torch
   full    ~6 min on one GPU: the cohort round at accelerator sizes (ours / ours_vmap / drjax / limit / loop, 256-4096
-          clients), pfl's CIFAR-10 workload on our engine and on pfl itself (torch backend, a subprocess), and MFU
+          clients), pfl's CIFAR-10 workload on our engine and on pfl itself (torch backend, a subprocess), and MFU;
+          then the realistic GPT-2 pair (benchmarks/realistic_pair.py: setup, 2 rounds, peak memory, comm ratio)
+          with its frozen weights in float32 and in bfloat16, ~2-4 min more
 
 Results go to --out as they come (a timeout still leaves data): env.json, cohort.json, fedavg_ours.json,
-pfl_torch.json (+ pfl_torch.log), summary.md; the summary table is printed at the end.
+pfl_torch.json (+ pfl_torch.log), pair.json, summary.md; the summary table is printed at the end.
 """
 from __future__ import annotations
 
@@ -30,15 +32,17 @@ MODES = {
     'sanity': dict(cells=[('small', 4)], variants=['ours@1'], width=32, layers=1, heads=2, samples=8, round_chunk=0,
                    cell_budget_s=20, cohort_budget_s=25, fedavg=dict(rounds=3, cfg=dict(num_users=20, per_user=10,
                    cohort=5, num_test=200, eval_every=3)), fedavg_budget_s=20, pfl_rounds=3, pfl_small=True,
-                   pfl_budget_s=60),
+                   pfl_budget_s=60, pair=dict(config='', dtypes=(), rounds=0, budget_s=0)),
     'small': dict(cells=[('small', 4)], variants=['ours@1', 'drjax@1'], width=16, layers=1, heads=2, samples=4,
                   round_chunk=2, cell_budget_s=60, cohort_budget_s=240, fedavg=dict(rounds=2, cfg=dict(
                   num_users=8, per_user=10, cohort=4, num_test=100, eval_every=2, image=(8, 8, 3))),
-                  fedavg_budget_s=20, pfl_rounds=2, pfl_small=True, pfl_budget_s=60),
+                  fedavg_budget_s=20, pfl_rounds=2, pfl_small=True, pfl_budget_s=60,
+                  pair=dict(config='configs/tiny.py', dtypes=('bfloat16',), rounds=1, budget_s=500)),
     'full': dict(cells=[('large', 256), ('large', 1024), ('large', 4096), ('small', 4096)],
                  variants=['loop', 'limit', 'drjax'], width=64, layers=2, heads=4, samples=64, round_chunk=256,
                  cell_budget_s=20, cohort_budget_s=170, fedavg=dict(rounds=1500, cfg={}), fedavg_budget_s=50,
-                 pfl_rounds=1500, pfl_small=False, pfl_budget_s=70),
+                 pfl_rounds=1500, pfl_small=False, pfl_budget_s=70,
+                 pair=dict(config='configs/gpt2_pair.py', dtypes=('float32', 'bfloat16'), rounds=2, budget_s=240)),
 }
 
 
@@ -127,7 +131,28 @@ def pfl_torch(mode: dict, out: str) -> dict:
   return res
 
 
-def summary(env: dict, rows: list[dict], ours: dict, pfl: dict) -> str:
+def pair(mode: dict, out: str) -> list[dict]:
+  """benchmarks/realistic_pair.py once per frozen dtype, each in its own process (its own peak)."""
+  p, rows = mode['pair'], []
+  for dtype in p['dtypes']:
+    path = os.path.join(out, f'pair_{dtype}.json')
+    cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'realistic_pair.py'), f'--config={p["config"]}',
+           f'--dtype={dtype}', f'--rounds={p["rounds"]}', f'--out={path}']
+    try:
+      res = subprocess.run(cmd, capture_output=True, text=True, timeout=p['budget_s'], cwd=ROOT)
+      row = json.load(open(path)) if res.returncode == 0 else dict(
+          frozen_dtype=dtype, skip=f'rc {res.returncode}: {res.stderr.strip().splitlines()[-1:]}'[:300])
+    except subprocess.TimeoutExpired:
+      row = dict(frozen_dtype=dtype, skip=f'over its budget of {p["budget_s"]} s')
+    if os.path.exists(path):
+      os.remove(path)   # its line is in pair.json
+    log(f'[pair] {json.dumps(row)}')
+    rows.append(row)
+    dump(out, 'pair.json', rows)
+  return rows
+
+
+def summary(env: dict, rows: list[dict], ours: dict, pfl: dict, pairs: list[dict] | None = None) -> str:
   from benchmarks.lib import throughput as bm
   L = ['# device check', '', f"device: {env.get('device_kind')} ({env.get('backend')}), jax {env.get('jax')}, "
        f"torch {env.get('torch')}, pfl {env.get('pfl')}, drjax {env.get('drjax')}", '',
@@ -164,6 +189,19 @@ def summary(env: dict, rows: list[dict], ours: dict, pfl: dict) -> str:
                 if m else '') + ' |')
   if ours.get('s_per_round') and pfl.get('s_per_round'):
     L += ['', f"ours/pfl speed (pfl s/round over ours): {pfl['s_per_round'] / ours['s_per_round']:.2f}x"]
+  if pairs:
+    mb = lambda b: f'{b / 2**20:,.0f}'
+    L += ['', '## the realistic pair (benchmarks/realistic_pair.py; frozen weights held in float32 / bfloat16)', '',
+          '| frozen dtype | setup s | rounds s | frozen MiB (edge + server) | live MiB after setup | peak MiB | '
+          'comm ratio |', '|---|---:|---|---|---:|---:|---:|']
+    for r in pairs:
+      if 'skip' in r:
+        L.append(f"| {r['frozen_dtype']} | skipped: {r['skip'][:120]} | | | | | |")
+        continue
+      peak = r.get('peak_device_bytes', r.get('peak_rss', 0))
+      L.append(f"| {r['frozen_dtype']} | {r['setup_s']} | {', '.join(map(str, r['round_s']))} | "
+               f"{mb(r['edge_frozen_bytes'])} + {mb(r['server_frozen_bytes'])} | {mb(r['live_array_bytes'])} | "
+               f"{mb(peak)} ({'device' if 'peak_device_bytes' in r else 'RSS'}) | {r.get('comm_ratio', '')} |")
   return '\n'.join(L) + '\n'
 
 
@@ -171,7 +209,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument('--mode', choices=sorted(MODES), default='full')
   ap.add_argument('--out', required=True)
-  ap.add_argument('--skip', default='', help='comma-separated parts to skip: cohort,fedavg,pfl')
+  ap.add_argument('--skip', default='', help='comma-separated parts to skip: cohort,fedavg,pfl,pair')
   args = ap.parse_args(argv)
   mode, skip = MODES[args.mode], set(filter(None, args.skip.split(',')))
   os.makedirs(args.out, exist_ok=True)
@@ -182,7 +220,8 @@ def main(argv=None):
   log(f'[env] {json.dumps(env)}')
   rows, ours, pfl = [], {}, {}
   parts = [('cohort', lambda: cohort(mode, args.out, time.time() + mode['cohort_budget_s'])),
-           ('fedavg', lambda: fedavg_ours(mode, args.out)), ('pfl', lambda: pfl_torch(mode, args.out))]
+           ('fedavg', lambda: fedavg_ours(mode, args.out)), ('pfl', lambda: pfl_torch(mode, args.out)),
+           ('pair', lambda: pair(mode, args.out))]
   results = {}
   for name, fn in parts:
     if name in skip:
@@ -196,7 +235,8 @@ def main(argv=None):
     log(f'[{name}] done in {time.time() - t:.0f} s')
     rows = results.get('cohort') if isinstance(results.get('cohort'), list) else []
     ours, pfl = results.get('fedavg') or {}, results.get('pfl') or {}
-    text = summary(env, rows, ours, pfl)
+    pairs = results.get('pair') if isinstance(results.get('pair'), list) else []
+    text = summary(env, rows, ours, pfl, pairs)
     with open(os.path.join(args.out, 'summary.md'), 'w') as f:
       f.write(text)
   log(text)

@@ -34,10 +34,14 @@ FROZEN_DTYPES = ('float32', 'bfloat16')
 
 
 def store_frozen(frozen: Any, dtype: str) -> Any:
-  """The frozen backbone held in `dtype` (its floating leaves): bfloat16 halves its bytes per device."""
+  """The frozen backbone held in `dtype` (its floating leaves): bfloat16 halves its bytes per device.
+  Arrays or abstract shapes (ml_ecs/run/sizing.py)."""
   if dtype == 'float32':
     return frozen
-  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(dtype)
   return jax.tree.map(cast, frozen)
 
 

@@ -65,8 +65,9 @@ def size_config(cfg: ml_collections.ConfigDict, dataset: MultimodalDataset | Non
   shapes = {m: x.shape[1:] for m, x in ds.modalities.items()}
 
   def parts_of(name, mods, enc):
-    return _abstract_parts({k: shapes[k] for k in mods}, enc, modalities, bb.models[name],
-                           bb.vocab_size(name, text_vocab), node_options(cfg, name))
+    parts = _abstract_parts({k: shapes[k] for k in mods}, enc, modalities, bb.models[name],
+                            bb.vocab_size(name, text_vocab), node_options(cfg, name))
+    return {**parts, 'frozen': params.store_frozen(parts['frozen'], cfg[name].backbone.frozen_dtype)}
 
   edge, acct_clients, shared = [], [], None
   for clients in part.cohorts():
