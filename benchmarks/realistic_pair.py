@@ -31,6 +31,7 @@ from ml_collections import config_flags
 from ml_ecs.config.validation import validate
 from ml_ecs.core import federation
 from ml_ecs.models import params
+from studies.compare.grid import set_fields
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/gpt2_pair.py', 'the federation (the pair by default)')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', list(params.FROZEN_DTYPES), 'frozen_dtype of both backbones')
@@ -82,13 +83,7 @@ def main(argv):
   cfg = _CONFIG.value
   overridden = {a[len('--config.'):].split('=')[0] for a in sys.argv[1:] if a.startswith('--config.')}
   if cfg.edge_model.backbone.hf == 'distilgpt2':   # the pair's hub names: its random-weight build instead
-    for field, value in PAIR.items():
-      if field not in overridden:
-        *parents, leaf = field.split('.')
-        node = cfg
-        for p in parents:
-          node = node[p]
-        node[leaf] = value
+    set_fields(cfg, {field: value for field, value in PAIR.items() if field not in overridden})
   line = json.dumps(measure(cfg, _DTYPE.value, _ROUNDS.value))
   print(line, flush=True)
   if _OUT.value:   # whole or not at all
