@@ -19,8 +19,8 @@ text against a reference description, and accuracy: the class whose sentences th
 This notebook builds a federation of four clients on the embedded activity dataset
 (`configs/notebook.py`), shows what each of the four components does, trains ML-ECS and FedAvg for
 a few rounds and shows what they learned. On 2 CPU cores (Colab's CPU runtime) the whole notebook
-takes about 6 minutes the first time (half of it compiling) and about 3 minutes when run again; a
-GPU/TPU runtime is used automatically.
+takes about 3 minutes the first time (about half of it compiling and pretraining) and about 1.5 minutes
+when run again; a GPU/TPU runtime is used automatically.
 
 **Install.** In a checkout (`colab/` inside the repository) the next cell installs the package with
 `pip install -e '..[notebook]'`. On Colab, either upload the wheel (`python setup.py bdist_wheel` in a
