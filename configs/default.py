@@ -92,6 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
       host_state=False,           # True: cohort state/data stay in host numpy, only each round's sampled block
                                   # goes to the devices (large federations, small client_fraction)
       client_chunk=8,             # clients per vmapped block inside a cohort (lax.map); 0 = one vmap
+      conv_impl='auto',           # convolutions: 'xla' (lax.conv), 'matmul' (windows @ kernel, ml_ecs/models/conv.py)
+                                  # or 'auto' (the faster, measured per cohort at setup and cached)
       checkpoint_every=5,         # rounds between checkpoints; the last round is always saved (0 = only it)
       keep_checkpoints=2,         # newest checkpoints kept (>= 2: a corrupt newest falls back)
       # Simulated faults (ml_ecs/core/faults.py), drawn from the round key (deterministic, resume-exact):

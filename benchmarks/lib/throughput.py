@@ -63,6 +63,7 @@ from ml_ecs.data.cohort_data import SplitArrays
 from ml_ecs.core.cohort_map import CLIENT_AXIS, cohort_map
 from benchmarks.lib.xla_stats import COLLECTIVES, collectives_note, count_collectives, xla_flops  # noqa: F401
 from ml_ecs.models.multimodal import MultimodalLM
+from ml_ecs.core import autotune
 from ml_ecs.core.node import NodeProgram, StageSpec, make_optimizer, sub
 
 WORKLOADS = {'small': dict(batch=4, seq=16), 'large': dict(batch=8, seq=64)}
@@ -133,10 +134,11 @@ def _dataset():
 
 def make_setup(clients: int, workload: str, steps: int, *, width: int = 64, layers: int = 2, heads: int = 4,
                samples_per_client: int = 64, seed: int = 0, batch: int | None = None,
-               seq: int | None = None) -> Setup:
+               seq: int | None = None, conv_impl: str = 'auto') -> Setup:
   """Builds the cohort of one cell: all modalities, fixed encoders (the first of each list in
   configs/default.py), the edge model with the given backbone size, synthetic text tokens, and
-  per-client samples drawn from the embedded dataset."""
+  per-client samples drawn from the embedded dataset. `conv_impl` as the main job's `train.conv_impl`
+  ('auto': measured for this cohort, ml_ecs.core.autotune)."""
   wl = WORKLOADS.get(workload, {})
   batch = batch or wl['batch']
   seq = seq or wl['seq']
@@ -150,7 +152,9 @@ def make_setup(clients: int, workload: str, steps: int, *, width: int = 64, laye
   mcfg = default_config.model(default_config.backbone(width, layers, heads, max_len=seq + 1),
                               encoder_width=cfg.edge_model.encoder_width)
   vocab = cfg.text.vocab_size
-  model_fn = lambda rngs: MultimodalLM(shapes, enc_types, modalities, mcfg, vocab, rngs=rngs)
+  conv_impl = autotune.conv_impl(conv_impl, enc_types, shapes, mcfg.encoder_width, mcfg.d_enc, clients, batch,
+                                 autotune.cache_path())[0]
+  model_fn = lambda rngs: MultimodalLM(shapes, enc_types, modalities, mcfg, vocab, rngs=rngs, conv_impl=conv_impl)
   graphdef, _ = params.split_model(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
   rng = np.random.default_rng(seed)
   instr = jnp.asarray(rng.integers(1, vocab, lens['instr_len']), jnp.int32)

@@ -14,6 +14,7 @@ import ml_collections
 ADDED_FIELDS = {
     'edge_model.backbone.frozen_dtype': 'float32',
     'server_model.backbone.frozen_dtype': 'float32',
+    'train.conv_impl': 'xla',
 }
 
 

@@ -19,6 +19,7 @@ from ml_ecs.core.node import LR_SCHEDULES
 from ml_ecs.backbones.pretrain import CORPORA
 from ml_ecs.algorithms.ml_ecs.se_ccl import HEADS, RELIABILITY
 from ml_ecs.models.decoder import LORA_TARGETS
+from ml_ecs.models.conv import CONV_SETTINGS
 from ml_ecs.models.params import FROZEN_DTYPES
 from ml_ecs.models.encoders import ENCODER_TYPES
 from ml_ecs.aggregation import robust
@@ -181,6 +182,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _int(cfg, 'train.checkpoint_every', 0)
   _int(cfg, 'train.keep_checkpoints', 2)
   _int(cfg, 'train.client_chunk', 0)
+  if 'conv_impl' in cfg.train:   # absent in configs saved before it existed: XLA's convolution
+    _choice(cfg, 'train.conv_impl', CONV_SETTINGS)
   if 'host_state' in cfg.train:
     _bool(cfg, 'train.host_state')
   del rounds

@@ -24,7 +24,7 @@ from ml_ecs.algorithms.base import Algorithm
 from ml_ecs.algorithms.ml_ecs import amt, mma, se_ccl
 from ml_ecs.backbones import resolve as backbones
 from ml_ecs.backbones.pretrain import cached_backbone
-from ml_ecs.core import communication, distributed, faults
+from ml_ecs.core import autotune, communication, distributed, faults
 from ml_ecs.core.client_store import (broadcast_to_clients, host_init, per_client_keys, round_up)
 from ml_ecs.core.cohort_map import CLIENT_AXIS, cohort_map
 from ml_ecs.core.context import RoundContext
@@ -123,9 +123,21 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     raise ValueError(f'train.host_state=True runs in one process; this run has {jax.process_count()} '
                      '(set train.host_state=False: each process then holds its own clients on its devices)')
 
-  def model_fn(name, mods, enc, rngs):   # the server's architecture is the same under every method
+  def model_fn(name, mods, enc, rngs, conv_impl='xla'):   # the server's architecture is the same under every method
     return MultimodalLM({k: shapes[k] for k in mods}, enc, modalities, mcfgs[name],
-                        bb.vocab_size(name, text.tokenizer.vocab_size), rngs=rngs, **node_options(cfg, name))
+                        bb.vocab_size(name, text.tokenizer.vocab_size), rngs=rngs, conv_impl=conv_impl,
+                        **node_options(cfg, name))
+
+  execution = {}   # measured execution choices per node structure (model_summary.json 'execution')
+
+  def choose_conv(name, label, enc, clients):   # train.conv_impl, measured per cohort with 'auto'
+    impl, record = autotune.conv_impl(cfg.train.get('conv_impl', 'xla'), enc, shapes, mcfgs[name].encoder_width,
+                                      mcfgs[name].d_enc, clients, cfg.train.batch_size, autotune.cache_path())
+    execution[label] = {'conv_impl': impl, **({'autotune': record} if record else {})}
+    if record:
+      log(f"{label}: convolutions as {impl} ({', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in record['seconds'].items())}"
+          f"{', cached' if record['cached'] else ''})")
+    return impl
 
   def program(fn, num_modalities):
     graphdef, _ = params.split_model(nnx.eval_shape(lambda: fn(nnx.Rngs(0))))
@@ -163,7 +175,10 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     num_selected = round_up(num_sampled, ndev)
     n_pad = round_up(n_real + num_selected - num_sampled, ndev)
     padded = list(clients) + [clients[0]] * (n_pad - n_real)
-    fn = functools.partial(model_fn, 'edge_model', clients[0].modalities, dict(clients[0].encoder_types))
+    enc = dict(clients[0].encoder_types)
+    block = min(cfg.train.client_chunk or num_selected, max(num_selected // ndev, 1))   # clients one vmap runs
+    fn = functools.partial(model_fn, 'edge_model', clients[0].modalities, enc,
+                           conv_impl=choose_conv('edge_model', f'cohort {k}', enc, block))
     prog = program(fn, len(clients[0].modalities))
     keys = per_client_keys(jax.random.fold_in(init_rng, k), jnp.arange(n_pad))
     client_init = lambda key, fn=fn: sub(params.split_model(fn(nnx.Rngs(key)))[1], params.TRAINABLE)
@@ -207,8 +222,9 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   leaf_mod = mma.leaf_modalities(global_shared, modalities)
 
   # Server: one node with every modality, trained on the public split.
-  server_fn = functools.partial(model_fn, 'server_model', modalities,
-                                {k: cfg.data.encoders[k][0] for k in modalities})
+  server_enc = {k: cfg.data.encoders[k][0] for k in modalities}
+  server_fn = functools.partial(model_fn, 'server_model', modalities, server_enc,
+                                conv_impl=choose_conv('server_model', 'server', server_enc, 1))
   server_prog = program(server_fn, len(modalities))
   server_tr = jax.tree.map(lambda x: x[0], stack_init(server_fn, jax.random.key(cfg.seed + 29)[None]))
   server_opt = server_prog.init_opt(server_tr, stages.server)
@@ -270,7 +286,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
       server_round_fn=server_round,
       server_generate_fn=jax.jit(lambda tr, fr, test: server_prog.generate_split(tr, fr, test, cfg.text.answer_len)),
       server_reliability_fn=jax.jit(server_prog.split_lm), backbones=bb.describe(), model_cfgs=mcfgs,
-      algorithm=algorithm, public_holdout=public_holdout)
+      algorithm=algorithm, public_holdout=public_holdout, execution=execution)
   round_, rng = jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(cfg.seed))
   if jax.process_count() > 1:   # one global value for every process (and its checkpoint)
     round_, rng = distributed.replicate((round_, rng), replicated)

@@ -42,7 +42,7 @@ def model_summary(setup: Setup, state: State) -> dict[str, Any]:
                  'clients': c.num_real, 'params': params.count_parts(parts)})
   server = params.count_parts({**state.server.trainables, 'frozen': setup.server_frozen})
   out = {'edge_cohorts': edge, 'server': server, 'total_model_bytes': int(setup.accounting.total_model_bytes),
-         'backbones': setup.backbones}
+         'backbones': setup.backbones, 'execution': setup.execution}
   if any(c.host for c in setup.cohorts):   # train.host_state: what one idle client costs the host
     out['host_bytes_per_client'] = host_bytes_per_client(setup, state)
   return out

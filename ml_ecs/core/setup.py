@@ -77,6 +77,7 @@ class Setup:
   model_cfgs: dict[str, Any] = dataclasses.field(default_factory=dict)  # model configs, resolved backbones
   algorithm: Any = None            # the method (ml_ecs.algorithms.base.Algorithm)
   public_holdout: SplitArrays | None = None   # the public hold-out, all modalities (SE-CCL reliability)
+  execution: dict[str, Any] = dataclasses.field(default_factory=dict)   # measured choices per cohort / server
 
   @property
   def num_public(self) -> int:

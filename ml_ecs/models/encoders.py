@@ -13,7 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ml_ecs.models.conv import conv_function
+
 ENCODER_TYPES = ('mlp', 'conv1d', 'transformer')
+CONV_ENCODERS = ('conv1d',)   # the encoder types whose convolution implementation is a choice (conv_impl)
 
 
 def as_sequence_shape(shape: Sequence[int]) -> tuple[int, int]:
@@ -41,12 +44,14 @@ class MLPEncoder(nnx.Module):
 
 
 class Conv1DEncoder(nnx.Module):
-  """Two 1-D convolutions over the sequence axis, mean pool, Linear."""
+  """Two 1-D convolutions over the sequence axis, mean pool, Linear. `conv_impl`: how the convolutions
+  run (ml_ecs.models.conv; the same parameters and results either way)."""
 
-  def __init__(self, shape, width: int, d_out: int, *, rngs: nnx.Rngs, kernel: int = 3):
+  def __init__(self, shape, width: int, d_out: int, *, rngs: nnx.Rngs, kernel: int = 3, conv_impl: str = 'xla'):
     self.seq_shape = as_sequence_shape(shape)
-    self.c1 = nnx.Conv(self.seq_shape[1], width, (kernel,), rngs=rngs)
-    self.c2 = nnx.Conv(width, width, (kernel,), strides=(2,), rngs=rngs)
+    conv = conv_function(conv_impl)
+    self.c1 = nnx.Conv(self.seq_shape[1], width, (kernel,), rngs=rngs, conv_general_dilated=conv)
+    self.c2 = nnx.Conv(width, width, (kernel,), strides=(2,), rngs=rngs, conv_general_dilated=conv)
     self.out = nnx.Linear(width, d_out, rngs=rngs)
 
   def __call__(self, x):
@@ -76,9 +81,11 @@ class TransformerEncoder(nnx.Module):
     return self.out(h.mean(axis=1))
 
 
-def make_encoder(kind: str, shape: Sequence[int], width: int, d_out: int, *, rngs: nnx.Rngs) -> nnx.Module:
-  """Builds the encoder named `kind` for samples of `shape`."""
+def make_encoder(kind: str, shape: Sequence[int], width: int, d_out: int, *, rngs: nnx.Rngs,
+                 conv_impl: str = 'xla') -> nnx.Module:
+  """Builds the encoder named `kind` for samples of `shape` (convolutions through `conv_impl`)."""
   classes = {'mlp': MLPEncoder, 'conv1d': Conv1DEncoder, 'transformer': TransformerEncoder}
   if kind not in classes:
     raise ValueError(f'unknown encoder type {kind!r}: expected one of {ENCODER_TYPES}')
-  return classes[kind](shape, width, d_out, rngs=rngs)
+  extra = {'conv_impl': conv_impl} if kind in CONV_ENCODERS else {}
+  return classes[kind](shape, width, d_out, rngs=rngs, **extra)

@@ -140,18 +140,20 @@ class MultimodalLM(nnx.Module):
                all_modalities: Sequence[str], cfg: ml_collections.ConfigDict, vocab_size: int,
                *, rngs: nnx.Rngs, modality_params: str = 'adapter', shared_seed: int = 0,
                text_anchor: bool = False, se_head_dim: int = 0, gates: str = 'scaled', gate_init: float = 2.0,
-               align_head: bool = True):
+               align_head: bool = True, conv_impl: str = 'xla'):
     """cfg: the model config (encoder, connector and backbone fields, see configs/); the keyword
     options come from the method config (`model_options` for a client, `server_model_options` for
     the server); their defaults are the original model. align_head: SE-CCL aligns the SE-CCL
-    head's output (when the model has a head) rather than z."""
+    head's output (when the model has a head) rather than z. conv_impl: how the encoders' convolutions
+    run (ml_ecs.models.conv; parameters and results do not depend on it)."""
     self.modalities = tuple(m for m in all_modalities if m in modality_shapes)
     if not self.modalities:
       raise ValueError('a node needs at least one modality')
     if modality_params not in MODALITY_PARAMS:
       raise ValueError(f'modality_params {modality_params!r}: expected one of {MODALITY_PARAMS}')
     self.encoders = nnx.Dict({
-        m: make_encoder(encoder_types[m], modality_shapes[m], cfg.encoder_width, cfg.d_enc, rngs=rngs)
+        m: make_encoder(encoder_types[m], modality_shapes[m], cfg.encoder_width, cfg.d_enc, rngs=rngs,
+                        conv_impl=conv_impl)
         for m in self.modalities})
     if modality_params == 'adapter':
       self.adapters = nnx.Dict({

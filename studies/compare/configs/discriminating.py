@@ -25,6 +25,9 @@ def get_config(variant: str = 'clients_scarce') -> ml_collections.ConfigDict:
     raise ValueError(f'studies/compare/configs/discriminating.py: variant {variant!r}, expected one of {VARIANTS}')
   c = default.get_config()
   c.pretrain.corpus = 'generic'
+  # XLA's convolution, as every cell computed before train.conv_impl existed: the grids built on this
+  # config (compare.py, collaborate.py) keep their cells' identities and one implementation throughout.
+  c.train.conv_impl = 'xla'
   if variant in ('clients_scarce', 'server_scarce'):
     c.data.label_fraction = 0.15
     c.data.public_labels = False
