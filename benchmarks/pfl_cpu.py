@@ -109,6 +109,14 @@ def markdown(rec: dict) -> str:
               f"(steady, pfl's round-1 evaluation left out: {s['ours_over_pfl_speed_steady']:.2f}x)"]
   if 'compile_s' in s.get('ours', {}):
     L += ['', f"ours' compile (excluded above), per piece: {[round(c, 1) for c in s['ours']['compile_s']]} s"]
+  for i, piece in enumerate(rec['runs']):
+    ex = piece.get('ours', {}).get('execution')
+    if ex:
+      times = lambda r: ', '.join(f'{k} {v:.3f} s' for k, v in sorted(r['seconds'].items(), key=lambda kv: kv[1])) + \
+          (', cached' if r['cached'] else '')
+      L += ['', f"piece {i + 1}: ours' local steps as {ex['conv_impl']} convolutions, chunk {ex['chunk']} (autotune, one "
+                f"local step of {ex['train_autotune']['case'].split('clients=')[-1]} clients: {times(ex['train_autotune'])}); "
+                f"evaluation as {ex['eval_conv_impl']} ({times(ex['eval_autotune'])})"]
   return '\n'.join(L) + '\n'
 
 
@@ -120,6 +128,8 @@ def main(argv=None):
   ap.add_argument('--warmup', type=int, default=1, help='rounds of each piece left out of the steady rate')
   ap.add_argument('--threads', type=int, default=2, help='torch threads (jax CPU uses every core: 2 here)')
   ap.add_argument('--small', action='store_true', help='toy sizes (20 users x 10, cohort 5, 8x8 images)')
+  ap.add_argument('--conv', default='auto', choices=('auto', 'xla', 'matmul'),
+                  help="ours' convolutions (ml_ecs/models/conv.py): measured per run ('auto') or fixed")
   ap.add_argument('--out', required=True)
   args = ap.parse_args(argv)
   if args.rounds <= args.warmup:
@@ -156,7 +166,7 @@ def main(argv=None):
       piece = {}
       rec['runs'].append(piece)
       print(f'[pfl_cpu] piece {i + 1}/{args.pieces}: ours, {uptime()}', flush=True)
-      piece['ours'] = pc.run(args.rounds, cfg, data=data, sync_rounds=True)
+      piece['ours'] = pc.run(args.rounds, cfg, data=data, sync_rounds=True, conv_impl=args.conv)
       piece['ours']['uptime_after'] = uptime()
       save()
       print(f'[pfl_cpu] piece {i + 1}/{args.pieces}: pfl, {uptime()}', flush=True)

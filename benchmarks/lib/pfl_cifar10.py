@@ -17,6 +17,7 @@ CIFAR-10 result. `benchmarks/pfl_cifar10_torch.py` runs pfl itself on the same a
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Callable
@@ -28,6 +29,9 @@ import optax
 
 from benchmarks.lib.fedavg import ClientData, FedAvg
 from benchmarks.lib.xla_stats import xla_flops
+from ml_ecs.core import autotune
+from ml_ecs.core.cohort_map import cohort_map
+from ml_ecs.models.conv import CONV_IMPLS, conv_function
 
 CONFIG = dict(num_users=1000, per_user=50, cohort=50, epochs=1, batch=10, local_lr=0.1, central_lr=1.0, rounds=1500,
               eval_every=10, num_test=10000, image=(32, 32, 3), classes=10)
@@ -51,13 +55,22 @@ def _dropout(x, rate, key):
   return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-def cnn_apply(params: dict, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-  """Logits [B, classes] of images [B, H, W, C]; dropout only when `rng` is given (training)."""
-  conv = lambda h, p: jax.lax.conv_general_dilated(h, p['w'], (1, 1), 'VALID',
-                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['b']
+def max_pool2(h: jax.Array) -> jax.Array:
+  """2x2 max pooling, stride 2 (VALID), as a max over a reshape: the same values as `lax.reduce_window`,
+  and a gradient of compares where reduce_window's select-and-scatter is slow on XLA:CPU (about 1.2x on a
+  local step of this CNN, measured in one run; the gradients differ only on exact ties)."""
+  n, hh, ww, c = h.shape
+  return h[:, :hh // 2 * 2, :ww // 2 * 2].reshape(n, hh // 2, 2, ww // 2, 2, c).max(axis=(2, 4))
+
+
+def cnn_apply(params: dict, x: jax.Array, rng: jax.Array | None = None, conv_impl: str = 'xla') -> jax.Array:
+  """Logits [B, classes] of images [B, H, W, C]; dropout only when `rng` is given (training); convolutions
+  through `conv_impl` (ml_ecs.models.conv)."""
+  conv_fn = conv_function(conv_impl)
+  conv = lambda h, p: conv_fn(h, p['w'], (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['b']
   h = jax.nn.relu(conv(x, params['conv1']))
   h = jax.nn.relu(conv(h, params['conv2']))
-  h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+  h = max_pool2(h)
   k1 = k2 = None
   if rng is not None:
     k1, k2 = jax.random.split(rng)
@@ -69,10 +82,10 @@ def cnn_apply(params: dict, x: jax.Array, rng: jax.Array | None = None) -> jax.A
   return h @ params['dense2']['w'] + params['dense2']['b']
 
 
-def loss_fn(params, batch, rng):
+def loss_fn(params, batch, rng, conv_impl: str = 'xla'):
   """Mean cross-entropy over the batch's valid rows (pfl: torch CrossEntropyLoss, mean over the batch)."""
   x, y, mask = batch
-  logits = cnn_apply(params, x, rng)
+  logits = cnn_apply(params, x, rng, conv_impl)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
   mask = mask.astype(ce.dtype)
   n = jnp.maximum(mask.sum(), 1.0)
@@ -104,9 +117,33 @@ def partition_iid(x: np.ndarray, y: np.ndarray, num_users: int, per_user: int, s
 
 
 # ---------------------------------------------------------------------------- the run
-def make_fedavg(cfg: dict, chunk: int = 0, mesh=None) -> FedAvg:
-  return FedAvg(loss_fn, optax.sgd(cfg['local_lr']), optax.sgd(cfg['central_lr']), cfg['batch'], cfg['epochs'],
-                weighting='user', chunk=chunk, mesh=mesh)
+def make_fedavg(cfg: dict, chunk: int = 0, mesh=None, conv_impl: str = 'xla') -> FedAvg:
+  return FedAvg(functools.partial(loss_fn, conv_impl=conv_impl), optax.sgd(cfg['local_lr']), optax.sgd(cfg['central_lr']),
+                cfg['batch'], cfg['epochs'], weighting='user', chunk=chunk, mesh=mesh)
+
+
+def choose_execution(cfg: dict, params: dict, clients: int = 8, eval_batch: int = 500) -> dict:
+  """How this workload runs fastest here, measured (`ml_ecs.core.autotune.fastest`, cached): the local
+  step's convolution and client chunking (one vmapped step, forward and backward, of `clients` clients
+  with their own weights: XLA's convolution or the matmul form, one vmap or clients one at a time), and
+  the evaluation's convolution (forward over `eval_batch` images). Returns {'conv_impl', 'chunk',
+  'eval_conv_impl', 'train_autotune', 'eval_autotune'}."""
+  clients = min(clients, cfg['cohort'])
+  stacked = jax.tree.map(lambda p: jnp.broadcast_to(p, (clients, *p.shape)), params)
+  batch = (jnp.ones((clients, cfg['batch'], *cfg['image']), jnp.float32), jnp.zeros((clients, cfg['batch']), jnp.int32),
+           jnp.ones((clients, cfg['batch']), bool))
+  keys = jax.random.split(jax.random.key(0), clients)
+  step = lambda impl, chunk: cohort_map(jax.grad(lambda p, b, k: loss_fn(p, b, k, impl)[0]), 3, chunk=chunk)
+  train = {f'{impl}/chunk{chunk}': step(impl, chunk) for impl in CONV_IMPLS for chunk in (0, 1)}
+  case = f"pfl_cnn_step|image={tuple(cfg['image'])}|batch={cfg['batch']}|clients={clients}"
+  choice, train_record = autotune.fastest(case, train, (stacked, batch, keys), path=autotune.cache_path())
+  impl, chunk = choice.split('/chunk')
+  images = jnp.ones((min(eval_batch, cfg['num_test']), *cfg['image']), jnp.float32)
+  forward = {impl: (lambda p, x, impl=impl: cnn_apply(p, x, conv_impl=impl)) for impl in CONV_IMPLS}
+  case = f"pfl_cnn_eval|image={tuple(cfg['image'])}|batch={images.shape[0]}"
+  eval_impl, eval_record = autotune.fastest(case, forward, (params, images), path=autotune.cache_path())
+  return dict(conv_impl=impl, chunk=int(chunk), eval_conv_impl=eval_impl, train_autotune=train_record,
+              eval_autotune=eval_record)
 
 
 def make_round(algo: FedAvg, population: ClientData, cohort: int) -> Callable:
@@ -121,39 +158,55 @@ def make_round(algo: FedAvg, population: ClientData, cohort: int) -> Callable:
   return round_fn
 
 
-def make_eval(batch: int = 10000) -> Callable:
+def make_eval(batch: int = 500, conv_impl: str = 'xla') -> Callable:
+  """Jitted (accuracy, mean loss) over test images in batches of `batch` (the last one padded, masked)."""
   @jax.jit
   def evaluate(params, x, y):
     n = x.shape[0]
-    steps = math.ceil(n / batch)
+    b = min(batch, n)
+    steps = math.ceil(n / b)
+    pad = steps * b - n
+    xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(steps, b, *x.shape[1:])
+    ys = jnp.pad(y, (0, pad)).reshape(steps, b)
+    valid = (jnp.arange(steps * b) < n).reshape(steps, b)
 
-    def one(i):
-      xb = jax.lax.dynamic_slice_in_dim(x, i * batch, batch)
-      yb = jax.lax.dynamic_slice_in_dim(y, i * batch, batch)
-      logits = cnn_apply(params, xb)
-      return (jnp.argmax(logits, -1) == yb).sum(), optax.softmax_cross_entropy_with_integer_labels(logits, yb).sum()
-    correct, loss = jax.lax.map(one, jnp.arange(steps))
+    def one(inp):
+      xb, yb, vb = inp
+      logits = cnn_apply(params, xb, conv_impl=conv_impl)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+      return ((jnp.argmax(logits, -1) == yb) & vb).sum(), jnp.where(vb, ce, 0.0).sum()
+    correct, loss = jax.lax.map(one, (xs, ys, valid))
     return correct.sum() / n, loss.sum() / n
   return evaluate
 
 
 def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: int = 0, seed: int = 0,
-        log: Callable[[str], None] = print, time_budget_s: float | None = None, sync_rounds: bool = False) -> dict:
+        log: Callable[[str], None] = print, time_budget_s: float | None = None, sync_rounds: bool = False,
+        conv_impl: str = 'auto', eval_batch: int = 500, prng: str = 'rbg') -> dict:
   """FedAvg on the workload for `rounds` rounds (evaluation every cfg['eval_every']); returns timings
   (compile separately, then seconds per round including evaluation, as pfl's wall clock counts it) and
   the accuracy history. Stops early (and says so) when `time_budget_s` is spent. `sync_rounds` waits for
   every round and records its end time (`round_end_s`, seconds from the start of round 1), for a
-  steady-state rate measured the same way as pfl's per-round callback (benchmarks/pfl_cpu.py)."""
+  steady-state rate measured the same way as pfl's per-round callback (benchmarks/pfl_cpu.py). `conv_impl`:
+  'xla' or 'matmul' (training and evaluation, with `chunk`), or 'auto': `choose_execution` measures the
+  convolutions and the chunking (its records in the result; `chunk` is then its choice). `prng`: the
+  random-bit generator of sampling and dropout (`jax.random.key(..., impl=)`): 'rbg' (XLA's RngBitGenerator)
+  is cheaper on CPU than JAX's default 'threefry2x32', whose dropout masks cost about 15% of a local step."""
   cfg = {**CONFIG, **(cfg or {})}
   data = data or synthetic_cifar10(cfg['num_users'] * cfg['per_user'], cfg['num_test'], cfg['image'], cfg['classes'],
                                    seed)
   population = jax.device_put(partition_iid(data['x_train'], data['y_train'], cfg['num_users'], cfg['per_user'],
                                             seed))
   x_test, y_test = jax.device_put((data['x_test'], data['y_test']))
-  algo = make_fedavg(cfg, chunk)
-  state = algo.init(init_cnn(jax.random.key(seed), cfg['image'], cfg['classes']))
-  round_fn, evaluate = make_round(algo, population, cfg['cohort']), make_eval(min(10000, cfg['num_test']))
-  key = jax.random.key(seed + 1)
+  params = init_cnn(jax.random.key(seed), cfg['image'], cfg['classes'])
+  execution, eval_impl = None, conv_impl
+  if conv_impl == 'auto':
+    execution = choose_execution(cfg, params, eval_batch=eval_batch)
+    conv_impl, chunk, eval_impl = execution['conv_impl'], execution['chunk'], execution['eval_conv_impl']
+  algo = make_fedavg(cfg, chunk, conv_impl=conv_impl)
+  state = algo.init(params)
+  round_fn, evaluate = make_round(algo, population, cfg['cohort']), make_eval(eval_batch, eval_impl)
+  key = jax.random.key(seed + 1, impl=prng)
   t0 = time.perf_counter()
   compiled = round_fn.lower(state, key).compile()
   evaluate(state.params, x_test, y_test)[0].block_until_ready()
@@ -176,7 +229,8 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
       break
   jax.block_until_ready(state)
   wall = time.perf_counter() - t0
-  return dict(engine='ml-ecs fedavg (cohort_map vmap' + (f', chunk {chunk}' if chunk else '') + ')',
+  return dict(engine='ml-ecs fedavg (cohort_map vmap' + (f', chunk {chunk}' if chunk else '') + f', {conv_impl} conv)',
+              conv_impl=conv_impl, chunk=chunk, eval_conv_impl=eval_impl, execution=execution, prng=prng,
               rounds=done, wall_s=wall, s_per_round=wall / max(done, 1), s_per_100_rounds=100 * wall / max(done, 1),
               compile_s=compile_s, round_flops_xla=flops, history=history,
               final_accuracy=history[-1]['accuracy'] if history else None, backend=jax.default_backend(),
