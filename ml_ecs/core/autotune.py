@@ -10,6 +10,8 @@ same choice as its first process.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
@@ -44,21 +46,38 @@ def _read(path: str | None) -> dict:
     return {}
 
 
-def _write(path: str, key: str, record: dict) -> None:
-  """Adds one record (read, merge, temp file, rename: a concurrent writer may lose a record, never corrupt)."""
-  table = {**_read(path), key: record}
+@contextlib.contextmanager
+def _locked(path: str):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(table, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  with open(path + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _store(path: str, key: str, record: dict) -> dict:
+  """Stores `record` unless a record of `key` is already there (another process measured the same case
+  meanwhile: the first one stays, so every run on this machine makes the same choice); returns the stored
+  one. Under a lock; written whole to a temp file, then renamed."""
+  with _locked(path):
+    table = _read(path)
+    if table.get(key, {}).get('choice') in record['seconds']:
+      return table[key]
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump({**table, key: record}, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+  return record
 
 
 def fastest(case: str, candidates: dict[str, Callable[..., Any]], args: tuple, repeats: int = 3,
             path: str | None = None) -> tuple[str, dict[str, Any]]:
   """(name of the fastest candidate, record): each candidate is jitted, run once (compile), then timed
   `repeats` times on `args`; the record holds the best seconds per candidate. A record cached in `path`
-  for this backend, device kind and `case` is returned without measuring (`cached`: True)."""
+  for this backend, device kind and `case` is returned without measuring (`cached`: True); when another
+  process stored one while this one measured, its choice is returned (the first stored stays)."""
   device = jax.devices()[0]
   key = f'{device.platform}|{device.device_kind}|{case}'
   hit = _read(path).get(key)
@@ -74,11 +93,9 @@ def fastest(case: str, candidates: dict[str, Callable[..., Any]], args: tuple, r
       jax.block_until_ready(f(*args))
       best = min(best, time.perf_counter() - t0)
     times[name] = best
-  choice = min(times, key=times.get)
-  record = {'choice': choice, 'seconds': times, 'case': case}
-  if path:
-    _write(path, key, record)
-  return choice, {**record, 'cached': False}
+  record = {'choice': min(times, key=times.get), 'seconds': times, 'case': case}
+  stored = _store(path, key, record) if path else record
+  return stored['choice'], {**stored, 'seconds': times, 'cached': False}
 
 
 def conv_impl(setting: str, encoder_types: dict[str, str], shapes: dict[str, tuple], width: int, d_out: int,

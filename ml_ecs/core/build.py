@@ -40,6 +40,7 @@ from ml_ecs.data.loaders import load_dataset
 from ml_ecs.data.partition import partition
 from ml_ecs.data.text import build_task_text
 from ml_ecs.models import params
+from ml_ecs.models.conv import CONV_IMPLS
 from ml_ecs.models.multimodal import MultimodalLM, node_options
 
 
@@ -98,10 +99,12 @@ def make_generate(program: NodeProgram, mesh: Mesh, max_len: int) -> Callable:
 
 
 def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: MultimodalDataset | None = None,
-         log: Callable[[str], None] = print, cache_dir: str | None = None) -> tuple[Setup, State]:
+         log: Callable[[str], None] = print, cache_dir: str | None = None,
+         recorded: dict | None = None) -> tuple[Setup, State]:
   """Builds a federation from a validated config. workdir receives the tokenizer; pretrained
   backbones are cached under (cache_dir or workdir)/backbones. `dataset` replaces the config's
-  data source (an in-memory MultimodalDataset)."""
+  data source (an in-memory MultimodalDataset). `recorded`: the execution choices of this run's first
+  process (`Setup.execution`, model_summary.json), made again as they were instead of measured."""
   ds = dataset if dataset is not None else load_dataset(cfg.data)
   if workdir:
     os.makedirs(workdir, exist_ok=True)
@@ -131,9 +134,17 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   execution = {}   # measured execution choices per node structure (model_summary.json 'execution')
 
   def choose_conv(name, label, enc, clients):   # train.conv_impl, measured per cohort with 'auto'
-    impl, record = autotune.conv_impl(cfg.train.get('conv_impl', 'xla'), enc, shapes, mcfgs[name].encoder_width,
-                                      mcfgs[name].d_enc, clients, cfg.train.batch_size, autotune.cache_path())
-    execution[label] = {'conv_impl': impl, **({'autotune': record} if record else {})}
+    setting = cfg.train.get('conv_impl', 'xla')
+    before = (recorded or {}).get(label, {}).get('conv_impl')
+    if setting == 'auto' and before in CONV_IMPLS:   # a resumed run computes as its first process did
+      impl, record = before, None
+      execution[label] = {'conv_impl': impl, 'recorded': True}
+    else:
+      impl, record = autotune.conv_impl(setting, enc, shapes, mcfgs[name].encoder_width, mcfgs[name].d_enc, clients,
+                                        cfg.train.batch_size, autotune.cache_path())
+      execution[label] = {'conv_impl': impl, **({'autotune': record} if record else {})}
+    impl = CONV_IMPLS[distributed.from_main(CONV_IMPLS.index(impl))]   # one program on every process
+    execution[label]['conv_impl'] = impl
     if record:
       log(f"{label}: convolutions as {impl} ({', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in record['seconds'].items())}"
           f"{', cached' if record['cached'] else ''})")

@@ -152,6 +152,14 @@ def any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
+def from_main(value: int) -> int:
+  """Process 0's `value` on every process (e.g. a choice measured on each, which must agree)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.array(value, np.int32)))
+
+
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name` (no-op with one process)."""
   if jax.process_count() > 1:

@@ -191,6 +191,16 @@ class _StopOnSignal:
       signal.signal(sig, handler)
 
 
+def _recorded_execution(workdir: str) -> dict | None:
+  """The execution choices (e.g. the measured convolution per cohort) this workdir's run made when it
+  started (model_summary.json), so that a resumed run computes as the first process did; None if none."""
+  try:
+    with open(os.path.join(workdir, 'model_summary.json')) as f:
+      return json.load(f).get('execution')
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
           log: Callable[[str], None] | None = None, checkpoint: bool = True, cache_dir: str | None = None,
           overwrite: bool = False, dataset: MultimodalDataset | None = None) -> RunResult:
@@ -270,7 +280,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, dataset: MultimodalData
   write_json(os.path.join(workdir, 'config.json'), cfg_json)
 
   t0 = time.perf_counter()
-  setup, state = federation.init(cfg, workdir=workdir, dataset=dataset, log=log, cache_dir=cache_dir)
+  setup, state = federation.init(cfg, workdir=workdir, dataset=dataset, log=log, cache_dir=cache_dir,
+                                 recorded=_recorded_execution(workdir))
   setup_s = time.perf_counter() - t0
   sets = cfg.data.get('modality_sets', ())
   if sets and len(setup.cohorts) > len({tuple(sorted(s)) for s in sets}):

@@ -167,3 +167,13 @@ def test_the_cnns_max_pooling_equals_reduce_window_with_its_gradient():
   probe = jax.random.normal(jax.random.key(5), ref(h).shape)
   np.testing.assert_array_equal(jax.grad(lambda h: jnp.sum(pc.max_pool2(h) * probe))(h),
                                 jax.grad(lambda h: jnp.sum(ref(h) * probe))(h))
+
+
+def test_the_first_stored_choice_stays(tmp_path):
+  """Two processes that measured the same case concurrently make the first stored choice (under a lock)."""
+  path = str(tmp_path / 'autotune.json')
+  first = {'choice': 'xla', 'seconds': {'xla': 1.0, 'matmul': 1.1}, 'case': 'c'}
+  second = {'choice': 'matmul', 'seconds': {'xla': 1.2, 'matmul': 1.0}, 'case': 'c'}
+  assert autotune._store(path, 'k', first) == first
+  assert autotune._store(path, 'k', second) == first
+  assert json.load(open(path))['k']['choice'] == 'xla'
