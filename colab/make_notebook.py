@@ -19,7 +19,7 @@ text against a reference description, and accuracy: the class whose sentences th
 This notebook builds a federation of four clients on the embedded activity dataset
 (`configs/notebook.py`), shows what each of the four components does, trains ML-ECS and FedAvg for
 a few rounds and shows what they learned. On 2 CPU cores (Colab's CPU runtime) the whole notebook
-takes about 3 minutes the first time (about half of it compiling and pretraining) and about 1.5 minutes
+takes 3-4 minutes the first time (about half of it compiling and pretraining) and about 1.5 minutes
 when run again; a GPU/TPU runtime is used automatically.
 
 **Install.** In a checkout (`colab/` inside the repository) the next cell installs the package with

@@ -9,8 +9,8 @@ tests/integration/test_notebook.py executes the notebook on this config and chec
 Measured there (8 rounds): client accuracy 0.586 for ML-ECS and 0.539 for FedAvg, against floors of 0.0
 (always "the") and 0.328 (always the client's majority class); 65% of the ML-ECS clients' answers are
 word for word a sentence of the right class; the clients' LM loss 0.450 -> 0.354. The whole notebook took
-171 s on 2 quiet cores from a cold compilation cache and a fresh workdir (pretraining included; 178 s as
-tests/integration/test_notebook.py) and 95 s run again (warm cache, backbones cached in the workdir).
+171-249 s in four runs on 2 quiet cores from a cold compilation cache and a fresh workdir (pretraining
+included; this VM's speed varies by up to 1.8x), and 95 s run again (warm cache, backbones cached).
 
 Run it as the main job: python launch/train.py --config=configs/notebook.py --workdir=/tmp/ml_ecs_notebook
 """
