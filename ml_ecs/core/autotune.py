@@ -72,17 +72,27 @@ def _store(path: str, key: str, record: dict) -> dict:
   return record
 
 
+def _key(case: str) -> str:
+  device = jax.devices()[0]
+  return f'{device.platform}|{device.device_kind}|{case}'
+
+
+def cached(case: str, names, path: str | None) -> dict[str, Any] | None:
+  """The record cached in `path` for this backend, device kind and `case` whose choice is one of `names`
+  (`cached`: True), or None: lets a caller skip building its candidates."""
+  hit = _read(path).get(_key(case))
+  return {**hit, 'cached': True} if hit and hit.get('choice') in names else None
+
+
 def fastest(case: str, candidates: dict[str, Callable[..., Any]], args: tuple, repeats: int = 3,
             path: str | None = None) -> tuple[str, dict[str, Any]]:
   """(name of the fastest candidate, record): each candidate is jitted, run once (compile), then timed
   `repeats` times on `args`; the record holds the best seconds per candidate. A record cached in `path`
   for this backend, device kind and `case` is returned without measuring (`cached`: True); when another
   process stored one while this one measured, its choice is returned (the first stored stays)."""
-  device = jax.devices()[0]
-  key = f'{device.platform}|{device.device_kind}|{case}'
-  hit = _read(path).get(key)
-  if hit and hit.get('choice') in candidates:
-    return hit['choice'], {**hit, 'cached': True}
+  hit = cached(case, candidates, path)
+  if hit:
+    return hit['choice'], hit
   times = {}
   for name, fn in candidates.items():
     f = jax.jit(fn)
@@ -94,7 +104,7 @@ def fastest(case: str, candidates: dict[str, Callable[..., Any]], args: tuple, r
       best = min(best, time.perf_counter() - t0)
     times[name] = best
   record = {'choice': min(times, key=times.get), 'seconds': times, 'case': case}
-  stored = _store(path, key, record) if path else record
+  stored = _store(path, _key(case), record) if path else record
   return stored['choice'], {**stored, 'seconds': times, 'cached': False}
 
 
@@ -108,6 +118,11 @@ def conv_impl(setting: str, encoder_types: dict[str, str], shapes: dict[str, tup
   convs = sorted(m for m, kind in encoder_types.items() if kind in CONV_ENCODERS)
   if setting != 'auto' or not convs:
     return ('xla' if setting == 'auto' else setting), None
+  case = 'conv|' + ';'.join(f'{m}:{encoder_types[m]}:{tuple(shapes[m])}' for m in convs) + \
+      f'|width={width}|d_out={d_out}|clients={clients}|batch={batch}'
+  hit = cached(case, CONV_IMPLS, path)
+  if hit:   # no encoders built at setup when the choice is known
+    return hit['choice'], hit
   inputs = {m: jnp.ones((clients, batch, *shapes[m]), jnp.float32) for m in convs}
 
   def candidate(impl):
@@ -125,6 +140,4 @@ def conv_impl(setting: str, encoder_types: dict[str, str], shapes: dict[str, tup
   for impl in CONV_IMPLS:
     fns[impl], params = candidate(impl)
   stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (clients, *x.shape)), params)
-  case = 'conv|' + ';'.join(f'{m}:{encoder_types[m]}:{tuple(shapes[m])}' for m in convs) + \
-      f'|width={width}|d_out={d_out}|clients={clients}|batch={batch}'
   return fastest(case, fns, (stacked, inputs), path=path)

@@ -120,7 +120,7 @@ def test_fastest_picks_the_quicker_candidate_and_caches_it(tmp_path):
   assert len(json.load(open(path))) == 1
 
 
-def test_conv_impl_setting(tmp_path):
+def test_conv_impl_setting(tmp_path, monkeypatch):
   shapes = {'accel': (16, 3), 'depth': (12,)}
   path = str(tmp_path / 'autotune.json')
   kw = dict(shapes=shapes, width=8, d_out=8, clients=3, batch=4, path=path)
@@ -130,6 +130,12 @@ def test_conv_impl_setting(tmp_path):
   impl, record = autotune.conv_impl('auto', {'accel': 'conv1d', 'depth': 'mlp'}, **kw)
   assert impl in ('xla', 'matmul') and impl == min(record['seconds'], key=record['seconds'].get)
   assert set(record['seconds']) == {'xla', 'matmul'} and 'clients=3' in record['case']
+
+  def no_encoders(*args, **kwargs):
+    raise AssertionError('a cached choice builds no candidate encoders')
+  monkeypatch.setattr(autotune, 'make_encoder', no_encoders)
+  again, record = autotune.conv_impl('auto', {'accel': 'conv1d', 'depth': 'mlp'}, **kw)
+  assert again == impl and record['cached']
   with pytest.raises(ValueError, match='train.conv_impl'):
     autotune.conv_impl('fast', {'accel': 'conv1d'}, **kw)
 
