@@ -137,14 +137,13 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     setting = cfg.train.get('conv_impl', 'xla')
     before = (recorded or {}).get(label, {}).get('conv_impl')
     if setting == 'auto' and before in CONV_IMPLS:   # a resumed run computes as its first process did
-      impl, record = before, None
-      execution[label] = {'conv_impl': impl, 'recorded': True}
+      impl, record, extra = before, None, {'recorded': True}
     else:
       impl, record = autotune.conv_impl(setting, enc, shapes, mcfgs[name].encoder_width, mcfgs[name].d_enc, clients,
                                         cfg.train.batch_size, autotune.cache_path())
-      execution[label] = {'conv_impl': impl, **({'autotune': record} if record else {})}
+      extra = {'autotune': record} if record else {}
     impl = CONV_IMPLS[distributed.from_main(CONV_IMPLS.index(impl))]   # one program on every process
-    execution[label]['conv_impl'] = impl
+    execution[label] = {'conv_impl': impl, **extra}
     if record:
       log(f"{label}: convolutions as {impl} ({', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in record['seconds'].items())}"
           f"{', cached' if record['cached'] else ''})")
