@@ -61,10 +61,23 @@ def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int = 0):
   return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total_steps, end_value=0.0)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int = 0) -> optax.GradientTransformation:
-  """Clipped AdamW with the configured learning rate (schedule over `total_steps`)."""
-  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                     optax.adamw(learning_rate(cfg, total_steps), weight_decay=cfg.weight_decay))
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int = 0,
+                   lr_in_state: bool = False) -> optax.GradientTransformation:
+  """Clipped AdamW with the configured learning rate (schedule over `total_steps`).
+
+  `lr_in_state`: the (peak) rate is an array in the optimizer state (`optax.inject_hyperparams`), not a
+  constant of the program, so federations that differ only in it run one compiled program
+  (ml_ecs.core.runs); the schedule's shape stays static."""
+  if not lr_in_state:
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                       optax.adamw(learning_rate(cfg, total_steps), weight_decay=cfg.weight_decay))
+  unit = learning_rate(ml_collections.ConfigDict({**cfg.to_dict(), 'learning_rate': 1.0}), total_steps)
+
+  def factory(learning_rate):   # called with the state's rate (traced) at every update
+    rate = (lambda count: learning_rate * unit(count)) if callable(unit) else learning_rate
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(rate, weight_decay=cfg.weight_decay))
+
+  return optax.inject_hyperparams(factory)(learning_rate=float(cfg.learning_rate))
 
 
 def sub(tree: Trainables, parts: tuple[str, ...]) -> Trainables:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -103,49 +103,81 @@ def arrivals(setup: Setup, c: CohortSetup, out, real: np.ndarray, sel: np.ndarra
   return jnp.asarray(w), jnp.asarray(presence)
 
 
-def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
-  """One communication round; returns the new state and the round's training metrics.
+class RoundKeys(NamedTuple):
+  """The keys of one round, from the state's `rng`."""
+  rng: jax.Array          # the next round's
+  key: jax.Array          # clients (folded per cohort), aggregation noise
+  server: jax.Array       # the server stage
+  faults: jax.Array       # simulated faults (folded per cohort)
 
-  The cohorts' trainables and optimizer states of `state` are donated (consumed).
-  """
-  t0 = time.perf_counter()
-  alg = setup.algorithm
+
+def round_keys(state: State) -> RoundKeys:
   rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
   rng, server_key = jax.random.split(rng)
-  fault_key = jax.random.fold_in(key, faults.FAULT_STREAM)
-  alignment, server_loss = alg.round_context(setup, state)
-  # The broadcast inputs in one (replicated) sharding every round, so rounds reuse one compilation.
-  broadcast = jax.device_put((state.global_shared, state.server_z, alignment), NamedSharding(setup.mesh, P()))
-  ledger, cohorts, outs, weights, presence, rows = _Ledger(), [], [], [], [], []
-  for k, (c, cs) in enumerate(zip(setup.cohorts, state.cohorts)):
-    cs = resync(setup, c, cs, state.global_shared, ledger)
-    ck = jax.random.fold_in(key, k)
-    real = sample_clients(c.num_real, c.num_sampled, jax.random.fold_in(ck, 1))
-    sel = np.concatenate([real, np.arange(c.num_real, c.num_real + c.num_selected - c.num_sampled)])
-    cs, out = train_cohort(setup, c, cs, sel, ck, broadcast)
-    w, pres = arrivals(setup, c, out, real, sel, jax.random.fold_in(fault_key, k), ledger)
-    cohorts.append(cs), outs.append(out), weights.append(w), presence.append(pres), rows.append(c.client_ids[sel])
-  t_cohorts = time.perf_counter()   # every cohort's update has finished (arrivals read its metrics)
-  uploads = Uploads(tuple(outs), tuple(weights), tuple(presence), np.concatenate(rows))
+  return RoundKeys(rng, key, server_key, jax.random.fold_in(key, faults.FAULT_STREAM))
+
+
+def sample(c: CohortSetup, keys: RoundKeys, k: int) -> tuple[jax.Array, np.ndarray, np.ndarray]:
+  """(cohort k's key, its sampled real clients, the selected positions: sampled + padding clients)."""
+  ck = jax.random.fold_in(keys.key, k)
+  real = sample_clients(c.num_real, c.num_sampled, jax.random.fold_in(ck, 1))
+  return ck, real, np.concatenate([real, np.arange(c.num_real, c.num_real + c.num_selected - c.num_sampled)])
+
+
+def aggregate(setup: Setup, state: State, uploads: Uploads, key: jax.Array, server_loss
+              ) -> tuple[Aggregated, jax.Array, jax.Array, dict[str, Any]]:
+  """The method's aggregation of the uploads and the server stage's targets: (aggregated, targets,
+  has_target, target metrics). `state` needs no cohorts."""
+  alg = setup.algorithm
   if setup.communicate:
     agg = alg.aggregate(setup, state, uploads, key)
   else:
     agg = Aggregated(state.global_shared, state.algorithm, (), {})
   targets, has_target, target_metrics = alg.server_targets(setup, state, uploads, agg.accepted, server_loss, key)
-  t_aggregate = time.perf_counter()
-  server_tr, server_opt, server_metrics, server_z = setup.server_round_fn(
-      state.server.trainables, state.server.opt_state, server_key, targets, has_target.astype(jnp.float32),
-      setup.server_frozen, setup.public_train)
+  return agg, targets, has_target, target_metrics
+
+
+def round_metrics(setup: Setup, agg: Aggregated, target_metrics: dict, ledger: _Ledger, server_metrics: dict,
+                  round_: int) -> dict[str, Any]:
+  """The round's training metrics (what the server heard, aggregation, server stage, communication)."""
   metrics = {**agg.metrics, **target_metrics, **ledger.metrics()}
   metrics.update({f'server/{k}': float(v) for k, v in server_metrics.items()})
   metrics['server/diverged'] = int(not all(np.isfinite(float(v)) for v in server_metrics.values()))
   sent = np.setdiff1d(np.asarray(ledger.sampled, np.int64), np.asarray(ledger.dropped, np.int64))   # dropped: no upload
   metrics.update(setup.accounting.round_bytes(np.asarray(ledger.sampled, np.int64), setup.communicate,
                                               setup.sends_representations, sent=sent))
+  metrics['round'] = round_
+  return metrics
+
+
+def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
+  """One communication round; returns the new state and the round's training metrics.
+
+  The cohorts' trainables and optimizer states of `state` are donated (consumed).
+  """
+  t0 = time.perf_counter()
+  keys = round_keys(state)
+  alignment, server_loss = setup.algorithm.round_context(setup, state)
+  # The broadcast inputs in one (replicated) sharding every round, so rounds reuse one compilation.
+  broadcast = jax.device_put((state.global_shared, state.server_z, alignment), NamedSharding(setup.mesh, P()))
+  ledger, cohorts, outs, weights, presence, rows = _Ledger(), [], [], [], [], []
+  for k, (c, cs) in enumerate(zip(setup.cohorts, state.cohorts)):
+    cs = resync(setup, c, cs, state.global_shared, ledger)
+    ck, real, sel = sample(c, keys, k)
+    cs, out = train_cohort(setup, c, cs, sel, ck, broadcast)
+    w, pres = arrivals(setup, c, out, real, sel, jax.random.fold_in(keys.faults, k), ledger)
+    cohorts.append(cs), outs.append(out), weights.append(w), presence.append(pres), rows.append(c.client_ids[sel])
+  t_cohorts = time.perf_counter()   # every cohort's update has finished (arrivals read its metrics)
+  uploads = Uploads(tuple(outs), tuple(weights), tuple(presence), np.concatenate(rows))
+  agg, targets, has_target, target_metrics = aggregate(setup, state, uploads, keys.key, server_loss)
+  t_aggregate = time.perf_counter()
+  server_tr, server_opt, server_metrics, server_z = setup.server_round_fn(
+      state.server.trainables, state.server.opt_state, keys.server, targets, has_target.astype(jnp.float32),
+      setup.server_frozen, setup.public_train)
+  metrics = round_metrics(setup, agg, target_metrics, ledger, server_metrics, int(state.round) + 1)
   jax.block_until_ready(server_z)
   new_state = State(cohorts=tuple(cohorts), server=NodeState(server_tr, server_opt), global_shared=agg.shared,
-                    server_z=server_z, round=state.round + 1, rng=jax.random.key_data(rng), algorithm=agg.state)
-  metrics['round'] = int(new_state.round)
+                    server_z=server_z, round=state.round + 1, rng=jax.random.key_data(keys.rng), algorithm=agg.state)
   t_end = time.perf_counter()
   # The round's parts (timing.jsonl): client cohorts (dispatch to their metrics on the host, re-syncs and
   # sampling included), aggregation with the server's targets (host work and what it waits for), server stage.

@@ -216,6 +216,28 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   log = (log or (lambda s: tqdm.write(s))) if main else (lambda s: None)   # process 0 logs for all
   write_json = metrics_io.write_json if main else (lambda path, obj: None)
   write_jsonl = metrics_io.write_jsonl if main else (lambda path, rows: None)
+  dataset = checked_dataset(cfg, dataset, log)
+  make_workdir(workdir)
+  lock = WorkdirLock(workdir, log) if main else None   # process 0 holds it for all processes of the run
+  refused = None
+  if lock is not None:
+    try:
+      lock.acquire()
+    except WorkdirLocked as e:
+      refused, lock = e, None
+  if distributed.any_process(refused is not None):   # every process stops, none waits in a collective
+    raise refused or WorkdirLocked(f'{workdir}: process 0 could not lock the workdir (its error line names why)')
+  try:
+    return _train(cfg, workdir, dataset, progress=progress, log=log, checkpoint=checkpoint, cache_dir=cache_dir,
+                  overwrite=overwrite)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def checked_dataset(cfg: ml_collections.ConfigDict, dataset: MultimodalDataset | None,
+                    log: Callable[[str], None]) -> MultimodalDataset:
+  """Validates a run's config against the devices and its data (loaded unless given); says what it ignores."""
   validate(cfg)
   check_devices(cfg, jax.device_count(), jax.process_count())
   if dataset is None:
@@ -233,6 +255,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     log(f'note: method {cfg.method.name!r} runs with fields that differ from its plain settings: {differ} '
         '(ml_ecs.algorithms.registry.apply_strategy sets them; the command line applies it and keeps '
         'the method fields you give)')
+  return dataset
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates a run directory, or says why it cannot be one."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirConflict(f'--workdir {workdir} is a file, not a directory')
   try:
@@ -241,21 +268,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     raise WorkdirConflict(f'cannot create --workdir {workdir}: {e.strerror or e}') from None
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise WorkdirConflict(f'--workdir {workdir} is not writable')
-  lock = WorkdirLock(workdir, log) if main else None   # process 0 holds it for all processes of the run
-  refused = None
-  if lock is not None:
-    try:
-      lock.acquire()
-    except WorkdirLocked as e:
-      refused, lock = e, None
-  if distributed.any_process(refused is not None):   # every process stops, none waits in a collective
-    raise refused or WorkdirLocked(f'{workdir}: process 0 could not lock the workdir (its error line names why)')
-  try:
-    return _train(cfg, workdir, dataset, progress=progress, log=log, checkpoint=checkpoint, cache_dir=cache_dir,
-                  overwrite=overwrite)
-  finally:
-    if lock is not None:
-      lock.release()
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str, dataset: MultimodalDataset, *, progress: bool,
@@ -289,9 +301,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, dataset: MultimodalData
         f'clients form {len(setup.cohorts)} cohorts: with explicit sets, client k takes option k mod n of each '
         'data.encoders entry (num_device_types is not used), so clients of one set got different encoders '
         '(clients.json lists them); give one encoder per modality to make each set one cohort')
-  write_json(os.path.join(workdir, 'model_summary.json'),
-             {**federation.model_summary(setup, state), 'pretrain': setup.pretrain_info, 'setup_s': setup_s})
-  write_json(os.path.join(workdir, 'clients.json'), federation.clients_info(setup))
+  write_setup_files(workdir, setup, state, setup_s)
   if jax.process_count() > 1:
     os.makedirs(os.path.join(workdir, 'hosts'), exist_ok=True)
     metrics_io.write_json(os.path.join(workdir, 'hosts', f'process_{jax.process_index()}.json'),
@@ -381,6 +391,13 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, dataset: MultimodalData
   writer.close()
   if ckpt is not None:
     ckpt.close()
+  write_json(os.path.join(workdir, 'summary.json'), run_summary(cfg, setup, rows))
+  return RunResult('complete', rows, workdir, resumed_from)
+
+
+def run_summary(cfg: ml_collections.ConfigDict, setup: federation.Setup, rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """summary.json of a finished run."""
+  rounds = cfg.train.rounds
   summary = {**metrics_io.summarize(rows), 'rounds': rounds, 'method': cfg.method.name,
              'method_overrides': strategy_overrides(cfg.method),
              'floors': federation.floors(setup)}   # constant answers on the same test windows
@@ -391,5 +408,13 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, dataset: MultimodalData
                      'delta': float(cfg.dp.delta), 'noise_multiplier': float(cfg.dp.noise_multiplier),
                      'clip_norm': float(cfg.dp.clip_norm), 'accountant': cfg.dp.accountant,
                      'representations_noised': bool(cfg.dp.noise_representations)}
-  write_json(os.path.join(workdir, 'summary.json'), summary)
-  return RunResult('complete', rows, workdir, resumed_from)
+  return summary
+
+
+def write_setup_files(workdir: str, setup: federation.Setup, state: federation.State, setup_s: float) -> None:
+  """model_summary.json and clients.json of a run (process 0)."""
+  if not distributed.is_main():
+    return
+  metrics_io.write_json(os.path.join(workdir, 'model_summary.json'),
+                        {**federation.model_summary(setup, state), 'pretrain': setup.pretrain_info, 'setup_s': setup_s})
+  metrics_io.write_json(os.path.join(workdir, 'clients.json'), federation.clients_info(setup))

@@ -37,6 +37,7 @@ from ml_ecs.algorithms import registry
 from ml_ecs.algorithms.registry import STRATEGIES, apply_strategy
 from ml_ecs.config.validation import ConfigError, validate
 from ml_ecs.config.identity import identity_json
+from ml_ecs.core import runs as runs_lib
 
 # Fixed before the grid runs (grid.contrasts / grid.reference override them): the family of confirmatory
 # contrasts, Holm-corrected together, and the reference baseline of the exploratory differences.
@@ -240,14 +241,32 @@ def _record_environment(workdir: str, what: str) -> None:
   metrics_io.write_jsonl(path, rows + [{'stage': what, **environment.environment()}])
 
 
+def program_groups(todo: Sequence[Cell], configs: Sequence[ml_collections.ConfigDict], size: int
+                   ) -> list[list[int]]:
+  """Cells (positions in `todo`) in groups of at most `size` whose configs differ only in the fields a
+  program of runs may vary (`ml_ecs.core.runs.RUN_FIELDS`), in grid order of their first cell."""
+  groups: dict[str, list[list[int]]] = {}
+  for i, cfg in enumerate(configs):
+    key = cfg.copy_and_resolve_references()
+    set_fields(key, {f: None for f in runs_lib.RUN_FIELDS})
+    chunks = groups.setdefault(identity_json(key), [[]])
+    if len(chunks[-1]) == size:
+      chunks.append([])
+    chunks[-1].append(i)
+  return sorted((g for chunks in groups.values() for g in chunks), key=lambda g: g[0])
+
+
 def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, log: Callable[[str], None] = print,
-             progress: bool = False, deadline: float | None = None) -> list[dict[str, Any]]:
+             progress: bool = False, deadline: float | None = None,
+             train_many: Callable | None = None) -> list[dict[str, Any]]:
   """Runs (or resumes) every cell not yet finished, writing the reports after each.
 
   `train_fn(cfg, cell_dir, cache_dir)` runs one cell and returns whether it finished (False:
-  interrupted, e.g. by SIGTERM; the grid then stops, to resume on the next call). No new
-  cell starts after `deadline` (time.time()): grids run in pieces. `progress`: a bar over
-  the cells with an ETA.
+  interrupted, e.g. by SIGTERM; the grid then stops, to resume on the next call). With
+  `grid.runs_per_program` = k > 1 and `train_many(cfgs, cell_dirs, program_dir, cache_dir)`, up to k
+  unfinished cells that differ only in seeds run as one program (ml_ecs.core.runs); a group whose
+  cells turn out to differ in structure runs cell by cell. No new cell or group starts after
+  `deadline` (time.time()): grids run in pieces. `progress`: a bar over the cells with an ETA.
   """
   from tqdm import tqdm
   todo, configs = check_grid(base)
@@ -255,34 +274,61 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, 
   _record_environment(workdir, 'grid')
   last_k = base.grid.get('last_k', 3)
   cache = os.path.join(workdir, 'cache')
+  dirs = [cell_dir(workdir, cell, cfg) for cell, cfg in zip(todo, configs)]
+  done = lambda i: os.path.exists(os.path.join(dirs[i], 'summary.json'))
+  per_program = int(base.grid.get('runs_per_program', 1))
+  pending = [i for i in range(len(todo)) if not done(i)]
+  if per_program > 1 and train_many is not None:
+    groups = [[pending[j] for j in g] for g in program_groups([todo[i] for i in pending],
+                                                                [configs[i] for i in pending], per_program)]
+  else:
+    groups = [[i] for i in pending]
   results = []
-  bar = tqdm(total=len(todo), desc='grid', unit='cell', disable=not progress, dynamic_ncols=True)
+
+  def collect(i):
+    timing_path = os.path.join(dirs[i], 'timing.jsonl')
+    with open(os.path.join(dirs[i], 'summary.json')) as f:
+      floors = json.load(f).get('floors')
+    results.append(cell_row(todo[i], os.path.basename(dirs[i]), metrics_io.read_jsonl(os.path.join(dirs[i], 'metrics.jsonl')),
+                            metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else [], last_k,
+                            floors))
+
+  bar = tqdm(total=len(pending), desc='grid', unit='cell', disable=not progress, dynamic_ncols=True)
   try:
-    for i, (cell, cfg) in enumerate(zip(todo, configs)):
-      cdir = cell_dir(workdir, cell, cfg)
-      name = os.path.basename(cdir)
-      if os.path.exists(os.path.join(cdir, 'summary.json')):
-        log(f'[{i + 1}/{len(todo)}] {name}: done, skipped')
-        bar.total -= 1          # finished earlier: not part of this call's ETA
-        bar.refresh()
+    for i in range(len(todo)):
+      if done(i):
+        collect(i)
+    if results:
+      log(f'{len(results)} of {len(todo)} cells done earlier')
+    for group in groups:
+      names = [os.path.basename(dirs[i]) for i in group]
+      if deadline is not None and time.time() > deadline:
+        log(f'time budget spent before {names[0]}; rerun the same command to go on')
+        break
+      log(f'[{len(results) + 1}/{len(todo)}] {", ".join(names)}: running' +
+          (f' as one program of {len(group)} runs' if len(group) > 1 else ''))
+      if len(group) > 1:
+        program = os.path.join(workdir, 'programs', hashlib.sha1(' '.join(names).encode()).hexdigest()[:10])
+        try:
+          ok = train_many([configs[i] for i in group], [dirs[i] for i in group], program, cache)
+        except runs_lib.DifferentStructure as e:
+          log(f'  {e}; running these cells one by one')
+          ok = all(train_fn(configs[i], dirs[i], cache) for i in group)
       else:
-        if deadline is not None and time.time() > deadline:
-          log(f'time budget spent before {name}; rerun the same command to go on')
-          break
-        log(f'[{i + 1}/{len(todo)}] {name}: running')
-        if not train_fn(cfg, cdir, cache):
-          log(f'grid stopped in {name}; rerun the same command to resume')
-          break
-        bar.update(1)
-      timing_path = os.path.join(cdir, 'timing.jsonl')
-      with open(os.path.join(cdir, 'summary.json')) as f:
-        floors = json.load(f).get('floors')
-      results.append(cell_row(cell, name, metrics_io.read_jsonl(os.path.join(cdir, 'metrics.jsonl')),
-                              metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else [], last_k,
-                              floors))
+        ok = train_fn(configs[group[0]], dirs[group[0]], cache)
+      if not ok:
+        log(f'grid stopped in {names[0]}; rerun the same command to resume')
+        break
+      for i in group:
+        collect(i)
+      bar.update(len(group))
       write_reports(results, workdir, base.grid)
   finally:
     bar.close()
+  order = {os.path.basename(d): i for i, d in enumerate(dirs)}
+  results.sort(key=lambda r: order.get(r.get('cell', ''), 0))
+  if results:
+    write_reports(results, workdir, base.grid)
   return results
 
 

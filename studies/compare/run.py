@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from studies.compare import grid as compare, headroom, tuning
 from ml_ecs.run.compilation_cache import enable_compilation_cache
+from ml_ecs.run.runs_trainer import train_runs
 from ml_ecs.run.trainer import WorkdirConflict, WorkdirLocked, train
 from ml_ecs.config.cli import parse_flags
 from ml_ecs.config.validation import ConfigError, DataError
@@ -58,6 +59,14 @@ def main(argv):
       stopped_by.append(result.signal_name)
     return result.status != 'interrupted'
 
+  def run_program(cfgs, cdirs, program_dir, cache):   # grid.runs_per_program: cells that differ in seeds only
+    if stopped_by or (deadline is not None and time.time() > deadline):
+      return False
+    results = train_runs(cfgs, cdirs, program_dir, cache_dir=cache, log=lambda s: log('    ' + s))
+    if results[0].status == 'interrupted':
+      stopped_by.append(results[0].signal_name)
+    return results[0].status != 'interrupted'
+
   def status() -> int:   # 128 + N after signal N (the cell's checkpoint is written), else 0
     return 128 + int(getattr(signal, stopped_by[0])) if stopped_by else 0
 
@@ -71,7 +80,8 @@ def main(argv):
         print('tuning stopped; rerun the same command to go on', flush=True)
         return status()
       cfg.grid.tuned = os.path.join(workdir, 'tuned.json')
-    results = compare.run_grid(cfg, workdir, run_cell, log=log, progress=True, deadline=deadline)
+    results = compare.run_grid(cfg, workdir, run_cell, log=log, progress=True, deadline=deadline,
+                               train_many=run_program)
     if len(results) < len(compare.cells(cfg.grid)):
       print(f'{len(results)} of {len(compare.cells(cfg.grid))} cells done; rerun the same command to go on')
       return status()

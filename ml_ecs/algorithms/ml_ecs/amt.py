@@ -52,9 +52,10 @@ def server_learning_rate(train: ml_collections.ConfigDict) -> float:
   return float(train.get('server_learning_rate', train.learning_rate))
 
 
-def stages(method: ml_collections.ConfigDict, train: ml_collections.ConfigDict) -> Stages:
+def stages(method: ml_collections.ConfigDict, train: ml_collections.ConfigDict, lr_in_state: bool = False) -> Stages:
   """Client public/private and server stages of a (validated) method config. The client stages run at
-  `train.learning_rate`, the server stage at `server_learning_rate(train)` (not the method's)."""
+  `train.learning_rate`, the server stage at `server_learning_rate(train)` (not the method's).
+  `lr_in_state`: every stage has its own optimizer whose rate is state (`node.make_optimizer`)."""
   communicate = bool(method.communicate)
   parts = tuple(p for p in params.TRAINABLE if method.amt or p != 'private')
   lambda_ccl = method.lambda_ccl if method.ccl != 'none' else 0.0
@@ -62,7 +63,9 @@ def stages(method: ml_collections.ConfigDict, train: ml_collections.ConfigDict) 
   reliability = bool(lambda_se) and method.se_ccl_reliability == 'lm'
 
   def opt(steps):   # None: the program's constant-rate optimizer
-    return None if train.lr_schedule == 'constant' else make_optimizer(train, train.rounds * steps)
+    if train.lr_schedule == 'constant' and not lr_in_state:
+      return None
+    return make_optimizer(train, 0 if train.lr_schedule == 'constant' else train.rounds * steps, lr_in_state)
 
   server_train = ml_collections.ConfigDict({**train.to_dict(), 'learning_rate': server_learning_rate(train)})
   server_total = 0 if train.lr_schedule == 'constant' else train.rounds * train.server_steps
@@ -73,7 +76,7 @@ def stages(method: ml_collections.ConfigDict, train: ml_collections.ConfigDict) 
       private=StageSpec(train.private_steps, parts, lambda_ccl=lambda_ccl,
                         fedprox_mu=method.fedprox_mu if communicate else 0.0, optimizer=opt(train.private_steps)),
       server=StageSpec(train.server_steps, params.TRAINABLE, lambda_ccl=lambda_ccl, lambda_se_ccl=lambda_se,
-                       optimizer=make_optimizer(server_train, server_total), reliability=reliability,
+                       optimizer=make_optimizer(server_train, server_total, lr_in_state), reliability=reliability,
                        learning_rate=server_learning_rate(train)))
 
 

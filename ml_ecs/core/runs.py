@@ -1,0 +1,242 @@
+"""Many federations as one program: R runs of one structure on a leading run axis.
+
+Runs that differ only in their seeds (training `seed`, partition `data.seed`) and learning rates share
+every compiled function: each cohort's round and the server stage are `jax.vmap`ped over the runs and
+compiled once for all of them. What a round does on the host (sampling, simulated faults, the ledger,
+aggregation and the server's targets, metrics) stays per run, in a loop, through the same functions as
+a single run (`ml_ecs.core.round`), so R runs in one program give the metrics of R separate runs.
+
+  runs, state = init(cfgs)          # state: a `State` whose every leaf has a leading [R] axis
+  state, rows = run_round(runs, state)   # rows: one metrics dict per run
+  evals = evaluate(runs, state)     # one evaluation dict per run
+
+Learning rates are optimizer state (`node.make_optimizer(lr_in_state=True)`), so the optimizer
+states of these runs hold them; everything else of a run's config must equal the first run's
+(`check_configs` names what differs). A run's data is padded to the longest run's rows on the run
+axis; sampling draws by count, so padding rows are never drawn.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ml_ecs.algorithms.base import Uploads
+from ml_ecs.aggregation.mean import clients_finite
+from ml_ecs.core import build, evaluate as evaluation, round as round_lib
+from ml_ecs.core.setup import Setup
+from ml_ecs.core.state import CohortRound, NodeState, State
+from ml_ecs.data.cohort_data import SplitArrays
+from ml_ecs.data.dataset import MultimodalDataset
+from ml_ecs.data.loaders import load_dataset
+
+# The fields in which the runs of one program may differ (config paths).
+RUN_FIELDS = ('seed', 'data.seed', 'train.learning_rate')
+
+
+def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def check_configs(cfgs: Sequence[ml_collections.ConfigDict]) -> None:
+  """Raises ValueError naming the fields outside `RUN_FIELDS` in which a run differs from the first."""
+  if not cfgs:
+    raise ValueError('a program of runs needs at least one config')
+  first = _flat(cfgs[0].to_dict())
+  for i, cfg in enumerate(cfgs[1:], 1):
+    flat = _flat(cfg.to_dict())
+    differ = sorted(k for k in set(first) | set(flat) if k not in RUN_FIELDS and first.get(k) != flat.get(k))
+    if differ:
+      raise ValueError(f'run {i} differs from run 0 in {differ}: runs of one program may differ only in '
+                       f'{list(RUN_FIELDS)} (run the others as another program)')
+
+
+def _pad_stack(trees: Sequence[Any], axis: int) -> Any:
+  """The trees stacked on a new leading axis, each leaf first zero-padded along `axis` to the longest."""
+  def stack(*xs):
+    if xs[0].ndim > axis:
+      n = max(x.shape[axis] for x in xs)
+      xs = [jnp.pad(x, [(0, n - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)]) for x in xs]
+    return jnp.stack(xs)
+  return jax.tree.map(stack, *trees)
+
+
+def stack(trees: Sequence[Any]) -> Any:
+  """Same-shaped trees stacked on a new leading (run) axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def view(state: State, r: int, cohorts: bool = False) -> State:
+  """Run r of a stacked state; without its cohorts (what aggregation and the server read) unless asked."""
+  take = lambda t: jax.tree.map(lambda x: x[r], t)
+  return State(cohorts=take(state.cohorts) if cohorts else (), server=take(state.server),
+               global_shared=take(state.global_shared), server_z=state.server_z[r], round=state.round[r],
+               rng=state.rng[r], algorithm=take(state.algorithm))
+
+
+def _same(trees: Sequence[Any]) -> bool:
+  first = jax.tree.leaves(trees[0])
+  return all(len(first) == len(leaves) and all(np.array_equal(a, b) for a, b in zip(first, leaves))
+             for leaves in map(jax.tree.leaves, trees[1:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+  """R federations of one structure: each run's `Setup` (its host parts, evaluation data, accounting),
+  the per-run device data stacked on the run axis, and the compiled functions vmapped over runs."""
+  setups: tuple[Setup, ...]
+  train: tuple[SplitArrays, ...]               # per cohort [R, C, N, ...]
+  public: tuple[SplitArrays, ...]              # per cohort [R, C, N, ...]
+  holdout: tuple[SplitArrays | None, ...]      # per cohort [R, N, ...] (SE-CCL reliability) or None
+  public_train: SplitArrays                    # [R, N_public, ...] the server's split
+  edge_frozen: Any                             # shared, or [R, ...] where the runs' backbones differ
+  server_frozen: Any
+  round_fns: tuple[Callable[..., CohortRound], ...]
+  server_round_fn: Callable
+
+  @property
+  def size(self) -> int:
+    return len(self.setups)
+
+
+def _share_functions(setup: Setup, first: Setup) -> Setup:
+  """`setup` with the first run's compiled functions (equal programs: one compilation for all runs)."""
+  cohorts = tuple(dataclasses.replace(c, round_fn=c0.round_fn, generate_fn=c0.generate_fn)
+                  for c, c0 in zip(setup.cohorts, first.cohorts))
+  return dataclasses.replace(setup, cohorts=cohorts, aggregate_fn=first.aggregate_fn, targets_fn=first.targets_fn,
+                             server_round_fn=first.server_round_fn, server_generate_fn=first.server_generate_fn,
+                             server_reliability_fn=first.server_reliability_fn)
+
+
+class DifferentStructure(ValueError):
+  """Runs whose federations differ in structure (cohorts, public split): they cannot share a program."""
+
+
+def _check_structure(setups: Sequence[Setup]) -> None:
+  s0 = setups[0]
+  for i, s in enumerate(setups[1:], 1):
+    layout = lambda x: [(c.data.modalities, len(c.client_ids), c.num_real, c.num_selected) for c in x.cohorts]
+    if layout(s) != layout(s0):
+      raise DifferentStructure(f'run {i} has cohorts {layout(s)} but run 0 {layout(s0)} (modalities, stacked, real, '
+                       'selected clients): runs of one program need the same cohorts')
+    if s.num_public != s0.num_public:
+      raise DifferentStructure(f'run {i} has {s.num_public} public training samples but run 0 {s0.num_public}: runs of '
+                       'one program need public splits of one size')
+  if any(c.host for c in s0.cohorts) or jax.process_count() > 1:
+    raise ValueError('runs of one program hold their state on the devices of one process '
+                     '(train.host_state=False, one process)')
+
+
+def _lift_round(fn: Callable, frozen_axis: int | None, holdout: bool) -> Callable:
+  axes = (0,) * 8 + (frozen_axis, 0, 0 if holdout else None)
+  return jax.jit(jax.vmap(fn, in_axes=axes), donate_argnums=(0, 1))
+
+
+def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | None] | None = None,
+         dataset: MultimodalDataset | None = None, log: Callable[[str], None] = print,
+         cache_dir: str | None = None) -> tuple[Runs, State]:
+  """Builds R federations (validated configs that differ only in `RUN_FIELDS`) as one program."""
+  check_configs(cfgs)
+  ds = dataset if dataset is not None else load_dataset(cfgs[0].data)
+  workdirs = list(workdirs) if workdirs is not None else [None] * len(cfgs)
+  built = [build.init(cfg, workdir=w, dataset=ds, log=log if r == 0 else (lambda s: None), cache_dir=cache_dir,
+                      lr_in_state=True) for r, (cfg, w) in enumerate(zip(cfgs, workdirs))]
+  setups = [s for s, _ in built]
+  _check_structure(setups)
+  first = setups[0]
+  setups = [first] + [_share_functions(s, first) for s in setups[1:]]
+  edge_same, server_same = _same([s.edge_frozen for s in setups]), _same([s.server_frozen for s in setups])
+  frozen_axis = None if edge_same and server_same else 0
+  shared_or_stacked = lambda trees: trees[0] if frozen_axis is None else stack(trees)
+  runs = Runs(
+      setups=tuple(setups),
+      train=tuple(_pad_stack([s.cohorts[k].data.train for s in setups], 1) for k in range(len(first.cohorts))),
+      public=tuple(_pad_stack([s.cohorts[k].data.public for s in setups], 1) for k in range(len(first.cohorts))),
+      holdout=tuple(None if c.holdout is None else _pad_stack([s.cohorts[k].holdout for s in setups], 0)
+                    for k, c in enumerate(first.cohorts)),
+      public_train=stack([s.public_train for s in setups]),
+      edge_frozen=shared_or_stacked([s.edge_frozen for s in setups]),
+      server_frozen=shared_or_stacked([s.server_frozen for s in setups]),
+      round_fns=tuple(_lift_round(c.round_fn, frozen_axis, c.holdout is not None) for c in first.cohorts),
+      server_round_fn=jax.jit(jax.vmap(first.server_round_fn, in_axes=(0,) * 5 + (frozen_axis, 0))))
+  log(f'{runs.size} runs as one program (backbones {"shared" if frozen_axis is None else "per run"})')
+  return runs, stack([s for _, s in built])
+
+
+def _resync(runs: Runs, k: int, cs: NodeState, state: State, ledgers: list) -> NodeState:
+  """Re-syncs the diverged clients of cohort k in the runs where there are any (rare: one run at a time)."""
+  flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), cs.trainables)
+  bad = np.asarray(clients_finite(flat)).reshape(runs.size, -1) == 0
+  for r in np.flatnonzero(bad[:, :runs.setups[0].cohorts[k].num_real].any(1)):   # real clients: the same count per run
+    setup = runs.setups[r]
+    one = jax.tree.map(lambda x: x[r], cs)
+    gs = jax.tree.map(lambda x: x[r], state.global_shared)
+    fixed = round_lib.resync(setup, setup.cohorts[k], one, gs, ledgers[r])
+    cs = jax.tree.map(lambda a, b: a.at[r].set(b), cs, fixed)
+  return cs
+
+
+def run_round(runs: Runs, state: State) -> tuple[State, list[dict[str, Any]]]:
+  """One communication round of every run; returns the new stacked state and each run's metrics.
+
+  The cohorts' trainables and optimizer states of `state` are donated (consumed)."""
+  t0 = time.perf_counter()
+  R, setups = runs.size, runs.setups
+  views = [view(state, r) for r in range(R)]
+  keys = [round_lib.round_keys(v) for v in views]
+  contexts = [s.algorithm.round_context(s, v) for s, v in zip(setups, views)]
+  alignment = None if contexts[0][0] is None else stack([a for a, _ in contexts])
+  key_stack = lambda ks: jax.random.wrap_key_data(jnp.stack([jax.random.key_data(k) for k in ks]))
+  ledgers = [round_lib._Ledger() for _ in range(R)]
+  cohorts, outs, weights, presence, rows = [], [[] for _ in range(R)], [[] for _ in range(R)], \
+      [[] for _ in range(R)], [[] for _ in range(R)]
+  for k, cs in enumerate(state.cohorts):
+    cs = _resync(runs, k, cs, state, ledgers)
+    drawn = [round_lib.sample(s.cohorts[k], kr, k) for s, kr in zip(setups, keys)]
+    out = runs.round_fns[k](cs.trainables, cs.opt_state, runs.train[k], runs.public[k],
+                            jnp.asarray(np.stack([sel for _, _, sel in drawn])), key_stack([ck for ck, _, _ in drawn]),
+                            state.global_shared, state.server_z, runs.edge_frozen, alignment, runs.holdout[k])
+    cohorts.append(NodeState(out.trainables, out.opt_state))
+    for r, (s, (_, real, sel)) in enumerate(zip(setups, drawn)):
+      c = s.cohorts[k]
+      out_r = jax.tree.map(lambda x: x[r], out._replace(trainables=None, opt_state=None))
+      w, pres = round_lib.arrivals(s, c, out_r, real, sel, jax.random.fold_in(keys[r].faults, k), ledgers[r])
+      outs[r].append(out_r), weights[r].append(w), presence[r].append(pres), rows[r].append(c.client_ids[sel])
+  t_cohorts = time.perf_counter()
+  done = [round_lib.aggregate(s, v, Uploads(tuple(outs[r]), tuple(weights[r]), tuple(presence[r]),
+                                            np.concatenate(rows[r])), keys[r].key, contexts[r][1])
+          for r, (s, v) in enumerate(zip(setups, views))]
+  t_aggregate = time.perf_counter()
+  server_tr, server_opt, server_metrics, server_z = runs.server_round_fn(
+      state.server.trainables, state.server.opt_state, key_stack([kr.server for kr in keys]),
+      jnp.stack([d[1] for d in done]), jnp.stack([d[2] for d in done]).astype(jnp.float32),
+      runs.server_frozen, runs.public_train)
+  server_host = jax.device_get(server_metrics)
+  metrics = [round_lib.round_metrics(s, d[0], d[3], ledgers[r], {n: v[r] for n, v in server_host.items()},
+                                     int(views[r].round) + 1) for r, (s, d) in enumerate(zip(setups, done))]
+  jax.block_until_ready(server_z)
+  new_state = State(cohorts=tuple(cohorts), server=NodeState(server_tr, server_opt),
+                    global_shared=stack([d[0].shared for d in done]), server_z=server_z, round=state.round + 1,
+                    rng=jnp.stack([jax.random.key_data(kr.rng) for kr in keys]),
+                    algorithm=stack([d[0].state for d in done]))
+  t_end = time.perf_counter()
+  timing = {'time/round_s': t_end - t0, 'time/cohorts_s': t_cohorts - t0,
+            'time/aggregate_s': t_aggregate - t_cohorts, 'time/server_s': t_end - t_aggregate, 'time/runs': R}
+  return new_state, [{**m, **timing} for m in metrics]
+
+
+def evaluate(runs: Runs, state: State, split: str = 'test', full: bool = False) -> list[dict[str, Any]]:
+  """Each run's evaluation (`ml_ecs.core.evaluate.evaluate`), one run at a time."""
+  return [evaluation.evaluate(s, view(state, r, cohorts=True), split, full) for r, s in enumerate(runs.setups)]

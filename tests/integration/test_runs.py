@@ -1,0 +1,101 @@
+"""Many federations as one program (ml_ecs.core.runs, ml_ecs.run.runs_trainer): R = 3 runs with different
+training seeds, partition seeds and learning rates give the metrics of 3 separate runs, write the same
+run directories, and resume exactly from the program's checkpoint."""
+import json
+import os
+import shutil
+
+import pytest
+
+from ml_ecs.core import runs as runs_lib
+from ml_ecs.run import metrics_io, trainer
+from ml_ecs.run.runs_trainer import train_runs
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('runs')]
+RUNS = [(0, 0, 1e-3), (1, 3, 3e-3), (2, 5, 2e-3)]   # (seed, data.seed, train.learning_rate)
+
+
+def _configs(tiny_config, method='ml_ecs'):
+  from ml_ecs.algorithms.registry import apply_strategy
+  out = []
+  for seed, data_seed, lr in RUNS:
+    c = apply_strategy(tiny_config, method)
+    c.seed, c.data.seed, c.train.learning_rate = seed, data_seed, lr
+    c.train.checkpoint_every = 1
+    out.append(c)
+  return out
+
+
+def _rows(workdir):
+  return metrics_io.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+
+
+def _assert_same_rows(a, b, where):
+  assert len(a) == len(b), where
+  for ra, rb in zip(a, b):
+    assert ra.keys() == rb.keys(), where
+    for k, v in ra.items():
+      if isinstance(v, float):
+        assert rb[k] == pytest.approx(v, rel=1e-4, abs=1e-5), f'{where} round {ra["round"]}: {k}'
+      else:
+        assert rb[k] == v, f'{where} round {ra["round"]}: {k}'
+
+
+@pytest.fixture(scope='module')
+def separate_and_program(tmp_path_factory, tiny_config, dataset):
+  base = tmp_path_factory.mktemp('runs')
+  cache = str(base / 'cache')
+  cfgs = _configs(tiny_config)
+  separate = [str(base / f'separate_{r}') for r in range(len(cfgs))]
+  for cfg, w in zip(cfgs, separate):
+    assert trainer.train(cfg, w, progress=False, cache_dir=cache, dataset=dataset, log=lambda s: None).status == 'complete'
+  program = [str(base / f'program_{r}') for r in range(len(cfgs))]
+  results = train_runs(cfgs, program, str(base / 'program'), cache_dir=cache, dataset=dataset, log=lambda s: None)
+  assert [r.status for r in results] == ['complete'] * len(cfgs)
+  return cfgs, separate, program, str(base / 'program'), cache, dataset
+
+
+def test_program_equals_separate_runs(separate_and_program):
+  cfgs, separate, program, *_ = separate_and_program
+  for r, (a, b) in enumerate(zip(separate, program)):
+    _assert_same_rows(_rows(a), _rows(b), f'run {r}')
+    for name in ('summary.json', 'config.json', 'clients.json'):
+      with open(os.path.join(a, name)) as fa, open(os.path.join(b, name)) as fb:
+        ja, jb = json.load(fa), json.load(fb)
+      if name == 'summary.json':   # the same fields; their values are the rows' (compared above)
+        assert ja.keys() == jb.keys(), name
+      else:
+        assert ja == jb, name
+    assert len(metrics_io.read_jsonl(os.path.join(b, 'timing.jsonl'))) == cfgs[0].train.rounds + 1
+  # the runs really differ (seeds and rates reach them): their LM losses are not the same
+  losses = {_rows(w)[-1]['client/private_lm'] for w in program}
+  assert len(losses) == len(program)
+
+
+def test_program_resumes_exactly(separate_and_program):
+  cfgs, _, program, program_dir, cache, dataset = separate_and_program
+  before = [_rows(w) for w in program]
+  last = cfgs[0].train.rounds
+  shutil.rmtree(os.path.join(program_dir, 'checkpoints', str(last)))   # as if killed before the last checkpoint
+  for w in program:
+    os.remove(os.path.join(w, 'summary.json'))
+    metrics_io.write_jsonl(os.path.join(w, 'metrics.jsonl'), _rows(w)[:last])
+  lines = []
+  results = train_runs(cfgs, program, program_dir, cache_dir=cache, dataset=dataset, log=lines.append)
+  assert [r.status for r in results] == ['complete'] * len(cfgs)
+  assert results[0].resumed_from == last - 1, lines
+  for r, w in enumerate(program):
+    _assert_same_rows(before[r], _rows(w), f'resumed run {r}')
+
+
+def test_a_finished_run_is_refused(separate_and_program):
+  cfgs, separate, _, program_dir, cache, dataset = separate_and_program
+  with pytest.raises(trainer.WorkdirConflict, match='finished run'):
+    train_runs(cfgs, separate, program_dir + '_other', cache_dir=cache, dataset=dataset, log=lambda s: None)
+
+
+def test_runs_of_other_structure_are_refused(tiny_config):
+  cfgs = _configs(tiny_config)
+  cfgs[1].train.batch_size = 4
+  with pytest.raises(ValueError, match=r"run 1 differs from run 0 in \['train.batch_size'\]"):
+    runs_lib.check_configs(cfgs)
