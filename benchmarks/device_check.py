@@ -6,10 +6,11 @@ Modes:
   full    ~6 min on one GPU: the cohort round at accelerator sizes (ours / ours_vmap / drjax / limit / loop, 256-4096
           clients), pfl's CIFAR-10 workload on our engine and on pfl itself (torch backend, a subprocess), and MFU;
           then the realistic GPT-2 pair (benchmarks/realistic_pair.py: setup, 2 rounds, peak memory, comm ratio)
-          with its frozen weights in float32 and in bfloat16, ~2-4 min more
+          with its frozen weights in float32 and in bfloat16, ~2-4 min more; then comparison cells as one program
+          of R runs against separate runs (benchmarks/runs_program.py: R = 1, 10), ~4 min
 
 Results go to --out as they come (a timeout still leaves data): env.json, cohort.json, fedavg_ours.json,
-pfl_torch.json (+ pfl_torch.log), pair.json, summary.md; the summary table is printed at the end.
+pfl_torch.json (+ pfl_torch.log), pair.json, runs/runs_program.{json,md}, summary.md; the summary table is printed at the end.
 """
 from __future__ import annotations
 
@@ -32,17 +33,18 @@ MODES = {
     'sanity': dict(cells=[('small', 4)], variants=['ours@1'], width=32, layers=1, heads=2, samples=8, round_chunk=0,
                    cell_budget_s=20, cohort_budget_s=25, fedavg=dict(rounds=3, cfg=dict(num_users=20, per_user=10,
                    cohort=5, num_test=200, eval_every=3)), fedavg_budget_s=20, pfl_rounds=3, pfl_small=True,
-                   pfl_budget_s=60, pair=dict(config='', dtypes=(), rounds=0, budget_s=0)),
+                   pfl_budget_s=60, pair=dict(config='', dtypes=(), rounds=0, budget_s=0), runs=None),
     'small': dict(cells=[('small', 4)], variants=['ours@1', 'drjax@1'], width=16, layers=1, heads=2, samples=4,
                   round_chunk=2, cell_budget_s=60, cohort_budget_s=240, fedavg=dict(rounds=2, cfg=dict(
                   num_users=8, per_user=10, cohort=4, num_test=100, eval_every=2, image=(8, 8, 3))),
                   fedavg_budget_s=20, pfl_rounds=2, pfl_small=True, pfl_budget_s=60,
-                  pair=dict(config='configs/tiny.py', dtypes=('bfloat16',), rounds=1, budget_s=500)),
+                  pair=dict(config='configs/tiny.py', dtypes=('bfloat16',), rounds=1, budget_s=500), runs=None),
     'full': dict(cells=[('large', 256), ('large', 1024), ('large', 4096), ('small', 4096)],
                  variants=['loop', 'limit', 'drjax'], width=64, layers=2, heads=4, samples=64, round_chunk=256,
                  cell_budget_s=20, cohort_budget_s=170, fedavg=dict(rounds=1500, cfg={}), fedavg_budget_s=50,
                  pfl_rounds=1500, pfl_small=False, pfl_budget_s=70,
-                 pair=dict(config='configs/gpt2_pair.py', dtypes=('float32', 'bfloat16'), rounds=2, budget_s=240)),
+                 pair=dict(config='configs/gpt2_pair.py', dtypes=('float32', 'bfloat16'), rounds=2, budget_s=240),
+                 runs=dict(sizes='1,10', separate=2, rounds=3, budget_s=300)),
 }
 
 
@@ -152,7 +154,25 @@ def pair(mode: dict, out: str) -> list[dict]:
   return rows
 
 
-def summary(env: dict, rows: list[dict], ours: dict, pfl: dict, pairs: list[dict] | None = None) -> str:
+def runs(mode: dict, out: str) -> dict:
+  """benchmarks/runs_program.py: R comparison cells as one program against R separate runs."""
+  p = mode['runs']
+  if not p:
+    return dict(skip='not in this mode')
+  cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'runs_program.py'), f'--runs={p["sizes"]}',
+         f'--separate={p["separate"]}', f'--rounds={p["rounds"]}', f'--out={os.path.join(out, "runs")}']
+  try:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=p['budget_s'], cwd=ROOT)
+  except subprocess.TimeoutExpired:
+    return dict(skip=f'over its budget of {p["budget_s"]} s')
+  if res.returncode:
+    return dict(skip=f'rc {res.returncode}: {res.stderr.strip().splitlines()[-1:]}'[:300])
+  with open(os.path.join(out, 'runs', 'runs_program.md')) as f:
+    return dict(table=f.read())
+
+
+def summary(env: dict, rows: list[dict], ours: dict, pfl: dict, pairs: list[dict] | None = None,
+            runs_: dict | None = None) -> str:
   from benchmarks.lib import throughput as bm
   L = ['# device check', '', f"device: {env.get('device_kind')} ({env.get('backend')}), jax {env.get('jax')}, "
        f"torch {env.get('torch')}, pfl {env.get('pfl')}, drjax {env.get('drjax')}", '',
@@ -202,6 +222,10 @@ def summary(env: dict, rows: list[dict], ours: dict, pfl: dict, pairs: list[dict
       L.append(f"| {r['frozen_dtype']} | {r['setup_s']} | {', '.join(map(str, r['round_s']))} | "
                f"{mb(r['edge_frozen_bytes'])} + {mb(r['server_frozen_bytes'])} | {mb(r['live_array_bytes'])} | "
                f"{mb(peak)} ({'device' if 'peak_device_bytes' in r else 'RSS'}) | {r.get('comm_ratio', '')} |")
+  if runs_ and 'table' in runs_:
+    L += ['', '## runs as one program (benchmarks/runs_program.py)', '', runs_['table']]
+  elif runs_:
+    L += ['', f"runs as one program: skipped: {runs_['skip']}"]
   return '\n'.join(L) + '\n'
 
 
@@ -209,7 +233,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument('--mode', choices=sorted(MODES), default='full')
   ap.add_argument('--out', required=True)
-  ap.add_argument('--skip', default='', help='comma-separated parts to skip: cohort,fedavg,pfl,pair')
+  ap.add_argument('--skip', default='', help='comma-separated parts to skip: cohort,fedavg,pfl,pair,runs')
   args = ap.parse_args(argv)
   mode, skip = MODES[args.mode], set(filter(None, args.skip.split(',')))
   os.makedirs(args.out, exist_ok=True)
@@ -221,7 +245,7 @@ def main(argv=None):
   rows, ours, pfl = [], {}, {}
   parts = [('cohort', lambda: cohort(mode, args.out, time.time() + mode['cohort_budget_s'])),
            ('fedavg', lambda: fedavg_ours(mode, args.out)), ('pfl', lambda: pfl_torch(mode, args.out)),
-           ('pair', lambda: pair(mode, args.out))]
+           ('pair', lambda: pair(mode, args.out)), ('runs', lambda: runs(mode, args.out))]
   results = {}
   for name, fn in parts:
     if name in skip:
@@ -236,7 +260,7 @@ def main(argv=None):
     rows = results.get('cohort') if isinstance(results.get('cohort'), list) else []
     ours, pfl = results.get('fedavg') or {}, results.get('pfl') or {}
     pairs = results.get('pair') if isinstance(results.get('pair'), list) else []
-    text = summary(env, rows, ours, pfl, pairs)
+    text = summary(env, rows, ours, pfl, pairs, results.get('runs'))
     with open(os.path.join(args.out, 'summary.md'), 'w') as f:
       f.write(text)
   log(text)

@@ -21,7 +21,7 @@ from absl import flags
 CONFIG_ERROR_STATUS = 2
 
 
-def _load_config(spec: str) -> Any:
+def load_config(spec: str) -> Any:
   """The ConfigDict of a `--config=path.py[:arg]` value (as config_flags loads it)."""
   path, _, arg = spec.partition(':')
   mod_spec = importlib.util.spec_from_file_location('_ml_ecs_cli_config', path)
@@ -63,7 +63,7 @@ def config_override_errors(argv: Sequence[str], config_flag: str = 'config') -> 
   if spec is None:
     return []
   try:
-    cfg = _load_config(spec)
+    cfg = load_config(spec)
   except Exception as e:  # noqa: BLE001  (the config file itself is broken: say so)
     return [f'--{config_flag}={spec} cannot be loaded ({type(e).__name__}: {e})']
   out = []

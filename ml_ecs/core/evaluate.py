@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -63,13 +63,24 @@ def eval_blocks(setup: Setup, k: int, pos: np.ndarray | None) -> list[tuple[np.n
   return [(pad_positions(pos[i:i + size], size), pos[i:i + size]) for i in range(0, len(pos), size)]
 
 
+class Generated(NamedTuple):
+  """Answer tokens decoded beforehand (e.g. for many runs in one call, ml_ecs.core.runs), per cohort
+  [clients, rows >= the split's, answer_len]: the clients' own models, the global view (None without
+  communication), and the server's [rows, answer_len]."""
+  clients: Sequence[np.ndarray]
+  global_view: Sequence[np.ndarray] | None
+  server: np.ndarray
+
+
 def _client_generations(setup: Setup, trainables: Sequence[dict], split: str = 'test',
-                        positions: Sequence[np.ndarray | None] | None = None, view: Callable | None = None
+                        positions: Sequence[np.ndarray | None] | None = None, view: Callable | None = None,
+                        tokens: Sequence[np.ndarray] | None = None
                         ) -> Iterator[tuple[ClientSpec, list[str] | None, np.ndarray, np.ndarray]]:
   """Per real client (of `positions[k]` in cohort k, all when None): (spec, generated answers on its
   `split` or None when its weights are not finite, their dataset indices, their labels). Clients are
   decoded in padded blocks (`eval_blocks`, one batched generate call each); `view` maps the (gathered)
-  stacked trainables before decoding."""
+  stacked trainables before decoding. `tokens`: per cohort, every client's answers decoded beforehand
+  (all positions, device-resident cohorts)."""
   positions = positions or [None] * len(setup.cohorts)
   sharding = NamedSharding(setup.mesh, P(CLIENT_AXIS))
   for k, (c, tr_all, pos) in enumerate(zip(setup.cohorts, trainables, positions)):
@@ -77,8 +88,12 @@ def _client_generations(setup: Setup, trainables: Sequence[dict], split: str = '
     for block, real in eval_blocks(setup, k, pos):
       tr, data = (tr_all, data_all) if block is None else gather_clients((tr_all, data_all), block, sharding)
       tr = jax.device_put(view(tr), sharding) if view is not None else tr   # one sharding: one compilation
-      toks, counts, labels, finite = distributed.to_host(   # every process scores every client
-          (c.generate_fn(tr, data, setup.edge_frozen), data.count, data.labels, faults.clients_finite(tr)))
+      if tokens is not None and block is None:
+        counts, labels, finite = distributed.to_host((data.count, data.labels, faults.clients_finite(tr)))
+        toks = tokens[k]
+      else:
+        toks, counts, labels, finite = distributed.to_host(   # every process scores every client
+            (c.generate_fn(tr, data, setup.edge_frozen), data.count, data.labels, faults.clients_finite(tr)))
       for j, p in enumerate(real):
         n = counts[j]
         preds = setup.text.tokenizer.decode(toks[j, :n]) if finite[j] else None
@@ -86,14 +101,14 @@ def _client_generations(setup: Setup, trainables: Sequence[dict], split: str = '
 
 
 def _score_clients(setup: Setup, trainables: Sequence[dict], split: str = 'test',
-                   positions: Sequence[np.ndarray | None] | None = None, view: Callable | None = None
-                   ) -> tuple[dict[str, dict[str, float]], list[int]]:
+                   positions: Sequence[np.ndarray | None] | None = None, view: Callable | None = None,
+                   tokens: Sequence[np.ndarray] | None = None) -> tuple[dict[str, dict[str, float]], list[int]]:
   """Scores of every (or the `positions`) real client's generations on its `split` ('test' or 'val'),
   given each cohort's trainables, and the ids of the clients left out because their weights are not
   finite (left out of every client mean, ml_ecs.core.faults)."""
   per_client: dict[str, dict[str, float]] = {}
   diverged: list[int] = []
-  for spec, preds, idx, labels in _client_generations(setup, trainables, split, positions, view):
+  for spec, preds, idx, labels in _client_generations(setup, trainables, split, positions, view, tokens):
     if preds is None:
       diverged.append(int(spec.client_id))
     else:
@@ -114,16 +129,25 @@ def client_answers(setup: Setup, state: State, split: str = 'test') -> list[dict
   return out
 
 
-def server_predictions(setup: Setup, state: State, split: str = 'test') -> tuple[list[str], np.ndarray]:
-  """The server's generated answers on its public test (or validation) split, and their dataset indices."""
-  server_split, server_idx = ((setup.public_val, setup.partition.public_val_idx) if split == 'val'
-                              else (setup.public_test, setup.partition.public_test_idx))
-  toks = distributed.to_host(setup.server_generate_fn(state.server.trainables, setup.server_frozen, server_split))
-  n = int(server_split.count)
+def server_split(setup: Setup, split: str = 'test'):
+  """(the server's public test or validation split, its dataset indices)."""
+  return ((setup.public_val, setup.partition.public_val_idx) if split == 'val'
+          else (setup.public_test, setup.partition.public_test_idx))
+
+
+def server_predictions(setup: Setup, state: State, split: str = 'test', tokens: np.ndarray | None = None
+                       ) -> tuple[list[str], np.ndarray]:
+  """The server's generated answers on its public test (or validation) split (decoded now, or `tokens`
+  decoded beforehand), and their dataset indices."""
+  server_split_, server_idx = server_split(setup, split)
+  toks = tokens if tokens is not None else distributed.to_host(
+      setup.server_generate_fn(state.server.trainables, setup.server_frozen, server_split_))
+  n = int(server_split_.count)
   return setup.text.tokenizer.decode(toks[:n]), server_idx[:n]
 
 
-def evaluate(setup: Setup, state: State, split: str = 'test', full: bool = False) -> dict[str, Any]:
+def evaluate(setup: Setup, state: State, split: str = 'test', full: bool = False,
+             generated: Generated | None = None) -> dict[str, Any]:
   """ROUGE and accuracy of every client on its test split and of the server on the public test split
   (split='val': the validation splits cut for tuning; never the test data).
 
@@ -131,17 +155,22 @@ def evaluate(setup: Setup, state: State, split: str = 'test', full: bool = False
   also client/global_*: the global model, the aggregated shared LoRA in each client's model
   with the private LoRA off (`amt.global_view`). *_multi: multi-reference ROUGE-LSum.
   With eval.clients_per_eval the client scores cover a sample drawn per round (`full`: every
-  client), and client/evaluated says how many clients they cover.
+  client), and client/evaluated says how many clients they cover. `generated`: the answers decoded
+  beforehand (every client; ml_ecs.core.runs decodes many runs' in one call), scored here.
   """
   t0 = time.perf_counter()
   text, scorer = setup.text, setup.scorer
   positions = eval_positions(setup, int(state.round), full)
-  per_client, diverged = _score_clients(setup, [cs.trainables for cs in state.cohorts], split, positions)
+  if generated is not None and any(p is not None for p in positions):
+    raise ValueError('answers decoded beforehand cover every client: not with eval.clients_per_eval sampling')
+  per_client, diverged = _score_clients(setup, [cs.trainables for cs in state.cohorts], split, positions,
+                                        tokens=generated.clients if generated is not None else None)
   gates = model_options(setup.cfg)['gates']
   per_global = _score_clients(setup, [cs.trainables for cs in state.cohorts], split, positions,
-                              lambda tr: amt.global_view(tr, state.global_shared, gates))[0] \
+                              lambda tr: amt.global_view(tr, state.global_shared, gates),
+                              tokens=generated.global_view if generated is not None else None)[0] \
       if setup.communicate else {}
-  server_preds, idx = server_predictions(setup, state, split)
+  server_preds, idx = server_predictions(setup, state, split, generated.server if generated is not None else None)
   server = scorer.score(server_preds, [text.references[i] for i in idx], setup.dataset.labels[idx].tolist())
   out: dict[str, Any] = {'round': int(state.round)}
   ids = sorted(per_client, key=int)

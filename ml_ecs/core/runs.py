@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from ml_ecs.algorithms.base import Uploads
+from ml_ecs.algorithms.ml_ecs import amt
 from ml_ecs.aggregation.mean import clients_finite
 from ml_ecs.core import build, evaluate as evaluation, round as round_lib
 from ml_ecs.core.setup import Setup
@@ -35,6 +36,7 @@ from ml_ecs.core.state import CohortRound, NodeState, State
 from ml_ecs.data.cohort_data import SplitArrays
 from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.data.loaders import load_dataset
+from ml_ecs.models.multimodal import model_options
 
 # The fields in which the runs of one program may differ (config paths).
 RUN_FIELDS = ('seed', 'data.seed', 'train.learning_rate')
@@ -105,6 +107,10 @@ class Runs:
   server_frozen: Any
   round_fns: tuple[Callable[..., CohortRound], ...]
   server_round_fn: Callable
+  generate_fns: tuple[Callable, ...]           # per cohort: (trainables, split, frozen) -> answer tokens, over runs
+  global_generate_fns: tuple[Callable, ...]    # the same through the global view (trainables, global LoRA, ...)
+  server_generate_fn: Callable
+  eval_splits: dict = dataclasses.field(default_factory=dict)   # split name -> (per cohort, server) stacked
 
   @property
   def size(self) -> int:
@@ -144,6 +150,12 @@ def _lift_round(fn: Callable, frozen_axis: int | None, holdout: bool) -> Callabl
   return jax.jit(jax.vmap(fn, in_axes=axes), donate_argnums=(0, 1))
 
 
+def _global_generate(generate_fn: Callable, gates: str, frozen_axis: int | None) -> Callable:
+  def one(tr, global_shared, split, frozen):
+    return generate_fn(amt.global_view(tr, global_shared, gates), split, frozen)
+  return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, frozen_axis)))
+
+
 def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | None] | None = None,
          dataset: MultimodalDataset | None = None, log: Callable[[str], None] = print,
          cache_dir: str | None = None) -> tuple[Runs, State]:
@@ -170,8 +182,12 @@ def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | Non
       edge_frozen=shared_or_stacked([s.edge_frozen for s in setups]),
       server_frozen=shared_or_stacked([s.server_frozen for s in setups]),
       round_fns=tuple(_lift_round(c.round_fn, frozen_axis, c.holdout is not None) for c in first.cohorts),
-      server_round_fn=jax.jit(jax.vmap(first.server_round_fn, in_axes=(0,) * 5 + (frozen_axis, 0))))
-  log(f'{runs.size} runs as one program (backbones {"shared" if frozen_axis is None else "per run"})')
+      server_round_fn=jax.jit(jax.vmap(first.server_round_fn, in_axes=(0,) * 5 + (frozen_axis, 0))),
+      generate_fns=tuple(jax.jit(jax.vmap(c.generate_fn, in_axes=(0, 0, frozen_axis))) for c in first.cohorts),
+      global_generate_fns=tuple(_global_generate(c.generate_fn, model_options(first.cfg)['gates'], frozen_axis)
+                                for c in first.cohorts),
+      server_generate_fn=jax.jit(jax.vmap(first.server_generate_fn, in_axes=(0, frozen_axis, 0))))
+  log(f'{len(setups)} runs as one program (backbones {"shared" if frozen_axis is None else "per run"})')
   return runs, stack([s for _, s in built])
 
 
@@ -237,6 +253,39 @@ def run_round(runs: Runs, state: State) -> tuple[State, list[dict[str, Any]]]:
   return new_state, [{**m, **timing} for m in metrics]
 
 
+def _eval_split(runs: Runs, split: str) -> tuple[tuple[SplitArrays, ...], SplitArrays]:
+  """Every run's `split` ('test' or 'val') stacked on the run axis: per cohort, and the server's."""
+  if split not in runs.eval_splits:
+    cohorts = tuple(_pad_stack([s.cohorts[k].data.eval_split(split)[0] for s in runs.setups], 1)
+                    for k in range(len(runs.setups[0].cohorts)))
+    runs.eval_splits[split] = (cohorts, _pad_stack([evaluation.server_split(s, split)[0] for s in runs.setups], 0))
+  return runs.eval_splits[split]
+
+
+def generate(runs: Runs, state: State, split: str = 'test') -> list[evaluation.Generated]:
+  """Every run's answers on `split`, each cohort's (own and global models) and the server's decoded for all
+  runs in one call."""
+  cohorts, server = _eval_split(runs, split)
+  own = [runs.generate_fns[k](cs.trainables, data, runs.edge_frozen) for k, (cs, data) in
+         enumerate(zip(state.cohorts, cohorts))]
+  glob = ([runs.global_generate_fns[k](cs.trainables, state.global_shared, data, runs.edge_frozen)
+           for k, (cs, data) in enumerate(zip(state.cohorts, cohorts))] if runs.setups[0].communicate else None)
+  own, glob, srv = jax.device_get((own, glob, runs.server_generate_fn(state.server.trainables, runs.server_frozen,
+                                                                        server)))
+  return [evaluation.Generated([t[r] for t in own], None if glob is None else [t[r] for t in glob], srv[r])
+          for r in range(runs.size)]
+
+
 def evaluate(runs: Runs, state: State, split: str = 'test', full: bool = False) -> list[dict[str, Any]]:
-  """Each run's evaluation (`ml_ecs.core.evaluate.evaluate`), one run at a time."""
-  return [evaluation.evaluate(s, view(state, r, cohorts=True), split, full) for r, s in enumerate(runs.setups)]
+  """Each run's evaluation (`ml_ecs.core.evaluate.evaluate`): answers decoded for every run in one call per
+  cohort (`generate`), scored run by run; with eval.clients_per_eval sampling, run by run."""
+  setups = runs.setups
+  sampled = any(p is not None for s in setups for p in evaluation.eval_positions(s, int(state.round[0]), full))
+  t0 = time.perf_counter()
+  generated = [None] * runs.size if sampled else generate(runs, state, split)
+  t_generate = time.perf_counter() - t0
+  out = [evaluation.evaluate(s, view(state, r, cohorts=True), split, full, g)
+         for r, (s, g) in enumerate(zip(setups, generated))]
+  for row in out:   # the decoding is shared: each run's time is its scoring plus its share of the decoding
+    row['time/eval_s'] += t_generate / runs.size
+  return out

@@ -412,9 +412,10 @@ def run_summary(cfg: ml_collections.ConfigDict, setup: federation.Setup, rows: l
 
 
 def write_setup_files(workdir: str, setup: federation.Setup, state: federation.State, setup_s: float) -> None:
-  """model_summary.json and clients.json of a run (process 0)."""
-  if not distributed.is_main():
-    return
-  metrics_io.write_json(os.path.join(workdir, 'model_summary.json'),
-                        {**federation.model_summary(setup, state), 'pretrain': setup.pretrain_info, 'setup_s': setup_s})
-  metrics_io.write_json(os.path.join(workdir, 'clients.json'), federation.clients_info(setup))
+  """model_summary.json and clients.json of a run. Every process computes them (reading a sharded state is
+  a collective: all processes take part); process 0 writes them."""
+  summary = {**federation.model_summary(setup, state), 'pretrain': setup.pretrain_info, 'setup_s': setup_s}
+  clients = federation.clients_info(setup)
+  if distributed.is_main():
+    metrics_io.write_json(os.path.join(workdir, 'model_summary.json'), summary)
+    metrics_io.write_json(os.path.join(workdir, 'clients.json'), clients)

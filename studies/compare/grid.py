@@ -241,10 +241,9 @@ def _record_environment(workdir: str, what: str) -> None:
   metrics_io.write_jsonl(path, rows + [{'stage': what, **environment.environment()}])
 
 
-def program_groups(todo: Sequence[Cell], configs: Sequence[ml_collections.ConfigDict], size: int
-                   ) -> list[list[int]]:
-  """Cells (positions in `todo`) in groups of at most `size` whose configs differ only in the fields a
-  program of runs may vary (`ml_ecs.core.runs.RUN_FIELDS`), in grid order of their first cell."""
+def program_groups(configs: Sequence[ml_collections.ConfigDict], size: int) -> list[list[int]]:
+  """Positions of `configs` in groups of at most `size` whose configs differ only in the fields a program
+  of runs may vary (`ml_ecs.core.runs.RUN_FIELDS`), ordered by their first position."""
   groups: dict[str, list[list[int]]] = {}
   for i, cfg in enumerate(configs):
     key = cfg.copy_and_resolve_references()
@@ -256,80 +255,90 @@ def program_groups(todo: Sequence[Cell], configs: Sequence[ml_collections.Config
   return sorted((g for chunks in groups.values() for g in chunks), key=lambda g: g[0])
 
 
+def run_jobs(configs: Sequence[ml_collections.ConfigDict], dirs: Sequence[str], train_fn: Callable,
+             train_many: Callable | None, per_program: int, programs_dir: str, cache: str,
+             log: Callable[[str], None] = print, deadline: float | None = None,
+             on_done: Callable[[list[int]], None] | None = None) -> bool:
+  """Runs the runs (config, run directory) not yet finished; True when every one is.
+
+  `train_fn(cfg, dir, cache)` runs one and returns whether it finished (False: interrupted, e.g. by
+  SIGTERM: nothing more starts). With `per_program` = k > 1 and `train_many(cfgs, dirs, program_dir,
+  cache)`, up to k unfinished runs that differ only in seeds and learning rate run as one program
+  (ml_ecs.core.runs, `program_groups`); a group whose runs turn out to differ in structure runs one by
+  one. Nothing new starts after `deadline` (time.time()). `on_done(positions)` after each finished group.
+  """
+  pending = [i for i, d in enumerate(dirs) if not os.path.exists(os.path.join(d, 'summary.json'))]
+  if per_program > 1 and train_many is not None:
+    groups = [[pending[j] for j in g] for g in program_groups([configs[i] for i in pending], per_program)]
+  else:
+    groups = [[i] for i in pending]
+  for group in groups:
+    names = [os.path.basename(dirs[i]) for i in group]
+    if deadline is not None and time.time() > deadline:
+      log(f'time budget spent before {names[0]}; rerun the same command to go on')
+      return False
+    log(f'{", ".join(names)}: running' + (f' as one program of {len(group)} runs' if len(group) > 1 else ''))
+    if len(group) > 1:
+      program = os.path.join(programs_dir, hashlib.sha1(' '.join(dirs[i] for i in group).encode()).hexdigest()[:10])
+      try:
+        ok = train_many([configs[i] for i in group], [dirs[i] for i in group], program, cache)
+      except runs_lib.DifferentStructure as e:
+        log(f'  {e}; running them one by one')
+        ok = all(train_fn(configs[i], dirs[i], cache) for i in group)
+    else:
+      ok = train_fn(configs[group[0]], dirs[group[0]], cache)
+    if not ok:
+      log(f'stopped in {names[0]}; rerun the same command to resume')
+      return False
+    if on_done is not None:
+      on_done(group)
+  return True
+
+
 def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, log: Callable[[str], None] = print,
              progress: bool = False, deadline: float | None = None,
              train_many: Callable | None = None) -> list[dict[str, Any]]:
-  """Runs (or resumes) every cell not yet finished, writing the reports after each.
-
-  `train_fn(cfg, cell_dir, cache_dir)` runs one cell and returns whether it finished (False:
-  interrupted, e.g. by SIGTERM; the grid then stops, to resume on the next call). With
-  `grid.runs_per_program` = k > 1 and `train_many(cfgs, cell_dirs, program_dir, cache_dir)`, up to k
-  unfinished cells that differ only in seeds run as one program (ml_ecs.core.runs); a group whose
-  cells turn out to differ in structure runs cell by cell. No new cell or group starts after
-  `deadline` (time.time()): grids run in pieces. `progress`: a bar over the cells with an ETA.
+  """Runs (or resumes) every cell not yet finished (`run_jobs`: `train_fn` per cell, or `train_many` for
+  cells that differ only in seeds, `grid.runs_per_program` at a time), writing the reports after each.
+  `progress`: a bar over the cells with an ETA. Returns the finished cells' rows in grid order.
   """
   from tqdm import tqdm
   todo, configs = check_grid(base)
   os.makedirs(workdir, exist_ok=True)
   _record_environment(workdir, 'grid')
   last_k = base.grid.get('last_k', 3)
-  cache = os.path.join(workdir, 'cache')
   dirs = [cell_dir(workdir, cell, cfg) for cell, cfg in zip(todo, configs)]
-  done = lambda i: os.path.exists(os.path.join(dirs[i], 'summary.json'))
-  per_program = int(base.grid.get('runs_per_program', 1))
-  pending = [i for i in range(len(todo)) if not done(i)]
-  if per_program > 1 and train_many is not None:
-    groups = [[pending[j] for j in g] for g in program_groups([todo[i] for i in pending],
-                                                                [configs[i] for i in pending], per_program)]
-  else:
-    groups = [[i] for i in pending]
-  results = []
+  rows: dict[int, dict[str, Any]] = {}
 
   def collect(i):
     timing_path = os.path.join(dirs[i], 'timing.jsonl')
     with open(os.path.join(dirs[i], 'summary.json')) as f:
       floors = json.load(f).get('floors')
-    results.append(cell_row(todo[i], os.path.basename(dirs[i]), metrics_io.read_jsonl(os.path.join(dirs[i], 'metrics.jsonl')),
-                            metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else [], last_k,
-                            floors))
+    rows[i] = cell_row(todo[i], os.path.basename(dirs[i]), metrics_io.read_jsonl(os.path.join(dirs[i], 'metrics.jsonl')),
+                       metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else [], last_k, floors)
 
-  bar = tqdm(total=len(pending), desc='grid', unit='cell', disable=not progress, dynamic_ncols=True)
+  for i, d in enumerate(dirs):
+    if os.path.exists(os.path.join(d, 'summary.json')):
+      collect(i)
+  if rows:
+    log(f'{len(rows)} of {len(todo)} cells finished earlier')
+  results = lambda: [rows[i] for i in sorted(rows)]
+  bar = tqdm(total=len(todo) - len(rows), desc='grid', unit='cell', disable=not progress, dynamic_ncols=True)
+
+  def done(group):
+    for i in group:
+      collect(i)
+    bar.update(len(group))
+    write_reports(results(), workdir, base.grid)
+
   try:
-    for i in range(len(todo)):
-      if done(i):
-        collect(i)
-    if results:
-      log(f'{len(results)} of {len(todo)} cells done earlier')
-    for group in groups:
-      names = [os.path.basename(dirs[i]) for i in group]
-      if deadline is not None and time.time() > deadline:
-        log(f'time budget spent before {names[0]}; rerun the same command to go on')
-        break
-      log(f'[{len(results) + 1}/{len(todo)}] {", ".join(names)}: running' +
-          (f' as one program of {len(group)} runs' if len(group) > 1 else ''))
-      if len(group) > 1:
-        program = os.path.join(workdir, 'programs', hashlib.sha1(' '.join(names).encode()).hexdigest()[:10])
-        try:
-          ok = train_many([configs[i] for i in group], [dirs[i] for i in group], program, cache)
-        except runs_lib.DifferentStructure as e:
-          log(f'  {e}; running these cells one by one')
-          ok = all(train_fn(configs[i], dirs[i], cache) for i in group)
-      else:
-        ok = train_fn(configs[group[0]], dirs[group[0]], cache)
-      if not ok:
-        log(f'grid stopped in {names[0]}; rerun the same command to resume')
-        break
-      for i in group:
-        collect(i)
-      bar.update(len(group))
-      write_reports(results, workdir, base.grid)
+    run_jobs(configs, dirs, train_fn, train_many, int(base.grid.get('runs_per_program', 1)),
+             os.path.join(workdir, 'programs'), os.path.join(workdir, 'cache'), log, deadline, done)
   finally:
     bar.close()
-  order = {os.path.basename(d): i for i, d in enumerate(dirs)}
-  results.sort(key=lambda r: order.get(r.get('cell', ''), 0))
-  if results:
-    write_reports(results, workdir, base.grid)
-  return results
+  if rows:
+    write_reports(results(), workdir, base.grid)
+  return results()
 
 
 def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, count: int = 3,

@@ -75,7 +75,7 @@ def main(argv):
       print('headroom check stopped; rerun the same command to go on', flush=True)
       return status()
     if 'tune' in cfg and cfg.tune.trials > 0 and not cfg.grid.tuned:
-      tuned = tuning.run_tuning(cfg, workdir, run_cell, log=log)
+      tuned = tuning.run_tuning(cfg, workdir, run_cell, log=log, train_many=run_program)
       if tuned is None:
         print('tuning stopped; rerun the same command to go on', flush=True)
         return status()

@@ -103,29 +103,37 @@ def trial_config(base: ml_collections.ConfigDict, method: str, point: dict[str, 
 
 
 def run_tuning(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
-               log: Callable[[str], None] = print) -> dict[str, Any] | None:
-  """Runs (or resumes) every trial of every tuned method; writes tuning.csv and, when all are
-  done, tuned.json ({method: {'overrides', 'objective', 'trial'}}). Returns it, or None if stopped."""
+               log: Callable[[str], None] = print, train_many: Callable | None = None) -> dict[str, Any] | None:
+  """Runs (or resumes) every trial of every tuned method (`compare.run_jobs`: trials that differ only in
+  seeds and learning rate run `grid.runs_per_program` at a time as one program); writes tuning.csv and,
+  when all are done, tuned.json ({method: {'overrides', 'objective', 'trial'}}). Returns it, or None if
+  stopped."""
   tune = base.tune
+  trials = [(method, i, point, seed) for method in compare._values('tune.methods', tune.methods, str)
+            for i, point in enumerate(draw_trials(method, tune.trials, tune.seed)) for seed in tuning_seeds(tune)]
+  configs = [trial_config(base, method, point, seed) for method, _, point, seed in trials]
+  dirs = [os.path.join(workdir, 'tuning', method, f't{i}__s{seed}__{compare.config_hash(cfg)}')
+          for (method, i, _, seed), cfg in zip(trials, configs)]
+  for (method, i, point, seed), d in zip(trials, dirs):
+    if not os.path.exists(os.path.join(d, 'summary.json')):
+      log(f'tuning {method} trial {i + 1}/{tune.trials}, seed {seed}: {point}')
+  if not compare.run_jobs(configs, dirs, train_fn, train_many, int(base.grid.get('runs_per_program', 1)),
+                          os.path.join(workdir, 'programs'), os.path.join(workdir, 'cache'), log):
+    return None
+  scores: dict[tuple[str, int], list[float]] = {}
+  for (method, i, _, _), d in zip(trials, dirs):
+    scores.setdefault((method, i), []).append(
+        objective(metrics_io.read_jsonl(os.path.join(d, 'metrics.jsonl')), base.grid.get('last_k', 3),
+                  base.grid.get('headline', 'rougeLsum')))
   rows, best = [], {}
-  for method in compare._values('tune.methods', tune.methods, str):
-    for i, point in enumerate(draw_trials(method, tune.trials, tune.seed)):
-      scores = []
-      for seed in tuning_seeds(tune):
-        cfg = trial_config(base, method, point, seed)
-        tdir = os.path.join(workdir, 'tuning', method, f't{i}__s{seed}__{compare.config_hash(cfg)}')
-        if not os.path.exists(os.path.join(tdir, 'summary.json')):
-          log(f'tuning {method} trial {i + 1}/{tune.trials}, seed {seed}: {point}')
-          if not train_fn(cfg, tdir, os.path.join(workdir, 'cache')):
-            return None
-        scores.append(objective(metrics_io.read_jsonl(os.path.join(tdir, 'metrics.jsonl')), base.grid.get('last_k', 3),
-                                base.grid.get('headline', 'rougeLsum')))
-      score = float(np.mean(scores))
-      rows.append({'method': method, 'trial': i, 'objective': score, **{f'objective_s{s}': v for s, v in
-                                                                         zip(tuning_seeds(tune), scores)}, **point})
-      if method not in best or score > best[method]['objective']:
-        best[method] = {'overrides': point, 'objective': score, 'trial': i}
-      _write_csv(os.path.join(workdir, 'tuning.csv'), rows)
+  points = {(method, i): point for method, i, point, _ in trials}
+  for (method, i), values in scores.items():
+    score = float(np.mean(values))
+    rows.append({'method': method, 'trial': i, 'objective': score,
+                 **{f'objective_s{s}': v for s, v in zip(tuning_seeds(tune), values)}, **points[(method, i)]})
+    if method not in best or score > best[method]['objective']:
+      best[method] = {'overrides': points[(method, i)], 'objective': score, 'trial': i}
+  _write_csv(os.path.join(workdir, 'tuning.csv'), rows)
   metrics_io.write_json(os.path.join(workdir, 'tuned.json'), best)
   return best
 

@@ -245,3 +245,49 @@ def test_train_seeds_for_runs_some_methods_on_fewer_training_seeds(tiny_config):
   base.grid.train_seeds_for = {'fedavg': (0,)}
   with pytest.raises(ValueError, match='train_seeds_for names methods'):
     compare.cells(base.grid)
+
+
+def _fake_many(calls, train):
+  """A stand-in for ml_ecs.run.runs_trainer.train_runs: each run as `train` writes it; records the groups."""
+  def many(cfgs, cdirs, program_dir, cache):
+    calls.append([os.path.basename(d) for d in cdirs])
+    return all(train(c, d, cache) for c, d in zip(cfgs, cdirs))
+  return many
+
+
+def test_program_groups_join_runs_that_differ_in_seeds_only(tiny_config):
+  cfgs = []
+  for method, seed, lr in [('a', 0, 1e-3), ('a', 1, 2e-3), ('b', 0, 1e-3), ('a', 2, 1e-3), ('a', 3, 1e-3)]:
+    c = copy.deepcopy(tiny_config)
+    c.method.lambda_ccl = 0.1 if method == 'a' else 0.2   # a field a program may not vary
+    c.seed, c.data.seed, c.train.learning_rate = seed, seed + 10, lr
+    cfgs.append(c)
+  assert compare.program_groups(cfgs, 3) == [[0, 1, 3], [2], [4]]
+  assert compare.program_groups(cfgs, 1) == [[0], [1], [2], [3], [4]]
+
+
+def test_grid_runs_cells_of_one_structure_as_programs(tmp_path, tiny_config):
+  base = _base(tiny_config, runs_per_program=4)
+  calls, groups = [], []
+  train = _fake_train(calls)
+  results = compare.run_grid(base, str(tmp_path), train, log=lambda s: None, train_many=_fake_many(groups, train))
+  assert len(results) == 8
+  # methods and missing rates are structure; the 2 partition seeds of each (method, rate) share a program
+  assert [len(g) for g in groups] == [2, 2, 2, 2] and len(calls) == 8
+  assert all(len({name.split('__p')[0] for name in g}) == 1 for g in groups)
+  # rows in grid order, whatever order the programs ran in
+  assert [r['cell'].rsplit('__', 1)[0] for r in results] == [compare.cell_name(*c) for c in compare.cells(base.grid)]
+  # resumed: nothing runs again
+  again = compare.run_grid(base, str(tmp_path), train, log=lambda s: None, train_many=_fake_many(groups, train))
+  assert len(groups) == 4 and [r['cell'] for r in again] == [r['cell'] for r in results]
+
+
+def test_tuning_runs_trials_that_differ_in_learning_rate_as_programs(tmp_path, tiny_config):
+  base = _base(tiny_config, runs_per_program=8)
+  base.data.client_val_fraction = 0.2
+  base.tune = dict(methods=('fedavg',), trials=3, rounds=0, seed=0, seeds=(100, 101), missing_rate=0.5)
+  calls, groups = [], []
+  train = _fake_train(calls)
+  best = tuning.run_tuning(base, str(tmp_path), train, log=lambda s: None, train_many=_fake_many(groups, train))
+  assert [len(g) for g in groups] == [6] and len(calls) == 6   # 3 trials x 2 seeds: one program
+  assert best['fedavg']['trial'] in (0, 1, 2)

@@ -1,0 +1,165 @@
+"""R federations as one program against R separate runs, in one benchmark run (ml_ecs.core.runs).
+
+  python benchmarks/runs_program.py --runs=1,4,10,20 --separate=4 --rounds=5 \\
+      --out=benchmarks/results/runs_program
+
+The runs are comparison cells (`--config`, default studies/compare/configs/collaborate.py:pairs_reduced,
+method `--method`): partition seeds 0, 1, ... and training seeds 0, 1 in grid order, each `--rounds` rounds,
+evaluated at round 0 and at the end, no checkpoints. Every measured piece is a fresh subprocess with its own
+empty JAX compilation cache; the pretrained backbones (one per training seed) are made once beforehand in a
+shared cache, so pretraining (the same for both ways) is left out of both.
+
+  * separate: the first `--separate` runs one after another in one process, as the comparison grid runs
+    its cells (`trainer.train` per cell, the persistent compilation cache shared: the first cell compiles,
+    the others reuse its programs but trace their own);
+  * program R: the first R runs as one program (`runs_trainer.train_runs`).
+
+R separate runs cost the measured sum where R <= --separate, else the first run plus R - 1 times the mean of
+the others (each later cell costs about the same: warm cache, same shapes); the table says which. Peak RSS is
+the subprocess's. Writes runs_program.json and runs_program.md to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _configs(args, count: int):
+  from studies.compare import grid
+  from ml_ecs.config.cli import load_config
+  base = load_config(os.path.join(ROOT, args.config))
+  cells = [(args.method, base.grid.missing_rates[0], base.grid.num_clients[0], p, t)
+           for p in range(10) for t in (0, 1)][:count]
+  out = []
+  for cell in cells:
+    cfg = grid.cell_config(base, cell)
+    cfg.train.update(dict(rounds=args.rounds, eval_every=args.rounds, checkpoint_every=0))
+    out.append(cfg)
+  return out
+
+
+def _piece(args) -> dict:
+  """One measured piece (in its own process): `args.mode` is 'warm', 'separate' or 'program'."""
+  from ml_ecs.data.loaders import load_dataset
+  from ml_ecs.run.compilation_cache import enable_compilation_cache
+  from ml_ecs.run import metrics_io, trainer
+  from ml_ecs.run.runs_trainer import train_runs
+  cfgs = _configs(args, args.count)
+  quiet = lambda s: None
+  ds = load_dataset(cfgs[0].data)
+  work = tempfile.mkdtemp(prefix=f'runs_{args.mode}_', dir=args.scratch)
+  enable_compilation_cache(os.path.join(work, 'jax'))
+  t0 = time.perf_counter()
+  if args.mode == 'warm':   # the pretrained backbones, one per training seed
+    from ml_ecs.core import build
+    for cfg in {c.seed: c for c in cfgs}.values():
+      build.init(cfg, dataset=ds, log=quiet, cache_dir=args.backbones)
+    return {'wall_s': time.perf_counter() - t0}
+  dirs = [os.path.join(work, f'run_{r}') for r in range(len(cfgs))]
+  per_run = []
+  if args.mode == 'separate':
+    for cfg, d in zip(cfgs, dirs):
+      t = time.perf_counter()
+      trainer.train(cfg, d, progress=False, checkpoint=False, cache_dir=args.backbones, dataset=ds, log=quiet)
+      per_run.append(time.perf_counter() - t)
+  else:
+    train_runs(cfgs, dirs, os.path.join(work, 'program'), checkpoint=False, cache_dir=args.backbones, dataset=ds,
+               log=quiet)
+  wall = time.perf_counter() - t0
+  timing = metrics_io.read_jsonl(os.path.join(dirs[0], 'timing.jsonl'))
+  rounds = [t for t in timing if t['round'] >= 1]
+  return {'wall_s': wall, 'per_run_s': per_run, 'setup_s': timing[0]['time/setup_s'],
+          'eval0_s': timing[0].get('time/eval_s', 0.0), 'round1_s': rounds[0]['time/round_s'],
+          'steady_round_s': [t['time/round_s'] for t in rounds[1:]],
+          'last_eval_s': rounds[-1].get('time/eval_s', 0.0),
+          'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _run_piece(args, mode: str, count: int) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), '--piece', f'--mode={mode}', f'--count={count}',
+         f'--config={args.config}', f'--method={args.method}', f'--rounds={args.rounds}',
+         f'--backbones={args.backbones}', f'--scratch={args.scratch}']
+  t = time.perf_counter()
+  res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  if res.returncode:
+    raise SystemExit(f'{mode} x{count} failed:\n{res.stderr[-3000:]}')
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  out['process_s'] = time.perf_counter() - t
+  print(f'{mode} x{count}: {out["process_s"]:.1f} s', flush=True)
+  return out
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--config', default='studies/compare/configs/collaborate.py:pairs_reduced')
+  p.add_argument('--method', default='ml_ecs')
+  p.add_argument('--runs', default='1,4,10,20', help='program sizes R (comma-separated, each 1..20)')
+  p.add_argument('--separate', type=int, default=4, help='separate runs measured (>= 2)')
+  p.add_argument('--rounds', type=int, default=5)
+  p.add_argument('--out', default='', help='directory for runs_program.json / .md (default: a new temp dir)')
+  p.add_argument('--piece', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--mode', default='', help=argparse.SUPPRESS)
+  p.add_argument('--count', type=int, default=1, help=argparse.SUPPRESS)
+  p.add_argument('--backbones', default='', help=argparse.SUPPRESS)
+  p.add_argument('--scratch', default='', help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.piece:
+    print(json.dumps(_piece(args)))
+    return
+  sizes = [int(x) for x in args.runs.split(',')]
+  if not sizes or any(not 1 <= r <= 20 for r in sizes) or args.separate < 2 or args.rounds < 1:
+    p.error('--runs: integers in 1..20; --separate >= 2; --rounds >= 1')
+  out = args.out or tempfile.mkdtemp(prefix='runs_program_')
+  os.makedirs(out, exist_ok=True)
+  args.scratch = tempfile.mkdtemp(prefix='runs_program_work_')
+  args.backbones = os.path.join(args.scratch, 'backbones')
+  from ml_ecs.run import environment, metrics_io
+  env = environment.environment()
+  warm = _run_piece(args, 'warm', max(sizes + [args.separate]))
+  separate = _run_piece(args, 'separate', args.separate)
+  programs = {r: _run_piece(args, 'program', r) for r in sizes}
+  each = separate['per_run_s']
+  later = sum(each[1:]) / len(each[1:])
+  sep_cost = lambda r: (sum(each[:r]), 'measured') if r <= len(each) else (each[0] + (r - 1) * later, 'projected')
+  rows = []
+  for r, pr in programs.items():
+    cost, how = sep_cost(r)
+    steady = sum(pr['steady_round_s']) / max(len(pr['steady_round_s']), 1)
+    rows.append({'runs': r, 'program_s': pr['wall_s'], 'separate_s': cost, 'separate_is': how,
+                 'speedup': cost / pr['wall_s'], 'setup_s': pr['setup_s'], 'round1_s': pr['round1_s'],
+                 'steady_round_s': steady, 'steady_round_per_run_s': steady / r,
+                 'evals_s': pr['eval0_s'] + pr['last_eval_s'], 'peak_rss_mb': pr['peak_rss_mb']})
+  report = {'command': ' '.join(sys.argv), 'config': args.config, 'method': args.method, 'rounds': args.rounds,
+            'environment': env, 'warm_backbones_s': warm['wall_s'], 'separate': separate, 'programs': programs,
+            'rows': rows}
+  metrics_io.write_json(os.path.join(out, 'runs_program.json'), report)
+  sep_steady = sum(separate['steady_round_s']) / max(len(separate['steady_round_s']), 1)
+  lines = [f'# R runs as one program vs R separate runs ({args.method}, {args.config}, {args.rounds} rounds)', '',
+           f'`{report["command"]}`', '',
+           f'Machine: {env.get("cpu", platform.processor())}, {os.cpu_count()} cores; jax {env["packages"].get("jax")}; commit {env.get("git_commit")}. '
+           f'Separate runs measured: {len(each)} ({", ".join(f"{x:.0f}" for x in each)} s; the first compiles, the '
+           f'others reuse its compiled programs); a separate run\'s setup {separate["setup_s"]:.1f} s, first round '
+           f'{separate["round1_s"]:.1f} s, later rounds {sep_steady:.2f} s.', '',
+           '| R | program s | R separate s | speedup | setup s | round 1 s | later round s (per run) | '
+           'evaluations s | peak RSS MB |', '|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for x in rows:
+    lines.append(f"| {x['runs']} | {x['program_s']:.0f} | {x['separate_s']:.0f} ({x['separate_is']}) | "
+                 f"{x['speedup']:.2f}x | {x['setup_s']:.0f} | {x['round1_s']:.1f} | {x['steady_round_s']:.2f} "
+                 f"({x['steady_round_per_run_s']:.2f}) | {x['evals_s']:.1f} | {x['peak_rss_mb']:.0f} |")
+  with open(os.path.join(out, 'runs_program.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()
