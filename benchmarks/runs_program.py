@@ -67,11 +67,14 @@ def _piece(args) -> dict:
     return {'wall_s': time.perf_counter() - t0}
   dirs = [os.path.join(work, f'run_{r}') for r in range(len(cfgs))]
   per_run = []
+  later = []
   if args.mode == 'separate':
     for cfg, d in zip(cfgs, dirs):
       t = time.perf_counter()
       trainer.train(cfg, d, progress=False, checkpoint=False, cache_dir=args.backbones, dataset=ds, log=quiet)
       per_run.append(time.perf_counter() - t)
+      tm = metrics_io.read_jsonl(os.path.join(d, 'timing.jsonl'))
+      later.append(tm[0]['time/setup_s'] + tm[1]['time/round_s'])
   else:
     train_runs(cfgs, dirs, os.path.join(work, 'program'), checkpoint=False, cache_dir=args.backbones, dataset=ds,
                log=quiet)
@@ -82,6 +85,7 @@ def _piece(args) -> dict:
           'eval0_s': timing[0].get('time/eval_s', 0.0), 'round1_s': rounds[0]['time/round_s'],
           'steady_round_s': [t['time/round_s'] for t in rounds[1:]],
           'last_eval_s': rounds[-1].get('time/eval_s', 0.0),
+          'later_setup_round1_s': sum(later[1:]) / max(len(later) - 1, 1) if later else None,
           'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -106,6 +110,8 @@ def main() -> None:
   p.add_argument('--runs', default='1,4,10,20', help='program sizes R (comma-separated, each 1..20)')
   p.add_argument('--separate', type=int, default=4, help='separate runs measured (>= 2)')
   p.add_argument('--rounds', type=int, default=5)
+  p.add_argument('--cell_rounds', type=int, default=50, help='the projected cell: rounds ...')
+  p.add_argument('--cell_eval_every', type=int, default=5, help='... and evaluated every this many')
   p.add_argument('--out', default='', help='directory for runs_program.json / .md (default: a new temp dir)')
   p.add_argument('--piece', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--mode', default='', help=argparse.SUPPRESS)
@@ -131,6 +137,14 @@ def main() -> None:
   each = separate['per_run_s']
   later = sum(each[1:]) / len(each[1:])
   sep_cost = lambda r: (sum(each[:r]), 'measured') if r <= len(each) else (each[0] + (r - 1) * later, 'projected')
+  # A grid cell's length (--cell_rounds rounds, evaluated every --cell_eval_every): projected from the measured
+  # parts of each way, setup and first round once, later rounds and evaluations as measured.
+  n_rounds, n_evals = args.cell_rounds, args.cell_rounds // args.cell_eval_every + 1
+  mean = lambda xs: sum(xs) / max(len(xs), 1)
+  sep_eval = separate['last_eval_s']
+  sep_cell = lambda first: ((first if first else later_setup_round1) + (n_rounds - 1) * mean(separate['steady_round_s'])
+                            + n_evals * sep_eval)
+  later_setup_round1 = separate['later_setup_round1_s']
   rows = []
   for r, pr in programs.items():
     cost, how = sep_cost(r)
@@ -138,24 +152,32 @@ def main() -> None:
     rows.append({'runs': r, 'program_s': pr['wall_s'], 'separate_s': cost, 'separate_is': how,
                  'speedup': cost / pr['wall_s'], 'setup_s': pr['setup_s'], 'round1_s': pr['round1_s'],
                  'steady_round_s': steady, 'steady_round_per_run_s': steady / r,
-                 'evals_s': pr['eval0_s'] + pr['last_eval_s'], 'peak_rss_mb': pr['peak_rss_mb']})
+                 'evals_s': pr['eval0_s'] + pr['last_eval_s'], 'peak_rss_mb': pr['peak_rss_mb'],
+                 'cell_program_s': pr['setup_s'] + pr['round1_s'] + (n_rounds - 1) * steady + n_evals * pr['last_eval_s'],
+                 'cell_separate_s': sep_cell(separate['setup_s'] + separate['round1_s']) + (r - 1) * sep_cell(0)})
+    rows[-1]['cell_speedup'] = rows[-1]['cell_separate_s'] / rows[-1]['cell_program_s']
   report = {'command': ' '.join(sys.argv), 'config': args.config, 'method': args.method, 'rounds': args.rounds,
             'environment': env, 'warm_backbones_s': warm['wall_s'], 'separate': separate, 'programs': programs,
             'rows': rows}
   metrics_io.write_json(os.path.join(out, 'runs_program.json'), report)
   sep_steady = sum(separate['steady_round_s']) / max(len(separate['steady_round_s']), 1)
   lines = [f'# R runs as one program vs R separate runs ({args.method}, {args.config}, {args.rounds} rounds)', '',
+           'Measured: each way for the runs below at --rounds rounds. Projected: the same runs at a grid cell\'s '
+           f'length ({n_rounds} rounds, {n_evals} evaluations) from the measured parts (setup and first round '
+           'once per program, or per run for separate runs; later rounds and evaluations at their measured cost).', '',
            f'`{report["command"]}`', '',
            f'Machine: {env.get("cpu", platform.processor())}, {os.cpu_count()} cores; jax {env["packages"].get("jax")}; commit {env.get("git_commit")}. '
            f'Separate runs measured: {len(each)} ({", ".join(f"{x:.0f}" for x in each)} s; the first compiles, the '
            f'others reuse its compiled programs); a separate run\'s setup {separate["setup_s"]:.1f} s, first round '
            f'{separate["round1_s"]:.1f} s, later rounds {sep_steady:.2f} s.', '',
            '| R | program s | R separate s | speedup | setup s | round 1 s | later round s (per run) | '
-           'evaluations s | peak RSS MB |', '|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+           f'evaluations s | peak RSS MB | projected {n_rounds}-round cells: program s / separate s (speedup) |',
+           '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for x in rows:
     lines.append(f"| {x['runs']} | {x['program_s']:.0f} | {x['separate_s']:.0f} ({x['separate_is']}) | "
                  f"{x['speedup']:.2f}x | {x['setup_s']:.0f} | {x['round1_s']:.1f} | {x['steady_round_s']:.2f} "
-                 f"({x['steady_round_per_run_s']:.2f}) | {x['evals_s']:.1f} | {x['peak_rss_mb']:.0f} |")
+                 f"({x['steady_round_per_run_s']:.2f}) | {x['evals_s']:.1f} | {x['peak_rss_mb']:.0f} | "
+                 f"{x['cell_program_s']:.0f} / {x['cell_separate_s']:.0f} ({x['cell_speedup']:.2f}x) |")
   with open(os.path.join(out, 'runs_program.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))

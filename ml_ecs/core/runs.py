@@ -9,6 +9,7 @@ a single run (`ml_ecs.core.round`), so R runs in one program give the metrics of
   runs, state = init(cfgs)          # state: a `State` whose every leaf has a leading [R] axis
   state, rows = run_round(runs, state)   # rows: one metrics dict per run
   evals = evaluate(runs, state)     # one evaluation dict per run
+  views(state)                      # each run's `State`
 
 Learning rates are optimizer state (`node.make_optimizer(lr_in_state=True)`), so the optimizer
 states of these runs hold them; everything else of a run's config must equal the first run's
@@ -18,6 +19,7 @@ axis; sampling draws by count, so padding rows are never drawn.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ml_ecs.algorithms.base import Uploads
 from ml_ecs.algorithms.ml_ecs import amt
@@ -80,12 +83,18 @@ def stack(trees: Sequence[Any]) -> Any:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def view(state: State, r: int, cohorts: bool = False) -> State:
-  """Run r of a stacked state; without its cohorts (what aggregation and the server read) unless asked."""
-  take = lambda t: jax.tree.map(lambda x: x[r], t)
-  return State(cohorts=take(state.cohorts) if cohorts else (), server=take(state.server),
-               global_shared=take(state.global_shared), server_z=state.server_z[r], round=state.round[r],
-               rng=state.rng[r], algorithm=take(state.algorithm))
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(tree: Any, n: int) -> tuple:
+  # One compiled call for every run's slice: slicing each leaf eagerly costs a dispatch per leaf and run
+  # (measured: most of a round's host time at 4 runs).
+  return tuple(jax.tree.map(lambda x, r=r: x[r], tree) for r in range(n))
+
+
+def views(state: State, cohorts: bool = False) -> list[State]:
+  """Every run of a stacked state; without its cohorts (what aggregation and the server read) unless asked."""
+  parts = (state.cohorts if cohorts else (), state.server, state.global_shared, state.server_z, state.round,
+           state.rng, state.algorithm)
+  return [State(*p) for p in _unstack(parts, int(state.round.shape[0]))]
 
 
 def _same(trees: Sequence[Any]) -> bool:
@@ -191,10 +200,15 @@ def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | Non
   return runs, stack([s for _, s in built])
 
 
+@jax.jit
+def _finite_per_run(trainables) -> jax.Array:
+  """[R, C] bool: every trainable leaf of client c of run r is finite."""
+  return jax.vmap(clients_finite)(trainables)
+
+
 def _resync(runs: Runs, k: int, cs: NodeState, state: State, ledgers: list) -> NodeState:
   """Re-syncs the diverged clients of cohort k in the runs where there are any (rare: one run at a time)."""
-  flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), cs.trainables)
-  bad = np.asarray(clients_finite(flat)).reshape(runs.size, -1) == 0
+  bad = ~np.asarray(_finite_per_run(cs.trainables))
   for r in np.flatnonzero(bad[:, :runs.setups[0].cohorts[k].num_real].any(1)):   # real clients: the same count per run
     setup = runs.setups[r]
     one = jax.tree.map(lambda x: x[r], cs)
@@ -210,10 +224,14 @@ def run_round(runs: Runs, state: State) -> tuple[State, list[dict[str, Any]]]:
   The cohorts' trainables and optimizer states of `state` are donated (consumed)."""
   t0 = time.perf_counter()
   R, setups = runs.size, runs.setups
-  views = [view(state, r) for r in range(R)]
-  keys = [round_lib.round_keys(v) for v in views]
-  contexts = [s.algorithm.round_context(s, v) for s, v in zip(setups, views)]
+  views_ = views(state)
+  keys = [round_lib.round_keys(v) for v in views_]
+  contexts = [s.algorithm.round_context(s, v) for s, v in zip(setups, views_)]
+  # Per-round inputs in one (replicated) sharding every round, so rounds reuse one compilation (a value
+  # computed by a jitted function and one made on the host would otherwise differ in placement).
+  replicated = NamedSharding(setups[0].mesh, P())
   alignment = None if contexts[0][0] is None else stack([a for a, _ in contexts])
+  global_shared, server_z, alignment = jax.device_put((state.global_shared, state.server_z, alignment), replicated)
   key_stack = lambda ks: jax.random.wrap_key_data(jnp.stack([jax.random.key_data(k) for k in ks]))
   ledgers = [round_lib._Ledger() for _ in range(R)]
   cohorts, outs, weights, presence, rows = [], [[] for _ in range(R)], [[] for _ in range(R)], \
@@ -223,25 +241,27 @@ def run_round(runs: Runs, state: State) -> tuple[State, list[dict[str, Any]]]:
     drawn = [round_lib.sample(s.cohorts[k], kr, k) for s, kr in zip(setups, keys)]
     out = runs.round_fns[k](cs.trainables, cs.opt_state, runs.train[k], runs.public[k],
                             jnp.asarray(np.stack([sel for _, _, sel in drawn])), key_stack([ck for ck, _, _ in drawn]),
-                            state.global_shared, state.server_z, runs.edge_frozen, alignment, runs.holdout[k])
+                            global_shared, server_z, runs.edge_frozen, alignment, runs.holdout[k])
     cohorts.append(NodeState(out.trainables, out.opt_state))
+    uploaded = jax.device_get(out._replace(trainables=None, opt_state=None))   # the host work reads numpy views
     for r, (s, (_, real, sel)) in enumerate(zip(setups, drawn)):
       c = s.cohorts[k]
-      out_r = jax.tree.map(lambda x: x[r], out._replace(trainables=None, opt_state=None))
+      out_r = jax.tree.map(lambda x: x[r], uploaded)
       w, pres = round_lib.arrivals(s, c, out_r, real, sel, jax.random.fold_in(keys[r].faults, k), ledgers[r])
       outs[r].append(out_r), weights[r].append(w), presence[r].append(pres), rows[r].append(c.client_ids[sel])
   t_cohorts = time.perf_counter()
   done = [round_lib.aggregate(s, v, Uploads(tuple(outs[r]), tuple(weights[r]), tuple(presence[r]),
                                             np.concatenate(rows[r])), keys[r].key, contexts[r][1])
-          for r, (s, v) in enumerate(zip(setups, views))]
+          for r, (s, v) in enumerate(zip(setups, views_))]
   t_aggregate = time.perf_counter()
+  targets, has_target = jax.device_put((jnp.stack([d[1] for d in done]),
+                                        jnp.stack([d[2] for d in done]).astype(jnp.float32)), replicated)
   server_tr, server_opt, server_metrics, server_z = runs.server_round_fn(
-      state.server.trainables, state.server.opt_state, key_stack([kr.server for kr in keys]),
-      jnp.stack([d[1] for d in done]), jnp.stack([d[2] for d in done]).astype(jnp.float32),
+      state.server.trainables, state.server.opt_state, key_stack([kr.server for kr in keys]), targets, has_target,
       runs.server_frozen, runs.public_train)
   server_host = jax.device_get(server_metrics)
   metrics = [round_lib.round_metrics(s, d[0], d[3], ledgers[r], {n: v[r] for n, v in server_host.items()},
-                                     int(views[r].round) + 1) for r, (s, d) in enumerate(zip(setups, done))]
+                                     int(views_[r].round) + 1) for r, (s, d) in enumerate(zip(setups, done))]
   jax.block_until_ready(server_z)
   new_state = State(cohorts=tuple(cohorts), server=NodeState(server_tr, server_opt),
                     global_shared=stack([d[0].shared for d in done]), server_z=server_z, round=state.round + 1,
@@ -284,8 +304,7 @@ def evaluate(runs: Runs, state: State, split: str = 'test', full: bool = False) 
   t0 = time.perf_counter()
   generated = [None] * runs.size if sampled else generate(runs, state, split)
   t_generate = time.perf_counter() - t0
-  out = [evaluation.evaluate(s, view(state, r, cohorts=True), split, full, g)
-         for r, (s, g) in enumerate(zip(setups, generated))]
+  out = [evaluation.evaluate(s, v, split, full, g) for s, v, g in zip(setups, views(state, cohorts=True), generated)]
   for row in out:   # the decoding is shared: each run's time is its scoring plus its share of the decoding
     row['time/eval_s'] += t_generate / runs.size
   return out

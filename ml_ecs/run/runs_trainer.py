@@ -69,8 +69,8 @@ def _train_runs(cfgs, workdirs, program_dir, dataset, log, checkpoint, cache_dir
   t0 = time.perf_counter()
   runs, state = runs_lib.init(cfgs, workdirs, dataset, log, cache_dir)
   setup_s = time.perf_counter() - t0
-  for w, s, r in zip(workdirs, runs.setups, range(R)):
-    write_setup_files(w, s, runs_lib.view(state, r, cohorts=True), setup_s)
+  for w, s, v in zip(workdirs, runs.setups, runs_lib.views(state, cohorts=True)):
+    write_setup_files(w, s, v, setup_s)
   ckpt = Checkpointer(os.path.join(program_dir, 'checkpoints'), train.keep_checkpoints) if checkpoint else None
   resumed_from = None
   rows: list[list[dict[str, Any]]] = [[] for _ in range(R)]
