@@ -171,7 +171,7 @@ def main() -> None:
            f'others reuse its compiled programs); a separate run\'s setup {separate["setup_s"]:.1f} s, first round '
            f'{separate["round1_s"]:.1f} s, later rounds {sep_steady:.2f} s.', '',
            '| R | program s | R separate s | speedup | setup s | round 1 s | later round s (per run) | '
-           f'evaluations s | peak RSS MB | projected {n_rounds}-round cells: program s / separate s (speedup) |',
+           f'evaluations s (per run) | peak RSS MB | projected {n_rounds}-round cells: program s / separate s (speedup) |',
            '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for x in rows:
     lines.append(f"| {x['runs']} | {x['program_s']:.0f} | {x['separate_s']:.0f} ({x['separate_is']}) | "

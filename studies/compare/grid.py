@@ -258,14 +258,15 @@ def program_groups(configs: Sequence[ml_collections.ConfigDict], size: int) -> l
 def run_jobs(configs: Sequence[ml_collections.ConfigDict], dirs: Sequence[str], train_fn: Callable,
              train_many: Callable | None, per_program: int, programs_dir: str, cache: str,
              log: Callable[[str], None] = print, deadline: float | None = None,
-             on_done: Callable[[list[int]], None] | None = None) -> bool:
+             on_done: Callable[[list[int]], None] | None = None, what: str = 'grid') -> bool:
   """Runs the runs (config, run directory) not yet finished; True when every one is.
 
   `train_fn(cfg, dir, cache)` runs one and returns whether it finished (False: interrupted, e.g. by
   SIGTERM: nothing more starts). With `per_program` = k > 1 and `train_many(cfgs, dirs, program_dir,
   cache)`, up to k unfinished runs that differ only in seeds and learning rate run as one program
   (ml_ecs.core.runs, `program_groups`); a group whose runs turn out to differ in structure runs one by
-  one. Nothing new starts after `deadline` (time.time()). `on_done(positions)` after each finished group.
+  one. Nothing new starts after `deadline` (time.time()). `on_done(positions)` after each finished group;
+  `what` names the stage in the log.
   """
   pending = [i for i, d in enumerate(dirs) if not os.path.exists(os.path.join(d, 'summary.json'))]
   if per_program > 1 and train_many is not None:
@@ -288,7 +289,7 @@ def run_jobs(configs: Sequence[ml_collections.ConfigDict], dirs: Sequence[str], 
     else:
       ok = train_fn(configs[group[0]], dirs[group[0]], cache)
     if not ok:
-      log(f'stopped in {names[0]}; rerun the same command to resume')
+      log(f'{what} stopped in {names[0]}; rerun the same command to resume')
       return False
     if on_done is not None:
       on_done(group)

@@ -118,7 +118,7 @@ def run_tuning(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable
     if not os.path.exists(os.path.join(d, 'summary.json')):
       log(f'tuning {method} trial {i + 1}/{tune.trials}, seed {seed}: {point}')
   if not compare.run_jobs(configs, dirs, train_fn, train_many, int(base.grid.get('runs_per_program', 1)),
-                          os.path.join(workdir, 'programs'), os.path.join(workdir, 'cache'), log):
+                          os.path.join(workdir, 'programs'), os.path.join(workdir, 'cache'), log, what='tuning'):
     return None
   scores: dict[tuple[str, int], list[float]] = {}
   for (method, i, _, _), d in zip(trials, dirs):

@@ -291,3 +291,17 @@ def test_tuning_runs_trials_that_differ_in_learning_rate_as_programs(tmp_path, t
   best = tuning.run_tuning(base, str(tmp_path), train, log=lambda s: None, train_many=_fake_many(groups, train))
   assert [len(g) for g in groups] == [6] and len(calls) == 6   # 3 trials x 2 seeds: one program
   assert best['fedavg']['trial'] in (0, 1, 2)
+
+
+def test_a_group_of_other_structure_runs_cell_by_cell(tmp_path, tiny_config):
+  from ml_ecs.core.runs import DifferentStructure
+  base = _base(tiny_config, runs_per_program=4)
+  calls = []
+
+  def many(cfgs, cdirs, program_dir, cache):
+    raise DifferentStructure('run 1 has cohorts ...')
+
+  logs = []
+  results = compare.run_grid(base, str(tmp_path), _fake_train(calls), log=logs.append, train_many=many)
+  assert len(results) == 8 and len(calls) == 8
+  assert any('running them one by one' in line for line in logs)

@@ -59,9 +59,11 @@ def get_config(variant: str = 'full') -> ml_collections.ConfigDict:
       # together, on the clients and the server) and the reference of the exploratory differences.
       contrasts=('ml_ecs-local', 'ml_ecs-fedavg'),
       reference='fedavg',
-      # Unfinished cells that differ only in seeds run this many at a time as one program (ml_ecs.core.runs:
-      # one compilation, rounds vmapped over the runs); 1 = one process run per cell.
-      runs_per_program=1,
+      # Unfinished cells (and tuning trials) that differ only in seeds and learning rate run this many at a
+      # time as one program (ml_ecs.core.runs: one setup of the compiled functions, rounds vmapped over the
+      # runs; 1.56x the cells run one by one at 10, projected for 50-round cells on 2 CPU cores,
+      # benchmarks/results/runs_program/); 1 = one cell at a time.
+      runs_per_program=10,
   ))
   c.tune = ml_collections.ConfigDict(dict(
       methods=('local', 'fedavg', 'fedprox', 'mmfl', 'ml_ecs'),
