@@ -38,3 +38,17 @@ def identity_json(cfg: ml_collections.ConfigDict) -> str:
   full = json.loads(text)
   ident = identity(full)
   return text if ident == full else json.dumps(ident, sort_keys=True)
+
+
+def config_differences(saved: Any, current: Any, prefix: str = '') -> list[str]:
+  """Dotted names of the fields whose values differ between two config dicts."""
+  if isinstance(saved, dict) and isinstance(current, dict):
+    out = []
+    for k in sorted(set(saved) | set(current)):
+      name = f'{prefix}.{k}' if prefix else str(k)
+      if k not in saved or k not in current:
+        out.append(name)
+      else:
+        out += config_differences(saved[k], current[k], name)
+    return out
+  return [] if saved == current else [prefix]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -33,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_ecs.algorithms.base import Uploads
 from ml_ecs.algorithms.ml_ecs import amt
 from ml_ecs.aggregation.mean import clients_finite
+from ml_ecs.config.identity import config_differences
 from ml_ecs.core import build, evaluate as evaluation, round as round_lib
 from ml_ecs.core.setup import Setup
 from ml_ecs.core.state import CohortRound, NodeState, State
@@ -45,27 +47,28 @@ from ml_ecs.models.multimodal import model_options
 RUN_FIELDS = ('seed', 'data.seed', 'train.learning_rate')
 
 
-def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def check_configs(cfgs: Sequence[ml_collections.ConfigDict]) -> None:
   """Raises ValueError naming the fields outside `RUN_FIELDS` in which a run differs from the first."""
   if not cfgs:
     raise ValueError('a program of runs needs at least one config')
-  first = _flat(cfgs[0].to_dict())
+  first = cfgs[0].to_dict()
   for i, cfg in enumerate(cfgs[1:], 1):
-    flat = _flat(cfg.to_dict())
-    differ = sorted(k for k in set(first) | set(flat) if k not in RUN_FIELDS and first.get(k) != flat.get(k))
+    differ = [f for f in config_differences(first, cfg.to_dict()) if f not in RUN_FIELDS]
     if differ:
       raise ValueError(f'run {i} differs from run 0 in {differ}: runs of one program may differ only in '
                        f'{list(RUN_FIELDS)} (run the others as another program)')
+
+
+def program_key(cfg: ml_collections.ConfigDict) -> str:
+  """What configs that may share a program (`check_configs`) have in common: the config without `RUN_FIELDS`."""
+  d = cfg.to_dict()
+  for field in RUN_FIELDS:
+    *parents, leaf = field.split('.')
+    node = d
+    for p in parents:
+      node = node.get(p, {})
+    node.pop(leaf, None)
+  return json.dumps(d, sort_keys=True, default=repr)
 
 
 def _pad_stack(trees: Sequence[Any], axis: int) -> Any:

@@ -16,14 +16,14 @@ from typing import Any, Callable
 
 import ml_collections
 
-from ml_ecs.config.identity import identity
+from ml_ecs.config.identity import config_differences, identity
 from ml_ecs.core import faults, runs as runs_lib
 from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.run import metrics_io
 from ml_ecs.run.checkpoint import Checkpointer
 from ml_ecs.run.metric_writer import MetricWriter
 from ml_ecs.run.trainer import (RunResult, WorkdirConflict, _check_workdir, _split_timing, _StopOnSignal,
-                                checked_dataset, config_dict, config_differences, make_workdir, round_line,
+                                checked_dataset, config_dict, make_workdir, round_line,
                                 run_summary, write_setup_files)
 from ml_ecs.run.workdir_lock import WorkdirLock
 

@@ -34,7 +34,7 @@ from ml_ecs.data.loaders import load_dataset
 from ml_ecs.run.metric_writer import MetricWriter
 from ml_ecs.run.workdir_lock import WorkdirLock, WorkdirLocked
 from ml_ecs.algorithms.registry import strategy_overrides
-from ml_ecs.config.identity import identity
+from ml_ecs.config.identity import config_differences, identity  # noqa: F401  (config_differences: re-exported)
 from ml_ecs.config.validation import DataError, check_devices, check_partition, validate
 
 # Files of a run that `overwrite` removes (caches such as backbones/ stay).
@@ -105,20 +105,6 @@ def fault_lines(row: dict[str, Any]) -> list[str]:
 def config_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as plain JSON values (what config.json holds)."""
   return json.loads(cfg.to_json_best_effort())
-
-
-def config_differences(saved: Any, current: Any, prefix: str = '') -> list[str]:
-  """Dotted names of the fields whose values differ between two config dicts."""
-  if isinstance(saved, dict) and isinstance(current, dict):
-    out = []
-    for k in sorted(set(saved) | set(current)):
-      name = f'{prefix}.{k}' if prefix else str(k)
-      if k not in saved or k not in current:
-        out.append(name)
-      else:
-        out += config_differences(saved[k], current[k], name)
-    return out
-  return [] if saved == current else [prefix]
 
 
 def _split_timing(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

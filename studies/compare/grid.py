@@ -246,9 +246,7 @@ def program_groups(configs: Sequence[ml_collections.ConfigDict], size: int) -> l
   of runs may vary (`ml_ecs.core.runs.RUN_FIELDS`), ordered by their first position."""
   groups: dict[str, list[list[int]]] = {}
   for i, cfg in enumerate(configs):
-    key = cfg.copy_and_resolve_references()
-    set_fields(key, {f: None for f in runs_lib.RUN_FIELDS})
-    chunks = groups.setdefault(identity_json(key), [[]])
+    chunks = groups.setdefault(runs_lib.program_key(cfg), [[]])
     if len(chunks[-1]) == size:
       chunks.append([])
     chunks[-1].append(i)

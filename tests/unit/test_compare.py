@@ -263,6 +263,9 @@ def test_program_groups_join_runs_that_differ_in_seeds_only(tiny_config):
     c.seed, c.data.seed, c.train.learning_rate = seed, seed + 10, lr
     cfgs.append(c)
   assert compare.program_groups(cfgs, 3) == [[0, 1, 3], [2], [4]]
+  from ml_ecs.core import runs as runs_lib
+  for group in compare.program_groups(cfgs, 3):   # every group is one the program accepts
+    runs_lib.check_configs([cfgs[i] for i in group])
   assert compare.program_groups(cfgs, 1) == [[0], [1], [2], [3], [4]]
 
 
