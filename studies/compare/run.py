@@ -5,6 +5,9 @@ Writes DIR/headroom.json (studies/compare/headroom.py: linear-probe ceilings, th
 without headroom stops here with exit 2), DIR/tuning.csv, DIR/tuned.json, DIR/results.csv, DIR/results.md (means and paired
 differences with 95% intervals), DIR/rouge_vs_round.png, DIR/rouge_vs_missing_rate.png,
 DIR/repro.json, DIR/environment.jsonl, and one run directory per cell under DIR/cells/.
+--keep_dir=KEEP (e.g. a folder inside a repository): each finished run's small files and DIR's own files are
+copied there as they finish, and a new DIR starts from what KEEP holds (studies/compare/keep.py), so a
+comparison run in pieces on machines that do not last goes on from the last finished program.
 SIGTERM / Ctrl-C stop after the current round of the running cell (with a checkpoint) and exit
 143 / 130 (128 + the signal: a scheduler sees the run did not finish); --max_minutes stops starting
 new cells after that long (exit 0). Rerun the same command to go on. Exit 2: a config or workdir
@@ -20,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from absl import app, flags
 from ml_collections import config_flags
 
-from studies.compare import grid as compare, headroom, tuning
+from studies.compare import grid as compare, headroom, keep, tuning
 from ml_ecs.run.compilation_cache import enable_compilation_cache
 from ml_ecs.run.runs_trainer import train_runs
 from ml_ecs.run.trainer import WorkdirConflict, WorkdirLocked, train
@@ -31,6 +34,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Grid config (studies/
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
 _MAX_MINUTES = flags.DEFINE_float('max_minutes', 0.0, 'Start no new cell after this many minutes (0 = no limit).',
                                   lower_bound=0.0)
+_KEEP_DIR = flags.DEFINE_string('keep_dir', None, 'A durable copy of the finished runs and the reports: filled as '
+                                'runs finish, and the start of a new workdir (studies/compare/keep.py).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -46,6 +51,9 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     return 2
   os.makedirs(workdir, exist_ok=True)
+  keep_dir = _KEEP_DIR.value
+  if keep_dir:
+    log(f'{keep.restore(keep_dir, workdir)} files restored from {keep_dir}')
   # Cells share many identical programs (same shapes, same server/eval functions).
   enable_compilation_cache(os.path.join(workdir, 'cache', 'jax'))
 
@@ -57,6 +65,8 @@ def main(argv):
     result = train(c, cdir, progress=False, cache_dir=cache, log=lambda s: log('    ' + s))
     if result.status == 'interrupted':
       stopped_by.append(result.signal_name)
+    else:
+      save()
     return result.status != 'interrupted'
 
   def run_program(cfgs, cdirs, program_dir, cache):   # grid.runs_per_program: cells that differ in seeds only
@@ -65,11 +75,25 @@ def main(argv):
     results = train_runs(cfgs, cdirs, program_dir, cache_dir=cache, log=lambda s: log('    ' + s))
     if results[0].status == 'interrupted':
       stopped_by.append(results[0].signal_name)
+    else:
+      save()
     return results[0].status != 'interrupted'
+
+  def save() -> None:   # --keep_dir: the finished runs and the reports so far
+    if keep_dir:
+      keep.save(workdir, keep_dir)
 
   def status() -> int:   # 128 + N after signal N (the cell's checkpoint is written), else 0
     return 128 + int(getattr(signal, stopped_by[0])) if stopped_by else 0
 
+  try:
+    return _stages(cfg, workdir, run_cell, run_program, deadline, stopped_by, status, log)
+  finally:
+    save()
+
+
+def _stages(cfg, workdir, run_cell, run_program, deadline, stopped_by, status, log) -> int:
+  """Headroom check -> tuning -> grid -> reproduction check; the exit status."""
   try:
     if headroom.run_checks(cfg, workdir, run_cell, log=log) is None:
       print('headroom check stopped; rerun the same command to go on', flush=True)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from studies.compare import grid as compare, stats, tuning
+from studies.compare import grid as compare, keep, stats, tuning
 from ml_ecs.run import metrics_io
 
 
@@ -66,6 +66,41 @@ def test_grid_resumes_scores_last_k_and_pairs_differences(tmp_path, tiny_config)
   assert 'partition_seed' in header and 'train_seed' in header
   env = metrics_io.read_jsonl(str(tmp_path / 'environment.jsonl'))
   assert len(env) == 2 and env[0]['cpu'] and env[0]['packages']['jax'] and 'xla_flags' in env[0]
+
+
+def test_a_new_workdir_goes_on_from_the_keep_directory(tmp_path, tiny_config):
+  base, first, second, kept = _base(tiny_config), tmp_path / 'a', tmp_path / 'b', tmp_path / 'keep'
+  calls = []
+  compare.run_grid(base, str(first), _fake_train(calls, stop_at=4), log=lambda s: None)   # 3 finished, 1 not
+  for run in keep.finished_runs(str(first)):                     # what a keep must leave behind
+    os.makedirs(first / run / 'checkpoints' / '5')
+    (first / run / 'checkpoints' / '5' / 'state').write_text('big')
+  os.makedirs(first / 'cache' / 'jax')
+  (first / 'cache' / 'jax' / 'entry').write_text('compiled')
+  assert keep.save(str(first), str(kept)) > 0 and keep.save(str(first), str(kept)) == 0   # nothing changed twice
+  finished = keep.finished_runs(str(first))
+  assert len(finished) == 3 and keep.finished_runs(str(kept)) == finished
+  files = {os.path.relpath(os.path.join(d, f), kept) for d, _, fs in os.walk(kept) for f in fs}
+  assert not any('checkpoints' in f or f.startswith('cache') for f in files)
+  assert {'results.md', 'results.csv', 'environment.jsonl'} <= files
+  unfinished = [d for d in os.listdir(first / 'cells') if f'cells/{d}' not in finished]
+  assert len(unfinished) == 1 and not (kept / 'cells' / unfinished[0]).exists()
+  # A new machine: restore, then the same grid runs only the 5 cells that had not finished.
+  os.makedirs(second)
+  (second / 'results.md').write_text('newer')                    # a workdir's own file is not overwritten
+  assert keep.restore(str(kept), str(second)) == len(files) - 1
+  assert (second / 'results.md').read_text() == 'newer'
+  calls2 = []
+  results = compare.run_grid(base, str(second), _fake_train(calls2), log=lambda s: None)
+  assert len(calls2) == 5 and len(results) == 8 and unfinished[0] in calls2
+  assert set(calls2).isdisjoint(os.path.basename(f) for f in finished)
+  # A run the workdir holds unfinished but the keep holds finished is restored finished.
+  partial = first / 'cells' / unfinished[0]
+  assert not (partial / 'summary.json').exists()
+  keep.save(str(second), str(kept))
+  assert keep.restore(str(kept), str(first)) > 0 and (partial / 'summary.json').exists()
+  assert metrics_io.read_jsonl(str(partial / 'metrics.jsonl')) == metrics_io.read_jsonl(
+      str(second / 'cells' / unfinished[0] / 'metrics.jsonl'))
 
 
 def test_deadline_stops_before_a_new_cell(tmp_path, tiny_config):
