@@ -14,6 +14,8 @@ def pytest_configure(config):
   from tests.paths import FAST_COMPILE
   # Before JAX starts its backend in this process (and so in every process the suite spawns).
   os.environ['XLA_FLAGS'] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
+  # Main jobs the suite spawns keep pretrained backbones in the suite's folder, not the user's ~/.cache.
+  os.environ['ML_ECS_BACKBONE_CACHE'] = os.path.join(config.rootpath, '.pytest_cache')
   config.addinivalue_line('markers', 'slow: end-to-end tests (still run in CI)')
   config.addinivalue_line('markers', 'exhaustive: long versions of a slow test (e.g. 20 kills instead of 4); '
                           'skipped unless selected with -m exhaustive')

@@ -20,7 +20,9 @@ def xla_flags(devices: int) -> str:
 
 
 def cached_env(**extra) -> dict:
-  """The environment of a run a test spawns: JAX's persistent compilation cache of the suite (compiled
-  programs are reused; results are unchanged), CPU only."""
+  """The environment of a run a test spawns: JAX's persistent compilation cache of the suite and its
+  shared backbone cache (compiled programs and pretrained backbones are reused; results are unchanged;
+  the user's ~/.cache is not touched), CPU only."""
   return dict(os.environ, JAX_COMPILATION_CACHE_DIR=JAX_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', JAX_PLATFORMS='cpu', **extra)
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', JAX_PLATFORMS='cpu',
+              ML_ECS_BACKBONE_CACHE=os.path.dirname(JAX_CACHE), **extra)

@@ -111,16 +111,54 @@ def pretrain_backbone(backbone_cfg: ml_collections.ConfigDict, prompt_len: int, 
   return frozen, {'loss_first': float(losses[0]), 'loss_final': float(losses[-1])}
 
 
+def text_digest(text: TaskText) -> str:
+  """A digest of everything in `text` that pretraining reads (instruction, answers, masks, references,
+  vocabulary size): a backbone cached for other text is never reused."""
+  h = hashlib.sha1()
+  for a in (text.instr, text.instr_mask, text.answers, text.answer_mask):
+    h.update(str((a.dtype, a.shape)).encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  h.update('\n'.join(text.references).encode())
+  h.update(str(text.tokenizer.vocab_size).encode())
+  return h.hexdigest()[:16]
+
+
+def environment_key() -> list:
+  """What a pretrained backbone's floats depend on beyond its config: the jax version, the platform and
+  the XLA flags (without the forced CPU device count, which pretraining does not use)."""
+  flags = sorted(f for f in os.environ.get('XLA_FLAGS', '').split()
+                 if not f.startswith('--xla_force_host_platform_device_count'))
+  return [jax.__version__, jax.default_backend(), flags]
+
+
+def _read(path: str) -> dict:
+  from flax import serialization
+  with open(path, 'rb') as f:
+    return serialization.msgpack_restore(f.read())
+
+
+def _write(path: str, pure: dict) -> None:
+  from flax import serialization
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp'   # per process: grid cells and runs share the backbone caches
+  with open(tmp, 'wb') as f:
+    f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, pure)))
+  os.replace(tmp, path)
+
+
 def cached_backbone(name: str, cfg: ml_collections.ConfigDict, text: TaskText, frozen_template: nnx.State,
-                    cache_dir: str | None, tokenizer_id: str = '') -> tuple[nnx.State, dict | None]:
+                    cache_dir: str | None, tokenizer_id: str = '',
+                    shared_cache: str | None = None) -> tuple[nnx.State, dict | None]:
   """The pretrained frozen backbone of model `name` ('edge_model' or 'server_model') of config `cfg`.
 
-  Read from cache_dir/backbones/ when present, else pretrained (and written there atomically).
+  Read from the run's own cache_dir/backbones/ when present (a resume uses the backbone the run was
+  trained with, on any machine); else from shared_cache/backbones/ (kept across runs, e.g. the main job's
+  user cache folder; keyed also by `environment_key`, so it holds what this process would compute)
+  and copied into the run's cache; else pretrained and written to both (atomically).
   `tokenizer_id` names a tokenizer other than the run's own BPE (the Hugging Face checkpoint
   whose tokenizer the text uses); it is part of the cache key.
   Returns (frozen state in the structure of `frozen_template`, pretraining info or None if cached).
   """
-  from flax import serialization
   mcfg = cfg[name]
   # hf is '' here (our own); frozen_dtype is how the result is held afterwards, not what is pretrained.
   backbone = {k: v for k, v in mcfg.backbone.to_dict().items() if k not in ('hf', 'frozen_dtype')}
@@ -129,20 +167,24 @@ def cached_backbone(name: str, cfg: ml_collections.ConfigDict, text: TaskText, f
   key = json.dumps(key, sort_keys=True, default=str)
   digest = hashlib.sha1(key.encode()).hexdigest()[:12]
   path = os.path.join(cache_dir, 'backbones', f'{name}-{digest}.msgpack') if cache_dir else None
+  shared = None
+  if shared_cache:
+    shared_key = json.dumps([key, text_digest(text), environment_key()], sort_keys=True, default=str)
+    shared = os.path.join(shared_cache, 'backbones', f'{name}-{hashlib.sha1(shared_key.encode()).hexdigest()[:16]}.msgpack')
   info = None
   if path and os.path.exists(path):
-    with open(path, 'rb') as f:
-      pure = serialization.msgpack_restore(f.read())
+    pure = _read(path)
+  elif shared and os.path.exists(shared):
+    pure = _read(shared)
+    if path:
+      _write(path, pure)
   else:
     backbone_state, info = pretrain_backbone(mcfg.backbone, mcfg.prompt_len, text, cfg.pretrain,
                                              cfg.seed + (0 if name == 'edge_model' else 1))
     pure = {'backbone': nnx.to_pure_dict(backbone_state)}
-    if path:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      tmp = f'{path}.{os.getpid()}.tmp'   # per process: grid cells share the backbone cache
-      with open(tmp, 'wb') as f:
-        f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, pure)))
-      os.replace(tmp, path)
+    for target in (path, shared):
+      if target:
+        _write(target, pure)
   expected = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(frozen_template))
   got = jax.tree.map(lambda x: tuple(np.shape(x)), pure)
   if got != expected:

@@ -100,9 +100,11 @@ def make_generate(program: NodeProgram, mesh: Mesh, max_len: int) -> Callable:
 
 def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: MultimodalDataset | None = None,
          log: Callable[[str], None] = print, cache_dir: str | None = None,
-         recorded: dict | None = None, lr_in_state: bool = False) -> tuple[Setup, State]:
+         recorded: dict | None = None, lr_in_state: bool = False,
+         backbone_cache: str | None = None) -> tuple[Setup, State]:
   """Builds a federation from a validated config. workdir receives the tokenizer; pretrained
-  backbones are cached under (cache_dir or workdir)/backbones. `dataset` replaces the config's
+  backbones are cached under (cache_dir or workdir)/backbones, and also under backbone_cache/backbones
+  when given (a folder shared by later runs: ml_ecs.backbones.pretrain.cached_backbone). `dataset` replaces the config's
   data source (an in-memory MultimodalDataset). `recorded`: the execution choices of this run's first
   process (`Setup.execution`, model_summary.json), made again as they were instead of measured.
   `lr_in_state`: learning rates are optimizer state, not program constants (`node.make_optimizer`;
@@ -169,7 +171,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     if bb.sources[name] != 'pretrained':
       frozen[name] = backbones.frozen_state(bb, name, template, replicated, placed)
       continue
-    frozen[name], info = cached_backbone(name, cfg, text, template, cache_dir or workdir, bb.tokenizer_id)
+    frozen[name], info = cached_backbone(name, cfg, text, template, cache_dir or workdir, bb.tokenizer_id,
+                                          backbone_cache)
     if info:
       pretrain_info[name] = info
       log(f"pretrained {name} backbone: LM loss {info['loss_first']:.2f} -> {info['loss_final']:.2f}")

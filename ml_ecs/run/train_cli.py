@@ -32,7 +32,8 @@ from ml_ecs.algorithms.registry import apply_strategy
 from ml_ecs.run.trainer import WorkdirConflict, WorkdirLocked, train
 from ml_ecs.config.cli import parse_flags
 from ml_ecs.config.validation import ConfigError, DataError
-from ml_ecs.run.compilation_cache import default_cache_dir, enable_compilation_cache
+from ml_ecs.run.compilation_cache import (default_backbone_cache, default_cache_dir, enable_compilation_cache,
+                                          writable_folder)
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                           lock_config=True)
@@ -51,6 +52,12 @@ _CACHE = flags.DEFINE_string('compilation_cache', None,
                              'Folder of compiled XLA programs reused by later runs (a second run skips most of '
                              "its first-round compilation); default $JAX_COMPILATION_CACHE_DIR or "
                              "~/.cache/ml_ecs/jax; '' turns it off. Results are the same either way.")
+_BACKBONE_CACHE = flags.DEFINE_string('backbone_cache', None,
+                                      'Folder whose backbones/ keeps pretrained backbones for later runs (keyed by '
+                                      'the backbone, text and pretraining config, the data, jax version, platform '
+                                      'and XLA flags: a new workdir skips pretraining); default '
+                                      "$ML_ECS_BACKBONE_CACHE or ~/.cache/ml_ecs; '' turns it off. The run's own "
+                                      'copy stays in its workdir, so a resume uses the same backbone anywhere.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -74,10 +81,16 @@ def main(argv):
     except OSError as e:   # an unwritable cache folder costs only time: say so and run without
       print(f'warning: no compilation cache ({e}); pass --compilation_cache=DIR or --compilation_cache=',
             file=sys.stderr)
+  backbones = default_backbone_cache() if _BACKBONE_CACHE.value is None else _BACKBONE_CACHE.value
+  if backbones and writable_folder(backbones) is None:   # costs only time, like the compilation cache
+    print(f'warning: {backbones} is not writable: no shared backbone cache (pass --backbone_cache=DIR or '
+          "--backbone_cache='')", file=sys.stderr)
+    backbones = ''
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     cfg = resolved_config()
-    result = train(cfg, _WORKDIR.value, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
+    result = train(cfg, _WORKDIR.value, progress=_PROGRESS.value, overwrite=_OVERWRITE.value,
+                   backbone_cache=backbones or None)
   except (ConfigError, DataError, WorkdirConflict, WorkdirLocked) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

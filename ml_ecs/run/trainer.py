@@ -189,7 +189,8 @@ def _recorded_execution(workdir: str) -> dict | None:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
           log: Callable[[str], None] | None = None, checkpoint: bool = True, cache_dir: str | None = None,
-          overwrite: bool = False, dataset: MultimodalDataset | None = None) -> RunResult:
+          overwrite: bool = False, dataset: MultimodalDataset | None = None,
+          backbone_cache: str | None = None) -> RunResult:
   """Runs (or resumes) `cfg.train.rounds` rounds in `workdir`.
 
   Evaluates at round 0, every `train.eval_every` rounds and at the end; checkpoints every
@@ -197,6 +198,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   per round: training metrics, plus evaluation metrics on evaluated rounds), timing.jsonl
   (wall-clock times per round), TensorBoard events (tensorboard/: both, and the config),
   summary.json, model_summary.json, clients.json and checkpoints/ (orbax). `dataset` replaces the config's data source.
+  Pretrained backbones are kept in (cache_dir or workdir)/backbones, and in backbone_cache/backbones (a
+  folder shared by later runs) when given.
   """
   main = distributed.is_main()
   log = (log or (lambda s: tqdm.write(s))) if main else (lambda s: None)   # process 0 logs for all
@@ -215,7 +218,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     raise refused or WorkdirLocked(f'{workdir}: process 0 could not lock the workdir (its error line names why)')
   try:
     return _train(cfg, workdir, dataset, progress=progress, log=log, checkpoint=checkpoint, cache_dir=cache_dir,
-                  overwrite=overwrite)
+                  overwrite=overwrite, backbone_cache=backbone_cache)
   finally:
     if lock is not None:
       lock.release()
@@ -257,7 +260,8 @@ def make_workdir(workdir: str) -> None:
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str, dataset: MultimodalDataset, *, progress: bool,
-           log: Callable[[str], None], checkpoint: bool, cache_dir: str | None, overwrite: bool) -> RunResult:
+           log: Callable[[str], None], checkpoint: bool, cache_dir: str | None, overwrite: bool,
+           backbone_cache: str | None = None) -> RunResult:
   """`train` once the workdir is locked."""
   main = distributed.is_main()
   write_json = metrics_io.write_json if main else (lambda path, obj: None)
@@ -279,7 +283,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, dataset: MultimodalData
 
   t0 = time.perf_counter()
   setup, state = federation.init(cfg, workdir=workdir, dataset=dataset, log=log, cache_dir=cache_dir,
-                                 recorded=_recorded_execution(workdir))
+                                 recorded=_recorded_execution(workdir), backbone_cache=backbone_cache)
   setup_s = time.perf_counter() - t0
   sets = cfg.data.get('modality_sets', ())
   if sets and len(setup.cohorts) > len({tuple(sorted(s)) for s in sets}):
