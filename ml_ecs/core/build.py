@@ -100,15 +100,15 @@ def make_generate(program: NodeProgram, mesh: Mesh, max_len: int) -> Callable:
 
 def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: MultimodalDataset | None = None,
          log: Callable[[str], None] = print, cache_dir: str | None = None,
-         recorded: dict | None = None, lr_in_state: bool = False,
+         recorded: dict | None = None, hparams_in_state: bool = False,
          backbone_cache: str | None = None) -> tuple[Setup, State]:
   """Builds a federation from a validated config. workdir receives the tokenizer; pretrained
   backbones are cached under (cache_dir or workdir)/backbones, and also under backbone_cache/backbones
   when given (a folder shared by later runs: ml_ecs.backbones.pretrain.cached_backbone). `dataset` replaces the config's
   data source (an in-memory MultimodalDataset). `recorded`: the execution choices of this run's first
   process (`Setup.execution`, model_summary.json), made again as they were instead of measured.
-  `lr_in_state`: learning rates are optimizer state, not program constants (`node.make_optimizer`;
-  federations on a run axis, ml_ecs.core.runs)."""
+  `hparams_in_state`: learning rates and the loss weights and temperatures are optimizer state, not
+  program constants (`node.make_optimizer`; federations on a run axis, ml_ecs.core.runs)."""
   ds = dataset if dataset is not None else load_dataset(cfg.data)
   if workdir:
     os.makedirs(workdir, exist_ok=True)
@@ -121,9 +121,9 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   shapes = {m: x.shape[1:] for m, x in ds.modalities.items()}
   mesh = client_mesh(cfg.mesh.num_devices)
   client_sharding, replicated = NamedSharding(mesh, P(CLIENT_AXIS)), NamedSharding(mesh, P())
-  stages = amt.stages(cfg.method, cfg.train, lr_in_state)
+  stages = amt.stages(cfg.method, cfg.train, hparams_in_state)
   algorithm = registry.build(cfg)
-  optimizer = make_optimizer(cfg.train, lr_in_state=lr_in_state)
+  optimizer = make_optimizer(cfg.train, lr_in_state=hparams_in_state)
   m = cfg.method
   host = bool(cfg.train.get('host_state', False))
   if host and jax.process_count() > 1:   # host rows are not split over processes (yet)

@@ -61,23 +61,44 @@ def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int = 0):
   return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total_steps, end_value=0.0)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int = 0,
-                   lr_in_state: bool = False) -> optax.GradientTransformation:
+# The continuous loss hyperparameters that can be state (`make_optimizer(loss_hparams=...)`): runs of one
+# program (ml_ecs.core.runs) may differ in them; whether a term is on (its weight > 0) stays static.
+LOSS_HPARAMS = ('lambda_ccl', 'tau_ccl', 'lambda_se_ccl', 'tau_se_ccl', 'fedprox_mu')
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int = 0, lr_in_state: bool = False,
+                   loss_hparams: dict[str, float] | None = None) -> optax.GradientTransformation:
   """Clipped AdamW with the configured learning rate (schedule over `total_steps`).
 
   `lr_in_state`: the (peak) rate is an array in the optimizer state (`optax.inject_hyperparams`), not a
   constant of the program, so federations that differ only in it run one compiled program
-  (ml_ecs.core.runs); the schedule's shape stays static."""
+  (ml_ecs.core.runs); the schedule's shape stays static. `loss_hparams` ({name in LOSS_HPARAMS: value},
+  with `lr_in_state`) ride along in the same state's `hyperparams`, where `NodeProgram.run_stage` reads
+  them instead of the program's constants."""
   if not lr_in_state:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                        optax.adamw(learning_rate(cfg, total_steps), weight_decay=cfg.weight_decay))
   unit = learning_rate(ml_collections.ConfigDict({**cfg.to_dict(), 'learning_rate': 1.0}), total_steps)
 
-  def factory(learning_rate):   # called with the state's rate (traced) at every update
+  # Called with the state's values (traced) at every update. inject_hyperparams keeps in the state the
+  # numeric arguments of the factory's signature, so the loss hyperparameters are named (None: not given);
+  # the loss reads them (`state_hparams`), the optimizer does not.
+  def factory(learning_rate, lambda_ccl=None, tau_ccl=None, lambda_se_ccl=None, tau_se_ccl=None, fedprox_mu=None):
+    del lambda_ccl, tau_ccl, lambda_se_ccl, tau_se_ccl, fedprox_mu
     rate = (lambda count: learning_rate * unit(count)) if callable(unit) else learning_rate
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(rate, weight_decay=cfg.weight_decay))
 
-  return optax.inject_hyperparams(factory)(learning_rate=float(cfg.learning_rate))
+  unknown = set(loss_hparams or {}) - set(LOSS_HPARAMS)
+  if unknown:
+    raise ValueError(f'loss_hparams: {sorted(unknown)} are not among {LOSS_HPARAMS}')
+  return optax.inject_hyperparams(factory)(learning_rate=float(cfg.learning_rate),
+                                           **{k: float(v) for k, v in (loss_hparams or {}).items()})
+
+
+def state_hparams(opt_state: Any) -> dict[str, jax.Array]:
+  """The loss hyperparameters an optimizer state carries (`make_optimizer(loss_hparams=...)`), or {}."""
+  hp = getattr(opt_state, 'hyperparams', None) or {}
+  return {k: v for k, v in hp.items() if k in LOSS_HPARAMS}
 
 
 def sub(tree: Trainables, parts: tuple[str, ...]) -> Trainables:
@@ -134,25 +155,26 @@ class NodeProgram:
     return m.encode(inputs, mod_mask)
 
   def losses(self, tr: Trainables, frozen: nnx.State, batch: SplitArrays, spec: StageSpec,
-             ctx: RoundContext) -> dict[str, jax.Array]:
-    """The loss terms of `spec` on one batch."""
+             ctx: RoundContext, hp: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+    """The loss terms of `spec` on one batch; `hp` (`state_hparams`) replaces the program's temperatures."""
+    hp = hp or {}
     m = self.model(tr, frozen)
     projected, z = self.encode(m, batch.inputs, batch.mod_mask)
     instr, instr_mask = self.instructions(z.shape[0])
     logits = m(z, instr, instr_mask, batch.answers, batch.answer_mask)
     out = {'lm': lm_loss(logits, batch.answers, batch.answer_mask)}
     if spec.lambda_ccl:
-      out['ccl'], out['ccl_anchors'] = self.ccl_term(m, projected, batch)
+      out['ccl'], out['ccl_anchors'] = self.ccl_term(m, projected, batch, hp.get('tau_ccl'))
     if spec.lambda_se_ccl:
       valid = ctx.target_valid[batch.ids]
       out['se_ccl'] = se_ccl_loss(m.align(z), ctx.targets[batch.ids], batch.ids, batch.ids,
-                                  jnp.ones_like(valid), valid, self.tau_se_ccl)
+                                  jnp.ones_like(valid), valid, hp.get('tau_se_ccl', self.tau_se_ccl))
     if spec.fedprox_mu:
       sq = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), tr['shared'], ctx.ref_shared)
       out['prox'] = 0.5 * sum(jax.tree.leaves(sq))
     return out
 
-  def ccl_term(self, m, projected: jax.Array, batch: SplitArrays) -> tuple[jax.Array, jax.Array]:
+  def ccl_term(self, m, projected: jax.Array, batch: SplitArrays, tau=None) -> tuple[jax.Array, jax.Array]:
     """(CCL of a batch, the rows that anchor a positive pair). Pairs of different rows with the same
     sample id (duplicates of sampling with replacement) or the same sequence id (windows of one
     recording) are excluded from the negatives.
@@ -161,21 +183,23 @@ class NodeProgram:
     is present for them only), and two labelled rows of the same class are no negatives of each other
     (the anchor is a class description); the unlabelled rows, whose class the node does not know,
     join through the modality-to-modality term: CCL over their modality views alone (GRAM anchored on
-    the node's first modality). The two terms are averaged weighted by their anchor counts."""
+    the node's first modality). The two terms are averaged weighted by their anchor counts. `tau`: the
+    temperature (default the program's `tau_ccl`)."""
+    tau = self.tau_ccl if tau is None else tau
     same = batch.ids[:, None] == batch.ids[None, :]
     if batch.seq is not None:
       same = same | (batch.seq[:, None] == batch.seq[None, :])
     if self.ccl_anchor != 'text':
-      return (ccl_loss(self.ccl, projected, batch.mod_mask, self.tau_ccl, exclude=same),
+      return (ccl_loss(self.ccl, projected, batch.mod_mask, tau, exclude=same),
               ccl_anchors(self.ccl, batch.mod_mask))
     has_text = batch.answer_mask.sum(-1) > 0
     same = same | (has_text[:, None] & has_text[None, :] & (batch.labels[:, None] == batch.labels[None, :]))
     anchor = m.text_embedding(batch.answers, batch.answer_mask)
     views = jnp.concatenate([anchor[:, None], projected], axis=1)
     mask = jnp.concatenate([has_text[:, None].astype(batch.mod_mask.dtype), batch.mod_mask], axis=1)
-    text_loss, n_text = ccl_loss(self.ccl, views, mask, self.tau_ccl, exclude=same), ccl_anchors(self.ccl, mask)
+    text_loss, n_text = ccl_loss(self.ccl, views, mask, tau, exclude=same), ccl_anchors(self.ccl, mask)
     unlabelled = batch.mod_mask * (~has_text)[:, None].astype(batch.mod_mask.dtype)
-    mod_loss = ccl_loss(self.ccl, projected, unlabelled, self.tau_ccl, exclude=same)
+    mod_loss = ccl_loss(self.ccl, projected, unlabelled, tau, exclude=same)
     n_mod = ccl_anchors(self.ccl, unlabelled)
     total = n_text + n_mod
     return (n_text * text_loss + n_mod * mod_loss) / jnp.maximum(total, 1.0), total
@@ -191,9 +215,13 @@ class NodeProgram:
     return jnp.where(split.answer_mask.sum() > 0, loss, jnp.inf)
 
   @staticmethod
-  def total(terms: dict[str, jax.Array], spec: StageSpec) -> jax.Array:
-    weights = {'lm': 1.0, 'ccl': spec.lambda_ccl, 'se_ccl': spec.lambda_se_ccl, 'prox': spec.fedprox_mu,
-               'ccl_anchors': 0.0}   # a count (telemetry), not a loss
+  def total(terms: dict[str, jax.Array], spec: StageSpec, hp: dict[str, jax.Array] | None = None) -> jax.Array:
+    """The weighted sum of the loss terms: the spec's weights, or `hp`'s (`state_hparams`) for a term the
+    spec has on."""
+    hp = hp or {}
+    weight = lambda name: hp[name] if getattr(spec, name) and name in hp else getattr(spec, name)
+    weights = {'lm': 1.0, 'ccl': weight('lambda_ccl'), 'se_ccl': weight('lambda_se_ccl'),
+               'prox': weight('fedprox_mu'), 'ccl_anchors': 0.0}   # a count (telemetry), not a loss
     return sum(weights[k] * v for k, v in terms.items())
 
   def init_opt(self, tr: Trainables, spec: StageSpec) -> optax.OptState:
@@ -212,9 +240,11 @@ class NodeProgram:
       if self.batch_view is not None:
         batch = self.batch_view(batch, k_drop)
 
+      hp = state_hparams(opt_state)   # the loss hyperparameters of a run on a run axis, else {}
+
       def loss_fn(trained):
-        terms = self.losses({**trained, **fixed}, frozen, batch, spec, ctx)
-        return self.total(terms, spec), terms
+        terms = self.losses({**trained, **fixed}, frozen, batch, spec, ctx, hp)
+        return self.total(terms, spec, hp), terms
 
       (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
       updates, opt_state = self.opt(spec).update(grads, opt_state, trained)

@@ -1,7 +1,7 @@
 """Many federations as one program: R runs of one structure on a leading run axis.
 
-Runs that differ only in their seeds (training `seed`, partition `data.seed`) and learning rates share
-every compiled function: each cohort's round and the server stage are `jax.vmap`ped over the runs and
+Runs that differ only in their seeds (training `seed`, partition `data.seed`), learning rates and the
+method's loss weights and temperatures (`RUN_FIELDS`) share every compiled function: each cohort's round and the server stage are `jax.vmap`ped over the runs and
 compiled once for all of them. What a round does on the host (sampling, simulated faults, the ledger,
 aggregation and the server's targets, metrics) stays per run, in a loop, through the same functions as
 a single run (`ml_ecs.core.round`), so R runs in one program give the metrics of R separate runs.
@@ -11,9 +11,10 @@ a single run (`ml_ecs.core.round`), so R runs in one program give the metrics of
   evals = evaluate(runs, state)     # one evaluation dict per run
   views(state)                      # each run's `State`
 
-Learning rates are optimizer state (`node.make_optimizer(lr_in_state=True)`), so the optimizer
-states of these runs hold them; everything else of a run's config must equal the first run's
-(`check_configs` names what differs). A run's data is padded to the longest run's rows on the run
+Learning rates, loss weights and temperatures are optimizer state (`build.init(hparams_in_state=True)`,
+`node.make_optimizer`), so the optimizer states of these runs hold them; whether a loss term is on (its
+weight > 0) is part of the program, so it must agree, and everything else of a run's config must equal
+the first run's (`check_configs` names what differs). A run's data is padded to the longest run's rows on the run
 axis; sampling draws by count, so padding rows are never drawn.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ml_ecs.algorithms.ml_ecs import amt
 from ml_ecs.aggregation.mean import clients_finite
 from ml_ecs.config.identity import config_differences
 from ml_ecs.core import build, evaluate as evaluation, round as round_lib
+from ml_ecs.core.node import LOSS_HPARAMS
 from ml_ecs.core.setup import Setup
 from ml_ecs.core.state import CohortRound, NodeState, State
 from ml_ecs.data.cohort_data import SplitArrays
@@ -43,32 +45,49 @@ from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.data.loaders import load_dataset
 from ml_ecs.models.multimodal import model_options
 
-# The fields in which the runs of one program may differ (config paths).
-RUN_FIELDS = ('seed', 'data.seed', 'train.learning_rate')
+# The fields in which the runs of one program may differ (config paths): seeds, and the hyperparameters
+# that are optimizer state (node.make_optimizer, node.LOSS_HPARAMS).
+RUN_FIELDS = ('seed', 'data.seed', 'train.learning_rate') + tuple(f'method.{k}' for k in LOSS_HPARAMS)
+# Of those, the weights whose sign decides whether a loss term exists: all runs of a program agree on it.
+SWITCHES = tuple(f'method.{k}' for k in LOSS_HPARAMS if not k.startswith('tau'))
+
+
+def _get(d: dict, field: str):
+  for part in field.split('.'):
+    d = d.get(part, {}) if isinstance(d, dict) else {}
+  return d
 
 
 def check_configs(cfgs: Sequence[ml_collections.ConfigDict]) -> None:
-  """Raises ValueError naming the fields outside `RUN_FIELDS` in which a run differs from the first."""
+  """Raises ValueError naming the fields outside `RUN_FIELDS` in which a run differs from the first, or
+  the `SWITCHES` that are on (> 0) in one run and off in the other."""
   if not cfgs:
     raise ValueError('a program of runs needs at least one config')
   first = cfgs[0].to_dict()
   for i, cfg in enumerate(cfgs[1:], 1):
-    differ = [f for f in config_differences(first, cfg.to_dict()) if f not in RUN_FIELDS]
+    d = cfg.to_dict()
+    differ = [f for f in config_differences(first, d) if f not in RUN_FIELDS]
     if differ:
       raise ValueError(f'run {i} differs from run 0 in {differ}: runs of one program may differ only in '
                        f'{list(RUN_FIELDS)} (run the others as another program)')
+    switched = [f for f in SWITCHES if ((_get(first, f) or 0) > 0) != ((_get(d, f) or 0) > 0)]
+    if switched:
+      raise ValueError(f'run {i} turns {switched} on or off against run 0: a loss term is on (weight > 0) in '
+                       'every run of a program or in none (run the others as another program)')
 
 
 def program_key(cfg: ml_collections.ConfigDict) -> str:
-  """What configs that may share a program (`check_configs`) have in common: the config without `RUN_FIELDS`."""
+  """What configs that may share a program (`check_configs`) have in common: the config without `RUN_FIELDS`,
+  with each of the `SWITCHES` as on or off."""
   d = cfg.to_dict()
+  switches = {f: (_get(d, f) or 0) > 0 for f in SWITCHES}
   for field in RUN_FIELDS:
     *parents, leaf = field.split('.')
     node = d
     for p in parents:
       node = node.get(p, {})
     node.pop(leaf, None)
-  return json.dumps(d, sort_keys=True, default=repr)
+  return json.dumps([d, switches], sort_keys=True, default=repr)
 
 
 def _pad_stack(trees: Sequence[Any], axis: int) -> Any:
@@ -176,7 +195,7 @@ def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | Non
   ds = dataset if dataset is not None else load_dataset(cfgs[0].data)
   workdirs = list(workdirs) if workdirs is not None else [None] * len(cfgs)
   built = [build.init(cfg, workdir=w, dataset=ds, log=log if r == 0 else (lambda s: None), cache_dir=cache_dir,
-                      lr_in_state=True) for r, (cfg, w) in enumerate(zip(cfgs, workdirs))]
+                      hparams_in_state=True) for r, (cfg, w) in enumerate(zip(cfgs, workdirs))]
   setups = [s for s, _ in built]
   _check_structure(setups)
   first = setups[0]

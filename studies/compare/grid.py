@@ -261,7 +261,8 @@ def run_jobs(configs: Sequence[ml_collections.ConfigDict], dirs: Sequence[str], 
 
   `train_fn(cfg, dir, cache)` runs one and returns whether it finished (False: interrupted, e.g. by
   SIGTERM: nothing more starts). With `per_program` = k > 1 and `train_many(cfgs, dirs, program_dir,
-  cache)`, up to k unfinished runs that differ only in seeds and learning rate run as one program
+  cache)`, up to k unfinished runs that differ only in seeds and continuous hyperparameters (learning
+  rate, loss weights and temperatures: `ml_ecs.core.runs.RUN_FIELDS`) run as one program
   (ml_ecs.core.runs, `program_groups`); a group whose runs turn out to differ in structure runs one by
   one. Nothing new starts after `deadline` (time.time()). `on_done(positions)` after each finished group;
   `what` names the stage in the log.

@@ -105,7 +105,7 @@ def trial_config(base: ml_collections.ConfigDict, method: str, point: dict[str, 
 def run_tuning(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
                log: Callable[[str], None] = print, train_many: Callable | None = None) -> dict[str, Any] | None:
   """Runs (or resumes) every trial of every tuned method (`compare.run_jobs`: trials that differ only in
-  seeds and learning rate run `grid.runs_per_program` at a time as one program); writes tuning.csv and,
+  seeds and continuous hyperparameters (`ml_ecs.core.runs.RUN_FIELDS`) run `grid.runs_per_program` at a time as one program); writes tuning.csv and,
   when all are done, tuned.json ({method: {'overrides', 'objective', 'trial'}}). Returns it, or None if
   stopped."""
   tune = base.tune

@@ -1,6 +1,6 @@
 """Many federations as one program (ml_ecs.core.runs, ml_ecs.run.runs_trainer): R = 3 runs with different
-training seeds, partition seeds and learning rates give the metrics of 3 separate runs, write the same
-run directories, and resume exactly from the program's checkpoint."""
+training seeds, partition seeds, learning rates and ML-ECS loss weights and temperatures give the metrics of 3
+separate runs, write the same run directories, and resume exactly from the program's checkpoint."""
 import json
 import os
 import shutil
@@ -13,14 +13,18 @@ from ml_ecs.run.runs_trainer import train_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('runs')]
 RUNS = [(0, 0, 1e-3), (1, 3, 3e-3), (2, 5, 2e-3)]   # (seed, data.seed, train.learning_rate)
+# (method.lambda_ccl, tau_ccl, lambda_se_ccl, tau_se_ccl) of each run
+LOSS = [(0.5, 0.1, 0.3, 0.2), (0.2, 0.5, 1.0, 0.1), (1.0, 0.3, 0.1, 0.6)]
 
 
 def _configs(tiny_config, method='ml_ecs'):
   from ml_ecs.algorithms.registry import apply_strategy
   out = []
-  for seed, data_seed, lr in RUNS:
+  for (seed, data_seed, lr), (l_ccl, t_ccl, l_se, t_se) in zip(RUNS, LOSS):
     c = apply_strategy(tiny_config, method)
     c.seed, c.data.seed, c.train.learning_rate = seed, data_seed, lr
+    if method == 'ml_ecs':
+      c.method.lambda_ccl, c.method.tau_ccl, c.method.lambda_se_ccl, c.method.tau_se_ccl = l_ccl, t_ccl, l_se, t_se
     c.train.checkpoint_every = 1
     out.append(c)
   return out

@@ -10,14 +10,22 @@ from ml_ecs.core import runs as runs_lib
 from ml_ecs.core.state import NodeState, State
 
 
-def test_configs_may_differ_in_seeds_and_learning_rate_only(tiny_config):
+def test_configs_may_differ_in_seeds_learning_rate_and_loss_hyperparameters_only(tiny_config):
   a, b = tiny_config.copy_and_resolve_references(), tiny_config.copy_and_resolve_references()
+  a.method.lambda_ccl, a.method.lambda_se_ccl = 0.3, 0.2
   b.seed, b.data.seed, b.train.learning_rate = 7, 9, 3e-3
+  b.method.lambda_ccl, b.method.tau_ccl, b.method.lambda_se_ccl, b.method.tau_se_ccl = 0.5, 0.3, 0.7, 0.4
   runs_lib.check_configs([a, b])
-  b.method.lambda_ccl = 0.5
+  assert runs_lib.program_key(a) == runs_lib.program_key(b)
+  b.method.mma_backbone = 'modality'
   b.train.rounds = 9
-  with pytest.raises(ValueError, match=r"run 1 differs from run 0 in \['method.lambda_ccl', 'train.rounds'\]"):
+  with pytest.raises(ValueError, match=r"run 1 differs from run 0 in \['method.mma_backbone', 'train.rounds'\]"):
     runs_lib.check_configs([a, b])
+  c = a.copy_and_resolve_references()
+  c.method.lambda_ccl = 0.0                               # CCL off: another program
+  with pytest.raises(ValueError, match=r"turns \['method.lambda_ccl'\] on or off"):
+    runs_lib.check_configs([a, c])
+  assert runs_lib.program_key(a) != runs_lib.program_key(c)
   with pytest.raises(ValueError, match='at least one config'):
     runs_lib.check_configs([])
 
@@ -47,3 +55,27 @@ def test_views_give_back_each_stacked_run():
     for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(s)):
       np.testing.assert_array_equal(a, b)
   assert runs_lib.views(stacked)[1].cohorts == ()   # without cohorts unless asked
+
+
+def test_loss_hyperparameters_ride_in_the_optimizer_state_and_replace_the_weights_of_terms_that_are_on(tiny_config):
+  from ml_ecs.core.node import NodeProgram, StageSpec, make_optimizer, state_hparams
+  cfg = tiny_config.copy_and_resolve_references()
+  params = {'w': jnp.ones(3)}
+  state = make_optimizer(cfg.train, 0, True, {'lambda_ccl': 0.5, 'tau_ccl': 0.2}).init(params)
+  hp = state_hparams(state)
+  assert set(hp) == {'lambda_ccl', 'tau_ccl'} and float(hp['lambda_ccl']) == 0.5   # not the learning rate
+  assert state_hparams(make_optimizer(cfg.train).init(params)) == {}               # a single run: constants
+  with pytest.raises(ValueError, match='lambda_typo'):
+    make_optimizer(cfg.train, 0, True, {'lambda_typo': 1.0})
+  terms = {'lm': jnp.asarray(1.0), 'ccl': jnp.asarray(2.0), 'ccl_anchors': jnp.asarray(7.0)}
+  on = StageSpec(1, ('shared',), lambda_ccl=0.1)
+  assert float(NodeProgram.total(terms, on)) == pytest.approx(1.0 + 0.1 * 2.0)
+  assert float(NodeProgram.total(terms, on, hp)) == pytest.approx(1.0 + 0.5 * 2.0)   # the state's weight
+  # a term the stage has off stays off whatever the state holds (on/off is part of the program)
+  off = StageSpec(1, ('shared',))
+  assert float(NodeProgram.total({'lm': jnp.asarray(1.0)}, off, hp)) == pytest.approx(1.0)
+  opt = make_optimizer(cfg.train, 0, True, {'lambda_ccl': 0.5})
+  updates, _ = opt.update({'w': jnp.ones(3)}, opt.init(params), params)   # the optimizer ignores them
+  ref = make_optimizer(cfg.train, 0, True)
+  ref_updates, _ = ref.update({'w': jnp.ones(3)}, ref.init(params), params)
+  np.testing.assert_array_equal(updates['w'], ref_updates['w'])

@@ -35,7 +35,7 @@ from ml_ecs.algorithms.ml_ecs import se_ccl
 from ml_ecs.core.context import RoundContext
 from ml_ecs.data.cohort_data import SplitArrays
 from ml_ecs.models.decoder import SHARED_ONLY_LOGITS
-from ml_ecs.core.node import NodeProgram, StageSpec, Trainables, make_optimizer
+from ml_ecs.core.node import LOSS_HPARAMS, NodeProgram, StageSpec, Trainables, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,20 +52,25 @@ def server_learning_rate(train: ml_collections.ConfigDict) -> float:
   return float(train.get('server_learning_rate', train.learning_rate))
 
 
-def stages(method: ml_collections.ConfigDict, train: ml_collections.ConfigDict, lr_in_state: bool = False) -> Stages:
+def stages(method: ml_collections.ConfigDict, train: ml_collections.ConfigDict,
+           hparams_in_state: bool = False) -> Stages:
   """Client public/private and server stages of a (validated) method config. The client stages run at
   `train.learning_rate`, the server stage at `server_learning_rate(train)` (not the method's).
-  `lr_in_state`: every stage has its own optimizer whose rate is state (`node.make_optimizer`)."""
+  `hparams_in_state`: every stage has its own optimizer whose learning rate and the method's loss weights
+  and temperatures (`node.LOSS_HPARAMS`) are state (`node.make_optimizer`), not program constants."""
   communicate = bool(method.communicate)
   parts = tuple(p for p in params.TRAINABLE if method.amt or p != 'private')
   lambda_ccl = method.lambda_ccl if method.ccl != 'none' else 0.0
   lambda_se = method.lambda_se_ccl if method.se_ccl and communicate else 0.0
   reliability = bool(lambda_se) and method.se_ccl_reliability == 'lm'
 
+  loss = {k: float(method[k]) for k in LOSS_HPARAMS} if hparams_in_state else None
+
   def opt(steps):   # None: the program's constant-rate optimizer
-    if train.lr_schedule == 'constant' and not lr_in_state:
+    if train.lr_schedule == 'constant' and not hparams_in_state:
       return None
-    return make_optimizer(train, 0 if train.lr_schedule == 'constant' else train.rounds * steps, lr_in_state)
+    return make_optimizer(train, 0 if train.lr_schedule == 'constant' else train.rounds * steps, hparams_in_state,
+                          loss)
 
   server_train = ml_collections.ConfigDict({**train.to_dict(), 'learning_rate': server_learning_rate(train)})
   server_total = 0 if train.lr_schedule == 'constant' else train.rounds * train.server_steps
@@ -76,7 +81,8 @@ def stages(method: ml_collections.ConfigDict, train: ml_collections.ConfigDict, 
       private=StageSpec(train.private_steps, parts, lambda_ccl=lambda_ccl,
                         fedprox_mu=method.fedprox_mu if communicate else 0.0, optimizer=opt(train.private_steps)),
       server=StageSpec(train.server_steps, params.TRAINABLE, lambda_ccl=lambda_ccl, lambda_se_ccl=lambda_se,
-                       optimizer=make_optimizer(server_train, server_total, lr_in_state), reliability=reliability,
+                       optimizer=make_optimizer(server_train, server_total, hparams_in_state, loss),
+                       reliability=reliability,
                        learning_rate=server_learning_rate(train)))
 
 
