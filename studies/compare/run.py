@@ -87,23 +87,26 @@ def main(argv):
     return 128 + int(getattr(signal, stopped_by[0])) if stopped_by else 0
 
   try:
-    return _stages(cfg, workdir, run_cell, run_program, deadline, stopped_by, status, log)
+    return _stages(cfg, workdir, run_cell, run_program, deadline, stopped_by, status, log, save)
   finally:
     save()
 
 
-def _stages(cfg, workdir, run_cell, run_program, deadline, stopped_by, status, log) -> int:
-  """Headroom check -> tuning -> grid -> reproduction check; the exit status."""
+def _stages(cfg, workdir, run_cell, run_program, deadline, stopped_by, status, log, save) -> int:
+  """Headroom check -> tuning -> grid -> reproduction check; the exit status. `save()` after the headroom
+  check and the tuning (the grid's cells save as their programs finish)."""
   try:
     if headroom.run_checks(cfg, workdir, run_cell, log=log) is None:
       print('headroom check stopped; rerun the same command to go on', flush=True)
       return status()
+    save()
     if 'tune' in cfg and cfg.tune.trials > 0 and not cfg.grid.tuned:
       tuned = tuning.run_tuning(cfg, workdir, run_cell, log=log, train_many=run_program)
       if tuned is None:
         print('tuning stopped; rerun the same command to go on', flush=True)
         return status()
       cfg.grid.tuned = os.path.join(workdir, 'tuned.json')
+      save()
     results = compare.run_grid(cfg, workdir, run_cell, log=log, progress=True, deadline=deadline,
                                train_many=run_program)
     if len(results) < len(compare.cells(cfg.grid)):
