@@ -58,6 +58,11 @@ def _get(d: dict, field: str):
   return d
 
 
+def _switches(d: dict) -> dict[str, bool]:
+  """Which `SWITCHES` a config (as a dict) has on (> 0)."""
+  return {f: (_get(d, f) or 0) > 0 for f in SWITCHES}
+
+
 def check_configs(cfgs: Sequence[ml_collections.ConfigDict]) -> None:
   """Raises ValueError naming the fields outside `RUN_FIELDS` in which a run differs from the first, or
   the `SWITCHES` that are on (> 0) in one run and off in the other."""
@@ -70,7 +75,8 @@ def check_configs(cfgs: Sequence[ml_collections.ConfigDict]) -> None:
     if differ:
       raise ValueError(f'run {i} differs from run 0 in {differ}: runs of one program may differ only in '
                        f'{list(RUN_FIELDS)} (run the others as another program)')
-    switched = [f for f in SWITCHES if ((_get(first, f) or 0) > 0) != ((_get(d, f) or 0) > 0)]
+    on, on_first = _switches(d), _switches(first)
+    switched = [f for f in SWITCHES if on[f] != on_first[f]]
     if switched:
       raise ValueError(f'run {i} turns {switched} on or off against run 0: a loss term is on (weight > 0) in '
                        'every run of a program or in none (run the others as another program)')
@@ -80,13 +86,12 @@ def program_key(cfg: ml_collections.ConfigDict) -> str:
   """What configs that may share a program (`check_configs`) have in common: the config without `RUN_FIELDS`,
   with each of the `SWITCHES` as on or off."""
   d = cfg.to_dict()
-  switches = {f: (_get(d, f) or 0) > 0 for f in SWITCHES}
+  switches = _switches(d)
   for field in RUN_FIELDS:
-    *parents, leaf = field.split('.')
-    node = d
-    for p in parents:
-      node = node.get(p, {})
-    node.pop(leaf, None)
+    parent, _, leaf = field.rpartition('.')
+    node = _get(d, parent) if parent else d
+    if isinstance(node, dict):
+      node.pop(leaf, None)
   return json.dumps([d, switches], sort_keys=True, default=repr)
 
 
