@@ -15,6 +15,8 @@ import filecmp
 import os
 import shutil
 
+from ml_ecs.run.metrics_io import temp_name
+
 # The files of a finished run directory that the statistics, the reports and the reproduction check read,
 # and what documents the run; not its checkpoints, TensorBoard events or tokenizer (rebuilt from the config).
 # summary.json, the mark of a finished run, comes last: a copy cut short never looks finished.
@@ -28,7 +30,7 @@ def _copy(src: str, dst: str) -> bool:
   if os.path.exists(dst) and filecmp.cmp(src, dst, shallow=False):
     return False
   os.makedirs(os.path.dirname(dst), exist_ok=True)
-  tmp = f'{dst}.tmp{os.getpid()}'
+  tmp = temp_name(dst)
   shutil.copyfile(src, tmp)
   os.replace(tmp, dst)
   return True
