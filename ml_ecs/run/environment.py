@@ -34,8 +34,14 @@ def _git_commit() -> str:
     return ''
 
 
+# The commit of the code this process loaded, read once at import: a long job (a comparison grid) records
+# environment() hours later, when the repository's HEAD may have moved on from the code it is running.
+LOADED_COMMIT = _git_commit()
+
+
 def environment() -> dict[str, Any]:
-  """CPU model, core count, Python, package versions, XLA flags, JAX devices and the code's commit."""
+  """CPU model, core count, Python, package versions, XLA flags, JAX devices and the commit of the code
+  this process runs (`LOADED_COMMIT`)."""
   import jax
   versions = {}
   for name in PACKAGES:
@@ -50,5 +56,5 @@ def environment() -> dict[str, Any]:
       'python': sys.version.split()[0], 'packages': versions,
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'jax_platforms': os.environ.get('JAX_PLATFORMS', ''),
       'device_count': len(devices), 'devices': sorted({f'{d.platform}:{d.device_kind}' for d in devices}),
-      'git_commit': _git_commit(),
+      'git_commit': LOADED_COMMIT,
   }

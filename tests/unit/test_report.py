@@ -209,3 +209,9 @@ def test_grid_report_before_any_cell_finished(tmp_path):
   paths = report(workdir)
   assert [os.path.basename(p) for p in paths] == ['rouge_vs_round.png']
   assert_png(paths[0])
+
+
+def test_environment_records_the_commit_of_the_code_loaded_not_a_later_head(monkeypatch):
+  from ml_ecs.run import environment
+  monkeypatch.setattr(environment, '_git_commit', lambda: 'a-later-head')   # the repository moved on
+  assert environment.environment()['git_commit'] == environment.LOADED_COMMIT != 'a-later-head'
