@@ -199,10 +199,12 @@ def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | Non
   check_configs(cfgs)
   ds = dataset if dataset is not None else load_dataset(cfgs[0].data)
   workdirs = list(workdirs) if workdirs is not None else [None] * len(cfgs)
-  built = [build.init(cfg, workdir=w, dataset=ds, log=log if r == 0 else (lambda s: None), cache_dir=cache_dir,
-                      hparams_in_state=True) for r, (cfg, w) in enumerate(zip(cfgs, workdirs))]
+  built = []
+  for r, (cfg, w) in enumerate(zip(cfgs, workdirs)):
+    built.append(build.init(cfg, workdir=w, dataset=ds, log=log if r == 0 else (lambda s: None),
+                            cache_dir=cache_dir, hparams_in_state=True))
+    _check_structure([s for s, _ in built])   # refuse at the first run that differs, before building the rest
   setups = [s for s, _ in built]
-  _check_structure(setups)
   first = setups[0]
   setups = [first] + [_share_functions(s, first) for s in setups[1:]]
   edge_same, server_same = _same([s.edge_frozen for s in setups]), _same([s.server_frozen for s in setups])

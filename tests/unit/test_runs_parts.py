@@ -30,6 +30,25 @@ def test_configs_may_differ_in_seeds_learning_rate_and_loss_hyperparameters_only
     runs_lib.check_configs([])
 
 
+def test_init_refuses_a_run_of_other_structure_before_building_the_rest(tiny_config, monkeypatch):
+  from types import SimpleNamespace
+  cfgs = [tiny_config.copy_and_resolve_references() for _ in range(4)]
+  for r, c in enumerate(cfgs):
+    c.data.seed = r
+  cohort = lambda real: SimpleNamespace(data=SimpleNamespace(modalities=('a',)), client_ids=[0, 1], num_real=real,
+                                        num_selected=1, host=False)
+  built = []
+
+  def fake_build(cfg, **kw):   # run 1's partition leaves its cohort one real client short
+    built.append(cfg.data.seed)
+    return SimpleNamespace(cohorts=[cohort(1 if cfg.data.seed == 1 else 2)], num_public=8), None
+
+  monkeypatch.setattr(runs_lib.build, 'init', fake_build)
+  with pytest.raises(runs_lib.DifferentStructure, match='run 1 has cohorts'):
+    runs_lib.init(cfgs, dataset=object(), log=lambda s: None)
+  assert built == [0, 1]      # runs 2 and 3 were never built
+
+
 def test_pad_stack_pads_the_row_axis_with_zeros():
   a = {'x': jnp.ones((2, 3, 4)), 'count': jnp.array([3, 1])}
   b = {'x': 2 * jnp.ones((2, 5, 4)), 'count': jnp.array([5, 2])}
