@@ -2,8 +2,9 @@
 
 The workdir holds what a resume needs inside a run (checkpoints, the compilation cache, program state:
 hundreds of MB). The keep directory holds what a *finished* run leaves for the statistics and the reports:
-the small files of every run directory that has its summary.json (`RUN_FILES`), and the workdir's own files
-(headroom.json, tuning.csv, tuned.json, results.*, environment.jsonl, plots). It is small enough to commit
+the small files of every run directory that has its summary.json (`RUN_FILES`), and the files the protocol
+writes at the workdir's top (`WORKDIR_FILES`). Nothing else travels either way, so a README or notes kept
+beside the results in the keep directory are never overwritten. It is small enough to commit
 (about 70 KB a run), so a comparison that outlives one machine goes on from it on the next: `restore` copies
 into a new workdir what the workdir lacks, and the grid, the tuning and the headroom check skip every run
 whose summary.json is there. Work on runs that had not finished is lost, so run long grids in pieces
@@ -21,6 +22,9 @@ from ml_ecs.run.metrics_io import temp_name
 # and what documents the run; not its checkpoints, TensorBoard events or tokenizer (rebuilt from the config).
 # summary.json, the mark of a finished run, comes last: a copy cut short never looks finished.
 RUN_FILES = ('metrics.jsonl', 'timing.jsonl', 'config.json', 'clients.json', 'model_summary.json', 'summary.json')
+# The files the protocol writes at the top of its workdir (headroom check, tuning, grid, reproduction check).
+WORKDIR_FILES = ('headroom.json', 'tuning.csv', 'tuned.json', 'results.csv', 'results.md', 'repro.json',
+                 'environment.jsonl', 'rouge_vs_round.png', 'rouge_vs_missing_rate.png')
 # Workdir folders that hold run directories (headroom/: the LM check; repro/: the reproduction check).
 RUN_FOLDERS = ('headroom', 'tuning', 'cells', 'repro')
 
@@ -49,12 +53,11 @@ def finished_runs(root: str) -> list[str]:
 
 
 def _top_files(root: str) -> list[str]:
-  return sorted(f for f in os.listdir(root) if os.path.isfile(os.path.join(root, f))
-                and not f.startswith('.') and '.tmp' not in f)
+  return [f for f in WORKDIR_FILES if os.path.isfile(os.path.join(root, f))]
 
 
 def save(workdir: str, keep_dir: str) -> int:
-  """Copies the workdir's own files and every finished run's RUN_FILES into `keep_dir`; returns how many
+  """Copies the workdir's WORKDIR_FILES and every finished run's RUN_FILES into `keep_dir`; returns how many
   files changed there."""
   changed = 0
   for name in _top_files(workdir):

@@ -77,7 +77,11 @@ def test_a_new_workdir_goes_on_from_the_keep_directory(tmp_path, tiny_config):
     (first / run / 'checkpoints' / '5' / 'state').write_text('big')
   os.makedirs(first / 'cache' / 'jax')
   (first / 'cache' / 'jax' / 'entry').write_text('compiled')
+  (first / 'README.md').write_text('old notes')                 # not a file of the protocol: stays out
+  os.makedirs(kept)
+  (kept / 'README.md').write_text('what this folder is')
   assert keep.save(str(first), str(kept)) > 0 and keep.save(str(first), str(kept)) == 0   # nothing changed twice
+  assert (kept / 'README.md').read_text() == 'what this folder is'
   finished = keep.finished_runs(str(first))
   assert len(finished) == 3 and keep.finished_runs(str(kept)) == finished
   files = {os.path.relpath(os.path.join(d, f), kept) for d, _, fs in os.walk(kept) for f in fs}
@@ -88,8 +92,8 @@ def test_a_new_workdir_goes_on_from_the_keep_directory(tmp_path, tiny_config):
   # A new machine: restore, then the same grid runs only the 5 cells that had not finished.
   os.makedirs(second)
   (second / 'results.md').write_text('newer')                    # a workdir's own file is not overwritten
-  assert keep.restore(str(kept), str(second)) == len(files) - 1
-  assert (second / 'results.md').read_text() == 'newer'
+  assert keep.restore(str(kept), str(second)) == len(files) - 2   # not results.md, not the README
+  assert (second / 'results.md').read_text() == 'newer' and not (second / 'README.md').exists()
   calls2 = []
   results = compare.run_grid(base, str(second), _fake_train(calls2), log=lambda s: None)
   assert len(calls2) == 5 and len(results) == 8 and unfinished[0] in calls2
