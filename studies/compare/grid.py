@@ -341,10 +341,37 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, 
   return results()
 
 
+def _numbers(x: Any, path: str = '') -> dict[str, float]:
+  """The numeric leaves of a metrics row, flattened to {path: value} (lists and nested dicts included)."""
+  if isinstance(x, bool):
+    return {}
+  if isinstance(x, (int, float)):
+    return {path: float(x)}
+  items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
+  return {k: v for key, item in items for k, v in _numbers(item, f'{path}/{key}').items()}
+
+
+def metric_differences(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """How far two metrics.jsonl of one run lie apart: the largest absolute difference over every numeric
+  value of every row (and which), and whether the rows and their keys agree at all."""
+  worst, where = 0.0, ''
+  same_keys = len(a) == len(b) and all(set(_numbers(x)) == set(_numbers(y)) for x, y in zip(a, b))
+  for x, y in zip(a, b):
+    nx, ny = _numbers(x), _numbers(y)
+    for k in nx.keys() & ny.keys():
+      d = abs(nx[k] - ny[k])
+      if d > worst or math.isnan(d):
+        worst, where = d, f"round {x.get('round')}: {k.lstrip('/')}"
+  return {'same_rows': same_keys, 'worst_abs_diff': worst, 'worst_at': where}
+
+
 def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, count: int = 3,
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-  """Reruns `count` finished cells (spread over the grid) from scratch under repro/ and records
-  whether metrics.jsonl came out identical (repro.json). Returns the records."""
+  """Reruns `count` finished cells (spread over the grid) from scratch under repro/, each as a single run,
+  and records how its metrics.jsonl compares with the grid's (repro.json): identical or not, the largest
+  difference of any value, and the headline scores of both. Returns the records. A cell that ran inside a
+  program of runs (grid.runs_per_program) matches its rerun to float tolerance, not bit for bit: the
+  vmapped program orders some reductions differently."""
   tuned = tuned_values(base.grid)
   done = []
   for cell in cells(base.grid):
@@ -358,6 +385,7 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
   path = os.path.join(workdir, 'repro.json')
   records = {r['cell']: r for r in (json.load(open(path)) if os.path.exists(path) else [])}
   _record_environment(workdir, 'reproduce')
+  last_k = base.grid.get('last_k', 3)
   for cell, cfg, cdir in picks:
     name = os.path.basename(cdir)
     if name in records:
@@ -370,9 +398,12 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
       break
     a = metrics_io.read_jsonl(os.path.join(cdir, 'metrics.jsonl'))
     b = metrics_io.read_jsonl(os.path.join(rdir, 'metrics.jsonl'))
-    ka, kb = (stats.last_k_mean(x, 'client/rougeLsum_mean', base.grid.get('last_k', 3)) for x in (a, b))
-    records[name] = {'cell': name, 'identical': a == b, 'client_rougeLsum_original': ka,
-                     'client_rougeLsum_rerun': kb, 'abs_diff': abs(ka - kb)}
+    client_key, server_key = stats.headline_keys(a, base.grid.get('headline', 'rougeLsum'))
+    ca, cb = (stats.last_k_mean(x, client_key, last_k) for x in (a, b))
+    sa, sb = (stats.last_k_mean(x, server_key, last_k) for x in (a, b))
+    records[name] = {'cell': name, 'identical': a == b, **metric_differences(a, b), 'client_metric': client_key,
+                     'client_original': ca, 'client_rerun': cb, 'server_metric': server_key,
+                     'server_original': sa, 'server_rerun': sb, 'abs_diff': abs(ca - cb)}
     metrics_io.write_json(path, list(records.values()))
   return list(records.values())
 
@@ -561,6 +592,26 @@ def headroom_section(headroom: dict[str, Any]) -> list[str]:
   return out + ['']
 
 
+def repro_section(repro: list[dict[str, Any]]) -> list[str]:
+  """results.md's reproduction check: each rerun cell against the grid's (records of `reproduce`; records
+  written before the largest-difference column hold the client ROUGE-LSum only)."""
+  out = ['## Reproduction check', '',
+         'Finished cells rerun from scratch as single runs (repro/). Largest difference: over every number of '
+         'every row of metrics.jsonl.', '',
+         '| cell | metrics.jsonl identical | largest difference (where) | client: grid / rerun | '
+         'server: grid / rerun |', '|---|---|---|---|---|']
+  for r in repro:
+    if 'client_original' not in r:   # the older record
+      r = {**r, 'client_metric': 'client/rougeLsum_mean', 'client_original': r['client_rougeLsum_original'],
+           'client_rerun': r['client_rougeLsum_rerun']}
+    worst = f"{r['worst_abs_diff']:.2g} ({r['worst_at']})" if 'worst_abs_diff' in r else '—'
+    server = (f"{r['server_metric']} {r['server_original']:.4f} / {r['server_rerun']:.4f}"
+              if 'server_original' in r else '—')
+    out.append(f"| {r['cell']} | {r['identical']} | {worst} | {r['client_metric']} {r['client_original']:.4f} / "
+               f"{r['client_rerun']:.4f} | {server} |")
+  return out + ['']
+
+
 def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] | None = None,
                     contrasts: Sequence[tuple[str, str]] = CONTRASTS, reference: str = REFERENCE,
                     headroom: dict[str, Any] | None = None, design: str = '', headline: str = 'rougeLsum') -> str:
@@ -616,9 +667,5 @@ def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] |
   if headroom:
     out += headroom_section(headroom)
   if repro:
-    out += ['## Reproduction check', '', '| cell | metrics.jsonl identical | client ROUGE-LSum original | rerun |',
-            '|---|---|---|---|']
-    out += [f"| {r['cell']} | {r['identical']} | {r['client_rougeLsum_original']:.4f} | "
-            f"{r['client_rougeLsum_rerun']:.4f} |" for r in repro]
-    out.append('')
+    out += repro_section(repro)
   return '\n'.join(out)

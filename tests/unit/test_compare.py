@@ -198,10 +198,24 @@ def test_reproduction_check(tmp_path, tiny_config):
   calls = []
   results = compare.run_grid(base, str(tmp_path), _fake_train(calls), log=lambda s: None)
   records = compare.reproduce(base, str(tmp_path), _fake_train(calls), count=3, log=lambda s: None)
-  assert len(records) == 3 and all(r['identical'] for r in records)
+  assert len(records) == 3 and all(r['identical'] and r['same_rows'] and r['worst_abs_diff'] == 0 for r in records)
+  assert all(r['client_original'] == r['client_rerun'] and r['server_metric'] for r in records)
   compare.write_reports(results, str(tmp_path))
   assert '## Reproduction check' in (tmp_path / 'results.md').read_text()
   assert 'plateau' not in (tmp_path / 'results.md').read_text()
+
+
+def test_metric_differences_find_the_largest_gap_anywhere_in_the_rows():
+  a = [{'round': 5, 'x': 1.0, 'per': {'0': 0.5, '1': 0.25}, 'ids': [1, 2], 'ok': True},
+       {'round': 10, 'x': 2.0, 'per': {'0': 0.5, '1': 0.25}}]
+  b = [{'round': 5, 'x': 1.0 + 1e-7, 'per': {'0': 0.5, '1': 0.25}, 'ids': [1, 2], 'ok': True},
+       {'round': 10, 'x': 2.0, 'per': {'0': 0.5, '1': 0.375}}]
+  d = compare.metric_differences(a, b)
+  assert d == {'same_rows': True, 'worst_abs_diff': 0.125, 'worst_at': 'round 10: per/1'}
+  assert compare.metric_differences(a, a)['worst_abs_diff'] == 0.0
+  assert not compare.metric_differences(a, b[:1])['same_rows']
+  nan = [dict(a[0], x=float('nan'))]
+  assert math.isnan(compare.metric_differences(a[:1], nan)['worst_abs_diff'])
 
 
 def test_last_k():
