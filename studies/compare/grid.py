@@ -68,7 +68,8 @@ TELEMETRY = ('server/se_ccl_clients', 'client/se_ccl_used', 'client/private_ccl_
              'client/gate_shared', 'client/gate_private', 'mma/*_clients', 'mma/*_weight')
 CSV_FIELDS = (('method', 'missing_rate', 'num_clients', 'partition_seed', 'train_seed', 'cell')
               + tuple(f for f, _, _ in METRICS) + tuple(f for f, _ in PER_CLIENT) + tuple(f for f, _ in FLOORS)
-              + ('final_client_rougeLsum', 'final_server_rougeLsum', 'comm_ratio', 'rounds', 'wall_s', 'telemetry'))
+              + ('final_client_rougeLsum', 'final_server_rougeLsum', 'comm_ratio', 'rounds', 'wall_s', 'telemetry',
+                 'client_modalities'))
 
 Cell = tuple[str, float, int, int, int]   # method, missing rate, clients, partition seed, training seed
 
@@ -201,9 +202,10 @@ def cell_config(base: ml_collections.ConfigDict, cell: Cell, tuned: dict[str, di
 
 
 def cell_row(cell: Cell, name: str, rows: list[dict], timings: list[dict], last_k: int,
-             floors: dict[str, float] | None = None) -> dict[str, Any]:
+             floors: dict[str, float] | None = None, clients_json: list[dict] | None = None) -> dict[str, Any]:
   """The results row of a finished cell (`name`: its directory name under cells/; `floors`: its
-  summary.json's constant-answer floors, '' where a cell predates them)."""
+  summary.json's constant-answer floors, '' where a cell predates them; `clients_json`: its clients.json, for
+  each client's modality set)."""
   method, rate, clients, partition_seed, train_seed = cell
   final = stats.evaluated(rows, 'client/rougeLsum_mean')[-1]
   out = {'method': method, 'missing_rate': rate, 'num_clients': clients, 'partition_seed': partition_seed,
@@ -217,6 +219,8 @@ def cell_row(cell: Cell, name: str, rows: list[dict], timings: list[dict], last_
              wall_s=max((t.get('time/elapsed_s', 0.0) for t in timings), default=float('nan')))
   out.update({field: (floors or {}).get(key, '') for field, key in FLOORS})
   out['telemetry'] = json.dumps(telemetry(rows), sort_keys=True)
+  out['client_modalities'] = json.dumps({str(c['client_id']): '+'.join(c['modalities']) for c in clients_json},
+                                        sort_keys=True) if clients_json else ''
   return out
 
 
@@ -314,8 +318,11 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, 
     timing_path = os.path.join(dirs[i], 'timing.jsonl')
     with open(os.path.join(dirs[i], 'summary.json')) as f:
       floors = json.load(f).get('floors')
+    clients_path = os.path.join(dirs[i], 'clients.json')
+    clients = json.load(open(clients_path)) if os.path.exists(clients_path) else None
     rows[i] = cell_row(todo[i], os.path.basename(dirs[i]), metrics_io.read_jsonl(os.path.join(dirs[i], 'metrics.jsonl')),
-                       metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else [], last_k, floors)
+                       metrics_io.read_jsonl(timing_path) if os.path.exists(timing_path) else [], last_k, floors,
+                       clients)
 
   for i, d in enumerate(dirs):
     if os.path.exists(os.path.join(d, 'summary.json')):
@@ -458,11 +465,14 @@ def by_partition(results: list[dict[str, Any]], method: str, field: str) -> dict
 
 
 def paired_difference(results: list[dict[str, Any]], method: str, baseline: str, field: str,
-                      per_client_field: str | None = None, level: float = 0.95) -> dict[str, float] | None:
+                      per_client_field: str | None = None, level: float = 0.95,
+                      modalities: str | None = None) -> dict[str, float] | None:
   """method - baseline on the runs both have, clustered on the partition seed (`stats.clustered_t`).
 
   A run's difference is paired on the same partition and training seed: with `per_client_field` the
-  mean over its clients of the per-client differences, else the difference of the run values.
+  mean over its clients of the per-client differences, else the difference of the run values. With
+  `modalities` (e.g. 'accel+depth'), only the clients holding that modality set (the row's
+  client_modalities).
   """
   a = {_run_key(r): r for r in results if r['method'] == method}
   b = {_run_key(r): r for r in results if r['method'] == baseline}
@@ -470,7 +480,9 @@ def paired_difference(results: list[dict[str, Any]], method: str, baseline: str,
   for key in sorted(set(a) & set(b)):
     if per_client_field and a[key].get(per_client_field) and b[key].get(per_client_field):
       ca, cb = json.loads(a[key][per_client_field]), json.loads(b[key][per_client_field])
-      diffs = [ca[c] - cb[c] for c in sorted(set(ca) & set(cb), key=int)]
+      held = json.loads(a[key].get('client_modalities') or '{}')
+      diffs = [ca[c] - cb[c] for c in sorted(set(ca) & set(cb), key=int)
+               if modalities is None or held.get(c) == modalities]
       if diffs:
         clusters[key[0]].append(float(np.mean(diffs)))
     elif not per_client_field and a[key].get(field) not in ('', None) and b[key].get(field) not in ('', None):
@@ -547,6 +559,22 @@ def ceiling_rows(headroom: dict[str, Any] | None, rate: float, clients: int,
     cols = [format(s[f.replace('accuracy', what)], '.3f') if f in ('client_accuracy', 'server_accuracy') else ''
             for f, _, _ in metrics]
     out.append(f"| {label} | | {s['partitions']} | " + ' | '.join(cols) + ' |')
+  return out
+
+
+def by_modality_rows(setting: list[dict[str, Any]], differences: Sequence[tuple[str, str]], client: str,
+                     per_client: str) -> list[str]:
+  """Exploratory table: each client-side difference over the clients of each modality set (clustered on
+  the partition seed like the rest); none where the runs hold one modality set only or predate the field."""
+  sets = sorted({m for r in setting for m in json.loads(r.get('client_modalities') or '{}').values()})
+  if len(sets) < 2 or not differences:
+    return []
+  out = ['', f'By client modality set (exploratory, no correction): the client-side differences over the clients '
+         f'that hold each set ({client}).', '', '| difference | ' + ' | '.join(sets) + ' |',
+         '|---|' + '---|' * len(sets)]
+  for m, b in differences:
+    cells_ = [paired_difference(setting, m, b, client, per_client, modalities=mods) for mods in sets]
+    out.append(f'| {m} - {b} | ' + ' | '.join('—' if d is None else _fmt_ci(d, signed=True) for d in cells_) + ' |')
   return out
 
 
@@ -662,6 +690,7 @@ def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] |
         cells_ = [paired_difference(setting, m, b, client, per_client), paired_difference(setting, m, b, server)]
         out.append(f'| {m} - {b} | ' + ' | '.join('—' if d is None else _fmt_ci(d, signed=True) for d in cells_)
                    + ' |')
+    out += by_modality_rows(setting, family + explore, client, per_client)
     out.append('')
   out += telemetry_section(results)
   if headroom:

@@ -36,6 +36,8 @@ def _fake_train(calls, stop_at=None, gain=0.1):
     os.makedirs(cdir, exist_ok=True)
     metrics_io.write_json(os.path.join(cdir, 'config.json'), json.loads(cfg.to_json_best_effort()))
     metrics_io.write_jsonl(os.path.join(cdir, 'metrics.jsonl'), rows)
+    metrics_io.write_json(os.path.join(cdir, 'clients.json'), [
+        {'client_id': c, 'modalities': mods} for c, mods in enumerate((['a', 'b'], ['a', 'b'], ['c']))])
     if stop_at is not None and len(calls) == stop_at:
       return False                  # interrupted (e.g. SIGTERM) before this cell's summary is written
     metrics_io.write_json(os.path.join(cdir, 'summary.json'), {})
@@ -216,6 +218,30 @@ def test_metric_differences_find_the_largest_gap_anywhere_in_the_rows():
   assert not compare.metric_differences(a, b[:1])['same_rows']
   nan = [dict(a[0], x=float('nan'))]
   assert math.isnan(compare.metric_differences(a[:1], nan)['worst_abs_diff'])
+
+
+def test_differences_by_client_modality_set_against_a_hand_computation():
+  rows = []
+  for p in range(3):
+    for method, gain in (('local', (0.0, 0.0, 0.0)), ('ml_ecs', (0.1 + 0.01 * p, 0.1 + 0.01 * p, -0.05))):
+      rows.append({'method': method, 'missing_rate': 0.0, 'num_clients': 3, 'partition_seed': p, 'train_seed': 0,
+                   'client_accuracy': 0.5, 'server_accuracy': 0.5,
+                   'client_accuracy_by_client': json.dumps({str(c): 0.4 + g for c, g in enumerate(gain)}),
+                   'client_modalities': json.dumps({'0': 'a+b', '1': 'a+b', '2': 'c'})})
+  ab = compare.paired_difference(rows, 'ml_ecs', 'local', 'client_accuracy', 'client_accuracy_by_client',
+                                 modalities='a+b')
+  c = compare.paired_difference(rows, 'ml_ecs', 'local', 'client_accuracy', 'client_accuracy_by_client',
+                                modalities='c')
+  both = compare.paired_difference(rows, 'ml_ecs', 'local', 'client_accuracy', 'client_accuracy_by_client')
+  assert ab['mean'] == pytest.approx(0.11) and ab['clusters'] == 3 and ab['lo'] < 0.11 < ab['hi']
+  assert c['mean'] == pytest.approx(-0.05)
+  assert both['mean'] == pytest.approx((2 * 0.11 - 0.05) / 3)
+  text = compare.markdown_report(rows, contrasts=(('ml_ecs', 'local'),), headline='accuracy')
+  assert 'By client modality set' in text
+  line = next(l for l in text.splitlines() if l.startswith('| ml_ecs - local | +0.110'))
+  assert line.split(' | ')[2].startswith('-0.050')
+  one_set = [dict(r, client_modalities=json.dumps({'0': 'a', '1': 'a', '2': 'a'})) for r in rows]
+  assert 'By client modality set' not in compare.markdown_report(one_set, contrasts=(('ml_ecs', 'local'),))
 
 
 def test_last_k():
