@@ -44,11 +44,16 @@ from ml_ecs.models.conv import CONV_IMPLS
 from ml_ecs.models.multimodal import MultimodalLM, node_options
 
 
-def stack_init(model_fn: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array, out_shardings=None) -> dict:
-  """Trainable parts of one freshly initialised model per key, stacked (one compiled init)."""
+def stack_init_fn(model_fn: Callable[[nnx.Rngs], nnx.Module], out_shardings=None) -> Callable[[jax.Array], dict]:
+  """The compiled init of `stack_init`: keys [n] -> the trainable parts of one fresh model per key, stacked."""
   def init(key):
     return sub(params.split_model(model_fn(nnx.Rngs(key)))[1], params.TRAINABLE)
-  return jax.jit(jax.vmap(init), out_shardings=out_shardings)(keys)
+  return jax.jit(jax.vmap(init), out_shardings=out_shardings)
+
+
+def stack_init(model_fn: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array, out_shardings=None) -> dict:
+  """Trainable parts of one freshly initialised model per key, stacked (one compiled init)."""
+  return stack_init_fn(model_fn, out_shardings)(keys)
 
 
 def client_mesh(num_devices: int = 0) -> Mesh:
@@ -101,14 +106,17 @@ def make_generate(program: NodeProgram, mesh: Mesh, max_len: int) -> Callable:
 def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: MultimodalDataset | None = None,
          log: Callable[[str], None] = print, cache_dir: str | None = None,
          recorded: dict | None = None, hparams_in_state: bool = False,
-         backbone_cache: str | None = None) -> tuple[Setup, State]:
+         backbone_cache: str | None = None, jit_cache: dict | None = None) -> tuple[Setup, State]:
   """Builds a federation from a validated config. workdir receives the tokenizer; pretrained
   backbones are cached under (cache_dir or workdir)/backbones, and also under backbone_cache/backbones
   when given (a folder shared by later runs: ml_ecs.backbones.pretrain.cached_backbone). `dataset` replaces the config's
   data source (an in-memory MultimodalDataset). `recorded`: the execution choices of this run's first
   process (`Setup.execution`, model_summary.json), made again as they were instead of measured.
   `hparams_in_state`: learning rates and the loss weights and temperatures are optimizer state, not
-  program constants (`node.make_optimizer`; federations on a run axis, ml_ecs.core.runs)."""
+  program constants (`node.make_optimizer`; federations on a run axis, ml_ecs.core.runs). `jit_cache`: a dict
+  shared by builds whose configs differ at most in `ml_ecs.core.runs.RUN_FIELDS` (runs.check_configs): the
+  models' traced inits and graph definitions, keyed by everything they depend on, so a later build traces
+  only what its seeds change (measured: most of a later run's setup)."""
   ds = dataset if dataset is not None else load_dataset(cfg.data)
   if workdir:
     os.makedirs(workdir, exist_ok=True)
@@ -153,8 +161,16 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
           f"{', cached' if record['cached'] else ''})")
     return impl
 
-  def program(fn, num_modalities):
-    graphdef, _ = params.split_model(nnx.eval_shape(lambda: fn(nnx.Rngs(0))))
+  traced = jit_cache if jit_cache is not None else {}
+
+  def node_key(name, mods, enc, conv_impl):   # all a node model's init and graph depend on besides its rng
+    return (name, tuple(mods), tuple(sorted(enc.items())), conv_impl, tuple(sorted(node_options(cfg, name).items())),
+            tuple(sorted((k, tuple(v)) for k, v in shapes.items())), bb.vocab_size(name, text.tokenizer.vocab_size))
+
+  def program(fn, num_modalities, key):
+    if ('graph',) + key not in traced:
+      traced[('graph',) + key] = params.split_model(nnx.eval_shape(lambda: fn(nnx.Rngs(0))))[0]
+    graphdef = traced[('graph',) + key]
     return NodeProgram(graphdef, num_modalities, jnp.asarray(text.instr), jnp.asarray(text.instr_mask),
                        m.ccl if m.lambda_ccl > 0 else 'none', m.tau_ccl, m.tau_se_ccl, cfg.train.batch_size,
                        optimizer, ccl_anchor=m.ccl_anchor, input_view=algorithm.input_view,
@@ -167,7 +183,10 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     if bb.sources[name].startswith(backbones.RANDOM):   # an architecture with random weights, no pretraining
       frozen[name] = jax.jit(lambda: params.split_model(new_model(nnx.Rngs(cfg.seed + 41)))[1]['frozen'])()
       continue
-    template = params.split_model(nnx.eval_shape(lambda: new_model(nnx.Rngs(0))))[1]['frozen']
+    bb_key = ('template',) + node_key(name, modalities, {k: 'mlp' for k in modalities}, 'xla')
+    if bb_key not in traced:
+      traced[bb_key] = params.split_model(nnx.eval_shape(lambda: new_model(nnx.Rngs(0))))[1]['frozen']
+    template = traced[bb_key]
     if bb.sources[name] != 'pretrained':
       frozen[name] = backbones.frozen_state(bb, name, template, replicated, placed)
       continue
@@ -192,9 +211,10 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     padded = list(clients) + [clients[0]] * (n_pad - n_real)
     enc = dict(clients[0].encoder_types)
     block = min(cfg.train.client_chunk or num_selected, max(num_selected // ndev, 1))   # clients one vmap runs
-    fn = functools.partial(model_fn, 'edge_model', clients[0].modalities, enc,
-                           conv_impl=choose_conv('edge_model', f'cohort {k}', enc, block))
-    prog = program(fn, len(clients[0].modalities))
+    conv = choose_conv('edge_model', f'cohort {k}', enc, block)
+    fn = functools.partial(model_fn, 'edge_model', clients[0].modalities, enc, conv_impl=conv)
+    node = node_key('edge_model', clients[0].modalities, enc, conv)
+    prog = program(fn, len(clients[0].modalities), node)
     keys = per_client_keys(jax.random.fold_in(init_rng, k), jnp.arange(n_pad))
     client_init = lambda key, fn=fn: sub(params.split_model(fn(nnx.Rngs(key)))[1], params.TRAINABLE)
     init_opt = jax.vmap(functools.partial(algorithm.init_client_state, prog, stages))
@@ -205,7 +225,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
       st = host_init(block_init, keys, round_up(min(n_pad, 256), ndev))
       trainables, opt_state = st.trainables, st.opt_state
     else:
-      trainables = stack_init(fn, keys, client_sharding)
+      trainables = traced.setdefault(('init',) + node, stack_init_fn(fn, client_sharding))(keys)
       opt_state = jax.jit(init_opt, out_shardings=client_sharding)(trainables)
     data = cohort_data(ds, text, padded, part.public_train_idx, cfg.eval.max_test_per_client,
                        cfg.data.label_fraction, cfg.data.public_labels, cfg.data.seed, rows=rows, host=host)
@@ -238,10 +258,12 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
 
   # Server: one node with every modality, trained on the public split.
   server_enc = {k: cfg.data.encoders[k][0] for k in modalities}
-  server_fn = functools.partial(model_fn, 'server_model', modalities, server_enc,
-                                conv_impl=choose_conv('server_model', 'server', server_enc, 1))
-  server_prog = program(server_fn, len(modalities))
-  server_tr = jax.tree.map(lambda x: x[0], stack_init(server_fn, jax.random.key(cfg.seed + 29)[None]))
+  server_conv = choose_conv('server_model', 'server', server_enc, 1)
+  server_fn = functools.partial(model_fn, 'server_model', modalities, server_enc, conv_impl=server_conv)
+  server_node = node_key('server_model', modalities, server_enc, server_conv)
+  server_prog = program(server_fn, len(modalities), server_node)
+  server_tr = jax.tree.map(lambda x: x[0], traced.setdefault(('init',) + server_node, stack_init_fn(server_fn))(
+      jax.random.key(cfg.seed + 29)[None]))
   server_opt = server_prog.init_opt(server_tr, stages.server)
   squeeze = lambda split: jax.tree.map(lambda x: x[0], split)
   public_train = squeeze(full_modality_split(ds, text, part.public_train_idx,

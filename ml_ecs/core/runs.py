@@ -199,10 +199,10 @@ def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | Non
   check_configs(cfgs)
   ds = dataset if dataset is not None else load_dataset(cfgs[0].data)
   workdirs = list(workdirs) if workdirs is not None else [None] * len(cfgs)
-  built = []
+  built, traced = [], {}   # traced: the models' inits and graphs, traced once per training seed, not per run
   for r, (cfg, w) in enumerate(zip(cfgs, workdirs)):
     built.append(build.init(cfg, workdir=w, dataset=ds, log=log if r == 0 else (lambda s: None),
-                            cache_dir=cache_dir, hparams_in_state=True))
+                            cache_dir=cache_dir, hparams_in_state=True, jit_cache=traced))
     _check_structure([s for s, _ in built])   # refuse at the first run that differs, before building the rest
   setups = [s for s, _ in built]
   first = setups[0]

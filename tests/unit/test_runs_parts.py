@@ -98,3 +98,25 @@ def test_loss_hyperparameters_ride_in_the_optimizer_state_and_replace_the_weight
   ref = make_optimizer(cfg.train, 0, True)
   ref_updates, _ = ref.update({'w': jnp.ones(3)}, ref.init(params), params)
   np.testing.assert_array_equal(updates['w'], ref_updates['w'])
+
+
+def test_builds_sharing_traced_inits_start_where_separate_builds_start(tiny_config, dataset, tmp_path):
+  # runs.init hands every build of a program one `jit_cache`: a later run reuses the models' traced inits
+  # and graphs where its seed gives the same ones, and traces its own where the training seed changes them.
+  from ml_ecs.core import build
+  cfgs = [tiny_config.copy_and_resolve_references() for _ in range(3)]
+  for c, (seed, data_seed) in zip(cfgs, [(0, 0), (0, 4), (1, 4)]):
+    c.seed, c.data.seed = seed, data_seed
+  quiet, cache = (lambda s: None), str(tmp_path)
+  shared, sizes, together = {}, [], []
+  for c in cfgs:
+    together.append(build.init(c, dataset=dataset, log=quiet, cache_dir=cache, hparams_in_state=True,
+                               jit_cache=shared)[1])
+    sizes.append(len(shared))
+  assert sizes[0] > 0 and sizes[1] == sizes[0] and sizes[2] > sizes[1]   # seed 1 traces its own inits
+  for c, state in zip(cfgs[1:], together[1:]):
+    alone = build.init(c, dataset=dataset, log=quiet, cache_dir=cache, hparams_in_state=True)[1]
+    for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(state)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  first, third = (jax.tree.leaves(s.server.trainables) for s in (together[0], together[2]))
+  assert any(not np.array_equal(a, b) for a, b in zip(first, third))   # the training seed reaches the models
