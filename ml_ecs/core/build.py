@@ -163,14 +163,17 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
 
   traced = jit_cache if jit_cache is not None else {}
 
+  def cached(key, make):   # the traced piece `key`: made once per jit_cache, then reused
+    if key not in traced:
+      traced[key] = make()
+    return traced[key]
+
   def node_key(name, mods, enc, conv_impl):   # all a node model's init and graph depend on besides its rng
     return (name, tuple(mods), tuple(sorted(enc.items())), conv_impl, tuple(sorted(node_options(cfg, name).items())),
             tuple(sorted((k, tuple(v)) for k, v in shapes.items())), bb.vocab_size(name, text.tokenizer.vocab_size))
 
   def program(fn, num_modalities, key):
-    if ('graph',) + key not in traced:
-      traced[('graph',) + key] = params.split_model(nnx.eval_shape(lambda: fn(nnx.Rngs(0))))[0]
-    graphdef = traced[('graph',) + key]
+    graphdef = cached(('graph',) + key, lambda: params.split_model(nnx.eval_shape(lambda: fn(nnx.Rngs(0))))[0])
     return NodeProgram(graphdef, num_modalities, jnp.asarray(text.instr), jnp.asarray(text.instr_mask),
                        m.ccl if m.lambda_ccl > 0 else 'none', m.tau_ccl, m.tau_se_ccl, cfg.train.batch_size,
                        optimizer, ccl_anchor=m.ccl_anchor, input_view=algorithm.input_view,
@@ -183,10 +186,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     if bb.sources[name].startswith(backbones.RANDOM):   # an architecture with random weights, no pretraining
       frozen[name] = jax.jit(lambda: params.split_model(new_model(nnx.Rngs(cfg.seed + 41)))[1]['frozen'])()
       continue
-    bb_key = ('template',) + node_key(name, modalities, {k: 'mlp' for k in modalities}, 'xla')
-    if bb_key not in traced:
-      traced[bb_key] = params.split_model(nnx.eval_shape(lambda: new_model(nnx.Rngs(0))))[1]['frozen']
-    template = traced[bb_key]
+    template = cached(('template',) + node_key(name, modalities, {k: 'mlp' for k in modalities}, 'xla'),
+                      lambda: params.split_model(nnx.eval_shape(lambda: new_model(nnx.Rngs(0))))[1]['frozen'])
     if bb.sources[name] != 'pretrained':
       frozen[name] = backbones.frozen_state(bb, name, template, replicated, placed)
       continue
@@ -225,7 +226,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
       st = host_init(block_init, keys, round_up(min(n_pad, 256), ndev))
       trainables, opt_state = st.trainables, st.opt_state
     else:
-      trainables = traced.setdefault(('init',) + node, stack_init_fn(fn, client_sharding))(keys)
+      trainables = cached(('init',) + node, lambda: stack_init_fn(fn, client_sharding))(keys)
       opt_state = jax.jit(init_opt, out_shardings=client_sharding)(trainables)
     data = cohort_data(ds, text, padded, part.public_train_idx, cfg.eval.max_test_per_client,
                        cfg.data.label_fraction, cfg.data.public_labels, cfg.data.seed, rows=rows, host=host)
@@ -262,7 +263,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   server_fn = functools.partial(model_fn, 'server_model', modalities, server_enc, conv_impl=server_conv)
   server_node = node_key('server_model', modalities, server_enc, server_conv)
   server_prog = program(server_fn, len(modalities), server_node)
-  server_tr = jax.tree.map(lambda x: x[0], traced.setdefault(('init',) + server_node, stack_init_fn(server_fn))(
+  server_tr = jax.tree.map(lambda x: x[0], cached(('init',) + server_node, lambda: stack_init_fn(server_fn))(
       jax.random.key(cfg.seed + 29)[None]))
   server_opt = server_prog.init_opt(server_tr, stages.server)
   squeeze = lambda split: jax.tree.map(lambda x: x[0], split)
