@@ -1,7 +1,9 @@
 """Many federations as one job: `train_runs` trains R runs of one structure as one program
 (ml_ecs.core.runs) and writes each run's directory as the main job writes it (config.json,
 metrics.jsonl, timing.jsonl, TensorBoard events, model_summary.json, clients.json, summary.json), so
-whatever reads runs (the comparison's statistics and reports) reads these too.
+whatever reads runs (the comparison's statistics and reports) reads these too, plus program.json: the
+run's position among the program's R runs and the names of all of them (the vmapped program rounds some
+sums differently from a single run, so a run is reproduced bit for bit only by rerunning its program).
 
 The program's checkpoints (every run's state on the run axis, with every run's metric rows) are kept
 in one `program_dir`; rerunning the same call resumes all the runs from the newest valid one. SIGTERM
@@ -66,6 +68,9 @@ def _train_runs(cfgs, workdirs, program_dir, dataset, log, checkpoint, cache_dir
     if _check_workdir(w, cj, False, log):
       raise WorkdirConflict(f'{w} holds a finished run of its config: leave it out of the program')
     metrics_io.write_json(os.path.join(w, 'config.json'), cj)
+  for r, w in enumerate(workdirs):   # which program a run ran in: reproducing it means rerunning that program
+    metrics_io.write_json(os.path.join(w, 'program.json'), {
+        'runs': R, 'position': r, 'members': [os.path.basename(os.path.normpath(x)) for x in workdirs]})
   t0 = time.perf_counter()
   runs, state = runs_lib.init(cfgs, workdirs, dataset, log, cache_dir)
   setup_s = time.perf_counter() - t0

@@ -358,10 +358,13 @@ def _numbers(x: Any, path: str = '') -> dict[str, float]:
   return {k: v for key, item in items for k, v in _numbers(item, f'{path}/{key}').items()}
 
 
-def metric_differences(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def metric_differences(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]],
+                       drift: float = 1e-3) -> dict[str, Any]:
   """How far two metrics.jsonl of one run lie apart: the largest absolute difference over every numeric
-  value of every row (and which), and whether the rows and their keys agree at all."""
-  worst, where = 0.0, ''
+  value of every row (and which), whether the rows and their keys agree at all, and the first round where
+  some value differs by more than `drift` relative to its size (None: never; float rounding that grew into
+  a visible difference)."""
+  worst, where, first = 0.0, '', None
   same_keys = len(a) == len(b) and all(set(_numbers(x)) == set(_numbers(y)) for x, y in zip(a, b))
   for x, y in zip(a, b):
     nx, ny = _numbers(x), _numbers(y)
@@ -369,48 +372,92 @@ def metric_differences(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]])
       d = abs(nx[k] - ny[k])
       if d > worst or math.isnan(d):
         worst, where = d, f"round {x.get('round')}: {k.lstrip('/')}"
-  return {'same_rows': same_keys, 'worst_abs_diff': worst, 'worst_at': where}
+      if first is None and not d <= drift * max(abs(nx[k]), abs(ny[k]), 1e-12):
+        first = x.get('round')
+  return {'same_rows': same_keys, 'worst_abs_diff': worst, 'worst_at': where, 'drift_from_round': first}
+
+
+def _program_of(cdir: str, position: dict[str, int], groups: list[list[int]]) -> tuple[list[int], str]:
+  """The grid positions of the runs that ran as one program with the cell in `cdir` (itself alone if it ran
+  as a single run) and how that is known: the run's program.json, else the grid's grouping of all its cells
+  (what an uninterrupted grid runs)."""
+  path = os.path.join(cdir, 'program.json')
+  name = os.path.basename(cdir)
+  if os.path.exists(path):
+    with open(path) as f:
+      members = json.load(f)['members']
+    missing = [m for m in members if m not in position]
+    if missing:
+      raise ValueError(f'{path}: names runs {missing} that are not cells of this grid')
+    return [position[m] for m in members], 'program.json'
+  return next(g for g in groups if position[name] in g), 'grid order'
+
+
+def _rerun_record(cell: str, mode: str, a: list[dict], b: list[dict], headline: str, last_k: int) -> dict[str, Any]:
+  client_key, server_key = stats.headline_keys(a, headline)
+  ca, cb = (stats.last_k_mean(x, client_key, last_k) for x in (a, b))
+  sa, sb = (stats.last_k_mean(x, server_key, last_k) for x in (a, b))
+  return {'cell': cell, 'rerun': mode, 'identical': a == b, **metric_differences(a, b), 'client_metric': client_key,
+          'client_original': ca, 'client_rerun': cb, 'server_metric': server_key, 'server_original': sa,
+          'server_rerun': sb, 'abs_diff': abs(ca - cb)}
 
 
 def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, count: int = 3,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-  """Reruns `count` finished cells (spread over the grid) from scratch under repro/, each as a single run,
-  and records how its metrics.jsonl compares with the grid's (repro.json): identical or not, the largest
-  difference of any value, and the headline scores of both. Returns the records. A cell that ran inside a
-  program of runs (grid.runs_per_program) matches its rerun to float tolerance, not bit for bit: the
-  vmapped program orders some reductions differently."""
-  tuned = tuned_values(base.grid)
-  done = []
-  for cell in cells(base.grid):
-    cfg = cell_config(base, cell, tuned)
-    cdir = cell_dir(workdir, cell, cfg)
-    if os.path.exists(os.path.join(cdir, 'summary.json')):
-      done.append((cell, cfg, cdir))
+              log: Callable[[str], None] = print, train_many: Callable | None = None) -> list[dict[str, Any]]:
+  """Reruns `count` finished cells (spread over the grid) from scratch and records how each rerun's
+  metrics.jsonl compares with the grid's (repro.json): identical or not, the largest difference of any
+  value, the round from which float rounding grew into a visible difference, and both headline scores.
+
+  A cell is rerun as it ran. A cell from a program of runs (grid.runs_per_program) is reproduced by
+  rerunning that program, with the same runs in the same places (repro_program/, with `train_many`), and
+  is also rerun as a single run (repro/): the vmapped program rounds some sums differently, so that second
+  rerun measures how far float rounding alone moves the cell, not whether it reproduces. Returns the
+  records."""
+  todo, configs = check_grid(base)
+  dirs = [cell_dir(workdir, cell, cfg) for cell, cfg in zip(todo, configs)]
+  done = [i for i, d in enumerate(dirs) if os.path.exists(os.path.join(d, 'summary.json'))]
   if not done:
     raise ValueError(f'{workdir}: no finished cell to reproduce')
   picks = [done[int(round(i * (len(done) - 1) / max(count - 1, 1)))] for i in range(min(count, len(done)))]
+  position = {os.path.basename(d): i for i, d in enumerate(dirs)}
+  per_program = int(base.grid.get('runs_per_program', 1))
+  groups = program_groups(configs, per_program) if per_program > 1 else [[i] for i in range(len(dirs))]
   path = os.path.join(workdir, 'repro.json')
-  records = {r['cell']: r for r in (json.load(open(path)) if os.path.exists(path) else [])}
+  records = {(r['cell'], r.get('rerun', 'single run')): r
+             for r in (json.load(open(path)) if os.path.exists(path) else [])}
   _record_environment(workdir, 'reproduce')
-  last_k = base.grid.get('last_k', 3)
-  for cell, cfg, cdir in picks:
-    name = os.path.basename(cdir)
-    if name in records:
+  last_k, headline = base.grid.get('last_k', 3), base.grid.get('headline', 'rougeLsum')
+  read = lambda d: metrics_io.read_jsonl(os.path.join(d, 'metrics.jsonl'))
+  finished = lambda d: os.path.exists(os.path.join(d, 'summary.json'))
+  for i in picks:
+    name = os.path.basename(dirs[i])
+    members, known_by = _program_of(dirs[i], position, groups) if train_many is not None else ([i], '')
+    if len(members) > 1 and (name, f'program of {len(members)}') not in records:
+      rdirs = [os.path.join(workdir, 'repro_program', os.path.basename(dirs[j])) for j in members]
+      if not all(map(finished, rdirs)):
+        if any(map(finished, rdirs)):
+          raise ValueError(f'{os.path.join(workdir, "repro_program")}: some runs of the program of {name} finished '
+                           'without the others; remove them to rerun the program')
+        log(f'reproducing {name} by rerunning its program of {len(members)} runs (known from {known_by})')
+        program = os.path.join(workdir, 'repro_program', 'programs',
+                               hashlib.sha1(' '.join(rdirs).encode()).hexdigest()[:10])
+        if not train_many([configs[j] for j in members], rdirs, program, os.path.join(workdir, 'cache')):
+          break
+      rec = _rerun_record(name, f'program of {len(members)}', read(dirs[i]), read(rdirs[members.index(i)]),
+                          headline, last_k)
+      rec['program_identical'] = sum(read(dirs[j]) == read(r) for j, r in zip(members, rdirs))
+      rec['program_known_by'] = known_by
+      records[(name, rec['rerun'])] = rec
+      metrics_io.write_json(path, list(records.values()))
+    if (name, 'single run') in records:
       continue
     rdir = os.path.join(workdir, 'repro', name)
-    if os.path.exists(rdir) and not os.path.exists(os.path.join(rdir, 'summary.json')):
+    if os.path.exists(rdir) and not finished(rdir):
       shutil.rmtree(rdir)
-    log(f'reproducing {name}')
-    if not train_fn(cfg, rdir, os.path.join(workdir, 'cache')):
+    log(f'reproducing {name} as a single run')
+    if not train_fn(configs[i], rdir, os.path.join(workdir, 'cache')):
       break
-    a = metrics_io.read_jsonl(os.path.join(cdir, 'metrics.jsonl'))
-    b = metrics_io.read_jsonl(os.path.join(rdir, 'metrics.jsonl'))
-    client_key, server_key = stats.headline_keys(a, base.grid.get('headline', 'rougeLsum'))
-    ca, cb = (stats.last_k_mean(x, client_key, last_k) for x in (a, b))
-    sa, sb = (stats.last_k_mean(x, server_key, last_k) for x in (a, b))
-    records[name] = {'cell': name, 'identical': a == b, **metric_differences(a, b), 'client_metric': client_key,
-                     'client_original': ca, 'client_rerun': cb, 'server_metric': server_key,
-                     'server_original': sa, 'server_rerun': sb, 'abs_diff': abs(ca - cb)}
+    records[(name, 'single run')] = _rerun_record(name, 'single run', read(dirs[i]), read(rdir), headline, last_k)
     metrics_io.write_json(path, list(records.values()))
   return list(records.values())
 
@@ -620,14 +667,27 @@ def headroom_section(headroom: dict[str, Any]) -> list[str]:
   return out + ['']
 
 
-def repro_section(repro: list[dict[str, Any]]) -> list[str]:
+def seed_spread(results: list[dict[str, Any]], method: str, field: str) -> float | None:
+  """The mean, over partitions with two or more training seeds, of the range of the method's `field` across
+  its training seeds: how far a cell moves when only its training seed changes (None: no such partition)."""
+  ranges = [max(v) - min(v) for v in by_partition(results, method, field).values() if len(v) > 1]
+  return float(np.mean(ranges)) if ranges else None
+
+
+def repro_section(repro: list[dict[str, Any]], results: Sequence[dict[str, Any]] = ()) -> list[str]:
   """results.md's reproduction check: each rerun cell against the grid's (records of `reproduce`; records
-  written before the largest-difference column hold the client ROUGE-LSum only)."""
+  written before the largest-difference column hold the client ROUGE-LSum only), with the method's
+  training-seed spread (`seed_spread`) beside the differences."""
   out = ['## Reproduction check', '',
-         'Finished cells rerun from scratch as single runs (repro/). Largest difference: over every number of '
-         'every row of metrics.jsonl.', '',
-         '| cell | metrics.jsonl identical | largest difference (where) | client: grid / rerun | '
-         'server: grid / rerun |', '|---|---|---|---|---|']
+         'Finished cells rerun from scratch. A cell is reproduced by rerunning it as it ran: a cell from a program '
+         'of runs by rerunning that program (repro_program/), a single run as a single run (repro/). A cell from '
+         'a program is also rerun alone; the vmapped program rounds some sums differently, so that rerun shows how '
+         'far float rounding alone moves it. Largest difference: over every number of every row of metrics.jsonl; '
+         'drift: the first round where some value differs by more than 0.1%. Seed spread: the mean, over '
+         "partitions, of the method's range across its training seeds (clients / server), the size of change a "
+         'perturbation can reach once the runs have drifted apart.', '',
+         '| cell | rerun | metrics.jsonl identical | largest difference (where) | drift from round | '
+         'client: grid / rerun | server: grid / rerun | seed spread |', '|---|---|---|---|---|---|---|---|']
   for r in repro:
     if 'client_original' not in r:   # the older record
       r = {**r, 'client_metric': 'client/rougeLsum_mean', 'client_original': r['client_rougeLsum_original'],
@@ -635,8 +695,17 @@ def repro_section(repro: list[dict[str, Any]]) -> list[str]:
     worst = f"{r['worst_abs_diff']:.2g} ({r['worst_at']})" if 'worst_abs_diff' in r else '—'
     server = (f"{r['server_metric']} {r['server_original']:.4f} / {r['server_rerun']:.4f}"
               if 'server_original' in r else '—')
-    out.append(f"| {r['cell']} | {r['identical']} | {worst} | {r['client_metric']} {r['client_original']:.4f} / "
-               f"{r['client_rerun']:.4f} | {server} |")
+    identical = str(r['identical'])
+    if 'program_identical' in r:
+      identical += f" ({r['program_identical']} of {r['rerun'].split()[-1]} runs of the program)"
+    drift = r.get('drift_from_round', '—')
+    method = next((x['method'] for x in results if r['cell'].startswith(x['cell'])), r['cell'].split('__')[0])
+    fields = {m: f for f, m, _ in METRICS}
+    spreads = [seed_spread(list(results), method, fields.get(r.get(k), '')) for k in ('client_metric', 'server_metric')]
+    spread = ' / '.join('—' if x is None else f'{x:.4f}' for x in spreads)
+    out.append(f"| {r['cell']} | {r.get('rerun', 'single run')} | {identical} | {worst} | "
+               f"{'never' if drift is None else drift} | {r['client_metric']} {r['client_original']:.4f} / "
+               f"{r['client_rerun']:.4f} | {server} | {spread} |")
   return out + ['']
 
 
@@ -696,5 +765,5 @@ def markdown_report(results: list[dict[str, Any]], repro: list[dict[str, Any]] |
   if headroom:
     out += headroom_section(headroom)
   if repro:
-    out += repro_section(repro)
+    out += repro_section(repro, results)
   return '\n'.join(out)

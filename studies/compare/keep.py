@@ -21,12 +21,14 @@ from ml_ecs.run.metrics_io import temp_name
 # The files of a finished run directory that the statistics, the reports and the reproduction check read,
 # and what documents the run; not its checkpoints, TensorBoard events or tokenizer (rebuilt from the config).
 # summary.json, the mark of a finished run, comes last: a copy cut short never looks finished.
-RUN_FILES = ('metrics.jsonl', 'timing.jsonl', 'config.json', 'clients.json', 'model_summary.json', 'summary.json')
+RUN_FILES = ('metrics.jsonl', 'timing.jsonl', 'config.json', 'clients.json', 'model_summary.json', 'program.json',
+             'summary.json')
 # The files the protocol writes at the top of its workdir (headroom check, tuning, grid, reproduction check).
 WORKDIR_FILES = ('headroom.json', 'tuning.csv', 'tuned.json', 'results.csv', 'results.md', 'repro.json',
                  'environment.jsonl', 'rouge_vs_round.png', 'rouge_vs_missing_rate.png')
-# Workdir folders that hold run directories (headroom/: the LM check; repro/: the reproduction check).
-RUN_FOLDERS = ('headroom', 'tuning', 'cells', 'repro')
+# Workdir folders that hold run directories (headroom/: the LM check; repro/ and repro_program/: the
+# reproduction check's single-run and program reruns).
+RUN_FOLDERS = ('headroom', 'tuning', 'cells', 'repro', 'repro_program')
 
 
 def _copy(src: str, dst: str) -> bool:

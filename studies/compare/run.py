@@ -113,7 +113,7 @@ def _stages(cfg, workdir, run_cell, run_program, deadline, stopped_by, status, l
       print(f'{len(results)} of {len(compare.cells(cfg.grid))} cells done; rerun the same command to go on')
       return status()
     if cfg.grid.get('reproduce', 0):
-      compare.reproduce(cfg, workdir, run_cell, cfg.grid.reproduce, log=log)
+      compare.reproduce(cfg, workdir, run_cell, cfg.grid.reproduce, log=log, train_many=run_program)
       compare.write_reports(results, workdir, cfg.grid)
   except (ConfigError, DataError, WorkdirConflict, WorkdirLocked, FileNotFoundError, headroom.NoHeadroom) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -195,6 +195,25 @@ def test_trials_are_deterministic_and_inside_the_space():
   assert len({p['method.mma_backbone'] for p in a}) > 1
 
 
+def _fake_program(calls, programs):
+  """A stand-in for ml_ecs.run.runs_trainer.train_runs: each run's rows as `_fake_train` writes them, moved
+  by a float-sized amount that depends on the program's size and the run's place in it (as the vmapped
+  program's rounding does), and program.json."""
+  def train_many(cfgs, cdirs, program_dir, cache):
+    programs.append([os.path.basename(d) for d in cdirs])
+    for r, (cfg, cdir) in enumerate(zip(cfgs, cdirs)):
+      _fake_train(calls)(cfg, cdir, cache)
+      path = os.path.join(cdir, 'metrics.jsonl')
+      rows = metrics_io.read_jsonl(path)
+      for row in rows:
+        row['client/rougeLsum_mean'] += 1e-9 * (10 * len(cdirs) + r)
+      metrics_io.write_jsonl(path, rows)
+      metrics_io.write_json(os.path.join(cdir, 'program.json'), {
+          'runs': len(cdirs), 'position': r, 'members': [os.path.basename(d) for d in cdirs]})
+    return True
+  return train_many
+
+
 def test_reproduction_check(tmp_path, tiny_config):
   base = _base(tiny_config)
   calls = []
@@ -202,9 +221,50 @@ def test_reproduction_check(tmp_path, tiny_config):
   records = compare.reproduce(base, str(tmp_path), _fake_train(calls), count=3, log=lambda s: None)
   assert len(records) == 3 and all(r['identical'] and r['same_rows'] and r['worst_abs_diff'] == 0 for r in records)
   assert all(r['client_original'] == r['client_rerun'] and r['server_metric'] for r in records)
+  assert all(r['rerun'] == 'single run' and r['drift_from_round'] is None for r in records)
   compare.write_reports(results, str(tmp_path))
-  assert '## Reproduction check' in (tmp_path / 'results.md').read_text()
-  assert 'plateau' not in (tmp_path / 'results.md').read_text()
+  text = (tmp_path / 'results.md').read_text()
+  assert '## Reproduction check' in text and 'plateau' not in text
+
+
+def test_a_cell_from_a_program_is_reproduced_by_rerunning_its_program(tmp_path, tiny_config):
+  base = _base(tiny_config, runs_per_program=2, partition_seeds=(0, 1, 2), missing_rates=(0.3,))
+  calls, programs = [], []
+  compare.run_grid(base, str(tmp_path), _fake_train(calls), log=lambda s: None,
+                   train_many=_fake_program(calls, programs))
+  grid_programs = list(programs)
+  assert [len(p) for p in grid_programs] == [2, 2]      # per method: partitions 0+1; partition 2 runs alone
+  records = compare.reproduce(base, str(tmp_path), _fake_train(calls), count=2, log=lambda s: None,
+                              train_many=_fake_program(calls, programs))
+  # the first cell is rerun in its program: the same runs in the same places, so every number agrees
+  assert programs[len(grid_programs)] == grid_programs[0]
+  prog = [r for r in records if r['rerun'] == 'program of 2']
+  assert len(prog) == 1 and prog[0]['cell'] == grid_programs[0][0]
+  assert prog[0]['identical'] and prog[0]['program_identical'] == 2 and prog[0]['program_known_by'] == 'program.json'
+  # alone, it differs by the program's rounding only: no value moves by 0.1%
+  single = {r['cell']: r for r in records if r['rerun'] == 'single run'}
+  first = single[grid_programs[0][0]]
+  assert not first['identical'] and 0 < first['worst_abs_diff'] < 1e-7 and first['drift_from_round'] is None
+  # the last cell ran alone in the grid: its single rerun is its reproduction, and exact
+  last = single[next(c for c in single if c.startswith('ml_ecs__mr0.3__c3__p2'))]
+  assert last['identical'] and len(records) == 3
+  # without program.json the program is the grid's grouping of its cells
+  os.remove(os.path.join(tmp_path, 'cells', grid_programs[0][0], 'program.json'))
+  os.remove(tmp_path / 'repro.json')
+  records = compare.reproduce(base, str(tmp_path), _fake_train(calls), count=2, log=lambda s: None,
+                              train_many=_fake_program(calls, programs))
+  assert [r['program_known_by'] for r in records if 'program_known_by' in r] == ['grid order']
+  results = compare.run_grid(base, str(tmp_path), _fake_train(calls), log=lambda s: None)
+  text = '\n'.join(compare.repro_section(records, results))
+  assert '| program of 2 | True (2 of 2 runs of the program) |' in text
+  assert text.count('| never |') == 3
+
+
+def test_seed_spread_is_the_mean_range_over_training_seeds():
+  rows = [{'method': 'm', 'partition_seed': p, 'train_seed': t, 'x': v}
+          for p, t, v in ((0, 0, 0.5), (0, 1, 0.7), (1, 0, 0.4), (1, 1, 0.3), (2, 0, 0.9))]
+  assert compare.seed_spread(rows, 'm', 'x') == pytest.approx((0.2 + 0.1) / 2)
+  assert compare.seed_spread(rows[-1:], 'm', 'x') is None
 
 
 def test_metric_differences_find_the_largest_gap_anywhere_in_the_rows():
@@ -213,7 +273,7 @@ def test_metric_differences_find_the_largest_gap_anywhere_in_the_rows():
   b = [{'round': 5, 'x': 1.0 + 1e-7, 'per': {'0': 0.5, '1': 0.25}, 'ids': [1, 2], 'ok': True},
        {'round': 10, 'x': 2.0, 'per': {'0': 0.5, '1': 0.375}}]
   d = compare.metric_differences(a, b)
-  assert d == {'same_rows': True, 'worst_abs_diff': 0.125, 'worst_at': 'round 10: per/1'}
+  assert d == {'same_rows': True, 'worst_abs_diff': 0.125, 'worst_at': 'round 10: per/1', 'drift_from_round': 10}
   assert compare.metric_differences(a, a)['worst_abs_diff'] == 0.0
   assert not compare.metric_differences(a, b[:1])['same_rows']
   nan = [dict(a[0], x=float('nan'))]
