@@ -47,6 +47,8 @@ def main(argv):
   deadline = time.time() + 60 * _MAX_MINUTES.value if _MAX_MINUTES.value else None
   try:
     compare.check_grid(cfg)
+    if 'tune' in cfg:   # before the headroom check runs: a bad tune.draw would stop the tuning after it
+      tuning.draw_trials('local', 1, 0, cfg.tune.get('draw', 'stratified'))
   except (ConfigError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

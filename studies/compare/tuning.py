@@ -1,4 +1,4 @@
-"""Equal tuning budget for every method: random search on the validation split.
+"""Equal tuning budget for every method: random search (stratified by default) on the validation split.
 
 Every tuned method gets the same number of trials (`tune.trials`) of the same length
 (`tune.rounds`, or the grid's rounds when 0), with common random numbers: trial i of every
@@ -9,7 +9,8 @@ every tuning seed (`tune.seeds`, each the partition and the training seed, apart
 grid's seeds) with a validation split cut from the clients' training data
 (data.client_val_fraction) and is scored on it (eval.split='val'), never on the test data, by
 the mean over the seeds of its last evaluations of (client + server) / 2 of the grid's headline
-metric (grid.headline: ROUGE-LSum, or accuracy). Ablations are not tuned:
+metric (grid.headline: ROUGE-LSum, or accuracy). The draws are stratified (tune.draw, `_draw`): with few
+trials each still covers the whole range of every knob. Ablations are not tuned:
 the grid gives them ML-ECS's values (studies.compare.grid.tuned_for).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from studies.compare import grid as compare, stats
 from ml_ecs.run import metrics_io
 from ml_ecs.algorithms.registry import apply_strategy
+from ml_ecs.config.validation import ConfigError
 
 # dotted field -> ('log' | 'lin', low, high) or ('choice', options)
 COMMON_SPACE = {'train.learning_rate': ('log', 3e-4, 1e-2)}
@@ -44,12 +46,26 @@ def search_space(method: str) -> dict[str, tuple]:
   return {**COMMON_SPACE, **METHOD_SPACES.get(method, {})}
 
 
-def _draw(space: dict[str, tuple], count: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+DRAWS = ('stratified', 'random')   # tune.draw
+
+
+def _draw(space: dict[str, tuple], count: int, rng: np.random.Generator, draw: str = 'stratified') -> list[dict[str, Any]]:
+  """`count` points of `space`. 'random': each field uniform on its (log) range. 'stratified' (a Latin
+  hypercube): for each field the `count` points fall one in each of `count` equal slices of the range (and
+  a choice takes each option equally often), in an order drawn at random, so that a few trials still span
+  the range; four random draws of the learning rate once all fell in its lower half."""
+  if draw not in DRAWS:
+    raise ConfigError(f'tune.draw={draw!r}: expected one of {DRAWS}')
+  fields = sorted(space)
+  if draw == 'random':   # trial by trial, field by field: the stream the committed studies were drawn from
+    us = dict(zip(fields, rng.random((count, len(fields))).T))
+  else:
+    us = {f: (rng.permutation(count) + rng.random(count)) / count for f in fields}
   trials = []
-  for _ in range(count):
+  for t in range(count):
     point: dict[str, Any] = {}
     for field, (kind, *bounds) in sorted(space.items()):
-      u = rng.random()
+      u = float(us[field][t])
       if kind == 'choice':
         options = bounds[0]
         point[field] = options[min(int(u * len(options)), len(options) - 1)]
@@ -61,11 +77,12 @@ def _draw(space: dict[str, tuple], count: int, rng: np.random.Generator) -> list
   return trials
 
 
-def draw_trials(method: str, count: int, seed: int) -> list[dict[str, Any]]:
-  """`count` random points of the method's search space: the common fields from one stream shared by
-  every method (common random numbers), the method's own from its own stream (deterministic per seed)."""
-  common = _draw(COMMON_SPACE, count, np.random.default_rng([seed, 0]))
-  own = _draw(METHOD_SPACES.get(method, {}), count, np.random.default_rng([seed, 1, sum(map(ord, method))]))
+def draw_trials(method: str, count: int, seed: int, draw: str = 'stratified') -> list[dict[str, Any]]:
+  """`count` points of the method's search space (`_draw`: 'stratified' or 'random', tune.draw): the common
+  fields from one stream shared by every method (common random numbers), the method's own from its own
+  stream (deterministic per seed)."""
+  common = _draw(COMMON_SPACE, count, np.random.default_rng([seed, 0]), draw)
+  own = _draw(METHOD_SPACES.get(method, {}), count, np.random.default_rng([seed, 1, sum(map(ord, method))]), draw)
   return [{**c, **o} for c, o in zip(common, own)]
 
 
@@ -110,7 +127,8 @@ def run_tuning(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable
   stopped."""
   tune = base.tune
   trials = [(method, i, point, seed) for method in compare._values('tune.methods', tune.methods, str)
-            for i, point in enumerate(draw_trials(method, tune.trials, tune.seed)) for seed in tuning_seeds(tune)]
+            for i, point in enumerate(draw_trials(method, tune.trials, tune.seed, tune.get('draw', 'stratified')))
+            for seed in tuning_seeds(tune)]
   configs = [trial_config(base, method, point, seed) for method, _, point, seed in trials]
   dirs = [os.path.join(workdir, 'tuning', method, f't{i}__s{seed}__{compare.config_hash(cfg)}')
           for (method, i, _, seed), cfg in zip(trials, configs)]

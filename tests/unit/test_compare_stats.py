@@ -1,13 +1,17 @@
 """The comparison's statistics: intervals clustered on the partition seed, Holm's correction, the
 pre-registered contrasts, and common random numbers in tuning."""
+import csv
+import importlib
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
 from studies.compare import grid, stats, tuning
+from tests.paths import ROOT
 
 
 def test_clustered_t_against_a_hand_computation():
@@ -79,3 +83,40 @@ def test_tuning_draws_common_random_numbers():
   assert len(set(own)) == 6 and len(set(mu)) == 6 and set(trials['local'][0]) == {'train.learning_rate'}
   # the method's own knobs do not shift the common stream (adding a knob keeps every method's rates)
   assert [t['train.learning_rate'] for t in tuning.draw_trials('mmfl', 6, seed=3)] == lrs['local']
+
+
+def test_stratified_draws_put_one_trial_in_each_slice_of_every_range():
+  for count in (4, 7):
+    trials = tuning.draw_trials('ml_ecs', count, seed=0)
+    for field, (kind, *bounds) in tuning.search_space('ml_ecs').items():
+      values = [t[field] for t in trials]
+      if kind == 'choice':   # each option equally often (up to one)
+        counts = [values.count(o) for o in bounds[0]]
+        assert max(counts) - min(counts) <= 1, (field, counts)
+        continue
+      lo, hi = bounds
+      at = lambda v: (math.log(v / lo) / math.log(hi / lo)) if kind == 'log' else (v - lo) / (hi - lo)
+      assert sorted(int(at(v) * count) for v in values) == list(range(count)), (field, values)
+  # 'random' keeps the stream the committed studies drew (trial by trial, field by field)
+  rng = np.random.default_rng([0, 0])
+  first = math.exp(math.log(3e-4) + rng.random() * math.log(1e-2 / 3e-4))
+  assert tuning.draw_trials('local', 4, 0, 'random')[0]['train.learning_rate'] == pytest.approx(first, rel=1e-12)
+  assert tuning.draw_trials('local', 4, 0, 'random')[0]['train.learning_rate'] == pytest.approx(0.0027998622810755814)
+  with pytest.raises(ValueError, match='tune.draw'):
+    tuning.draw_trials('local', 4, 0, 'sobol')
+
+
+@pytest.mark.parametrize('config, folder', [('compare:reduced', 'compare_reduced_fixed'),
+                                            ('collaborate:pairs_reduced', 'collab_pairs_reduced')])
+def test_committed_studies_draw_the_trials_they_ran(config, folder):
+  """A committed study's command resumes from its files only if its config still draws the same trials."""
+  module, variant = config.split(':')
+  cfg = importlib.import_module(f'studies.compare.configs.{module}').get_config(variant)
+  root = os.path.join(ROOT, 'studies', 'compare', 'results', folder)
+  with open(os.path.join(root, 'tuning.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert {r['method'] for r in rows} == set(cfg.tune.methods)
+  for r in rows:
+    point = tuning.draw_trials(r['method'], cfg.tune.trials, cfg.tune.seed, cfg.tune.draw)[int(r['trial'])]
+    for field, value in point.items():
+      assert (value == r[field]) if isinstance(value, str) else value == pytest.approx(float(r[field]), rel=1e-12)

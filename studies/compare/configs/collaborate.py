@@ -68,6 +68,9 @@ def get_config(variant: str = 'pairs') -> ml_collections.ConfigDict:
       headline='accuracy',
   ))
   c.tune.missing_rate = 0.0
+  # the reduced configs draw stratified trials, but pairs_reduced keeps the random draws that
+  # studies/compare/results/collab_pairs_reduced ran (its command resumes from them)
+  c.tune.draw = 'random' if variant == 'pairs_reduced' else 'stratified'
   if reduced:   # the minimum: local, FedAvg, ML-ECS on 10 x 2 seeds, the ablations on 10 x 1
     ablations = tuple(m for m in STRATEGIES if m.startswith('ml_ecs_no_'))
     c.grid.methods = ('local', 'fedavg', 'ml_ecs') + ablations
