@@ -1,6 +1,7 @@
 """The comparison protocol: headroom check -> tuning -> grid -> reproduction check; resumes every stage.
 
   python studies/compare/run.py --config=studies/compare/configs/compare.py --workdir=/tmp/compare --max_minutes=100
+--stop_after=headroom|tuning|grid ends after that stage (default: all four); the same command without it goes on.
 Writes DIR/headroom.json (studies/compare/headroom.py: linear-probe ceilings, the LM check; a benchmark
 without headroom stops here with exit 2), DIR/tuning.csv, DIR/tuned.json, DIR/results.csv, DIR/results.md (means and paired
 differences with 95% intervals), DIR/rouge_vs_round.png, DIR/rouge_vs_missing_rate.png,
@@ -34,6 +35,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Grid config (studies/
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
 _MAX_MINUTES = flags.DEFINE_float('max_minutes', 0.0, 'Start no new cell after this many minutes (0 = no limit).',
                                   lower_bound=0.0)
+_STOP_AFTER = flags.DEFINE_enum('stop_after', 'reproduce', ['headroom', 'tuning', 'grid', 'reproduce'],
+                                'The last stage to run (e.g. tuning: look at tuned.json before the grid runs); '
+                                'a later run of the same command goes on from there.')
 _KEEP_DIR = flags.DEFINE_string('keep_dir', None, 'A durable copy of the finished runs and the reports: filled as '
                                 'runs finish, and the start of a new workdir (studies/compare/keep.py).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -89,19 +93,28 @@ def main(argv):
     return 128 + int(getattr(signal, stopped_by[0])) if stopped_by else 0
 
   try:
-    return _stages(cfg, workdir, run_cell, run_program, deadline, stopped_by, status, log, save)
+    return _stages(cfg, workdir, run_cell, run_program, deadline, stopped_by, status, log, save,
+                   _STOP_AFTER.value)
   finally:
     save()
 
 
-def _stages(cfg, workdir, run_cell, run_program, deadline, stopped_by, status, log, save) -> int:
-  """Headroom check -> tuning -> grid -> reproduction check; the exit status. `save()` after the headroom
-  check and the tuning (the grid's cells save as their programs finish)."""
+def _stages(cfg, workdir, run_cell, run_program, deadline, stopped_by, status, log, save,
+            stop_after: str = 'reproduce') -> int:
+  """Headroom check -> tuning -> grid -> reproduction check, up to `stop_after`; the exit status. `save()`
+  after the headroom check and the tuning (the grid's cells save as their programs finish)."""
+  def done(stage: str, what: str) -> bool:
+    if stop_after == stage:
+      print(f'{what} (--stop_after={stage}); rerun without it to go on', flush=True)
+    return stop_after == stage
+
   try:
     if headroom.run_checks(cfg, workdir, run_cell, log=log) is None:
       print('headroom check stopped; rerun the same command to go on', flush=True)
       return status()
     save()
+    if done('headroom', f'headroom check done: {workdir}/headroom.json'):
+      return 0
     if 'tune' in cfg and cfg.tune.trials > 0 and not cfg.grid.tuned:
       tuned = tuning.run_tuning(cfg, workdir, run_cell, log=log, train_many=run_program)
       if tuned is None:
@@ -109,11 +122,15 @@ def _stages(cfg, workdir, run_cell, run_program, deadline, stopped_by, status, l
         return status()
       cfg.grid.tuned = os.path.join(workdir, 'tuned.json')
       save()
+    if done('tuning', f'tuning done: {workdir}/tuning.csv, tuned.json'):
+      return 0
     results = compare.run_grid(cfg, workdir, run_cell, log=log, progress=True, deadline=deadline,
                                train_many=run_program)
     if len(results) < len(compare.cells(cfg.grid)):
       print(f'{len(results)} of {len(compare.cells(cfg.grid))} cells done; rerun the same command to go on')
       return status()
+    if done('grid', f'grid done: {workdir}/results.csv, results.md and plots'):
+      return 0
     if cfg.grid.get('reproduce', 0):
       compare.reproduce(cfg, workdir, run_cell, cfg.grid.reproduce, log=log, train_many=run_program)
       compare.write_reports(results, workdir, cfg.grid)

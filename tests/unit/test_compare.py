@@ -448,3 +448,21 @@ def test_a_group_of_other_structure_runs_cell_by_cell(tmp_path, tiny_config):
   results = compare.run_grid(base, str(tmp_path), _fake_train(calls), log=logs.append, train_many=many)
   assert len(results) == 8 and len(calls) == 8
   assert any('running them one by one' in line for line in logs)
+
+
+def test_stop_after_ends_the_protocol_after_a_stage_and_a_rerun_goes_on(tmp_path, tiny_config, monkeypatch, capsys):
+  import studies.compare.run as protocol
+  from studies.compare import headroom
+  monkeypatch.setattr(headroom, 'run_checks', lambda *a, **k: {'settings': {}})
+  base = _base(tiny_config)
+  base.data.client_val_fraction = 0.2
+  base.tune = dict(methods=('fedavg', 'ml_ecs'), trials=2, rounds=0, seed=0, seeds=(100,), missing_rate=0.5,
+                   draw='stratified')
+  calls = []
+  stages = lambda cfg, stop_after: protocol._stages(cfg, str(tmp_path), _fake_train(calls), None, None, [], lambda: 0,
+                                                   lambda s: None, lambda: None, stop_after)
+  assert stages(copy.deepcopy(base), 'tuning') == 0
+  assert (tmp_path / 'tuned.json').exists() and not (tmp_path / 'cells').exists() and len(calls) == 4
+  assert '--stop_after=tuning' in capsys.readouterr().out
+  assert stages(copy.deepcopy(base), 'reproduce') == 0     # the same command without it: the grid, no retuning
+  assert len(calls) == 4 + 8 and all('__mr' in c for c in calls[4:]) and (tmp_path / 'results.csv').exists()
