@@ -61,7 +61,7 @@ def get_config(variant: str = 'full') -> ml_collections.ConfigDict:
       reference='fedavg',
       # Unfinished cells (and tuning trials) that differ only in seeds and continuous hyperparameters run this many at a
       # time as one program (ml_ecs.core.runs: one setup of the compiled functions, rounds vmapped over the
-      # runs; 1.56x the cells run one by one at 10, projected for 50-round cells on 2 CPU cores,
+      # runs; 1.63x the cells run one by one at 10, projected for 50-round cells on 2 CPU cores,
       # benchmarks/results/runs_program/); 1 = one cell at a time.
       runs_per_program=10,
   ))
