@@ -443,9 +443,10 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
                                hashlib.sha1(' '.join(rdirs).encode()).hexdigest()[:10])
         if not train_many([configs[j] for j in members], rdirs, program, os.path.join(workdir, 'cache')):
           break
-      rec = _rerun_record(name, f'program of {len(members)}', read(dirs[i]), read(rdirs[members.index(i)]),
-                          headline, last_k)
-      rec['program_identical'] = sum(read(dirs[j]) == read(r) for j, r in zip(members, rdirs))
+      grid_rows, rerun_rows = [read(dirs[j]) for j in members], [read(r) for r in rdirs]
+      at = members.index(i)
+      rec = _rerun_record(name, f'program of {len(members)}', grid_rows[at], rerun_rows[at], headline, last_k)
+      rec['program_identical'] = sum(a == b for a, b in zip(grid_rows, rerun_rows))
       rec['program_known_by'] = known_by
       records[(name, rec['rerun'])] = rec
       metrics_io.write_json(path, list(records.values()))
@@ -688,6 +689,7 @@ def repro_section(repro: list[dict[str, Any]], results: Sequence[dict[str, Any]]
          'perturbation can reach once the runs have drifted apart.', '',
          '| cell | rerun | metrics.jsonl identical | largest difference (where) | drift from round | '
          'client: grid / rerun | server: grid / rerun | seed spread |', '|---|---|---|---|---|---|---|---|']
+  results, fields = list(results), {m: f for f, m, _ in METRICS}   # metrics.jsonl key -> results.csv field
   for r in repro:
     if 'client_original' not in r:   # the older record
       r = {**r, 'client_metric': 'client/rougeLsum_mean', 'client_original': r['client_rougeLsum_original'],
@@ -700,8 +702,7 @@ def repro_section(repro: list[dict[str, Any]], results: Sequence[dict[str, Any]]
       identical += f" ({r['program_identical']} of {r['rerun'].split()[-1]} runs of the program)"
     drift = r.get('drift_from_round', '—')
     method = next((x['method'] for x in results if r['cell'].startswith(x['cell'])), r['cell'].split('__')[0])
-    fields = {m: f for f, m, _ in METRICS}
-    spreads = [seed_spread(list(results), method, fields.get(r.get(k), '')) for k in ('client_metric', 'server_metric')]
+    spreads = [seed_spread(results, method, fields.get(r.get(k), '')) for k in ('client_metric', 'server_metric')]
     spread = ' / '.join('—' if x is None else f'{x:.4f}' for x in spreads)
     out.append(f"| {r['cell']} | {r.get('rerun', 'single run')} | {identical} | {worst} | "
                f"{'never' if drift is None else drift} | {r['client_metric']} {r['client_original']:.4f} / "

@@ -79,6 +79,6 @@ def get_config(variant: str = 'full') -> ml_collections.ConfigDict:
     c.train.update(dict(public_steps=2, private_steps=6, server_steps=6))
     c.grid.update(dict(methods=('local', 'fedavg', 'ml_ecs'), missing_rates=(0.5,)))
     # trials as long as the grid; 'random' draws: the ones studies/compare/results/compare_reduced_fixed ran
-    # (its command resumes from them); their four learning rates all fell below 2.8e-3 of a range to 1e-2
+    # (its command resumes from them); their four learning rates were all at or below 2.8e-3 of a range to 1e-2
     c.tune.update(dict(methods=('local', 'fedavg', 'ml_ecs'), trials=4, draw='random'))
   return c
