@@ -15,14 +15,21 @@ after `rounds` rounds, from the RDP or PLD accountant (dp.accountant).
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
-import dp_accounting
 import ml_collections
+
+
+def _dp_accounting():
+  """dp_accounting, imported on first use: it pulls in scipy (about 1.3 s), which a run without DP, and
+  every process start of one, need not pay."""
+  return importlib.import_module('dp_accounting')
 
 
 def round_event(noise_multiplier: float, sampling_rate: float, repr_noise_multiplier: float | None = None):
   """The DpEvent of one round."""
+  dp_accounting = _dp_accounting()
   mech = dp_accounting.GaussianDpEvent(noise_multiplier)
   if repr_noise_multiplier is not None:
     mech = dp_accounting.ComposedDpEvent([mech, dp_accounting.GaussianDpEvent(repr_noise_multiplier)])
@@ -41,6 +48,7 @@ def _epsilon(noise: float, q: float, repr_noise: float | None, rounds: int, delt
     return 0.0
   if noise <= 0 or (repr_noise is not None and repr_noise <= 0):
     return math.inf
+  dp_accounting = _dp_accounting()
   event = dp_accounting.SelfComposedDpEvent(round_event(noise, q, repr_noise), rounds)
   if accountant == 'pld':
     acc = dp_accounting.pld.PLDAccountant()

@@ -46,6 +46,11 @@ def cohort_map(fn: Callable[..., Any], num_client_args: int, *, chunk: int = 0, 
 
   def sharded(*args):
     specs = (P(CLIENT_AXIS),) * num_client_args + (P(),) * (len(args) - num_client_args)
-    return jax.shard_map(per_client, mesh=mesh, in_specs=specs, out_specs=P(CLIENT_AXIS))(*args)
+    # check_vma=False: no replication types to check (no collectives, every output is per client), and
+    # with the check on JAX marks every replicated value a client uses with a `pvary`, about a sixth
+    # of a client round's program (tiny config: 9,377 -> 7,722 equations, about 30% less trace and
+    # lowering time each cohort; metrics byte-identical).
+    return jax.shard_map(per_client, mesh=mesh, in_specs=specs, out_specs=P(CLIENT_AXIS),
+                         check_vma=False)(*args)
 
   return sharded
