@@ -77,13 +77,28 @@ def _draw(space: dict[str, tuple], count: int, rng: np.random.Generator, draw: s
   return trials
 
 
+def draw_kinds(draw: str) -> list[str]:
+  """The draws of tune.draw: one of DRAWS, or several joined by '+' ('random+stratified': `tune.trials`
+  trials of each, in that order)."""
+  kinds = str(draw).split('+')
+  bad = [k for k in kinds if k not in DRAWS]
+  if bad or not kinds:
+    raise ConfigError(f"tune.draw={draw!r}: expected one of {DRAWS}, or several joined by '+'")
+  return kinds
+
+
 def draw_trials(method: str, count: int, seed: int, draw: str = 'stratified') -> list[dict[str, Any]]:
-  """`count` points of the method's search space (`_draw`: 'stratified' or 'random', tune.draw): the common
-  fields from one stream shared by every method (common random numbers), the method's own from its own
-  stream (deterministic per seed)."""
-  common = _draw(COMMON_SPACE, count, np.random.default_rng([seed, 0]), draw)
-  own = _draw(METHOD_SPACES.get(method, {}), count, np.random.default_rng([seed, 1, sum(map(ord, method))]), draw)
-  return [{**c, **o} for c, o in zip(common, own)]
+  """`count` points of the method's search space per draw of tune.draw (`draw_kinds`; `_draw`: 'stratified'
+  or 'random'): the common fields from one stream shared by every method (common random numbers), the
+  method's own from its own stream (deterministic per seed). With 'random+stratified' the first `count`
+  trials are the random draw's and the next `count` the stratified draw's, each exactly as drawn alone, so a
+  study that ran one of them keeps its trials' numbers and directories."""
+  trials = []
+  for kind in draw_kinds(draw):
+    common = _draw(COMMON_SPACE, count, np.random.default_rng([seed, 0]), kind)
+    own = _draw(METHOD_SPACES.get(method, {}), count, np.random.default_rng([seed, 1, sum(map(ord, method))]), kind)
+    trials += [{**c, **o} for c, o in zip(common, own)]
+  return trials
 
 
 def objective(rows: list[dict[str, Any]], last_k: int, headline: str = 'rougeLsum') -> float:
@@ -129,12 +144,13 @@ def run_tuning(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable
   trials = [(method, i, point, seed) for method in compare._values('tune.methods', tune.methods, str)
             for i, point in enumerate(draw_trials(method, tune.trials, tune.seed, tune.get('draw', 'stratified')))
             for seed in tuning_seeds(tune)]
+  per_method = tune.trials * len(draw_kinds(tune.get('draw', 'stratified')))
   configs = [trial_config(base, method, point, seed) for method, _, point, seed in trials]
   dirs = [os.path.join(workdir, 'tuning', method, f't{i}__s{seed}__{compare.config_hash(cfg)}')
           for (method, i, _, seed), cfg in zip(trials, configs)]
   for (method, i, point, seed), d in zip(trials, dirs):
     if not os.path.exists(os.path.join(d, 'summary.json')):
-      log(f'tuning {method} trial {i + 1}/{tune.trials}, seed {seed}: {point}')
+      log(f'tuning {method} trial {i + 1}/{per_method}, seed {seed}: {point}')
   if not compare.run_jobs(configs, dirs, train_fn, train_many, int(base.grid.get('runs_per_program', 1)),
                           os.path.join(workdir, 'programs'), os.path.join(workdir, 'cache'), log, what='tuning'):
     return None

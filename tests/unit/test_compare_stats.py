@@ -106,12 +106,30 @@ def test_stratified_draws_put_one_trial_in_each_slice_of_every_range():
     tuning.draw_trials('local', 4, 0, 'sobol')
 
 
-@pytest.mark.parametrize('config, folder', [('compare:reduced', 'compare_reduced_fixed'),
-                                            ('collaborate:pairs_reduced', 'collab_pairs_reduced')])
-def test_committed_studies_draw_the_trials_they_ran(config, folder):
+def test_joined_draws_are_each_draw_as_drawn_alone_in_order():
+  """'random+stratified' widens a study that ran 'random': its trials keep their numbers, the new ones follow."""
+  for method in ('local', 'ml_ecs'):
+    both = tuning.draw_trials(method, 4, 0, 'random+stratified')
+    assert both == tuning.draw_trials(method, 4, 0, 'random') + tuning.draw_trials(method, 4, 0, 'stratified')
+  # common random numbers still: every method's trial i has the same learning rate
+  lrs = lambda m: [t['train.learning_rate'] for t in tuning.draw_trials(m, 4, 0, 'random+stratified')]
+  assert lrs('local') == lrs('ml_ecs') == lrs('fedavg') and len(set(lrs('local'))) == 8
+  for bad in ('random+sobol', 'random+', '+'):
+    with pytest.raises(ValueError, match='tune.draw'):
+      tuning.draw_kinds(bad)
+
+
+@pytest.mark.parametrize('config, folder, draw', [
+    ('compare:reduced', 'compare_reduced_fixed', None),
+    ('collaborate:pairs_reduced', 'collab_pairs_reduced', None),
+    ('collaborate:pairs_reduced', 'collab_pairs_tuning_stratified', 'stratified'),     # their commands'
+    ('collaborate:pairs_reduced', 'collab_pairs_retuned', 'random+stratified')])      # --config.tune.draw
+def test_committed_studies_draw_the_trials_they_ran(config, folder, draw):
   """A committed study's command resumes from its files only if its config still draws the same trials."""
   module, variant = config.split(':')
   cfg = importlib.import_module(f'studies.compare.configs.{module}').get_config(variant)
+  if draw:
+    cfg.tune.draw = draw
   root = os.path.join(ROOT, 'studies', 'compare', 'results', folder)
   with open(os.path.join(root, 'tuning.csv')) as f:
     rows = list(csv.DictReader(f))
