@@ -15,7 +15,6 @@ after `rounds` rounds, from the RDP or PLD accountant (dp.accountant).
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 
 import ml_collections
@@ -24,7 +23,8 @@ import ml_collections
 def _dp_accounting():
   """dp_accounting, imported on first use: it pulls in scipy (about 1.3 s), which a run without DP, and
   every process start of one, need not pay."""
-  return importlib.import_module('dp_accounting')
+  import dp_accounting   # pylint: disable=import-outside-toplevel
+  return dp_accounting
 
 
 def round_event(noise_multiplier: float, sampling_rate: float, repr_noise_multiplier: float | None = None):

@@ -82,7 +82,7 @@ def draw_kinds(draw: str) -> list[str]:
   trials of each, in that order)."""
   kinds = str(draw).split('+')
   bad = [k for k in kinds if k not in DRAWS]
-  if bad or not kinds:
+  if bad:
     raise ConfigError(f"tune.draw={draw!r}: expected one of {DRAWS}, or several joined by '+'")
   return kinds
 
