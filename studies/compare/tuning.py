@@ -53,9 +53,8 @@ def _draw(space: dict[str, tuple], count: int, rng: np.random.Generator, draw: s
   """`count` points of `space`. 'random': each field uniform on its (log) range. 'stratified' (a Latin
   hypercube): for each field the `count` points fall one in each of `count` equal slices of the range (and
   a choice takes each option equally often), in an order drawn at random, so that a few trials still span
-  the range; four random draws of the learning rate once left its top third (above 2.8e-3) untried."""
-  if draw not in DRAWS:
-    raise ConfigError(f'tune.draw={draw!r}: expected one of {DRAWS}')
+  the range; four random draws of the learning rate once left its top third (above 2.8e-3) untried. `draw`
+  is one of DRAWS (checked by `draw_kinds`, the one caller's source of it)."""
   fields = sorted(space)
   if draw == 'random':   # trial by trial, field by field: the stream the committed studies were drawn from
     us = dict(zip(fields, rng.random((count, len(fields))).T))
@@ -141,10 +140,11 @@ def run_tuning(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable
   when all are done, tuned.json ({method: {'overrides', 'objective', 'trial'}}). Returns it, or None if
   stopped."""
   tune = base.tune
+  draw = tune.get('draw', 'stratified')
   trials = [(method, i, point, seed) for method in compare._values('tune.methods', tune.methods, str)
-            for i, point in enumerate(draw_trials(method, tune.trials, tune.seed, tune.get('draw', 'stratified')))
+            for i, point in enumerate(draw_trials(method, tune.trials, tune.seed, draw))
             for seed in tuning_seeds(tune)]
-  per_method = tune.trials * len(draw_kinds(tune.get('draw', 'stratified')))
+  per_method = tune.trials * len(draw_kinds(draw))
   configs = [trial_config(base, method, point, seed) for method, _, point, seed in trials]
   dirs = [os.path.join(workdir, 'tuning', method, f't{i}__s{seed}__{compare.config_hash(cfg)}')
           for (method, i, _, seed), cfg in zip(trials, configs)]
