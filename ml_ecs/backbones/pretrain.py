@@ -190,5 +190,5 @@ def cached_backbone(name: str, cfg: ml_collections.ConfigDict, text: TaskText, f
   if got != expected:
     raise ValueError(f'backbone weights for {name} ({path or "pretrained"}) do not match {name}.backbone; '
                      'delete the cached file to retrain')
-  nnx.replace_by_pure_dict(frozen_template, jax.tree.map(jnp.asarray, pure))
+  nnx.replace_by_pure_dict(frozen_template, jax.device_put(pure))   # one transfer, no per-leaf program
   return frozen_template, info

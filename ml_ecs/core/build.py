@@ -25,7 +25,7 @@ from ml_ecs.algorithms.ml_ecs import amt, mma, se_ccl
 from ml_ecs.backbones import resolve as backbones
 from ml_ecs.backbones.pretrain import cached_backbone
 from ml_ecs.core import autotune, communication, distributed, faults
-from ml_ecs.core.client_store import (broadcast_to_clients, host_init, per_client_keys, round_up)
+from ml_ecs.core.client_store import broadcast_to_clients, first_row, host_init, per_client_keys, round_up
 from ml_ecs.core.cohort_map import CLIENT_AXIS, cohort_map
 from ml_ecs.core.context import RoundContext
 from ml_ecs.core.describe import cohort_layout
@@ -174,7 +174,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
 
   def program(fn, num_modalities, key):
     graphdef = cached(('graph',) + key, lambda: params.split_model(nnx.eval_shape(lambda: fn(nnx.Rngs(0))))[0])
-    return NodeProgram(graphdef, num_modalities, jnp.asarray(text.instr), jnp.asarray(text.instr_mask),
+    return NodeProgram(graphdef, num_modalities, jax.device_put(text.instr), jax.device_put(text.instr_mask),
                        m.ccl if m.lambda_ccl > 0 else 'none', m.tau_ccl, m.tau_se_ccl, cfg.train.batch_size,
                        optimizer, ccl_anchor=m.ccl_anchor, input_view=algorithm.input_view,
                        batch_view=algorithm.batch_view)
@@ -245,16 +245,16 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
                                                   keys, client_sharding), host, rows, holdout))
     cohort_states.append(NodeState(trainables, opt_state))
 
-  # Round-0 broadcast: every client starts from the same shared LoRA.
-  # (jnp.array copies: a host row must not alias a device buffer that outlives in-place updates)
-  global_shared = jax.tree.map(lambda x: jnp.array(x[0]), cohort_states[0].trainables['shared'])
+  # Round-0 broadcast: every client starts from the same shared LoRA (new buffers: a host row must not
+  # alias a device buffer that outlives in-place updates).
+  global_shared = first_row(cohort_states[0].trainables['shared'])
   if m.communicate and host:   # in place, on the host
     for s_ in cohort_states:
       jax.tree.map(lambda h, g: h.__setitem__(slice(None), np.asarray(g)), s_.trainables['shared'], global_shared)
   elif m.communicate:
     cohort_states = [dataclasses.replace(s, trainables={
-        **s.trainables, 'shared': jax.device_put(broadcast_to_clients(global_shared, s.trainables['shared']),
-                                                 client_sharding)}) for s in cohort_states]
+        **s.trainables, 'shared': jax.jit(broadcast_to_clients, out_shardings=client_sharding)(
+            global_shared, s.trainables['shared'])}) for s in cohort_states]
   leaf_mod = mma.leaf_modalities(global_shared, modalities)
 
   # Server: one node with every modality, trained on the public split.
@@ -263,14 +263,14 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   server_fn = functools.partial(model_fn, 'server_model', modalities, server_enc, conv_impl=server_conv)
   server_node = node_key('server_model', modalities, server_enc, server_conv)
   server_prog = program(server_fn, len(modalities), server_node)
-  server_tr = jax.tree.map(lambda x: x[0], cached(('init',) + server_node, lambda: stack_init_fn(server_fn))(
+  server_tr = first_row(cached(('init',) + server_node, lambda: stack_init_fn(server_fn))(
       jax.random.key(cfg.seed + 29)[None]))
-  server_opt = server_prog.init_opt(server_tr, stages.server)
-  squeeze = lambda split: jax.tree.map(lambda x: x[0], split)
-  public_train = squeeze(full_modality_split(ds, text, part.public_train_idx,
-                                             label_fraction=cfg.data.server_label_fraction, label_seed=cfg.data.seed))
-  public_test = squeeze(full_modality_split(ds, text, part.public_test_idx, cfg.eval.max_server_test))
-  public_val = (squeeze(full_modality_split(ds, text, part.public_val_idx, cfg.eval.max_server_test))
+  server_opt = jax.jit(functools.partial(server_prog.init_opt, spec=stages.server))(server_tr)
+  public_split = lambda idx, **kw: first_row(full_modality_split(ds, text, idx, host=True, **kw))   # unstacked
+  public_train = public_split(part.public_train_idx, label_fraction=cfg.data.server_label_fraction,
+                              label_seed=cfg.data.seed)
+  public_test = public_split(part.public_test_idx, max_len=cfg.eval.max_server_test)
+  public_val = (public_split(part.public_val_idx, max_len=cfg.eval.max_server_test)
                 if len(part.public_val_idx) else None)
   public_holdout = (holdout_split(ds, text, modalities, part.public_holdout_idx, cfg.eval.max_server_test)
                     if len(part.public_holdout_idx) else None)
@@ -295,7 +295,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   frozen_bytes = params.count(edge_frozen)[1]
   acct_clients = []
   for c, s in zip(cohorts, cohort_states):
-    model_bytes = params.count(jax.tree.map(lambda x: x[0], s.trainables))[1] + frozen_bytes
+    model_bytes = params.count(params.row_shapes(s.trainables))[1] + frozen_bytes
     mods_idx = [modalities.index(x) for x in c.data.modalities]
     acct_clients += [(spec_.client_id, mods_idx, len(spec_.public_idx), model_bytes)
                      for spec_ in c.data.clients[:c.num_real]]

@@ -20,6 +20,19 @@ def broadcast_to_clients(global_tree, stacked):
   return jax.tree.map(lambda g, x: jnp.broadcast_to(g, x.shape), global_tree, stacked)
 
 
+@jax.jit
+def _first_on_device(tree):
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def first_row(tree):
+  """Row 0 of every leaf of a client-stacked tree, as new device arrays: host (numpy) leaves move only
+  that row; device leaves are sliced in one compiled call (not one eagerly dispatched op per leaf)."""
+  if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(tree)):
+    return jax.device_put(jax.tree.map(lambda x: np.array(x[0]), tree))
+  return _first_on_device(tree)
+
+
 def round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 

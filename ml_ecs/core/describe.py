@@ -37,7 +37,7 @@ def model_summary(setup: Setup, state: State) -> dict[str, Any]:
   train.host_state the host bytes per client, `host_bytes_per_client`)."""
   edge = []
   for c, cs in zip(setup.cohorts, state.cohorts):
-    parts = {**jax.tree.map(lambda x: x[0], cs.trainables), 'frozen': setup.edge_frozen}
+    parts = {**params.row_shapes(cs.trainables), 'frozen': setup.edge_frozen}
     edge.append({'modalities': list(c.data.modalities), 'encoders': dict(c.data.clients[0].encoder_types),
                  'clients': c.num_real, 'params': params.count_parts(parts)})
   server = params.count_parts({**state.server.trainables, 'frozen': setup.server_frozen})

@@ -21,6 +21,9 @@ from ml_ecs.data.partition import ClientSpec
 from ml_ecs.models.multimodal import model_options
 
 
+# one compiled call per evaluation, not an eagerly dispatched op per leaf
+_global_view = jax.jit(amt.global_view, static_argnums=2)
+
 def _eval_shares(setup: Setup) -> list[int]:
   """Clients each cohort decodes per evaluation: all, or with eval.clients_per_eval = n its share
   round(n * num_real / total), at least one."""
@@ -167,7 +170,7 @@ def evaluate(setup: Setup, state: State, split: str = 'test', full: bool = False
                                         tokens=generated.clients if generated is not None else None)
   gates = model_options(setup.cfg)['gates']
   per_global = _score_clients(setup, [cs.trainables for cs in state.cohorts], split, positions,
-                              lambda tr: amt.global_view(tr, state.global_shared, gates),
+                              lambda tr: _global_view(tr, state.global_shared, gates),
                               tokens=generated.global_view if generated is not None else None)[0] \
       if setup.communicate else {}
   server_preds, idx = server_predictions(setup, state, split, generated.server if generated is not None else None)

@@ -82,7 +82,7 @@ def arrivals(setup: Setup, c: CohortSetup, out, real: np.ndarray, sel: np.ndarra
   [selected, M] (0 for a dropped upload, discounted for a late one), and what the server heard."""
   ids = c.client_ids[real]
   factor, dropped, late = faults.draw_faults(key, len(real), setup.cfg.train)
-  out_metrics, finite = distributed.to_host((out.metrics, clients_finite(out.shared)))   # from every process
+  out_metrics, finite = distributed.to_host((out.metrics, faults.clients_finite(out.shared)))   # every process
   finite = finite[:len(real)].copy()
   for v in out_metrics.values():
     finite &= np.isfinite(v[:len(real)])

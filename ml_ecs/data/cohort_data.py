@@ -53,7 +53,9 @@ def split_arrays(ds: MultimodalDataset, text: TaskText, modalities: Sequence[str
   (at most `max_len` per client); `labelled[c]` (0/1 per sample) zeroes unlabelled answers' masks.
   Only the clients `rows` are built, padded as all of them would be (a process builds its own clients).
   `host`: numpy arrays (in JAX's canonical dtypes) that stay in host memory, not device arrays."""
-  to = (lambda x: np.asarray(x, jax.dtypes.canonicalize_dtype(np.asarray(x).dtype))) if host else jnp.asarray
+  canonical = lambda x: np.asarray(x, jax.dtypes.canonicalize_dtype(np.asarray(x).dtype))
+  # device arrays by transfer: jnp.asarray would compile a small program per shape
+  to = canonical if host else (lambda x: jax.device_put(canonical(x)))
   if max_len is not None:
     if labelled is not None:
       labelled = [lb[:max_len] for lb in labelled]
@@ -137,18 +139,20 @@ def holdout_split(ds: MultimodalDataset, text: TaskText, modalities: Sequence[st
   if not len(idx):
     return None
   split = split_arrays(ds, text, modalities, [idx], [present], ids=[np.arange(len(idx))],
-                       labelled=[np.ones(len(idx), np.float32)])
-  return jax.tree.map(lambda x: x[0], split)
+                       labelled=[np.ones(len(idx), np.float32)], host=True)
+  return jax.device_put(jax.tree.map(lambda x: x[0], split))
 
 
 def full_modality_split(ds: MultimodalDataset, text: TaskText, idx: np.ndarray,
                         max_len: int | None = None, label_fraction: float = 1.0,
-                        label_seed: int = 0) -> SplitArrays:
+                        label_seed: int = 0, host: bool = False) -> SplitArrays:
   """A single-'client' split with every modality the data has (the server's view of public
   data): the mask is 1 except where the dataset itself misses a sample's modality;
-  `label_fraction` of the samples keep their answer text (the server's labels)."""
+  `label_fraction` of the samples keep their answer text (the server's labels). `host`: numpy arrays
+  (as `split_arrays`)."""
   idx = idx[:max_len] if max_len is not None else idx
   mods = ds.modality_names
   return split_arrays(ds, text, mods, [idx], [ds.presence(mods)[idx].astype(np.float32)],
-                      ids=[np.arange(len(idx))], labelled=[labelled_rows(len(idx), label_fraction, label_seed, -2)])
+                      ids=[np.arange(len(idx))], labelled=[labelled_rows(len(idx), label_fraction, label_seed, -2)],
+                      host=host)
 

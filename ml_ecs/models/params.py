@@ -62,6 +62,11 @@ def unstack(tree: Any) -> list[Any]:
   return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
+def row_shapes(stacked: Any) -> Any:
+  """Shapes and dtypes of one row of a stacked tree (for `count`; nothing is sliced or computed)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), stacked)
+
+
 def count(tree: Any) -> tuple[int, int]:
   """(number of parameters, bytes) of a pytree of arrays."""
   leaves = jax.tree.leaves(tree)
