@@ -7,28 +7,19 @@ Two tests share the procedure: `test_killed_at_a_few_points` (4 kills, part of e
 `test_killed_anywhere_and_rerun_ends_byte_identical` (20 kills; about 15 minutes on 2 busy cores, so marked
 `exhaustive`, which the suite's default run leaves out: `python -m pytest -m exhaustive tests` runs it).
 ML_ECS_KILL_POINTS overrides the 20; the moments are drawn from ML_ECS_KILL_SEED (default 0) over half the
-span an uninterrupted run took.
+span the uninterrupted run took. That run (`faulty_reference`) is shared with tests/integration/test_resume.py.
 """
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
+from tests.main_job import faulty_command
 from tests.paths import ROOT, cached_env
 
-pytestmark = pytest.mark.slow
-
-FLAGS = ['--noprogress', '--config.train.rounds=3', '--config.train.eval_every=1', '--config.train.checkpoint_every=1',
-         '--config.train.dropout_rate=0.2', '--config.train.straggler_rate=0.3']
-
-
-def _cmd(workdir):
-  return [sys.executable, os.path.join(ROOT, 'launch', 'train.py'), '--config=' + os.path.join(ROOT, 'configs', 'tiny.py'),
-          f'--workdir={workdir}', *FLAGS]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('resume')]
 
 
 def _env():
@@ -40,28 +31,24 @@ def _read(path):
     return f.read()
 
 
-def test_killed_at_a_few_points(tmp_path):
-  _kill_and_rerun(tmp_path, 4)
+def test_killed_at_a_few_points(faulty_reference, tmp_path):
+  _kill_and_rerun(faulty_reference, tmp_path, 4)
 
 
 @pytest.mark.exhaustive
-def test_killed_anywhere_and_rerun_ends_byte_identical(tmp_path):
-  _kill_and_rerun(tmp_path, int(os.environ.get('ML_ECS_KILL_POINTS', '20')))
+def test_killed_anywhere_and_rerun_ends_byte_identical(faulty_reference, tmp_path):
+  _kill_and_rerun(faulty_reference, tmp_path, int(os.environ.get('ML_ECS_KILL_POINTS', '20')))
 
 
-def _kill_and_rerun(tmp_path, points: int):
+def _kill_and_rerun(reference, tmp_path, points: int):
   """Kills the run at `points` seeded random moments (rerunning after each) and checks that every run
-  ends byte-identical to an uninterrupted one."""
+  ends byte-identical to the uninterrupted `reference` (`faulty_reference`)."""
   rng = np.random.default_rng(int(os.environ.get('ML_ECS_KILL_SEED', '0')))
-  reference = tmp_path / 'reference'
-  t0 = time.time()
-  res = subprocess.run(_cmd(reference), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1800)
-  span = time.time() - t0
-  assert res.returncode == 0, res.stderr[-3000:]
+  _, metrics, summary, span = reference
 
   def check(workdir):
-    for name in ('metrics.jsonl', 'summary.json'):
-      assert _read(workdir / name) == _read(reference / name), f'{workdir}/{name}'
+    assert _read(workdir / 'metrics.jsonl') == metrics.encode(), f'{workdir}/metrics.jsonl'
+    assert _read(workdir / 'summary.json') == summary.encode(), f'{workdir}/summary.json'
 
   # Attempts on one workdir until an attempt outlives its moment and finishes; the finished run is
   # compared with the reference and the next attempts start a new workdir.
@@ -71,7 +58,7 @@ def _kill_and_rerun(tmp_path, points: int):
       break
     if workdir is None:
       workdir = tmp_path / f'killed{finished}'
-    proc = subprocess.Popen(_cmd(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+    proc = subprocess.Popen(faulty_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
                             cwd=ROOT)
     try:
       # Half the reference's span: the reference compiled cold, a rerun finds the compilation cache.
@@ -85,6 +72,6 @@ def _kill_and_rerun(tmp_path, points: int):
       kills += 1
   assert kills >= points, f'only {kills} of {points} kills'
   if workdir is not None:   # the last one, killed: rerun to the end
-    res = subprocess.run(_cmd(workdir), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1800)
+    res = subprocess.run(faulty_command(workdir), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     check(workdir)

@@ -5,25 +5,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from studies.compare import grid as compare
 from ml_ecs.run import trainer
+from tests.main_job import faulty_command
 from tests.paths import ROOT, cached_env
 
-# The tests share one uninterrupted run (`reference`): one xdist worker makes it.
+# The tests share one uninterrupted run (`faulty_reference`, with tests/integration/test_kill_anywhere.py):
+# one xdist worker makes it.
 pytestmark = pytest.mark.xdist_group('resume')
-# Faults on: their draws must be functions of the round key, so resumed and repeated runs match too.
-FLAGS = ['--config.train.rounds=4', '--config.train.eval_every=2', '--config.train.checkpoint_every=1', '--noprogress',
-         '--config.train.dropout_rate=0.2', '--config.train.straggler_rate=0.3']
-
-
-def _cmd(workdir, *extra):
-  return [sys.executable, os.path.join(ROOT, 'launch', 'train.py'), '--config=' + os.path.join(ROOT, 'configs', 'tiny.py'),
-          f'--workdir={workdir}', *FLAGS, *extra]
 
 
 def _env():
@@ -31,13 +24,13 @@ def _env():
 
 
 def _run(workdir, *extra):
-  res = subprocess.run(_cmd(workdir, *extra), capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
+  res = subprocess.run(faulty_command(workdir, *extra), capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
   return res.returncode, res.stdout + res.stderr
 
 
 def _start_and_signal(workdir, sig, after_checkpoint: int):
   """Starts the main job and sends `sig` once checkpoint `after_checkpoint` is finalised."""
-  proc = subprocess.Popen(_cmd(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+  proc = subprocess.Popen(faulty_command(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                           cwd=ROOT)
   target = os.path.join(workdir, 'checkpoints', str(after_checkpoint))
   deadline = time.time() + 600
@@ -54,13 +47,10 @@ def _read(path):
     return f.read()
 
 
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """An uninterrupted run of the command: (workdir, metrics.jsonl text, summary.json text)."""
-  workdir = str(tmp_path_factory.mktemp('reference'))
-  rc, out = _run(workdir)
-  assert rc == 0, out[-3000:]
-  return workdir, _read(os.path.join(workdir, 'metrics.jsonl')), _read(os.path.join(workdir, 'summary.json'))
+@pytest.fixture
+def reference(faulty_reference):
+  """The uninterrupted run of the command: (workdir, metrics.jsonl text, summary.json text)."""
+  return faulty_reference[:3]
 
 
 @pytest.mark.slow
@@ -77,7 +67,7 @@ def test_sigkill_then_rerun_gives_identical_results(reference, tmp_path):
   assert _read(tmp_path / 'metrics.jsonl') == metrics
   assert _read(tmp_path / 'summary.json') == summary
   rows = [json.loads(line) for line in metrics.splitlines()]
-  assert [r['round'] for r in rows] == [0, 1, 2, 3, 4]
+  assert [r['round'] for r in rows] == [0, 1, 2, 3]
   assert not any(k.startswith('time/') for r in rows for k in r)   # wall-clock times live in timing.jsonl
 
 

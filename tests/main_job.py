@@ -1,0 +1,22 @@
+"""The main job (launch/train.py) as the integration tests spawn it."""
+import os
+import sys
+
+from tests.paths import ROOT
+
+# configs/tiny.py with simulated faults (their draws are functions of the round key, so resumed and repeated
+# runs must match too) and a checkpoint every round: the run the resume and kill tests interrupt.
+FAULTY_FLAGS = ('--noprogress', '--config.train.rounds=3', '--config.train.eval_every=1',
+                '--config.train.checkpoint_every=1', '--config.train.dropout_rate=0.2',
+                '--config.train.straggler_rate=0.3')
+
+
+def command(workdir, *flags, config: str = 'tiny.py') -> list[str]:
+  """argv of the main job on configs/`config` in `workdir` with `flags`."""
+  return [sys.executable, os.path.join(ROOT, 'launch', 'train.py'), '--config=' + os.path.join(ROOT, 'configs', config),
+          f'--workdir={workdir}', *flags]
+
+
+def faulty_command(workdir, *extra) -> list[str]:
+  """argv of the main job on configs/tiny.py with FAULTY_FLAGS (and `extra`) in `workdir`."""
+  return command(workdir, *FAULTY_FLAGS, *extra)
