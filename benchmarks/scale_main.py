@@ -29,6 +29,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _steady_median(values: list[float]) -> float:
+  """The median of the rounds after the first (which compiles); the only value if there is one round."""
+  steady = values[1:] or values
+  return sorted(steady)[len(steady) // 2]
+
+
 def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_steps: int,
               clients_per_eval: int = 0) -> dict:
   """One main-job cell, in this process."""
@@ -47,15 +53,16 @@ def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_ste
   with tempfile.TemporaryDirectory() as wd:
     setup, state = federation.init(cfg, workdir=wd, log=lambda s: None, cache_dir=cache_dir)
   setup_s = time.perf_counter() - t0
-  times = []
+  times, parts = [], []
   for _ in range(rounds):
     t = time.perf_counter()
     state, m = federation.run_round(setup, state)
     times.append(time.perf_counter() - t)
+    parts.append({k[len('time/'):-len('_s')]: v for k, v in m.items() if k.startswith('time/') and k != 'time/round_s'})
   t = time.perf_counter()
   ev = federation.evaluate(setup, state)
   eval_s = time.perf_counter() - t
-  steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]   # median
+  steady = _steady_median(times)
   sampled = m['clients/sampled']
   te = cfg.train
   return dict(kind='main', clients=n, fraction=fraction, sampled=sampled, rounds=rounds, setup_s=setup_s,
@@ -66,7 +73,9 @@ def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_ste
               live_device_mb=sum(x.nbytes for x in jax.live_arrays()) / 2**20,
               steps_per_client=te.public_steps + te.private_steps, batch=te.batch_size,
               seq=len(setup.text.instr) + cfg.edge_model.prompt_len + cfg.text.answer_len - 1,
-              compiles=[c.round_fn._cache_size() for c in setup.cohorts])
+              compiles=[c.round_fn._cache_size() for c in setup.cohorts],
+              # the round's parts (ml_ecs/core/round.py's time/*_s), each the median over the steady rounds
+              parts_s={k: _steady_median([p[k] for p in parts]) for k in parts[0]})
 
 
 def micro_cell(clients: int, steps: int, batch: int, seq: int) -> dict:
