@@ -24,6 +24,7 @@ from ml_ecs.models.multimodal import model_options
 # one compiled call per evaluation, not an eagerly dispatched op per leaf
 _global_view = jax.jit(amt.global_view, static_argnums=2)
 
+
 def _eval_shares(setup: Setup) -> list[int]:
   """Clients each cohort decodes per evaluation: all, or with eval.clients_per_eval = n its share
   round(n * num_real / total), at least one."""

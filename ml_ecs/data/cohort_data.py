@@ -6,7 +6,6 @@ import functools
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ml_ecs.data.dataset import MultimodalDataset

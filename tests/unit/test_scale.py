@@ -95,3 +95,19 @@ def test_buckets_and_padded_positions():
   assert [federation.bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
   assert federation.bucket(3, 8) == 8 and federation.bucket(9, 8) == 16
   np.testing.assert_array_equal(federation.pad_positions(np.array([4, 7]), 4), [4, 7, 4, 4])
+
+
+def test_first_row_copies_row_zero_from_host_and_device_trees():
+  from ml_ecs.core.client_store import first_row
+  from ml_ecs.models import params
+  host = {'a': np.arange(12, dtype=np.float32).reshape(3, 4), 'b': np.ones((3, 2, 2), np.int32)}
+  for tree in (host, jax.device_put(host)):
+    row = first_row(tree)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(row))
+    np.testing.assert_array_equal(row['a'], [0, 1, 2, 3])
+    assert row['b'].shape == (2, 2) and row['b'].dtype == jnp.int32
+  row = first_row(host)
+  host['a'][0] = -1.0                          # a new buffer: writing the host row does not reach it
+  np.testing.assert_array_equal(row['a'], [0, 1, 2, 3])
+  # counting one row's bytes slices nothing: shapes only
+  assert params.count(params.row_shapes(host)) == (4 + 4, 4 * 4 + 4 * 4)
