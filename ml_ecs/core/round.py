@@ -19,7 +19,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ml_ecs.algorithms.base import Aggregated, Uploads
 from ml_ecs.algorithms.ml_ecs import mma
-from ml_ecs.aggregation.mean import clients_finite
 from ml_ecs.core import distributed, faults
 from ml_ecs.core.client_store import bucket, gather_clients, pad_positions, scatter_clients
 from ml_ecs.core.cohort_map import CLIENT_AXIS
@@ -48,7 +47,7 @@ class _Ledger:
 
 def resync(setup: Setup, c: CohortSetup, cs: NodeState, global_shared, ledger: _Ledger) -> NodeState:
   """Re-syncs the clients of a cohort that diverged last round from the global model (ml_ecs.core.faults)."""
-  bad = ~(clients_finite(cs.trainables) if c.host else distributed.to_host(faults.clients_finite(cs.trainables)))
+  bad = ~distributed.to_host(faults.clients_finite(cs.trainables))   # host trees are checked on the host
   bad[c.num_real:] = False
   if not bad.any() or c.resync_fn is None:
     return cs
