@@ -22,6 +22,7 @@ from ml_ecs.algorithms.ml_ecs import mma
 from ml_ecs.core import distributed, faults
 from ml_ecs.core.client_store import bucket, gather_clients, pad_positions, scatter_clients
 from ml_ecs.core.cohort_map import CLIENT_AXIS
+from ml_ecs.core.compile_ahead import compile_ahead
 from ml_ecs.core.sampling import sample_clients
 from ml_ecs.core.setup import CohortSetup, Setup
 from ml_ecs.core.state import NodeState, State
@@ -61,18 +62,23 @@ def resync(setup: Setup, c: CohortSetup, cs: NodeState, global_shared, ledger: _
   return NodeState(*c.resync_fn(cs.trainables, cs.opt_state, jnp.asarray(bad), global_shared))
 
 
-def train_cohort(setup: Setup, c: CohortSetup, cs: NodeState, sel: np.ndarray, key: jax.Array, broadcast
-                 ) -> tuple[NodeState, Any]:
-  """The selected clients' local round (one jitted call); with host state only the block moves."""
-  if c.host:   # only the sampled block goes to the devices; it comes back into the host arrays
-    block = gather_clients((cs.trainables, cs.opt_state, c.data.train, c.data.public), sel,
-                           NamedSharding(setup.mesh, P(CLIENT_AXIS)))
-    out = c.round_fn(*block, jnp.asarray(sel), key, *broadcast[:2], setup.edge_frozen, broadcast[2], c.holdout)
+def cohort_args(setup: Setup, c: CohortSetup, cs: NodeState, sel: np.ndarray, key: jax.Array, broadcast
+                ) -> tuple:
+  """The arguments of cohort c's round function for the selected clients; with host state, the selected
+  block, gathered onto the devices."""
+  rows = (cs.trainables, cs.opt_state, c.data.train, c.data.public)
+  if c.host:   # only the sampled block goes to the devices
+    rows = gather_clients(rows, sel, NamedSharding(setup.mesh, P(CLIENT_AXIS)))
+  return (*rows, jnp.asarray(sel), key, *broadcast[:2], setup.edge_frozen, broadcast[2], c.holdout)
+
+
+def kept(c: CohortSetup, cs: NodeState, sel: np.ndarray, out) -> NodeState:
+  """The cohort's state after its round `out`; with host state, the selected block's rows written back into
+  the host arrays (in place)."""
+  if c.host:
     scatter_clients(cs, sel, NodeState(out.trainables, out.opt_state))
-    return cs, out
-  out = c.round_fn(cs.trainables, cs.opt_state, c.data.train, c.data.public, jnp.asarray(sel), key,
-                   *broadcast[:2], setup.edge_frozen, broadcast[2], c.holdout)
-  return NodeState(out.trainables, out.opt_state), out
+    return cs
+  return NodeState(out.trainables, out.opt_state)
 
 
 def arrivals(setup: Setup, c: CohortSetup, out, real: np.ndarray, sel: np.ndarray, key: jax.Array,
@@ -158,21 +164,32 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   keys = round_keys(state)
   alignment, server_loss = setup.algorithm.round_context(setup, state)
   # The broadcast inputs in one (replicated) sharding every round, so rounds reuse one compilation.
-  broadcast = jax.device_put((state.global_shared, state.server_z, alignment), NamedSharding(setup.mesh, P()))
+  replicated = NamedSharding(setup.mesh, P())
+  broadcast = jax.device_put((state.global_shared, state.server_z, alignment), replicated)
+  server_args = lambda targets, has_target: (   # noqa: E731  (one place for the call and its compilation)
+      state.server.trainables, state.server.opt_state, keys.server,
+      *jax.device_put((targets, has_target.astype(jnp.float32)), replicated), setup.server_frozen, setup.public_train)
   ledger, cohorts, outs, weights, presence, rows = _Ledger(), [], [], [], [], []
-  for k, (c, cs) in enumerate(zip(setup.cohorts, state.cohorts)):
-    cs = resync(setup, c, cs, state.global_shared, ledger)
-    ck, real, sel = sample(c, keys, k)
-    cs, out = train_cohort(setup, c, cs, sel, ck, broadcast)
+  # In passes, so that no cohort waits for another's result: re-syncs (they read last round's states) and
+  # samples; every cohort's update dispatched; then each cohort's result kept and what arrived (these wait
+  # for that cohort alone, while the later ones run).
+  synced = [resync(setup, c, cs, state.global_shared, ledger) for c, cs in zip(setup.cohorts, state.cohorts)]
+  drawn = [sample(c, keys, k) for k, c in enumerate(setup.cohorts)]
+  args = [cohort_args(setup, c, cs, sel, ck, broadcast) for c, cs, (ck, _, sel) in zip(setup.cohorts, synced, drawn)]
+  calls = [*((c.round_fn, lambda a=a: a) for c, a in zip(setup.cohorts, args)),
+           (setup.server_round_fn, lambda: server_args(state.server_z, jnp.zeros(setup.num_public, bool)))]
+  for k in compile_ahead(calls):   # the first round compiles its programs together; later ones find them
+    if k < len(setup.cohorts):
+      outs.append(setup.cohorts[k].round_fn(*args[k]))
+  for k, (c, cs, out, (_, real, sel)) in enumerate(zip(setup.cohorts, synced, outs, drawn)):
+    cohorts.append(kept(c, cs, sel, out))
     w, pres = arrivals(setup, c, out, real, sel, jax.random.fold_in(keys.faults, k), ledger)
-    cohorts.append(cs), outs.append(out), weights.append(w), presence.append(pres), rows.append(c.client_ids[sel])
+    weights.append(w), presence.append(pres), rows.append(c.client_ids[sel])
   t_cohorts = time.perf_counter()   # every cohort's update has finished (arrivals read its metrics)
   uploads = Uploads(tuple(outs), tuple(weights), tuple(presence), np.concatenate(rows))
   agg, targets, has_target, target_metrics = aggregate(setup, state, uploads, keys.key, server_loss)
   t_aggregate = time.perf_counter()
-  server_tr, server_opt, server_metrics, server_z = setup.server_round_fn(
-      state.server.trainables, state.server.opt_state, keys.server, targets, has_target.astype(jnp.float32),
-      setup.server_frozen, setup.public_train)
+  server_tr, server_opt, server_metrics, server_z = setup.server_round_fn(*server_args(targets, has_target))
   metrics = round_metrics(setup, agg, target_metrics, ledger, server_metrics, int(state.round) + 1)
   jax.block_until_ready(server_z)
   new_state = State(cohorts=tuple(cohorts), server=NodeState(server_tr, server_opt), global_shared=agg.shared,

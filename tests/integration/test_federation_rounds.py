@@ -1,4 +1,5 @@
 """Rounds of a tiny federation in-process: purity, aggregation semantics, broadcast, checkpoints."""
+import contextlib
 import copy
 import dataclasses
 import os
@@ -30,6 +31,20 @@ def _np(tree):
   return jax.tree.map(np.asarray, tree)
 
 
+@contextlib.contextmanager
+def _traces():
+  """The names of the functions JAX traces for jit inside the block."""
+  names = []
+  def listen(event, duration, **kw):
+    if event == '/jax/core/compile/jaxpr_trace_duration':
+      names.append(kw.get('fun_name'))
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def test_state_is_a_pytree_and_round_is_pure(fed):
   setup, state = fed
   leaves = jax.tree.leaves(state)
@@ -37,8 +52,14 @@ def test_state_is_a_pytree_and_round_is_pure(fed):
   assert int(state.round) == 0
   # Same (setup, state) in -> same state and metrics out (run_round consumes donated buffers: copy first).
   copy_ = lambda s: jax.tree.map(jnp.copy, s)
-  s1, m1 = federation.run_round(setup, copy_(state))
-  s2, m2 = federation.run_round(setup, copy_(state))
+  with _traces() as first:
+    s1, m1 = federation.run_round(setup, copy_(state))
+  with _traces() as second:
+    s2, m2 = federation.run_round(setup, copy_(state))
+  # The first round's programs are compiled together ahead of their calls (ml_ecs.core.compile_ahead), each
+  # traced once: the calls find them (a mismatch in shapes or shardings would trace the call again).
+  assert first.count('round_fn') == len(setup.cohorts) and first.count('server_round') == 1, first
+  assert 'round_fn' not in second and 'server_round' not in second, second
   jax.tree.map(np.testing.assert_array_equal, _np(s1), _np(s2))
   assert {k: v for k, v in m1.items() if not k.startswith('time/')} == \
       {k: v for k, v in m2.items() if not k.startswith('time/')}
