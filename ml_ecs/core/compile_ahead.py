@@ -3,10 +3,10 @@
 A jitted call traces, lowers and compiles (or reads the compilation cache), then runs, one program after
 another. Tracing and lowering are Python and hold the interpreter; XLA's compilation and the cache's
 deserialisation do not. `compile_ahead` traces and lowers the programs in turn on the calling thread and
-hands each to a worker thread to compile meanwhile (one at a time), so the next program's tracing overlaps the last one's
-compilation, and a program whose compilation is done can start running while later ones are traced. The
-calls with arguments of the same shapes and shardings find the compiled programs in JAX's caches: nothing
-is traced or compiled twice, and what runs is what would have run.
+hands each to a worker thread to compile meanwhile (one at a time), so the next program's tracing overlaps
+the last one's compilation, and a program whose compilation is done can start running while later ones are
+traced. The calls with arguments of the same shapes and shardings find the compiled programs in JAX's
+caches: nothing is traced or compiled twice, and what runs is what would have run.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ _compiled: weakref.WeakSet = weakref.WeakSet()   # the jitted functions compiled
 def compile_ahead(calls: Sequence[tuple[Callable, Callable[[], tuple[Any, ...]]]]) -> Iterator[int]:
   """Yields the positions of `calls` (jitted function, a function giving its arguments) in order, each once
   its program is compiled; a function compiled ahead before in this process, or not jitted (no `lower`: a
-  wrapper), is left to its call. The
-  arguments (made only when needed) may be arrays or `jax.ShapeDtypeStruct`s, with the shapes and shardings
-  of the later call. Errors of tracing or compiling are raised here, as the call would raise them."""
+  wrapper), is left to its call. The arguments (made only when needed) may be arrays or
+  `jax.ShapeDtypeStruct`s, with the shapes and shardings of the later call. Errors of tracing or compiling
+  are raised here, as the call would raise them."""
   todo = [i for i, (fn, _) in enumerate(calls) if hasattr(fn, 'lower') and fn not in _compiled]   # jitted ones
   if not todo:
     yield from range(len(calls))
