@@ -11,9 +11,10 @@ if ROOT not in sys.path:
 
 
 def pytest_configure(config):
-  from tests.paths import FAST_COMPILE
-  # Before JAX starts its backend in this process (and so in every process the suite spawns).
-  os.environ['XLA_FLAGS'] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
+  from tests.paths import suite_xla_flags
+  # Before JAX starts its backend in this process (and so in every process the suite spawns; xdist's
+  # workers inherit the controller's, so they do not probe again).
+  os.environ['XLA_FLAGS'] = suite_xla_flags(os.environ.get('XLA_FLAGS', ''))
   # Main jobs the suite spawns keep pretrained backbones in the suite's folder, not the user's ~/.cache.
   os.environ['ML_ECS_BACKBONE_CACHE'] = os.path.join(config.rootpath, '.pytest_cache')
   config.addinivalue_line('markers', 'slow: end-to-end tests (still run in CI)')
