@@ -11,6 +11,8 @@ from ml_ecs.algorithms.ml_ecs import amt
 from benchmarks.lib import throughput as bench
 from ml_ecs.core import federation
 
+# Every test uses the module's `setup` (and most `loop_result`): one xdist worker makes them.
+pytestmark = pytest.mark.xdist_group('bench')
 # Adam's first steps move each weight by ~lr * sign(grad); float reassociation between a batched
 # and an unbatched program changes results in the last bits only.
 ATOL, RTOL = 2e-4, 1e-3

@@ -21,7 +21,8 @@ from ml_ecs.aggregation import privacy
 from ml_ecs.run.checkpoint import checkpoint_steps
 from tests.paths import ROOT, cached_env
 
-pytestmark = pytest.mark.slow
+# Every test works on the one module run (`run`): one xdist worker makes it.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('nothing_silent_runs')]
 
 TRAIN = os.path.join(ROOT, 'launch', 'train.py')
 # The settings: nothing is uploaded (dropout 0.999), one client sampled per cohort (0.001), DP on.
