@@ -1,5 +1,6 @@
-"""The main job resumes exactly: SIGKILL mid-run, SIGTERM, finished runs, other configs, grid cells
-(the config comparison alone is in tests/unit/test_resume.py)."""
+"""The main job resumes exactly: SIGTERM, finished runs, other configs, grid cells (SIGKILL, mid-run and at
+random moments, is tests/integration/test_kill_anywhere.py; the config comparison alone is in
+tests/unit/test_resume.py)."""
 import copy
 import json
 import os
@@ -51,24 +52,6 @@ def _read(path):
 def reference(faulty_reference):
   """The uninterrupted run of the command: (workdir, metrics.jsonl text, summary.json text)."""
   return faulty_reference[:3]
-
-
-@pytest.mark.slow
-def test_sigkill_then_rerun_gives_identical_results(reference, tmp_path):
-  """Also reproducibility on one machine: the rounds run fresh before the kill and those run after the
-  resume write the bytes of the uninterrupted reference."""
-  _, metrics, summary = reference
-  rc, out = _start_and_signal(str(tmp_path), signal.SIGKILL, after_checkpoint=1)
-  assert rc == -signal.SIGKILL
-  assert not (tmp_path / 'summary.json').exists()
-  rc, out = _run(str(tmp_path))
-  assert rc == 0, out[-3000:]
-  assert 'resuming from round ' in out
-  assert _read(tmp_path / 'metrics.jsonl') == metrics
-  assert _read(tmp_path / 'summary.json') == summary
-  rows = [json.loads(line) for line in metrics.splitlines()]
-  assert [r['round'] for r in rows] == [0, 1, 2, 3]
-  assert not any(k.startswith('time/') for r in rows for k in r)   # wall-clock times live in timing.jsonl
 
 
 @pytest.mark.slow
