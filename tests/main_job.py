@@ -1,6 +1,8 @@
 """The main job (launch/train.py) as the integration tests spawn it."""
 import os
+import subprocess
 import sys
+import time
 
 from tests.paths import ROOT
 
@@ -20,3 +22,18 @@ def command(workdir, *flags, config: str = 'tiny.py') -> list[str]:
 def faulty_command(workdir, *extra) -> list[str]:
   """argv of the main job on configs/tiny.py with FAULTY_FLAGS (and `extra`) in `workdir`."""
   return command(workdir, *FAULTY_FLAGS, *extra)
+
+
+def start_and_signal(workdir, sig, after_checkpoint: int, env: dict) -> tuple[int, str]:
+  """Starts `faulty_command` in `workdir`, sends `sig` once checkpoint `after_checkpoint` is finalised and
+  waits: (return code, output)."""
+  proc = subprocess.Popen(faulty_command(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          cwd=ROOT)
+  target = os.path.join(workdir, 'checkpoints', str(after_checkpoint))
+  deadline = time.time() + 600
+  while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  assert proc.poll() is None, 'the run ended before it could be signalled: ' + proc.stdout.read()[-2000:]
+  proc.send_signal(sig)
+  out, _ = proc.communicate(timeout=600)
+  return proc.returncode, out

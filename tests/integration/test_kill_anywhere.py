@@ -15,12 +15,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 
-from tests.main_job import faulty_command
+from ml_ecs.run import metrics_io
+from tests.main_job import faulty_command, start_and_signal
 from tests.paths import ROOT, cached_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('resume')]
@@ -62,33 +62,25 @@ def _kill_and_rerun(reference, tmp_path, points: int):
     assert _read(workdir / 'summary.json') == summary.encode(), f'{workdir}/summary.json'
 
   # The known kill: its workdir holds checkpoint 1 and no summary, so whichever attempt finishes it resumes.
-  workdir = tmp_path / 'killed0'
-  proc = subprocess.Popen(faulty_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
-                          cwd=ROOT)
-  target, deadline = workdir / 'checkpoints' / '1', time.time() + 600
-  while not target.is_dir() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  assert proc.poll() is None, 'the run ended before checkpoint 1 could be killed: ' + proc.communicate()[1][-2000:]
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
-  assert proc.returncode == -signal.SIGKILL and not (workdir / 'summary.json').exists()
+  first = workdir = tmp_path / 'killed0'
+  rc, out = start_and_signal(workdir, signal.SIGKILL, 1, _env())
+  assert rc == -signal.SIGKILL and not (workdir / 'summary.json').exists(), out[-2000:]
 
   # Attempts on one workdir until an attempt outlives its moment and finishes; the finished run is
   # compared with the reference and the next attempts start a new workdir.
-  kills, finished, resumed = 1, 0, False
+  kills, finished = 1, 0
   for _ in range(8 * points):   # attempts that finish before their moment count as chains, not kills
     if kills >= points:
       break
     if workdir is None:
       workdir = tmp_path / f'killed{finished}'
-    proc = subprocess.Popen(faulty_command(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(faulty_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+                            cwd=ROOT)
     try:
       # Half the reference's span: the reference compiled cold, a rerun finds the compilation cache.
-      out, _ = proc.communicate(timeout=rng.uniform(0.0, 0.5 * span))
-      assert proc.returncode == 0, out[-3000:]
+      _, err = proc.communicate(timeout=rng.uniform(0.0, 0.5 * span))
+      assert proc.returncode == 0, err[-3000:]
       check(workdir)
-      resumed = resumed or (finished == 0 and 'resuming from round ' in out)
       finished, workdir = finished + 1, None
     except subprocess.TimeoutExpired:
       proc.send_signal(signal.SIGKILL)
@@ -99,5 +91,5 @@ def _kill_and_rerun(reference, tmp_path, points: int):
     res = subprocess.run(faulty_command(workdir), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     check(workdir)
-    resumed = resumed or (finished == 0 and 'resuming from round ' in res.stdout + res.stderr)
-  assert resumed, 'the run killed after checkpoint 1 was not resumed from a checkpoint'
+  events = [t.get('event') for t in metrics_io.read_jsonl(first / 'timing.jsonl')]
+  assert 'resumed' in events, f'the run killed after checkpoint 1 was not resumed from a checkpoint: {events}'

@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from studies.compare import grid as compare
 from ml_ecs.run import trainer
-from tests.main_job import faulty_command
+from tests.main_job import faulty_command, start_and_signal
 from tests.paths import ROOT, cached_env
 
 # The tests share one uninterrupted run (`faulty_reference`, with tests/integration/test_kill_anywhere.py):
@@ -29,20 +28,6 @@ def _run(workdir, *extra):
   return res.returncode, res.stdout + res.stderr
 
 
-def _start_and_signal(workdir, sig, after_checkpoint: int):
-  """Starts the main job and sends `sig` once checkpoint `after_checkpoint` is finalised."""
-  proc = subprocess.Popen(faulty_command(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                          cwd=ROOT)
-  target = os.path.join(workdir, 'checkpoints', str(after_checkpoint))
-  deadline = time.time() + 600
-  while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  assert proc.poll() is None, 'the run ended before it could be signalled: ' + proc.stdout.read()[-2000:]
-  proc.send_signal(sig)
-  out, _ = proc.communicate(timeout=600)
-  return proc.returncode, out
-
-
 def _read(path):
   with open(path) as f:
     return f.read()
@@ -57,7 +42,7 @@ def reference(faulty_reference):
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path):
   _, metrics, summary = reference
-  rc, out = _start_and_signal(str(tmp_path), signal.SIGTERM, after_checkpoint=1)
+  rc, out = start_and_signal(str(tmp_path), signal.SIGTERM, 1, _env())
   assert rc == 128 + signal.SIGTERM, out[-3000:]
   assert 'Traceback' not in out
   stopped = [line for line in out.splitlines() if 'stopped by SIGTERM after round' in line]
