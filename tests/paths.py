@@ -11,10 +11,10 @@ JAX_CACHE = os.path.join(ROOT, '.pytest_cache', 'jax_cache')
 # time and run a little slower. Compiling is most of the suite's time; what a test compares is
 # computed under the same flags on both sides.
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-# XLA:CPU's older elemental fusion emitters compile the suite's programs in about 40% less time than the
-# MLIR fusion emitters (measured on configs/tiny.py with a cold cache: 32.5 s of XLA compilation against
-# 17.5 s; the run 41 s against 26 s). Added only where this jaxlib's XLA knows the flag: an XLA flag it does
-# not know aborts the process.
+# XLA:CPU's older elemental fusion emitters compile the suite's programs in about a quarter less time than
+# the MLIR fusion emitters (benchmarks/compile_time.py on configs/tiny.py, cold, 2 interleaved runs each: 32.4-33.1 s
+# of XLA compilation against 22.9-26.4 s; the run 40.7-41.9 s against 31.9-36.6 s). Added only where this jaxlib's
+# XLA knows the flag: an XLA flag it does not know aborts the process.
 LEGACY_FUSION = '--xla_cpu_use_fusion_emitters=false'
 
 
