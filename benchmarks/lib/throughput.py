@@ -59,6 +59,7 @@ from ml_ecs.core import federation
 from ml_ecs.core.client_store import broadcast_to_clients
 from benchmarks.lib import fedavg
 from ml_ecs.models import params
+from ml_ecs.models.keys import KeyStream
 from ml_ecs.data.cohort_data import SplitArrays
 from ml_ecs.core.cohort_map import CLIENT_AXIS, cohort_map
 from benchmarks.lib.xla_stats import COLLECTIVES, collectives_note, count_collectives, xla_flops  # noqa: F401
@@ -155,7 +156,7 @@ def make_setup(clients: int, workload: str, steps: int, *, width: int = 64, laye
   conv_impl = autotune.conv_impl(conv_impl, enc_types, shapes, mcfg.encoder_width, mcfg.d_enc, clients, batch,
                                  autotune.cache_path())[0]
   model_fn = lambda rngs: MultimodalLM(shapes, enc_types, modalities, mcfg, vocab, rngs=rngs, conv_impl=conv_impl)
-  graphdef, _ = params.split_model(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+  graphdef, _ = params.split_model(nnx.eval_shape(lambda: model_fn(KeyStream(0))))
   rng = np.random.default_rng(seed)
   instr = jnp.asarray(rng.integers(1, vocab, lens['instr_len']), jnp.int32)
   m = cfg.method
@@ -166,7 +167,7 @@ def make_setup(clients: int, workload: str, steps: int, *, width: int = 64, laye
 
   # Initial values only: 'rbg' keys compile much faster on CPU than threefry for this many
   # initialisers. The update keys (batch sampling) are default threefry keys, as in the federation.
-  frozen = jax.jit(lambda k: params.split_model(model_fn(nnx.Rngs(k)))[1]['frozen'])(
+  frozen = jax.jit(lambda k: params.split_model(model_fn(KeyStream(k)))[1]['frozen'])(
       jax.random.key(seed, impl='rbg'))
   trainables = federation.stack_init(model_fn, jax.random.split(jax.random.key(seed + 1, impl='rbg'), clients))
   # Round-0 broadcast, as in the federation: every client starts from the same shared LoRA.

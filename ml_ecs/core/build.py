@@ -40,18 +40,19 @@ from ml_ecs.data.loaders import load_dataset
 from ml_ecs.data.partition import partition
 from ml_ecs.data.text import build_task_text
 from ml_ecs.models import params
+from ml_ecs.models.keys import KeyStream
 from ml_ecs.models.conv import CONV_IMPLS
 from ml_ecs.models.multimodal import MultimodalLM, node_options
 
 
-def stack_init_fn(model_fn: Callable[[nnx.Rngs], nnx.Module], out_shardings=None) -> Callable[[jax.Array], dict]:
+def stack_init_fn(model_fn: Callable[[KeyStream], nnx.Module], out_shardings=None) -> Callable[[jax.Array], dict]:
   """The compiled init of `stack_init`: keys [n] -> the trainable parts of one fresh model per key, stacked."""
   def init(key):
-    return sub(params.split_model(model_fn(nnx.Rngs(key)))[1], params.TRAINABLE)
+    return sub(params.split_model(model_fn(KeyStream(key)))[1], params.TRAINABLE)
   return jax.jit(jax.vmap(init), out_shardings=out_shardings)
 
 
-def stack_init(model_fn: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array, out_shardings=None) -> dict:
+def stack_init(model_fn: Callable[[KeyStream], nnx.Module], keys: jax.Array, out_shardings=None) -> dict:
   """Trainable parts of one freshly initialised model per key, stacked (one compiled init)."""
   return stack_init_fn(model_fn, out_shardings)(keys)
 
@@ -173,7 +174,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
             tuple(sorted((k, tuple(v)) for k, v in shapes.items())), bb.vocab_size(name, text.tokenizer.vocab_size))
 
   def program(fn, num_modalities, key):
-    graphdef = cached(('graph',) + key, lambda: params.split_model(nnx.eval_shape(lambda: fn(nnx.Rngs(0))))[0])
+    graphdef = cached(('graph',) + key, lambda: params.split_model(nnx.eval_shape(lambda: fn(KeyStream(0))))[0])
     return NodeProgram(graphdef, num_modalities, jax.device_put(text.instr), jax.device_put(text.instr_mask),
                        m.ccl if m.lambda_ccl > 0 else 'none', m.tau_ccl, m.tau_se_ccl, cfg.train.batch_size,
                        optimizer, ccl_anchor=m.ccl_anchor, input_view=algorithm.input_view,
@@ -184,10 +185,10 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   for name in backbones.MODELS:
     new_model = lambda rngs, name=name: model_fn(name, modalities, {k: 'mlp' for k in modalities}, rngs)
     if bb.sources[name].startswith(backbones.RANDOM):   # an architecture with random weights, no pretraining
-      frozen[name] = jax.jit(lambda: params.split_model(new_model(nnx.Rngs(cfg.seed + 41)))[1]['frozen'])()
+      frozen[name] = jax.jit(lambda: params.split_model(new_model(KeyStream(cfg.seed + 41)))[1]['frozen'])()
       continue
     template = cached(('template',) + node_key(name, modalities, {k: 'mlp' for k in modalities}, 'xla'),
-                      lambda: params.split_model(nnx.eval_shape(lambda: new_model(nnx.Rngs(0))))[1]['frozen'])
+                      lambda: params.split_model(nnx.eval_shape(lambda: new_model(KeyStream(0))))[1]['frozen'])
     if bb.sources[name] != 'pretrained':
       frozen[name] = backbones.frozen_state(bb, name, template, replicated, placed)
       continue
@@ -217,7 +218,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     node = node_key('edge_model', clients[0].modalities, enc, conv)
     prog = program(fn, len(clients[0].modalities), node)
     keys = per_client_keys(jax.random.fold_in(init_rng, k), jnp.arange(n_pad))
-    client_init = lambda key, fn=fn: sub(params.split_model(fn(nnx.Rngs(key)))[1], params.TRAINABLE)
+    client_init = lambda key, fn=fn: sub(params.split_model(fn(KeyStream(key)))[1], params.TRAINABLE)
     init_opt = jax.vmap(functools.partial(algorithm.init_client_state, prog, stages))
     rows = distributed.local_rows(client_sharding, n_pad)   # this process builds only its own clients' data
     if host:   # built block by block straight into host arrays: the devices never hold the cohort

@@ -32,6 +32,7 @@ from ml_ecs.backbones import resolve as backbones
 from ml_ecs.core import communication
 from ml_ecs.algorithms.ml_ecs import mma
 from ml_ecs.models import params
+from ml_ecs.models.keys import KeyStream
 from ml_ecs.core.sampling import sampled_count
 from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.data.loaders import load_dataset
@@ -45,7 +46,7 @@ ITEMSIZE = 4   # float32 parameters and representations, as the main job uses
 
 def _abstract_parts(shapes, encoders, modalities, mcfg, vocab_size, options) -> dict[str, nnx.State]:
   """The parts of a node as the main job builds it (`options`: `node_options` of the config)."""
-  model = nnx.eval_shape(lambda: MultimodalLM(shapes, encoders, modalities, mcfg, vocab_size, rngs=nnx.Rngs(0),
+  model = nnx.eval_shape(lambda: MultimodalLM(shapes, encoders, modalities, mcfg, vocab_size, rngs=KeyStream(0),
                                               **options))
   return params.split_model(model)[1]
 

@@ -9,6 +9,7 @@ from flax import nnx
 from ml_ecs.models import params
 from ml_ecs.models.decoder import DecoderLM
 from ml_ecs.models.encoders import ENCODER_TYPES, make_encoder
+from ml_ecs.models.keys import KeyStream
 from ml_ecs.models.multimodal import MultimodalLM
 from ml_ecs.models.variables import Frozen, SharedLoRA, PrivateLoRA
 
@@ -33,6 +34,28 @@ def _randomize(model, var_type, key, scale=0.5):
   leaves, tree = jax.tree.flatten(state)
   keys = jax.random.split(key, len(leaves))
   nnx.update(model, jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+
+
+@pytest.mark.parametrize('key', ['seed', 'typed', 'data'])
+def test_key_stream_builds_the_parameters_nnx_rngs_builds(tiny_config, key):
+  """KeyStream (what the federation builds its models with) gives the parameters of nnx.Rngs bit for bit and the
+  same graph, built eagerly and under jit, from a seed, a typed key or raw key data; every encoder type, the
+  text projection and the SE-CCL head draw keys."""
+  key = {'seed': 7, 'typed': jax.random.key(7), 'data': jax.random.key_data(jax.random.key(7))}[key]
+  build = lambda rngs: MultimodalLM(SHAPES, {'accel': 'transformer', 'depth': 'mlp', 'image': 'conv1d'}, MODS,
+                                    tiny_config.edge_model, VOCAB, rngs=rngs, text_anchor=True, se_head_dim=8)
+  ours, theirs = build(KeyStream(key)), build(nnx.Rngs(key))
+  assert nnx.graphdef(ours) == nnx.graphdef(theirs)
+  traced = lambda make: jax.jit(lambda: nnx.state(build(make(key))))() if isinstance(key, int) else \
+      jax.jit(lambda k: nnx.state(build(make(k))))(key)
+  for a, b in [(nnx.state(ours), nnx.state(theirs)), (traced(KeyStream), traced(nnx.Rngs))]:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb) > 20
+    for x, y in zip(la, lb):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The keys are drawn in turn, not one key reused: two kernels of one layer differ.
+  k = jax.tree.leaves(nnx.state(ours, Frozen))
+  assert len({np.asarray(x).tobytes() for x in k if x.ndim == 2}) > 5
 
 
 def test_lora_with_zero_b_leaves_logits_unchanged(tiny_config):
