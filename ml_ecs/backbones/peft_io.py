@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from ml_ecs.models.decoder import LORA_TARGETS, Block
+from ml_ecs.models.keys import KeyStream
 from ml_ecs.backbones.hf_gpt2 import HF_MODULES
 
 ADAPTER_CONFIG = 'adapter_config.json'
@@ -62,7 +63,7 @@ def _targets(cfg: ml_collections.ConfigDict) -> list[str]:
 
 def _gates_fn(cfg: ml_collections.ConfigDict):
   """gate logits -> Block.mix_gates() (the block's own definition, on an abstract Block)."""
-  block = nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0)))
+  block = nnx.eval_shape(lambda: Block(cfg, rngs=KeyStream(0)))
 
   def gates(logits):
     block.gate.set_value(jnp.asarray(logits, jnp.float32))

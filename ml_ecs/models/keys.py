@@ -12,8 +12,9 @@ class KeyStream:
   Why not `nnx.Rngs` itself (flax 0.12): under tracing (`jax.jit`, `vmap`, `nnx.eval_shape`) each
   draw updates the stream's count, an nnx Variable whose update asks the traced count for its
   `sharding`; a tracer answers with an AttributeError whose message JAX builds by pretty-printing where
-  the tracer came from. Building a model under tracing draws a key per weight, so that was about 15% of
-  the set-up of a program of 4 runs (`ml_ecs.core.runs`, measured 12.7-13.2 s against 11.0 s). Here the
+  the tracer came from. Building a model under tracing draws a key per weight, so that was about a fifth
+  of the warm set-up of a program of 4 runs (`ml_ecs.core.runs`: 13.7-14.6 s with `nnx.Rngs`, 11.0-11.5 s
+  with this; 2 interleaved pairs). Here the
   count is a Python int, so a traced build costs no more than the keys themselves. The parameters
   are the same, bit for bit (tests/unit/test_models.py). Only for building: a module that keeps its
   rngs to draw from later (e.g. dropout) needs `nnx.Rngs`; none of ours does.

@@ -53,7 +53,7 @@ def test_key_stream_builds_the_parameters_nnx_rngs_builds(tiny_config, key):
     assert len(la) == len(lb) > 20
     for x, y in zip(la, lb):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  # The keys are drawn in turn, not one key reused: two kernels of one layer differ.
+  # The keys are drawn in turn, not one key reused: the 2-D frozen kernels differ from one another.
   k = jax.tree.leaves(nnx.state(ours, Frozen))
   assert len({np.asarray(x).tobytes() for x in k if x.ndim == 2}) > 5
 
