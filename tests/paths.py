@@ -16,6 +16,9 @@ FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 # of XLA compilation against 22.9-26.4 s; the run 40.7-41.9 s against 31.9-36.6 s). Added only where this jaxlib's
 # XLA knows the flag: an XLA flag it does not know aborts the process.
 LEGACY_FUSION = '--xla_cpu_use_fusion_emitters=false'
+# Tried and not adopted (2026-12-04): --xla_cpu_parallel_codegen_split_count=1 cut a cold configs/tiny.py run by
+# 8% alone (benchmarks/compile_time.py, 2 interleaved runs each: XLA compilation 15.2 s against 16.7-17.3 s) but
+# not the whole suite (980.7 s against 944.8 s of pytest time, the runs back to back; results differ by float rounding).
 
 
 def suite_xla_flags(current: str) -> str:
