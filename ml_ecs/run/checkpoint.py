@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import traceback
 from typing import Any, Callable
 
 import jax
@@ -31,6 +33,41 @@ def _flatten(tree: Any) -> dict[str, Any]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {jax.tree_util.keystr(path): x if isinstance(x, jax.Array) and not x.is_fully_addressable
           else np.asarray(x) for path, x in leaves}
+
+
+def _abandoned_read(unraisable: Any) -> bool:
+  """Whether an unraisable exception is a read of a failed restore arriving after orbax closed its event
+  loop: RuntimeError('Event loop is closed') raised in asyncio's `call_soon_threadsafe`."""
+  if unraisable.exc_type is not RuntimeError or str(unraisable.exc_value) != 'Event loop is closed':
+    return False
+  frames = [f.f_code.co_name for f, _ in traceback.walk_tb(unraisable.exc_traceback)]
+  return frames[-2:] == ['call_soon_threadsafe', '_check_closed']
+
+
+_quiet = {'installed': False, 'dropped': 0}
+
+
+def _quiet_abandoned_reads() -> None:
+  """Drops (counting them in `_quiet['dropped']`) the abandoned reads of a failed restore; every other
+  unraisable exception goes to the hook that was there before.
+
+  When one array of a step cannot be read, orbax's restore raises and closes its event loop while the
+  step's other reads are still in flight; each of them then fails to deliver its result, and Python
+  printed one traceback per read on stderr (450-540 for a state of 600 arrays) after our single warning that
+  names the damaged step. Installed once, before the first restore (those reads can finish before the
+  restore's exception reaches us)."""
+  if _quiet['installed']:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if _abandoned_read(unraisable):
+      _quiet['dropped'] += 1
+    else:
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  _quiet['installed'] = True
 
 
 def checkpoint_steps(directory: str) -> list[int]:
@@ -85,6 +122,7 @@ class Checkpointer:
     step = self.manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint under {self.directory}')
+    _quiet_abandoned_reads()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(_flatten(template)), meta=ocp.args.JsonRestore()))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import numpy as np
 import pytest
@@ -172,6 +173,50 @@ def test_checkpoint_config_reads_the_newest_meta(tmp_path):
   assert checkpoint_config(str(tmp_path)) == (2, {'lr': 0.2})
   assert checkpoint_config(str(tmp_path / 'none')) == (None, None)
 
+
+
+@pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
+def test_a_damaged_step_falls_back_with_one_warning_and_no_traceback_flood(tmp_path):
+  """Orbax's failed restore leaves the step's other reads in flight; each used to print a traceback
+  ('Event loop is closed', hundreds for a state of many arrays) after our warning. Without
+  checkpoint._quiet_abandoned_reads this test fails on pytest's unraisable-exception warnings."""
+  from ml_ecs.run.checkpoint import Checkpointer
+  rng = np.random.default_rng(0)
+  state = {f'x{i}': rng.normal(size=(32, 32)).astype(np.float32) for i in range(300)}
+  ckpt = Checkpointer(str(tmp_path / 'ckpt'), max_to_keep=3)
+  ckpt.save(2, state, {'round': 2})
+  ckpt.save(3, {k: v + 1 for k, v in state.items()}, {'round': 3})
+  files = [os.path.join(d, f) for d, _, fs in os.walk(ckpt.step_dir(3)) for f in fs]
+  victim = max((f for f in files if os.sep + 'state' + os.sep in f), key=os.path.getsize)
+  with open(victim, 'r+b') as f:
+    f.truncate(os.path.getsize(victim) // 3)
+  warnings = []
+  step, restored, meta = ckpt.restore_latest_valid({k: np.zeros_like(v) for k, v in state.items()}, warnings.append)
+  ckpt.close()
+  time.sleep(0.5)   # reads still in flight finish
+  assert step == 2 and meta['round'] == 2 and len(warnings) == 1, warnings
+  np.testing.assert_array_equal(restored['x7'], state['x7'])
+
+
+def test_only_abandoned_reads_are_dropped():
+  """The filter drops RuntimeError('Event loop is closed') raised in call_soon_threadsafe, nothing else."""
+  import asyncio
+  from ml_ecs.run.checkpoint import _abandoned_read
+
+  def unraisable(fn):
+    try:
+      fn()
+    except BaseException as e:   # noqa: BLE001
+      return types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__)
+
+  loop = asyncio.new_event_loop()
+  loop.close()
+  assert _abandoned_read(unraisable(lambda: loop.call_soon_threadsafe(print)))
+
+  def elsewhere():
+    raise RuntimeError('Event loop is closed')
+  assert not _abandoned_read(unraisable(elsewhere))
+  assert not _abandoned_read(unraisable(lambda: 1 / 0))
 
 # --------------------------------------------------------------------------- case 8b: a dead process
 def test_multiprocess_launcher_stops_the_rest_when_one_dies():
