@@ -15,6 +15,7 @@ config.json was lost is still checked against it (`checkpoint_config`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -44,30 +45,23 @@ def _abandoned_read(unraisable: Any) -> bool:
   return frames[-2:] == ['call_soon_threadsafe', '_check_closed']
 
 
-_quiet = {'installed': False, 'dropped': 0}
-
-
+@functools.cache   # installed once
 def _quiet_abandoned_reads() -> None:
-  """Drops (counting them in `_quiet['dropped']`) the abandoned reads of a failed restore; every other
-  unraisable exception goes to the hook that was there before.
+  """Drops the abandoned reads of a failed restore; every other unraisable exception goes to the hook that
+  was there before.
 
   When one array of a step cannot be read, orbax's restore raises and closes its event loop while the
   step's other reads are still in flight; each of them then fails to deliver its result, and Python
   printed one traceback per read on stderr (450-540 for a state of 600 arrays) after our single warning that
-  names the damaged step. Installed once, before the first restore (those reads can finish before the
+  names the damaged step. Installed before the first restore (those reads can finish before the
   restore's exception reaches us)."""
-  if _quiet['installed']:
-    return
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    if _abandoned_read(unraisable):
-      _quiet['dropped'] += 1
-    else:
+    if not _abandoned_read(unraisable):
       previous(unraisable)
 
   sys.unraisablehook = hook
-  _quiet['installed'] = True
 
 
 def checkpoint_steps(directory: str) -> list[int]:

@@ -18,7 +18,7 @@ from ml_ecs.aggregation import privacy
 from ml_ecs.core import communication
 from ml_ecs.data.loaders import from_arrays
 from ml_ecs.run import metrics_io
-from ml_ecs.run.checkpoint import checkpoint_config
+from ml_ecs.run.checkpoint import Checkpointer, _abandoned_read, checkpoint_config
 from ml_ecs.run.workdir_lock import WorkdirLock, WorkdirLocked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -174,13 +174,11 @@ def test_checkpoint_config_reads_the_newest_meta(tmp_path):
   assert checkpoint_config(str(tmp_path / 'none')) == (None, None)
 
 
-
 @pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
 def test_a_damaged_step_falls_back_with_one_warning_and_no_traceback_flood(tmp_path):
   """Orbax's failed restore leaves the step's other reads in flight; each used to print a traceback
   ('Event loop is closed', hundreds for a state of many arrays) after our warning. Without
   checkpoint._quiet_abandoned_reads this test fails on pytest's unraisable-exception warnings."""
-  from ml_ecs.run.checkpoint import Checkpointer
   rng = np.random.default_rng(0)
   state = {f'x{i}': rng.normal(size=(32, 32)).astype(np.float32) for i in range(300)}
   ckpt = Checkpointer(str(tmp_path / 'ckpt'), max_to_keep=3)
@@ -201,7 +199,6 @@ def test_a_damaged_step_falls_back_with_one_warning_and_no_traceback_flood(tmp_p
 def test_only_abandoned_reads_are_dropped():
   """The filter drops RuntimeError('Event loop is closed') raised in call_soon_threadsafe, nothing else."""
   import asyncio
-  from ml_ecs.run.checkpoint import _abandoned_read
 
   def unraisable(fn):
     try:
@@ -217,6 +214,7 @@ def test_only_abandoned_reads_are_dropped():
     raise RuntimeError('Event loop is closed')
   assert not _abandoned_read(unraisable(elsewhere))
   assert not _abandoned_read(unraisable(lambda: 1 / 0))
+
 
 # --------------------------------------------------------------------------- case 8b: a dead process
 def test_multiprocess_launcher_stops_the_rest_when_one_dies():
