@@ -58,7 +58,7 @@ class ModalityAdapter(nnx.Module):
 MODALITY_PARAMS = ('projection', 'adapter')
 
 
-def modality_key(modality: str, seed: int) -> jax.Array:
+def modality_key(modality: str, seed: int | jax.Array) -> jax.Array:
   """The init key of a modality's shared module: a function of the modality name and the
   training seed only, so every node holding the modality draws the same initialisation."""
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(modality.encode()) & 0x7FFFFFFF)
@@ -67,7 +67,7 @@ def modality_key(modality: str, seed: int) -> jax.Array:
 class ModalityProjection(nnx.Module):
   """Shared per-modality map e W + b (d -> d); W orthogonal from `modality_key`, b = 0."""
 
-  def __init__(self, modality: str, dim: int, seed: int):
+  def __init__(self, modality: str, dim: int, seed: int | jax.Array):
     w = jax.nn.initializers.orthogonal()(modality_key(modality, seed), (dim, dim))
     self.kernel = ModalityLoRA(w, modality=modality)
     self.bias = ModalityLoRA(jnp.zeros((dim,)), modality=modality)
@@ -138,7 +138,7 @@ class MultimodalLM(nnx.Module):
 
   def __init__(self, modality_shapes: Mapping[str, Sequence[int]], encoder_types: Mapping[str, str],
                all_modalities: Sequence[str], cfg: ml_collections.ConfigDict, vocab_size: int,
-               *, rngs: nnx.Rngs, modality_params: str = 'adapter', shared_seed: int = 0,
+               *, rngs: nnx.Rngs, modality_params: str = 'adapter', shared_seed: int | jax.Array = 0,
                text_anchor: bool = False, se_head_dim: int = 0, gates: str = 'scaled', gate_init: float = 2.0,
                align_head: bool = True, conv_impl: str = 'xla'):
     """cfg: the model config (encoder, connector and backbone fields, see configs/); the keyword
