@@ -37,6 +37,7 @@ from ml_ecs.algorithms.ml_ecs import amt
 from ml_ecs.aggregation.mean import clients_finite
 from ml_ecs.config.identity import config_differences
 from ml_ecs.core import build, evaluate as evaluation, round as round_lib
+from ml_ecs.core.compile_ahead import compile_ahead
 from ml_ecs.core.node import LOSS_HPARAMS
 from ml_ecs.core.setup import Setup
 from ml_ecs.core.state import CohortRound, NodeState, State
@@ -95,18 +96,40 @@ def program_key(cfg: ml_collections.ConfigDict) -> str:
   return json.dumps([d, switches], sort_keys=True, default=repr)
 
 
-def _pad_stack(trees: Sequence[Any], axis: int) -> Any:
-  """The trees stacked on a new leading axis, each leaf first zero-padded along `axis` to the longest."""
-  def stack(*xs):
-    if xs[0].ndim > axis:
-      n = max(x.shape[axis] for x in xs)
-      xs = [jnp.pad(x, [(0, n - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)]) for x in xs]
+def _host_stack(xs: Sequence[Any], pad_axis: int | None = None) -> Any:
+  """Same-structured arrays stacked on a new leading (run) axis through host memory, each first zero-padded
+  along `pad_axis` to the longest. For what is built
+  once: stacking on the devices compiles a program per leaf shape (measured: most of the stacking's
+  7.5 s of a 4-run program's set-up); typed PRNG keys are stacked there."""
+  if jax.dtypes.issubdtype(xs[0].dtype, jax.dtypes.prng_key):
     return jnp.stack(xs)
-  return jax.tree.map(stack, *trees)
+  arrays = [np.asarray(x) for x in xs]
+  if pad_axis is not None and arrays[0].ndim > pad_axis:
+    n = max(a.shape[pad_axis] for a in arrays)
+    arrays = [np.pad(a, [(0, n - a.shape[pad_axis]) if i == pad_axis else (0, 0) for i in range(a.ndim)])
+              for a in arrays]
+  # Placed as stacking on the devices places them, and as the rounds' outputs are: replicated on the mesh.
+  x = xs[0]
+  if isinstance(getattr(x, 'sharding', None), NamedSharding):
+    sharding = NamedSharding(x.sharding.mesh, P())
+  else:
+    sharding = x.sharding if getattr(x, 'committed', False) else None
+  return jax.device_put(np.stack(arrays), sharding)
+
+
+def _pad_stack(trees: Sequence[Any], axis: int) -> Any:
+  """The trees stacked on a new leading axis (through the host), each leaf first zero-padded along `axis`
+  to the longest."""
+  return jax.tree.map(lambda *xs: _host_stack(xs, axis), *trees)
+
+
+def _stack_once(trees: Sequence[Any]) -> Any:
+  """Same-shaped trees built once (set-up) stacked on a new leading (run) axis through the host."""
+  return jax.tree.map(lambda *xs: _host_stack(xs), *trees)
 
 
 def stack(trees: Sequence[Any]) -> Any:
-  """Same-shaped trees stacked on a new leading (run) axis."""
+  """Same-shaped trees stacked on a new leading (run) axis (on the devices: what each round makes)."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
@@ -209,14 +232,14 @@ def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | Non
   setups = [first] + [_share_functions(s, first) for s in setups[1:]]
   edge_same, server_same = _same([s.edge_frozen for s in setups]), _same([s.server_frozen for s in setups])
   frozen_axis = None if edge_same and server_same else 0
-  shared_or_stacked = lambda trees: trees[0] if frozen_axis is None else stack(trees)
+  shared_or_stacked = lambda trees: trees[0] if frozen_axis is None else _stack_once(trees)
   runs = Runs(
       setups=tuple(setups),
       train=tuple(_pad_stack([s.cohorts[k].data.train for s in setups], 1) for k in range(len(first.cohorts))),
       public=tuple(_pad_stack([s.cohorts[k].data.public for s in setups], 1) for k in range(len(first.cohorts))),
       holdout=tuple(None if c.holdout is None else _pad_stack([s.cohorts[k].holdout for s in setups], 0)
                     for k, c in enumerate(first.cohorts)),
-      public_train=stack([s.public_train for s in setups]),
+      public_train=_stack_once([s.public_train for s in setups]),
       edge_frozen=shared_or_stacked([s.edge_frozen for s in setups]),
       server_frozen=shared_or_stacked([s.server_frozen for s in setups]),
       round_fns=tuple(_lift_round(c.round_fn, frozen_axis, c.holdout is not None) for c in first.cohorts),
@@ -226,7 +249,10 @@ def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | Non
                                 for c in first.cohorts),
       server_generate_fn=jax.jit(jax.vmap(first.server_generate_fn, in_axes=(0, frozen_axis, 0))))
   log(f'{len(setups)} runs as one program (backbones {"shared" if frozen_axis is None else "per run"})')
-  return runs, stack([s for _, s in built])
+  state = _stack_once([s for _, s in built])
+  # The key data placed as a round leaves it (derived from the views' keys), so the views of round 1 and of the
+  # later rounds share one compiled program.
+  return runs, dataclasses.replace(state, rng=jax.device_put(state.rng, NamedSharding(first.mesh, P())))
 
 
 @jax.jit
@@ -263,17 +289,29 @@ def run_round(runs: Runs, state: State) -> tuple[State, list[dict[str, Any]]]:
   global_shared, server_z, alignment = jax.device_put((state.global_shared, state.server_z, alignment), replicated)
   key_stack = lambda ks: jax.random.wrap_key_data(jnp.stack([jax.random.key_data(k) for k in ks]))
   ledgers = [round_lib._Ledger() for _ in range(R)]
+  server_keys = key_stack([kr.server for kr in keys])
+  server_args = lambda targets, has_target: (   # noqa: E731  (one place for the call and its compilation)
+      state.server.trainables, state.server.opt_state, server_keys,
+      *jax.device_put((targets, has_target.astype(jnp.float32)), replicated), runs.server_frozen, runs.public_train)
+  # In passes, as a single run's round (round_lib.run_round): re-syncs and samples; every cohort's update
+  # dispatched (the first round compiles the cohorts' and the server's programs together); then each
+  # cohort's result read and what arrived, while the later cohorts run.
+  synced = [_resync(runs, k, cs, state, ledgers) for k, cs in enumerate(state.cohorts)]
+  drawn = [[round_lib.sample(s.cohorts[k], kr, k) for s, kr in zip(setups, keys)] for k in range(len(synced))]
+  args = [(cs.trainables, cs.opt_state, runs.train[k], runs.public[k],
+           jnp.asarray(np.stack([sel for _, _, sel in d])), key_stack([ck for ck, _, _ in d]),
+           global_shared, server_z, runs.edge_frozen, alignment, runs.holdout[k])
+          for k, (cs, d) in enumerate(zip(synced, drawn))]
+  calls = [*((fn, lambda a=a: a) for fn, a in zip(runs.round_fns, args)),
+           (runs.server_round_fn, lambda: server_args(state.server_z, jnp.zeros(state.server_z.shape[:2], bool)))]
+  dispatched = [runs.round_fns[k](*args[k]) for k in compile_ahead(calls) if k < len(runs.round_fns)]
+  del args   # the donated states
   cohorts, outs, weights, presence, rows = [], [[] for _ in range(R)], [[] for _ in range(R)], \
       [[] for _ in range(R)], [[] for _ in range(R)]
-  for k, cs in enumerate(state.cohorts):
-    cs = _resync(runs, k, cs, state, ledgers)
-    drawn = [round_lib.sample(s.cohorts[k], kr, k) for s, kr in zip(setups, keys)]
-    out = runs.round_fns[k](cs.trainables, cs.opt_state, runs.train[k], runs.public[k],
-                            jnp.asarray(np.stack([sel for _, _, sel in drawn])), key_stack([ck for ck, _, _ in drawn]),
-                            global_shared, server_z, runs.edge_frozen, alignment, runs.holdout[k])
+  for k, (out, d) in enumerate(zip(dispatched, drawn)):
     cohorts.append(NodeState(out.trainables, out.opt_state))
     uploaded = jax.device_get(out._replace(trainables=None, opt_state=None))   # the host work reads numpy views
-    for r, (s, (_, real, sel)) in enumerate(zip(setups, drawn)):
+    for r, (s, (_, real, sel)) in enumerate(zip(setups, d)):
       c = s.cohorts[k]
       out_r = jax.tree.map(lambda x: x[r], uploaded)
       w, pres = round_lib.arrivals(s, c, out_r, real, sel, jax.random.fold_in(keys[r].faults, k), ledgers[r])
@@ -283,11 +321,8 @@ def run_round(runs: Runs, state: State) -> tuple[State, list[dict[str, Any]]]:
                                             np.concatenate(rows[r])), keys[r].key, contexts[r][1])
           for r, (s, v) in enumerate(zip(setups, views_))]
   t_aggregate = time.perf_counter()
-  targets, has_target = jax.device_put((jnp.stack([d[1] for d in done]),
-                                        jnp.stack([d[2] for d in done]).astype(jnp.float32)), replicated)
-  server_tr, server_opt, server_metrics, server_z = runs.server_round_fn(
-      state.server.trainables, state.server.opt_state, key_stack([kr.server for kr in keys]), targets, has_target,
-      runs.server_frozen, runs.public_train)
+  targets, has_target = jnp.stack([d[1] for d in done]), jnp.stack([d[2] for d in done])
+  server_tr, server_opt, server_metrics, server_z = runs.server_round_fn(*server_args(targets, has_target))
   server_host = jax.device_get(server_metrics)
   metrics = [round_lib.round_metrics(s, d[0], d[3], ledgers[r], {n: v[r] for n, v in server_host.items()},
                                      int(views_[r].round) + 1) for r, (s, d) in enumerate(zip(setups, done))]
