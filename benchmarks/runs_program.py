@@ -15,8 +15,10 @@ shared cache, so pretraining (the same for both ways) is left out of both.
   * program R: the first R runs as one program (`runs_trainer.train_runs`).
 
 R separate runs cost the measured sum where R <= --separate, else the first run plus R - 1 times the mean of
-the others (each later cell costs about the same: warm cache, same shapes); the table says which. Peak RSS is
-the subprocess's. Writes runs_program.json and runs_program.md to --out.
+the others; the table says which. The projection is rough: a later cell with a new training seed reuses the
+first's compiled programs, but one with a new partition seed has other data shapes and compiles its own
+(measured on f4fb414: 32 s against 64 s), so measure R separate runs (--separate=R) where the ratio matters.
+Peak RSS is the subprocess's. Writes runs_program.json and runs_program.md to --out.
 """
 from __future__ import annotations
 
@@ -166,8 +168,9 @@ def main() -> None:
            'once per program, or per run for separate runs; later rounds and evaluations at their measured cost).', '',
            f'`{report["command"]}`', '',
            f'Machine: {env.get("cpu", platform.processor())}, {os.cpu_count()} cores; jax {env["packages"].get("jax")}; commit {env.get("git_commit")}. '
-           f'Separate runs measured: {len(each)} ({", ".join(f"{x:.0f}" for x in each)} s; the first compiles, the '
-           f'others reuse its compiled programs); a separate run\'s setup {separate["setup_s"]:.1f} s, first round '
+           f'Separate runs measured: {len(each)} ({", ".join(f"{x:.0f}" for x in each)} s; the first compiles, a later '
+           f'one with a new partition seed compiles for its data shapes, one with a new training seed reuses the '
+           f'programs); a separate run\'s setup {separate["setup_s"]:.1f} s, first round '
            f'{separate["round1_s"]:.1f} s, later rounds {sep_steady:.2f} s.', '',
            '| R | program s | R separate s | speedup | setup s | round 1 s | later round s (per run) | '
            f'evaluations s (per run) | peak RSS MB | projected {n_rounds}-round cells: program s / separate s (speedup) |',
