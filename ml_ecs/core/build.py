@@ -46,11 +46,11 @@ from ml_ecs.models.multimodal import MultimodalLM, node_options
 
 
 def stack_init_fn(model_fn: Callable[..., nnx.Module], out_shardings=None) -> Callable[..., dict]:
-  """The compiled init of `stack_init`: (keys [n], *args) -> the trainable parts of one fresh model per key,
-  `model_fn(KeyStream(key), *args)`, stacked; `args` (traced, the same for every key) are what the model's
-  init reads besides its key, e.g. the training seed of the shared modules."""
-  def init(keys, *args):
-    return jax.vmap(lambda key: sub(params.split_model(model_fn(KeyStream(key), *args))[1], params.TRAINABLE))(keys)
+  """The compiled init of `stack_init`: (keys [n], **kwargs) -> the trainable parts of one fresh model per key,
+  `model_fn(KeyStream(key), **kwargs)`, stacked; `kwargs` (traced, the same for every key) are what the
+  model's init reads besides its key, e.g. the training seed of the shared modules (`shared_seed`)."""
+  def init(keys, **kwargs):
+    return jax.vmap(lambda key: sub(params.split_model(model_fn(KeyStream(key), **kwargs))[1], params.TRAINABLE))(keys)
   return jax.jit(init, out_shardings=out_shardings)
 
 
@@ -141,7 +141,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
     raise ValueError(f'train.host_state=True runs in one process; this run has {jax.process_count()} '
                      '(set train.host_state=False: each process then holds its own clients on its devices)')
 
-  def model_fn(name, mods, enc, rngs, conv_impl='xla', shared_seed=None):   # the server's is the same under every method
+  def model_fn(name, mods, enc, rngs, conv_impl='xla', shared_seed=None):   # the server's: the same for every method
     options = node_options(cfg, name)
     if shared_seed is not None:   # a traced seed: one compiled init for every training seed (runs.init)
       options['shared_seed'] = shared_seed
@@ -206,9 +206,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   frozen = {name: params.store_frozen(f, cfg[name].backbone.frozen_dtype) for name, f in frozen.items()}
   edge_frozen, server_frozen = distributed.replicate((frozen['edge_model'], frozen['server_model']), replicated)
 
-  # The models' inits take the training seed (of the shared modules' init) as an argument.
-  seeded = lambda fn: lambda rngs, shared_seed: fn(rngs, shared_seed=shared_seed)   # noqa: E731
-  seed = jnp.asarray(int(cfg.seed), jnp.int32)
+  # The models' compiled inits take the training seed (of the shared modules' init) as an argument.
+  shared_seed = jnp.asarray(int(cfg.seed), jnp.int32)
 
   # Cohorts: stacked, padded, sharded on the client axis.
   ndev = mesh.size
@@ -236,7 +235,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
       st = host_init(block_init, keys, round_up(min(n_pad, 256), ndev))
       trainables, opt_state = st.trainables, st.opt_state
     else:
-      trainables = cached(('init',) + node, lambda: stack_init_fn(seeded(fn), client_sharding))(keys, seed)
+      trainables = cached(('init',) + node, lambda: stack_init_fn(fn, client_sharding))(keys, shared_seed=shared_seed)
       opt_state = jax.jit(init_opt, out_shardings=client_sharding)(trainables)
     data = cohort_data(ds, text, padded, part.public_train_idx, cfg.eval.max_test_per_client,
                        cfg.data.label_fraction, cfg.data.public_labels, cfg.data.seed, rows=rows, host=host)
@@ -273,8 +272,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   server_fn = functools.partial(model_fn, 'server_model', modalities, server_enc, conv_impl=server_conv)
   server_node = node_key('server_model', modalities, server_enc, server_conv)
   server_prog = program(server_fn, len(modalities), server_node)
-  server_tr = first_row(cached(('init',) + server_node, lambda: stack_init_fn(seeded(server_fn)))(
-      jax.random.key(cfg.seed + 29)[None], seed))
+  server_tr = first_row(cached(('init',) + server_node, lambda: stack_init_fn(server_fn))(
+      jax.random.key(cfg.seed + 29)[None], shared_seed=shared_seed))
   server_opt = jax.jit(functools.partial(server_prog.init_opt, spec=stages.server))(server_tr)
   public_split = lambda idx, **kw: first_row(full_modality_split(ds, text, idx, host=True, **kw))   # unstacked
   public_train = public_split(part.public_train_idx, label_fraction=cfg.data.server_label_fraction,

@@ -98,9 +98,9 @@ def program_key(cfg: ml_collections.ConfigDict) -> str:
 
 def _host_stack(xs: Sequence[Any], pad_axis: int | None = None) -> Any:
   """Same-structured arrays stacked on a new leading (run) axis through host memory, each first zero-padded
-  along `pad_axis` to the longest. For what is built
-  once: stacking on the devices compiles a program per leaf shape (measured: most of the stacking's
-  7.5 s of a 4-run program's set-up); typed PRNG keys are stacked there."""
+  along `pad_axis` to the longest. For what is built once: stacking on the devices compiles a program per
+  leaf shape (measured: most of the stacking's 7.5 s of a 4-run program's set-up); typed PRNG keys are
+  stacked there."""
   if jax.dtypes.issubdtype(xs[0].dtype, jax.dtypes.prng_key):
     return jnp.stack(xs)
   arrays = [np.asarray(x) for x in xs]
@@ -117,15 +117,10 @@ def _host_stack(xs: Sequence[Any], pad_axis: int | None = None) -> Any:
   return jax.device_put(np.stack(arrays), sharding)
 
 
-def _pad_stack(trees: Sequence[Any], axis: int) -> Any:
-  """The trees stacked on a new leading axis (through the host), each leaf first zero-padded along `axis`
-  to the longest."""
-  return jax.tree.map(lambda *xs: _host_stack(xs, axis), *trees)
-
-
-def _stack_once(trees: Sequence[Any]) -> Any:
-  """Same-shaped trees built once (set-up) stacked on a new leading (run) axis through the host."""
-  return jax.tree.map(lambda *xs: _host_stack(xs), *trees)
+def _stack_once(trees: Sequence[Any], pad_axis: int | None = None) -> Any:
+  """Trees built once (set-up, evaluation data) stacked on a new leading (run) axis through the host, each
+  leaf first zero-padded along `pad_axis` to the longest when given."""
+  return jax.tree.map(lambda *xs: _host_stack(xs, pad_axis), *trees)
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -235,9 +230,9 @@ def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | Non
   shared_or_stacked = lambda trees: trees[0] if frozen_axis is None else _stack_once(trees)
   runs = Runs(
       setups=tuple(setups),
-      train=tuple(_pad_stack([s.cohorts[k].data.train for s in setups], 1) for k in range(len(first.cohorts))),
-      public=tuple(_pad_stack([s.cohorts[k].data.public for s in setups], 1) for k in range(len(first.cohorts))),
-      holdout=tuple(None if c.holdout is None else _pad_stack([s.cohorts[k].holdout for s in setups], 0)
+      train=tuple(_stack_once([s.cohorts[k].data.train for s in setups], 1) for k in range(len(first.cohorts))),
+      public=tuple(_stack_once([s.cohorts[k].data.public for s in setups], 1) for k in range(len(first.cohorts))),
+      holdout=tuple(None if c.holdout is None else _stack_once([s.cohorts[k].holdout for s in setups], 0)
                     for k, c in enumerate(first.cohorts)),
       public_train=_stack_once([s.public_train for s in setups]),
       edge_frozen=shared_or_stacked([s.edge_frozen for s in setups]),
@@ -305,7 +300,6 @@ def run_round(runs: Runs, state: State) -> tuple[State, list[dict[str, Any]]]:
   calls = [*((fn, lambda a=a: a) for fn, a in zip(runs.round_fns, args)),
            (runs.server_round_fn, lambda: server_args(state.server_z, jnp.zeros(state.server_z.shape[:2], bool)))]
   dispatched = [runs.round_fns[k](*args[k]) for k in compile_ahead(calls) if k < len(runs.round_fns)]
-  del args   # the donated states
   cohorts, outs, weights, presence, rows = [], [[] for _ in range(R)], [[] for _ in range(R)], \
       [[] for _ in range(R)], [[] for _ in range(R)]
   for k, (out, d) in enumerate(zip(dispatched, drawn)):
@@ -340,9 +334,9 @@ def run_round(runs: Runs, state: State) -> tuple[State, list[dict[str, Any]]]:
 def _eval_split(runs: Runs, split: str) -> tuple[tuple[SplitArrays, ...], SplitArrays]:
   """Every run's `split` ('test' or 'val') stacked on the run axis: per cohort, and the server's."""
   if split not in runs.eval_splits:
-    cohorts = tuple(_pad_stack([s.cohorts[k].data.eval_split(split)[0] for s in runs.setups], 1)
+    cohorts = tuple(_stack_once([s.cohorts[k].data.eval_split(split)[0] for s in runs.setups], 1)
                     for k in range(len(runs.setups[0].cohorts)))
-    runs.eval_splits[split] = (cohorts, _pad_stack([evaluation.server_split(s, split)[0] for s in runs.setups], 0))
+    runs.eval_splits[split] = (cohorts, _stack_once([evaluation.server_split(s, split)[0] for s in runs.setups], 0))
   return runs.eval_splits[split]
 
 

@@ -49,10 +49,10 @@ def test_init_refuses_a_run_of_other_structure_before_building_the_rest(tiny_con
   assert built == [0, 1]      # runs 2 and 3 were never built
 
 
-def test_pad_stack_pads_the_row_axis_with_zeros():
+def test_stacking_once_pads_the_row_axis_with_zeros():
   a = {'x': jnp.ones((2, 3, 4)), 'count': jnp.array([3, 1])}
   b = {'x': 2 * jnp.ones((2, 5, 4)), 'count': jnp.array([5, 2])}
-  out = runs_lib._pad_stack([a, b], 1)
+  out = runs_lib._stack_once([a, b], 1)
   assert out['x'].shape == (2, 2, 5, 4) and out['count'].shape == (2, 2)
   np.testing.assert_array_equal(out['x'][0, :, 3:], 0.0)
   np.testing.assert_array_equal(out['x'][0, :, :3], 1.0)
