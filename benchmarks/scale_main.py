@@ -35,8 +35,45 @@ def _steady_median(values: list[float]) -> float:
   return sorted(steady)[len(steady) // 2]
 
 
+def kernel_times(setup, state, repeats: int) -> dict:
+  """The round's compiled work alone: each cohort's round function on the block the next round would run
+  (copies of its inputs, as they are donated), then the server's round function, each timed to its result;
+  the medians over `repeats`. `round_s` over their sum is what the round adds to its kernels (host work,
+  transfers, waiting)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from ml_ecs.core import round as round_lib
+  keys = round_lib.round_keys(state)
+  alignment, _ = setup.algorithm.round_context(setup, state)
+  replicated = NamedSharding(setup.mesh, P())
+  broadcast = jax.device_put((state.global_shared, state.server_z, alignment), replicated)
+  drawn = [round_lib.sample(c, keys, k) for k, c in enumerate(setup.cohorts)]
+  copy = lambda tree: jax.block_until_ready(jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree))
+  server_in = (state.server.trainables, state.server.opt_state, keys.server,
+               *jax.device_put((state.server_z, jnp.zeros(setup.num_public, jnp.float32)), replicated),
+               setup.server_frozen, setup.public_train)
+  cohorts, server = [], []
+  for _ in range(repeats):
+    per = []
+    for c, cs, (ck, _, sel) in zip(setup.cohorts, state.cohorts, drawn):
+      args = copy(round_lib.cohort_args(setup, c, cs, sel, ck, broadcast))
+      t = time.perf_counter()
+      jax.block_until_ready(c.round_fn(*args))
+      per.append(time.perf_counter() - t)
+    cohorts.append(per)
+    args = copy(server_in)
+    t = time.perf_counter()
+    jax.block_until_ready(setup.server_round_fn(*args))
+    server.append(time.perf_counter() - t)
+  med = lambda v: sorted(v)[len(v) // 2]
+  return dict(cohort_kernels_s=med([sum(p) for p in cohorts]),
+              cohort_kernel_s=[med([p[k] for p in cohorts]) for k in range(len(setup.cohorts))],
+              server_kernel_s=med(server))
+
+
 def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_steps: int,
-              clients_per_eval: int = 0) -> dict:
+              clients_per_eval: int = 0, kernel_repeats: int = 0) -> dict:
   """One main-job cell, in this process."""
   import jax
   import tempfile
@@ -59,6 +96,7 @@ def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_ste
     state, m = federation.run_round(setup, state)
     times.append(time.perf_counter() - t)
     parts.append({k[len('time/'):-len('_s')]: v for k, v in m.items() if k.startswith('time/') and k != 'time/round_s'})
+  kernels = kernel_times(setup, state, kernel_repeats) if kernel_repeats else {}
   t = time.perf_counter()
   ev = federation.evaluate(setup, state)
   eval_s = time.perf_counter() - t
@@ -75,7 +113,7 @@ def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_ste
               seq=len(setup.text.instr) + cfg.edge_model.prompt_len + cfg.text.answer_len - 1,
               compiles=[c.round_fn._cache_size() for c in setup.cohorts],
               # the round's parts (ml_ecs/core/round.py's time/*_s), each the median over the steady rounds
-              parts_s={k: _steady_median([p[k] for p in parts]) for k in parts[0]})
+              parts_s={k: _steady_median([p[k] for p in parts]) for k in parts[0]}, **kernels)
 
 
 def micro_cell(clients: int, steps: int, batch: int, seq: int) -> dict:
@@ -128,6 +166,22 @@ def markdown(rows: list[dict]) -> list[str]:
   return out
 
 
+def kernels_markdown(main_rows: list[dict], rows: list[dict]) -> list[str]:
+  """The round against its own compiled work (`kernel_times`) and against the micro-benchmark."""
+  micro = {(r['clients'], r['steps_per_client']): r for r in rows if r['kind'] == 'micro'}
+  out = ['| clients | sampled | round s | cohort kernels s (each) | server kernel s | round / kernels | '
+         'round / cohort kernels | cohort kernels / micro | round / micro |',
+         '|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for r in main_rows:
+    ck, sk = r['cohort_kernels_s'], r['server_kernel_s']
+    m = micro.get((r['sampled'], r['steps_per_client']), {}).get('round_s')
+    each = ', '.join(f'{v:.2f}' for v in r['cohort_kernel_s'])
+    by_micro = (f"{ck / m:.2f}x", f"{r['round_s'] / m:.2f}x") if m else ('-', '-')
+    out.append(f"| {r['clients']} | {r['sampled']} | {r['round_s']:.2f} | {ck:.2f} ({each}) | {sk:.2f} | "
+               f"{r['round_s'] / (ck + sk):.2f}x | {r['round_s'] / ck:.2f}x | {by_micro[0]} | {by_micro[1]} |")
+  return out
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--cells', default='50:1.0,1000:0.05', help='clients:fraction,...')
@@ -141,15 +195,20 @@ def main() -> None:
                        'grow with the federation); empty: every cell compiles cold')
   ap.add_argument('--clients_per_eval', type=int, default=0, help="evaluated clients (0: the config's 64)")
   ap.add_argument('--micro', action='store_true', help='also the micro-benchmark at each sampled count')
+  ap.add_argument('--kernels', type=int, default=0,
+                  help="also time the round's compiled functions alone (each cohort's, the server's), median of "
+                       'this many repeats, in the main cell after its rounds; 0: not measured')
   ap.add_argument('--cell_timeout_s', type=int, default=3600)
   ap.add_argument('--child', default='', help=argparse.SUPPRESS)
   a = ap.parse_args()
+  from ml_ecs.run.environment import environment
   if a.child:   # one cell in this (child) process: its row as the last stdout line
     if a.compile_cache:
       from ml_ecs.run.compilation_cache import enable_compilation_cache
       enable_compilation_cache(a.compile_cache)
     kind, *vals = a.child.split(':')
-    row = (main_cell(int(vals[0]), float(vals[1]), a.rounds, a.cache_dir, a.pretrain_steps, a.clients_per_eval)
+    row = (main_cell(int(vals[0]), float(vals[1]), a.rounds, a.cache_dir, a.pretrain_steps, a.clients_per_eval,
+                     a.kernels)
            if kind == 'main'
            else micro_cell(*map(int, vals)))
     print(json.dumps(row))
@@ -163,9 +222,10 @@ def main() -> None:
       t = time.time()
       main_row = _run_child([f'--child=main:{n}:{f}', f'--rounds={a.rounds}', f'--cache_dir={a.cache_dir}',
                              f'--pretrain_steps={a.pretrain_steps}', f'--clients_per_eval={a.clients_per_eval}',
-                             f'--compile_cache={a.compile_cache}'],
+                             f'--compile_cache={a.compile_cache}', f'--kernels={a.kernels}'],
                             a.cell_timeout_s)
       main_row['loadavg'] = os.getloadavg()
+      main_row['environment'] = environment()
       with open(a.out, 'a') as fh:
         fh.write(json.dumps(main_row) + '\n')
       print(f'main {n}@{f}: round {main_row["round_s"]:.2f} s ({time.time() - t:.0f} s)', flush=True)
@@ -174,10 +234,14 @@ def main() -> None:
       mrow = _run_child([f"--child=micro:{key[0]}:{key[1]}:{main_row['batch']}:{main_row['seq']}"],
                         a.cell_timeout_s)
       mrow['loadavg'] = os.getloadavg()
+      mrow['environment'] = environment()
       with open(a.out, 'a') as fh:
         fh.write(json.dumps(mrow) + '\n')
   rows = _rows(a.out)
   print('\n'.join(markdown(rows)))
+  kernel_rows = [r for r in rows if r['kind'] == 'main' and 'cohort_kernels_s' in r]
+  if kernel_rows:
+    print('\n'.join(kernels_markdown(kernel_rows, rows)))
   by = {(r['clients'], r['fraction']): r for r in rows if r['kind'] == 'main'}
   if (1000, 0.05) in by and (50, 1.0) in by:
     print(f"round time 1000 clients @5% / 50 clients @100%: {by[1000, 0.05]['round_s'] / by[50, 1.0]['round_s']:.2f}x")
