@@ -21,5 +21,8 @@ def get_config(num_clients: str = '1000') -> ml_collections.ConfigDict:
   c.data.max_public_sequences = 60   # the public split of a 16-client run, at every size: the server's
                                      # per-round encoding of it does not grow with the federation
   c.train.update(dict(host_state=True, rounds=5, client_fraction=0.05 if n >= 200 else 0.25, eval_every=5, checkpoint_every=5))
+  # One vmap per cohort: the default blocks of 8 ran a 17-client cohort as 8 + 8 + 1 (`lax.map` runs the remainder
+  # as its own pass), 1.55x slower than one vmap of 17 on 2 cores (benchmarks/RESULTS.md, "The main job at scale").
+  c.train.client_chunk = 0
   c.eval.update(dict(max_test_per_client=16, clients_per_eval=64))
   return c
