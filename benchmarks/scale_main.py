@@ -29,10 +29,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _median(values: list[float]) -> float:
+  return sorted(values)[len(values) // 2]
+
+
 def _steady_median(values: list[float]) -> float:
   """The median of the rounds after the first (which compiles); the only value if there is one round."""
-  steady = values[1:] or values
-  return sorted(steady)[len(steady) // 2]
+  return _median(values[1:] or values)
 
 
 def kernel_times(setup, state, repeats: int) -> dict:
@@ -42,17 +45,13 @@ def kernel_times(setup, state, repeats: int) -> dict:
   transfers, waiting)."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
   from ml_ecs.core import round as round_lib
   keys = round_lib.round_keys(state)
   alignment, _ = setup.algorithm.round_context(setup, state)
-  replicated = NamedSharding(setup.mesh, P())
-  broadcast = jax.device_put((state.global_shared, state.server_z, alignment), replicated)
+  broadcast = round_lib.broadcast_args(setup, state, alignment)
   drawn = [round_lib.sample(c, keys, k) for k, c in enumerate(setup.cohorts)]
   copy = lambda tree: jax.block_until_ready(jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree))
-  server_in = (state.server.trainables, state.server.opt_state, keys.server,
-               *jax.device_put((state.server_z, jnp.zeros(setup.num_public, jnp.float32)), replicated),
-               setup.server_frozen, setup.public_train)
+  server_in = round_lib.server_args(setup, state, keys.server, state.server_z, jnp.zeros(setup.num_public, bool))
   cohorts, server = [], []
   for _ in range(repeats):
     per = []
@@ -66,10 +65,9 @@ def kernel_times(setup, state, repeats: int) -> dict:
     t = time.perf_counter()
     jax.block_until_ready(setup.server_round_fn(*args))
     server.append(time.perf_counter() - t)
-  med = lambda v: sorted(v)[len(v) // 2]
-  return dict(cohort_kernels_s=med([sum(p) for p in cohorts]),
-              cohort_kernel_s=[med([p[k] for p in cohorts]) for k in range(len(setup.cohorts))],
-              server_kernel_s=med(server))
+  return dict(cohort_kernels_s=_median([sum(p) for p in cohorts]),
+              cohort_kernel_s=[_median([p[k] for p in cohorts]) for k in range(len(setup.cohorts))],
+              server_kernel_s=_median(server))
 
 
 def main_cell(n: int, fraction: float, rounds: int, cache_dir: str, pretrain_steps: int,
@@ -135,6 +133,14 @@ def _rows(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _append(path: str, row: dict) -> None:
+  """One finished cell's row, with the load average and the environment it ran in, appended to `path`."""
+  from ml_ecs.run.environment import environment
+  row.update(loadavg=os.getloadavg(), environment=environment())
+  with open(path, 'a') as fh:
+    fh.write(json.dumps(row) + '\n')
+
+
 def _run_child(args: list[str], timeout_s: int) -> dict:
   res = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
                        timeout=timeout_s, cwd=ROOT)
@@ -149,9 +155,14 @@ def _steady(row: dict) -> str:
   return f"{row['round_s']:.2f} ({min(t):.2f}-{max(t):.2f})" if len(t) > 1 else f"{row['round_s']:.2f}"
 
 
+def _micro_rows(rows: list[dict]) -> dict:
+  """The micro-benchmark rows by (clients, steps per client)."""
+  return {(r['clients'], r['steps_per_client']): r for r in rows if r['kind'] == 'micro'}
+
+
 def markdown(rows: list[dict]) -> list[str]:
   """The table of main-job rows, each with the micro-benchmark's clients/s at its sampled count."""
-  micro = {(r['clients'], r['steps_per_client']): r for r in rows if r['kind'] == 'micro'}
+  micro = _micro_rows(rows)
   out = ['| clients | fraction | sampled | setup s | first round s | round s (range) | eval s (evaluated) | sampled/s | '
          'micro vmap/s | micro / main | host KB/client | peak RSS GB | live device MB | compiles |',
          '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
@@ -168,7 +179,7 @@ def markdown(rows: list[dict]) -> list[str]:
 
 def kernels_markdown(main_rows: list[dict], rows: list[dict]) -> list[str]:
   """The round against its own compiled work (`kernel_times`) and against the micro-benchmark."""
-  micro = {(r['clients'], r['steps_per_client']): r for r in rows if r['kind'] == 'micro'}
+  micro = _micro_rows(rows)
   out = ['| clients | sampled | round s | cohort kernels s (each) | server kernel s | round / kernels | '
          'round / cohort kernels | cohort kernels / micro | round / micro |',
          '|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
@@ -201,7 +212,6 @@ def main() -> None:
   ap.add_argument('--cell_timeout_s', type=int, default=3600)
   ap.add_argument('--child', default='', help=argparse.SUPPRESS)
   a = ap.parse_args()
-  from ml_ecs.run.environment import environment
   if a.child:   # one cell in this (child) process: its row as the last stdout line
     if a.compile_cache:
       from ml_ecs.run.compilation_cache import enable_compilation_cache
@@ -224,19 +234,13 @@ def main() -> None:
                              f'--pretrain_steps={a.pretrain_steps}', f'--clients_per_eval={a.clients_per_eval}',
                              f'--compile_cache={a.compile_cache}', f'--kernels={a.kernels}'],
                             a.cell_timeout_s)
-      main_row['loadavg'] = os.getloadavg()
-      main_row['environment'] = environment()
-      with open(a.out, 'a') as fh:
-        fh.write(json.dumps(main_row) + '\n')
+      _append(a.out, main_row)
       print(f'main {n}@{f}: round {main_row["round_s"]:.2f} s ({time.time() - t:.0f} s)', flush=True)
     key = (main_row['sampled'], main_row['steps_per_client'])
-    if a.micro and not any(r['kind'] == 'micro' and (r['clients'], r['steps_per_client']) == key for r in rows):
+    if a.micro and key not in _micro_rows(rows):
       mrow = _run_child([f"--child=micro:{key[0]}:{key[1]}:{main_row['batch']}:{main_row['seq']}"],
                         a.cell_timeout_s)
-      mrow['loadavg'] = os.getloadavg()
-      mrow['environment'] = environment()
-      with open(a.out, 'a') as fh:
-        fh.write(json.dumps(mrow) + '\n')
+      _append(a.out, mrow)
   rows = _rows(a.out)
   print('\n'.join(markdown(rows)))
   kernel_rows = [r for r in rows if r['kind'] == 'main' and 'cohort_kernels_s' in r]

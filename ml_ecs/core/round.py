@@ -9,6 +9,7 @@ What a method decides at each step is `ml_ecs.algorithms.base.Algorithm`'s.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, NamedTuple
 
@@ -129,6 +130,20 @@ def sample(c: CohortSetup, keys: RoundKeys, k: int) -> tuple[jax.Array, np.ndarr
   return ck, real, np.concatenate([real, np.arange(c.num_real, c.num_real + c.num_selected - c.num_sampled)])
 
 
+def broadcast_args(setup: Setup, state: State, alignment) -> tuple:
+  """What every client of a round receives (global shared LoRA, server representations, SE-CCL gate), placed
+  replicated as every round places them, so rounds reuse one compilation."""
+  return jax.device_put((state.global_shared, state.server_z, alignment), NamedSharding(setup.mesh, P()))
+
+
+def server_args(setup: Setup, state: State, key: jax.Array, targets, has_target) -> tuple:
+  """The server round function's arguments; the targets and their mask placed replicated (one compilation for
+  the first round's and the later rounds' calls)."""
+  return (state.server.trainables, state.server.opt_state, key,
+          *jax.device_put((targets, has_target.astype(jnp.float32)), NamedSharding(setup.mesh, P())),
+          setup.server_frozen, setup.public_train)
+
+
 def aggregate(setup: Setup, state: State, uploads: Uploads, key: jax.Array, server_loss
               ) -> tuple[Aggregated, jax.Array, jax.Array, dict[str, Any]]:
   """The method's aggregation of the uploads and the server stage's targets: (aggregated, targets,
@@ -163,12 +178,8 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   t0 = time.perf_counter()
   keys = round_keys(state)
   alignment, server_loss = setup.algorithm.round_context(setup, state)
-  # The broadcast inputs in one (replicated) sharding every round, so rounds reuse one compilation.
-  replicated = NamedSharding(setup.mesh, P())
-  broadcast = jax.device_put((state.global_shared, state.server_z, alignment), replicated)
-  server_args = lambda targets, has_target: (   # noqa: E731  (one place for the call and its compilation)
-      state.server.trainables, state.server.opt_state, keys.server,
-      *jax.device_put((targets, has_target.astype(jnp.float32)), replicated), setup.server_frozen, setup.public_train)
+  broadcast = broadcast_args(setup, state, alignment)
+  server_in = functools.partial(server_args, setup, state, keys.server)   # one place for the call and its compilation
   ledger, cohorts, outs, weights, presence, rows = _Ledger(), [], [], [], [], []
   # In passes, so that no cohort waits for another's result: re-syncs (they read last round's states) and
   # samples; every cohort's update dispatched; then each cohort's result kept and what arrived (these wait
@@ -177,7 +188,7 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   drawn = [sample(c, keys, k) for k, c in enumerate(setup.cohorts)]
   args = [cohort_args(setup, c, cs, sel, ck, broadcast) for c, cs, (ck, _, sel) in zip(setup.cohorts, synced, drawn)]
   calls = [*((c.round_fn, lambda a=a: a) for c, a in zip(setup.cohorts, args)),
-           (setup.server_round_fn, lambda: server_args(state.server_z, jnp.zeros(setup.num_public, bool)))]
+           (setup.server_round_fn, lambda: server_in(state.server_z, jnp.zeros(setup.num_public, bool)))]
   for k in compile_ahead(calls):   # the first round compiles its programs together; later ones find them
     if k < len(setup.cohorts):
       outs.append(setup.cohorts[k].round_fn(*args[k]))
@@ -189,7 +200,7 @@ def run_round(setup: Setup, state: State) -> tuple[State, dict[str, Any]]:
   uploads = Uploads(tuple(outs), tuple(weights), tuple(presence), np.concatenate(rows))
   agg, targets, has_target, target_metrics = aggregate(setup, state, uploads, keys.key, server_loss)
   t_aggregate = time.perf_counter()
-  server_tr, server_opt, server_metrics, server_z = setup.server_round_fn(*server_args(targets, has_target))
+  server_tr, server_opt, server_metrics, server_z = setup.server_round_fn(*server_in(targets, has_target))
   metrics = round_metrics(setup, agg, target_metrics, ledger, server_metrics, int(state.round) + 1)
   jax.block_until_ready(server_z)
   new_state = State(cohorts=tuple(cohorts), server=NodeState(server_tr, server_opt), global_shared=agg.shared,
