@@ -37,6 +37,11 @@ def cohort_map(fn: Callable[..., Any], num_client_args: int, *, chunk: int = 0, 
 
   def per_client(*args):
     clients, shared = args[:num_client_args], args[num_client_args:]
+    if chunk == 1:
+      # Clients one at a time as a plain scan: lax.map's batch_size=1 would vmap the body over a
+      # client axis of length 1, which XLA:CPU ran about 1.15x slower on the pfl workload's round
+      # (benchmarks/RESULTS.md, "The CPU convolution path").
+      return jax.lax.map(lambda c: fn(*c, *shared), clients)
     if chunk:
       return jax.lax.map(lambda c: fn(*c, *shared), clients, batch_size=chunk)
     return jax.vmap(lambda *c: fn(*c, *shared))(*clients)
