@@ -4,7 +4,7 @@ arrays, in interleaved pieces (ours, pfl, ours, pfl, ...) so that drift in the l
 both.
 
   python benchmarks/pfl_cpu.py --pfl_python=/work/pflvenv/bin/python --pieces=2 --rounds=10 \\
-      --out=benchmarks/results/pfl_cpu [--small] [--threads=2]
+      --out=benchmarks/results/pfl_cpu [--small] [--threads=2] [--cpu_devices=0]
 
 Data: `benchmarks.lib.pfl_cifar10.synthetic_cifar10` (CIFAR-10's shapes; no CIFAR-10 copy can be read here), partitioned
 once with `partition_iid` and written to an .npz that the pfl subprocess reads (`--data`); our side partitions
@@ -88,7 +88,8 @@ def markdown(rec: dict) -> str:
   L = ['# ours / pfl on CPU (pfl-research CIFAR-10 workload, synthetic CIFAR-shaped data)', '',
        f"command: `{rec['command']}`", '',
        f"machine: {rec['cpu']} x {rec['nproc']} (nproc), Python {rec['python']}; jax {rec['versions'].get('jax')}, "
-       f"{rec['versions'].get('pfl_engine', 'pfl ?')}, torch threads {rec['threads']}", '',
+       f"{rec['versions'].get('pfl_engine', 'pfl ?')}, torch threads {rec['threads']}; ours' clients over "
+       f"{rec.get('cpu_devices', 1)} host device(s) (XLA_FLAGS `{rec.get('xla_flags', '')}`)", '',
        f"workload: {cfg['num_users']} users x {cfg['per_user']}, cohort {cfg['cohort']}, {cfg['epochs']} epoch of "
        f"batch {cfg['batch']}, image {tuple(cfg['image'])}, eval on {cfg['num_test']} every {cfg['eval_every']} "
        f"rounds; {rec['pieces']} interleaved pieces of {rec['rounds']} rounds per engine; steady state from the end "
@@ -130,16 +131,29 @@ def main(argv=None):
   ap.add_argument('--small', action='store_true', help='toy sizes (20 users x 10, cohort 5, 8x8 images)')
   ap.add_argument('--conv', default='auto', choices=('auto', 'xla', 'matmul'),
                   help="ours' convolutions (ml_ecs/models/conv.py): measured per run ('auto') or fixed")
+  ap.add_argument('--cpu_devices', type=int, default=0,
+                  help="ours' clients split over this many host CPU devices (shard_map); 0 = the largest divisor "
+                       'of the cohort not above the number of cores')
   ap.add_argument('--out', required=True)
   args = ap.parse_args(argv)
   if args.rounds <= args.warmup:
     ap.error('--rounds must exceed --warmup')
+  cohort = (SMALL if args.small else {}).get('cohort', 50)
+  devices = args.cpu_devices or max(d for d in range(1, (os.cpu_count() or 1) + 1) if cohort % d == 0)
+  if devices < 1 or cohort % devices:
+    ap.error(f'--cpu_devices={devices}: expected a positive divisor of the cohort ({cohort} clients)')
+  if 'jax' in sys.modules and devices > 1:
+    ap.error('--cpu_devices needs a process in which JAX has not started (the host device count is set at start)')
+  # Host devices must be asked for before JAX starts; any XLA_FLAGS of the caller are kept.
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count={devices}').strip()
 
   import jax
   from benchmarks.lib import pfl_cifar10 as pc
 
   os.makedirs(args.out, exist_ok=True)
   cfg = {**pc.CONFIG, **(SMALL if args.small else {})}
+  assert cfg['cohort'] == cohort, 'SMALL/CONFIG cohort changed: update the device count rule above'
   data = pc.synthetic_cifar10(cfg['num_users'] * cfg['per_user'], cfg['num_test'], cfg['image'], cfg['classes'])
   users = pc.partition_iid(data['x_train'], data['y_train'], cfg['num_users'], cfg['per_user'])
   tmp = tempfile.mkdtemp(prefix='pfl_cpu_')
@@ -149,7 +163,7 @@ def main(argv=None):
   del users
   rec = dict(command=' '.join([os.path.basename(sys.executable), 'benchmarks/pfl_cpu.py'] + sys.argv[1:]),
              cfg={**cfg, 'image': list(cfg['image'])}, pieces=args.pieces, rounds=args.rounds, warmup=args.warmup,
-             threads=args.threads, cpu=cpu_name(), nproc=os.cpu_count(), python=platform.python_version(),
+             threads=args.threads, cpu_devices=devices, xla_flags=os.environ['XLA_FLAGS'], cpu=cpu_name(), nproc=os.cpu_count(), python=platform.python_version(),
              versions=dict(jax=jax.__version__, jax_backend=jax.default_backend()), uptime_start=uptime(),
              data='synthetic_cifar10 (seed 0): CIFAR-10 shapes, no CIFAR-10 copy readable here', runs=[])
 
@@ -166,7 +180,7 @@ def main(argv=None):
       piece = {}
       rec['runs'].append(piece)
       print(f'[pfl_cpu] piece {i + 1}/{args.pieces}: ours, {uptime()}', flush=True)
-      piece['ours'] = pc.run(args.rounds, cfg, data=data, sync_rounds=True, conv_impl=args.conv)
+      piece['ours'] = pc.run(args.rounds, cfg, data=data, sync_rounds=True, conv_impl=args.conv, devices=devices)
       piece['ours']['uptime_after'] = uptime()
       save()
       print(f'[pfl_cpu] piece {i + 1}/{args.pieces}: pfl, {uptime()}', flush=True)

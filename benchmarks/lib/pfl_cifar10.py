@@ -30,6 +30,7 @@ import optax
 from benchmarks.lib.fedavg import ClientData, FedAvg
 from benchmarks.lib.xla_stats import xla_flops
 from ml_ecs.core import autotune
+from ml_ecs.core.build import client_mesh
 from ml_ecs.core.cohort_map import cohort_map
 from ml_ecs.models.conv import CONV_IMPLS, conv_function
 
@@ -50,9 +51,20 @@ def init_cnn(key: jax.Array, image=(32, 32, 3), classes: int = 10) -> dict:
   return out
 
 
-def _dropout(x, rate, key):
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0)
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  """Inverted dropout. When the keep probability is a multiple of 1/256 (pfl's 0.75 and 0.5), a unit is kept
+  when one random byte is below keep * 256, an exact Bernoulli draw from a quarter of the random words that
+  `jax.random.bernoulli` uses (XLA:CPU makes them at about 5 ns a word: in a profile of the round, the masks' words were about 8% of
+  a local step's operator time); other rates use `jax.random.bernoulli`."""
+  keep = 1.0 - rate
+  level = keep * 256
+  if level == int(level) and 0 < level < 256:
+    words = jax.random.bits(key, (-(-x.size // 4),), jnp.uint32)
+    byte = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:x.size].reshape(x.shape)
+    kept = byte < np.uint8(level)
+  else:
+    kept = jax.random.bernoulli(key, keep, x.shape)
+  return jnp.where(kept, x / keep, 0.0)
 
 
 def max_pool2(h: jax.Array) -> jax.Array:
@@ -74,11 +86,11 @@ def cnn_apply(params: dict, x: jax.Array, rng: jax.Array | None = None, conv_imp
   k1 = k2 = None
   if rng is not None:
     k1, k2 = jax.random.split(rng)
-    h = _dropout(h, 0.25, k1)
+    h = dropout(h, 0.25, k1)
   h = h.reshape(h.shape[0], -1)
   h = jax.nn.relu(h @ params['dense1']['w'] + params['dense1']['b'])
   if rng is not None:
-    h = _dropout(h, 0.5, k2)
+    h = dropout(h, 0.5, k2)
   return h @ params['dense2']['w'] + params['dense2']['b']
 
 
@@ -182,7 +194,7 @@ def make_eval(batch: int = 500, conv_impl: str = 'xla') -> Callable:
 
 def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: int = 0, seed: int = 0,
         log: Callable[[str], None] = print, time_budget_s: float | None = None, sync_rounds: bool = False,
-        conv_impl: str = 'auto', eval_batch: int = 500, prng: str = 'rbg') -> dict:
+        conv_impl: str = 'auto', eval_batch: int = 500, prng: str = 'rbg', devices: int = 1) -> dict:
   """FedAvg on the workload for `rounds` rounds (evaluation every cfg['eval_every']); returns timings
   (compile separately, then seconds per round including evaluation, as pfl's wall clock counts it) and
   the accuracy history. Stops early (and says so) when `time_budget_s` is spent. `sync_rounds` waits for
@@ -191,8 +203,16 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
   'xla' or 'matmul' (training and evaluation, with `chunk`), or 'auto': `choose_execution` measures the
   convolutions and the chunking (its records in the result; `chunk` is then its choice). `prng`: the
   random-bit generator of sampling and dropout (`jax.random.key(..., impl=)`): 'rbg' (XLA's RngBitGenerator)
-  is cheaper on CPU than JAX's default 'threefry2x32', whose dropout masks cost about 15% of a local step."""
+  is cheaper on CPU than JAX's default 'threefry2x32', whose dropout masks cost about 15% of a local step.
+  `devices` > 1: the cohort's clients are split over that many devices (`shard_map`, `ml_ecs.core.build.client_mesh`);
+  on CPU, host devices from `--xla_force_host_platform_device_count` set before JAX starts
+  (benchmarks/pfl_cpu.py --cpu_devices), which keep both cores busy where one program's operators leave one idle.
+  The draws of 'rbg' keys depend on the partitioning, so the run differs from a one-device run in its random
+  masks, not in what it computes."""
   cfg = {**CONFIG, **(cfg or {})}
+  if devices < 1 or cfg['cohort'] % devices:
+    raise ValueError(f"devices={devices}: expected a positive divisor of the cohort ({cfg['cohort']} clients)")
+  mesh = client_mesh(devices) if devices > 1 else None
   data = data or synthetic_cifar10(cfg['num_users'] * cfg['per_user'], cfg['num_test'], cfg['image'], cfg['classes'],
                                    seed)
   population = jax.device_put(partition_iid(data['x_train'], data['y_train'], cfg['num_users'], cfg['per_user'],
@@ -203,7 +223,7 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
   if conv_impl == 'auto':
     execution = choose_execution(cfg, params, eval_batch=eval_batch)
     conv_impl, chunk, eval_impl = execution['conv_impl'], execution['chunk'], execution['eval_conv_impl']
-  algo = make_fedavg(cfg, chunk, conv_impl=conv_impl)
+  algo = make_fedavg(cfg, chunk, mesh=mesh, conv_impl=conv_impl)
   state = algo.init(params)
   round_fn, evaluate = make_round(algo, population, cfg['cohort']), make_eval(eval_batch, eval_impl)
   key = jax.random.key(seed + 1, impl=prng)
@@ -229,8 +249,10 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
       break
   jax.block_until_ready(state)
   wall = time.perf_counter() - t0
-  return dict(engine='ml-ecs fedavg (cohort_map vmap' + (f', chunk {chunk}' if chunk else '') + f', {conv_impl} conv)',
-              conv_impl=conv_impl, chunk=chunk, eval_conv_impl=eval_impl, execution=execution, prng=prng,
+  return dict(engine='ml-ecs fedavg (cohort_map vmap' + (f', chunk {chunk}' if chunk else '') + f', {conv_impl} conv'
+              + (f', clients over {devices} devices' if devices > 1 else '') + ')',
+              conv_impl=conv_impl, chunk=chunk, devices=devices,
+              round_devices=len(jax.tree.leaves(state.params)[0].sharding.device_set), eval_conv_impl=eval_impl, execution=execution, prng=prng,
               rounds=done, wall_s=wall, s_per_round=wall / max(done, 1), s_per_100_rounds=100 * wall / max(done, 1),
               compile_s=compile_s, round_flops_xla=flops, history=history,
               final_accuracy=history[-1]['accuracy'] if history else None, backend=jax.default_backend(),

@@ -43,7 +43,7 @@ def test_one_client_is_centralised_sgd(population):
   assert int(state.round) == 1 and int(metrics['excluded']) == 0
 
 
-@pytest.mark.parametrize('chunk', [0, 2])
+@pytest.mark.parametrize('chunk', [0, 1, 2])
 def test_cohort_update_equals_the_loop(population, chunk):
   """The cohort round (cohort_map over the stacked clients, with dropout keys) equals a Python loop of
   single-client updates followed by the unweighted mean (pfl's WeightByUser) and server SGD at lr 1."""
@@ -65,3 +65,23 @@ def test_weighting_and_short_training_learns():
   out = pc.run(10, cfg, log=lambda m: None)
   assert out['rounds'] == 10 and len(out['history']) == 2
   assert out['final_accuracy'] > 0.3   # chance is 0.1; the synthetic classes are learnable
+
+
+def test_dropout_draws_bytes_exactly_and_falls_back():
+  """Rates whose keep probability is a multiple of 1/256 compare one random byte per unit: kept units are
+  scaled by 1/keep, the rest are 0, and the kept fraction is the keep probability; other rates use bernoulli."""
+  x = jnp.ones((1000, 1000))   # the kept fraction to 0.002 (about 5 sd; a threshold off by one byte is 0.004)
+  for rate, keep_fn in ((0.25, 'bytes'), (0.5, 'bytes'), (0.3, 'bernoulli')):
+    out = np.asarray(jax.jit(pc.dropout, static_argnums=1)(x, rate, jax.random.key(7, impl='rbg')))
+    keep = 1.0 - rate
+    assert np.all((out == 0) | np.isclose(out, 1 / keep)), (rate, keep_fn)
+    assert abs((out > 0).mean() - keep) < 0.002, (rate, keep_fn, (out > 0).mean())
+  a = pc.dropout(x, 0.25, jax.random.key(1))
+  assert not np.array_equal(np.asarray(a), np.asarray(pc.dropout(x, 0.25, jax.random.key(2))))
+  # odd sizes (not a multiple of 4 bytes) keep their shape
+  assert pc.dropout(jnp.ones((3, 5)), 0.5, jax.random.key(0)).shape == (3, 5)
+
+
+def test_run_rejects_a_device_count_that_does_not_divide_the_cohort():
+  with pytest.raises(ValueError, match='divisor of the cohort'):
+    pc.run(1, dict(num_users=20, per_user=10, cohort=10, image=IMAGE), devices=3)
