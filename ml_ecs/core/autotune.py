@@ -4,7 +4,7 @@ timed once at setup and cached.
 `fastest` times jitted candidates on the same arguments and keeps the quickest; `conv_impl` uses it to pick
 a cohort's convolution (`ml_ecs.models.conv`: XLA's convolution or the batched-matmul form) from its
 encoders' forward and backward pass vmapped over the cohort's clients. A choice is stored under
-(backend, device kind, case) in `autotune.json` (`cache_path`), so a second run with the same shapes
+(backend, device kind, JAX version, candidates' revision, case) in `autotune.json` (`cache_path`), so a second run with the same shapes
 reads it instead of measuring (a few seconds per cohort with convolutions) and a resumed run makes the
 same choice as its first process.
 """
@@ -72,9 +72,14 @@ def _store(path: str, key: str, record: dict) -> dict:
   return record
 
 
+# The revision of the candidates' code: bump it when what a candidate runs changes (2: chunk 1 is a plain
+# `lax.map`, ml_ecs.core.cohort_map), so that no choice measured on the old code is read back.
+REVISION = 2
+
+
 def _key(case: str) -> str:
   device = jax.devices()[0]
-  return f'{device.platform}|{device.device_kind}|{case}'
+  return f'{device.platform}|{device.device_kind}|jax {jax.__version__}|r{REVISION}|{case}'
 
 
 def cached(case: str, names, path: str | None) -> dict[str, Any] | None:

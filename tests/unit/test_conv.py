@@ -120,6 +120,16 @@ def test_fastest_picks_the_quicker_candidate_and_caches_it(tmp_path):
   assert len(json.load(open(path))) == 1
 
 
+def test_a_choice_of_older_candidates_code_is_measured_again(tmp_path, monkeypatch):
+  path = str(tmp_path / 'autotune.json')
+  x = jnp.ones((8, 8))
+  assert autotune.fastest('case-b', {'a': lambda x: x + 1}, (x,), path=path)[1]['cached'] is False
+  assert autotune.fastest('case-b', {'a': lambda x: x + 1}, (x,), path=path)[1]['cached'] is True
+  monkeypatch.setattr(autotune, 'REVISION', autotune.REVISION + 1)
+  assert autotune.fastest('case-b', {'a': lambda x: x + 1}, (x,), path=path)[1]['cached'] is False
+  assert len(json.load(open(path))) == 2 and all(jax.__version__ in k for k in json.load(open(path)))
+
+
 def test_conv_impl_setting(tmp_path, monkeypatch):
   shapes = {'accel': (16, 3), 'depth': (12,)}
   path = str(tmp_path / 'autotune.json')
