@@ -117,7 +117,8 @@ def markdown(rec: dict) -> str:
           (', cached' if r['cached'] else '')
       L += ['', f"piece {i + 1}: ours' local steps as {ex['conv_impl']} convolutions, chunk {ex['chunk']} (autotune, one "
                 f"local step of {ex['train_autotune']['case'].split('clients=')[-1]} clients: {times(ex['train_autotune'])}); "
-                f"evaluation as {ex['eval_conv_impl']} ({times(ex['eval_autotune'])})"]
+                f"evaluation as {ex['eval_conv_impl']} in batches of {ex.get('eval_batch', 500)} (autotune, "
+                f"{ex['eval_autotune']['case'].split('images=')[-1]} test images: {times(ex['eval_autotune'])})"]
   return '\n'.join(L) + '\n'
 
 

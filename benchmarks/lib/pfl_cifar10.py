@@ -26,12 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from benchmarks.lib.fedavg import ClientData, FedAvg
 from benchmarks.lib.xla_stats import xla_flops
 from ml_ecs.core import autotune
 from ml_ecs.core.build import client_mesh
-from ml_ecs.core.cohort_map import cohort_map
+from ml_ecs.core.cohort_map import CLIENT_AXIS, cohort_map
 from ml_ecs.models.conv import CONV_IMPLS, conv_function
 
 CONFIG = dict(num_users=1000, per_user=50, cohort=50, epochs=1, batch=10, local_lr=0.1, central_lr=1.0, rounds=1500,
@@ -134,12 +135,16 @@ def make_fedavg(cfg: dict, chunk: int = 0, mesh=None, conv_impl: str = 'xla') ->
                 cfg['batch'], cfg['epochs'], weighting='user', chunk=chunk, mesh=mesh)
 
 
-def choose_execution(cfg: dict, params: dict, clients: int = 8, eval_batch: int = 500) -> dict:
+EVAL_BATCHES = (25, 100, 500)   # evaluation batch sizes the autotune tries (results equal; speed differs)
+
+
+def choose_execution(cfg: dict, params: dict, clients: int = 8, eval_images: int = 1000) -> dict:
   """How this workload runs fastest here, measured (`ml_ecs.core.autotune.fastest`, cached): the local
   step's convolution and client chunking (one vmapped step, forward and backward, of `clients` clients
   with their own weights: XLA's convolution or the matmul form, one vmap or clients one at a time), and
-  the evaluation's convolution (forward over `eval_batch` images). Returns {'conv_impl', 'chunk',
-  'eval_conv_impl', 'train_autotune', 'eval_autotune'}."""
+  the evaluation's convolution and batch size (`make_eval` over `eval_images` test-shaped images, batches
+  of EVAL_BATCHES). Returns {'conv_impl', 'chunk', 'eval_conv_impl', 'eval_batch', 'train_autotune',
+  'eval_autotune'}."""
   clients = min(clients, cfg['cohort'])
   stacked = jax.tree.map(lambda p: jnp.broadcast_to(p, (clients, *p.shape)), params)
   batch = (jnp.ones((clients, cfg['batch'], *cfg['image']), jnp.float32), jnp.zeros((clients, cfg['batch']), jnp.int32),
@@ -150,12 +155,14 @@ def choose_execution(cfg: dict, params: dict, clients: int = 8, eval_batch: int 
   case = f"pfl_cnn_step|image={tuple(cfg['image'])}|batch={cfg['batch']}|clients={clients}"
   choice, train_record = autotune.fastest(case, train, (stacked, batch, keys), path=autotune.cache_path())
   impl, chunk = choice.split('/chunk')
-  images = jnp.ones((min(eval_batch, cfg['num_test']), *cfg['image']), jnp.float32)
-  forward = {impl: (lambda p, x, impl=impl: cnn_apply(p, x, conv_impl=impl)) for impl in CONV_IMPLS}
-  case = f"pfl_cnn_eval|image={tuple(cfg['image'])}|batch={images.shape[0]}"
-  eval_impl, eval_record = autotune.fastest(case, forward, (params, images), path=autotune.cache_path())
-  return dict(conv_impl=impl, chunk=int(chunk), eval_conv_impl=eval_impl, train_autotune=train_record,
-              eval_autotune=eval_record)
+  n = min(eval_images, cfg['num_test'])
+  images, labels = jnp.ones((n, *cfg['image']), jnp.float32), jnp.zeros((n,), jnp.int32)
+  evals = {f'{e}/batch{b}': make_eval(b, e) for e in CONV_IMPLS for b in EVAL_BATCHES if b <= n}
+  case = f"pfl_cnn_eval|image={tuple(cfg['image'])}|images={n}"
+  eval_choice, eval_record = autotune.fastest(case, evals, (params, images, labels), path=autotune.cache_path())
+  eval_impl, eval_batch = eval_choice.split('/batch')
+  return dict(conv_impl=impl, chunk=int(chunk), eval_conv_impl=eval_impl, eval_batch=int(eval_batch),
+              train_autotune=train_record, eval_autotune=eval_record)
 
 
 def make_round(algo: FedAvg, population: ClientData, cohort: int) -> Callable:
@@ -170,25 +177,46 @@ def make_round(algo: FedAvg, population: ClientData, cohort: int) -> Callable:
   return round_fn
 
 
-def make_eval(batch: int = 500, conv_impl: str = 'xla') -> Callable:
-  """Jitted (accuracy, mean loss) over test images in batches of `batch` (the last one padded, masked)."""
-  @jax.jit
-  def evaluate(params, x, y):
+def make_eval(batch: int = 500, conv_impl: str = 'xla', mesh=None) -> Callable:
+  """Jitted (accuracy, mean loss) over test images in batches of `batch` (the last one padded, masked). With
+  a client `mesh` the test images are split over its devices (each evaluates its share, the sums are added);
+  without it, a model replicated over several devices would be evaluated whole on each of them."""
+  def sums(params, x, y, valid):
     n = x.shape[0]
     b = min(batch, n)
     steps = math.ceil(n / b)
     pad = steps * b - n
     xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(steps, b, *x.shape[1:])
     ys = jnp.pad(y, (0, pad)).reshape(steps, b)
-    valid = (jnp.arange(steps * b) < n).reshape(steps, b)
+    vs = jnp.pad(valid, (0, pad)).reshape(steps, b)
 
     def one(inp):
       xb, yb, vb = inp
       logits = cnn_apply(params, xb, conv_impl=conv_impl)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
       return ((jnp.argmax(logits, -1) == yb) & vb).sum(), jnp.where(vb, ce, 0.0).sum()
-    correct, loss = jax.lax.map(one, (xs, ys, valid))
-    return correct.sum() / n, loss.sum() / n
+    correct, loss = jax.lax.map(one, (xs, ys, vs))
+    return correct.sum(), loss.sum()
+
+  devices = mesh.devices.size if mesh is not None else 1
+  if devices > 1:
+    def shard_sums(params, x, y, valid):
+      return jax.tree.map(lambda s: jax.lax.psum(s, CLIENT_AXIS), sums(params, x, y, valid))
+    sums_fn = jax.shard_map(shard_sums, mesh=mesh, in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS)),
+                            out_specs=P(), check_vma=False)
+  else:
+    sums_fn = sums
+
+  @jax.jit
+  def evaluate(params, x, y):
+    n = x.shape[0]
+    pad = -n % devices   # every device gets the same number of rows; the padding is masked
+    valid = jnp.arange(n + pad) < n
+    if pad:
+      x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+      y = jnp.pad(y, (0, pad))
+    correct, loss = sums_fn(params, x, y, valid)
+    return correct / n, loss / n
   return evaluate
 
 
@@ -201,7 +229,8 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
   every round and records its end time (`round_end_s`, seconds from the start of round 1), for a
   steady-state rate measured the same way as pfl's per-round callback (benchmarks/pfl_cpu.py). `conv_impl`:
   'xla' or 'matmul' (training and evaluation, with `chunk`), or 'auto': `choose_execution` measures the
-  convolutions and the chunking (its records in the result; `chunk` is then its choice). `prng`: the
+  convolutions, the chunking and the evaluation batch (its records in the result; `chunk` and `eval_batch`
+  are then its choices). `prng`: the
   random-bit generator of sampling and dropout (`jax.random.key(..., impl=)`): 'rbg' (XLA's RngBitGenerator)
   is cheaper on CPU than JAX's default 'threefry2x32', whose dropout masks cost about 15% of a local step.
   `devices` > 1: the cohort's clients are split over that many devices (`shard_map`, `ml_ecs.core.build.client_mesh`);
@@ -221,11 +250,12 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
   params = init_cnn(jax.random.key(seed), cfg['image'], cfg['classes'])
   execution, eval_impl = None, conv_impl
   if conv_impl == 'auto':
-    execution = choose_execution(cfg, params, eval_batch=eval_batch)
+    execution = choose_execution(cfg, params)
     conv_impl, chunk, eval_impl = execution['conv_impl'], execution['chunk'], execution['eval_conv_impl']
+    eval_batch = execution['eval_batch']
   algo = make_fedavg(cfg, chunk, mesh=mesh, conv_impl=conv_impl)
   state = algo.init(params)
-  round_fn, evaluate = make_round(algo, population, cfg['cohort']), make_eval(eval_batch, eval_impl)
+  round_fn, evaluate = make_round(algo, population, cfg['cohort']), make_eval(eval_batch, eval_impl, mesh)
   key = jax.random.key(seed + 1, impl=prng)
   t0 = time.perf_counter()
   compiled = round_fn.lower(state, key).compile()
@@ -252,7 +282,8 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
   return dict(engine='ml-ecs fedavg (cohort_map vmap' + (f', chunk {chunk}' if chunk else '') + f', {conv_impl} conv'
               + (f', clients over {devices} devices' if devices > 1 else '') + ')',
               conv_impl=conv_impl, chunk=chunk, devices=devices,
-              round_devices=len(jax.tree.leaves(state.params)[0].sharding.device_set), eval_conv_impl=eval_impl, execution=execution, prng=prng,
+              round_devices=len(jax.tree.leaves(state.params)[0].sharding.device_set), eval_conv_impl=eval_impl,
+              eval_batch=eval_batch, execution=execution, prng=prng,
               rounds=done, wall_s=wall, s_per_round=wall / max(done, 1), s_per_100_rounds=100 * wall / max(done, 1),
               compile_s=compile_s, round_flops_xla=flops, history=history,
               final_accuracy=history[-1]['accuracy'] if history else None, backend=jax.default_backend(),

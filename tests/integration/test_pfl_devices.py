@@ -13,7 +13,7 @@ SCRIPT = '''
 import json, jax
 from benchmarks.lib import pfl_cifar10 as pc
 assert jax.device_count() == 2, jax.devices()
-cfg = dict(num_users=20, per_user=10, cohort=4, batch=5, eval_every=1, num_test=50, image=(8, 8, 3))
+cfg = dict(num_users=20, per_user=10, cohort=4, batch=5, eval_every=1, num_test=51, image=(8, 8, 3))   # odd: padded
 runs = [pc.run(2, cfg, log=lambda m: None, conv_impl='matmul', chunk=1, prng='threefry2x32', devices=d) for d in (1, 2)]
 print(json.dumps([dict(devices=r['devices'], round_devices=r['round_devices'], engine=r['engine'], history=r['history']) for r in runs]))
 '''

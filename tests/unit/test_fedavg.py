@@ -65,6 +65,7 @@ def test_weighting_and_short_training_learns():
   out = pc.run(10, cfg, log=lambda m: None)
   assert out['rounds'] == 10 and len(out['history']) == 2
   assert out['final_accuracy'] > 0.3   # chance is 0.1; the synthetic classes are learnable
+  assert out['eval_batch'] in pc.EVAL_BATCHES and out['eval_batch'] <= 200   # measured among those that fit
 
 
 def test_dropout_draws_bytes_exactly_and_falls_back():
