@@ -11,12 +11,17 @@ This is the one place that decides how a per-client function meets the hardware:
     all-gathers the per-client conv kernels and runs slower than one device.
 Arguments are `num_client_args` stacked per-client pytrees followed by broadcast arguments
 (the frozen backbone, server representations, ...), which every client sees unstacked.
+
+`cohort_sum` runs the clients one at a time and adds one output of each into a running sum instead of
+stacking it: O(one client) memory for what a server only sums (a FedAvg's weighted parameters), and with
+a mesh one sum of a model's size crosses devices instead of every client's copy.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 CLIENT_AXIS = 'clients'
@@ -57,5 +62,34 @@ def cohort_map(fn: Callable[..., Any], num_client_args: int, *, chunk: int = 0, 
     # lowering time each cohort; metrics byte-identical).
     return jax.shard_map(per_client, mesh=mesh, in_specs=specs, out_specs=P(CLIENT_AXIS),
                          check_vma=False)(*args)
+
+  return sharded
+
+
+def cohort_sum(fn: Callable[..., tuple[Any, Any]], num_client_args: int, *, mesh: Mesh | None = None
+               ) -> Callable[..., tuple[Any, Any]]:
+  """`fn(*client_args, *broadcast_args) -> (summand, per_client)` of one client, run over stacked clients one
+  at a time (a scan). Returns an unjitted function of (*stacked client args, *broadcast args) giving (the sum
+  over clients of `summand`, `per_client` stacked on the client axis). With `mesh` each device sums its
+  block of clients (shard_map) and the partial sums are added across devices (psum)."""
+  def fold(*args):
+    clients, shared = args[:num_client_args], args[num_client_args:]
+    first = jax.tree.map(lambda x: x[0], clients)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda c: fn(*c, *shared)[0], first))
+
+    def body(total, c):
+      summand, out = fn(*c, *shared)
+      return jax.tree.map(jnp.add, total, summand), out
+    return jax.lax.scan(body, zero, clients)
+
+  if mesh is None:
+    return fold
+
+  def sharded(*args):
+    specs = (P(CLIENT_AXIS),) * num_client_args + (P(),) * (len(args) - num_client_args)
+    def block(*a):
+      total, out = fold(*a)
+      return jax.lax.psum(total, CLIENT_AXIS), out
+    return jax.shard_map(block, mesh=mesh, in_specs=specs, out_specs=(P(), P(CLIENT_AXIS)), check_vma=False)(*args)
 
   return sharded

@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from benchmarks.lib import fedavg, pfl_cifar10 as pc
+from ml_ecs.core import cohort_map
 
 IMAGE = (8, 8, 3)
 
@@ -86,3 +87,21 @@ def test_dropout_draws_bytes_exactly_and_falls_back():
 def test_run_rejects_a_device_count_that_does_not_divide_the_cohort():
   with pytest.raises(ValueError, match='divisor of the cohort'):
     pc.run(1, dict(num_users=20, per_user=10, cohort=10, image=IMAGE), devices=3)
+
+
+def test_the_running_sum_excludes_a_non_finite_client_like_the_stacked_mean(population):
+  """chunk 1 adds the clients' weighted parameters as they finish (cohort_sum); a client whose update is NaN
+  is left out (`excluded`) and the mean of the others is the stacked path's (MMA mean), to float rounding."""
+  x = np.array(population.x)
+  x[2] = np.nan
+  bad = population._replace(x=x)
+  params = pc.init_cnn(jax.random.key(0), IMAGE)
+  out = {}
+  for chunk in (0, 1):
+    algo = pc.make_fedavg(dict(pc.CONFIG, batch=4), chunk=chunk)
+    out[chunk] = jax.jit(algo.apply)(algo.init(params), bad, jax.random.key(5))
+  assert int(out[0][1]['excluded']) == int(out[1][1]['excluded']) == 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out[1][0].params))
+  _close(out[1][0].params, out[0][0].params, 'running sum vs stacked mean with a NaN client')
+  sums, rest = cohort_map.cohort_sum(lambda a, b: ((a * b, a), a + b), 1)(jnp.arange(4.0), 2.0)
+  assert float(sums[0]) == 12.0 and float(sums[1]) == 6.0 and rest.tolist() == [2.0, 3.0, 4.0, 5.0]
