@@ -35,6 +35,8 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
+from benchmarks.lib import op_profile  # noqa: E402  (no JAX import at module level)
+
 SMALL = dict(num_users=20, per_user=10, cohort=5, num_test=200, image=(8, 8, 3), eval_every=2)
 
 
@@ -119,6 +121,13 @@ def markdown(rec: dict) -> str:
                 f"local step of {ex['train_autotune']['case'].split('clients=')[-1]} clients: {times(ex['train_autotune'])}); "
                 f"evaluation as {ex['eval_conv_impl']} in batches of {ex.get('eval_batch', 500)} (autotune, "
                 f"{ex['eval_autotune']['case'].split('images=')[-1]} test images: {times(ex['eval_autotune'])})"]
+  for i, piece in enumerate(rec['runs']):
+    prof = piece.get('ours', {}).get('op_profile')
+    if prof:
+      L += ['', f"ours per HLO operator, piece {i + 1}: {prof['rounds']} rounds after the timed ones under the profiler "
+                f"({prof['wall_s_per_round']:.2f} s/round with it; operator thread seconds {prof['executor']:.2f} per "
+                f"round, other executor events (scheduling, waiting) {prof['other']:.2f}; `benchmarks/lib/op_profile.py`):", '']
+      L += op_profile.table({k: tuple(v) for k, v in prof['ops'].items()}, prof['hlo'], unit='round')
   return '\n'.join(L) + '\n'
 
 
@@ -135,6 +144,8 @@ def main(argv=None):
   ap.add_argument('--cpu_devices', type=int, default=0,
                   help="ours' clients split over this many host CPU devices (shard_map); 0 = the largest divisor "
                        'of the cohort not above the number of cores')
+  ap.add_argument('--profile_rounds', type=int, default=0,
+                  help="after piece 1's timed rounds, profile this many more of ours per HLO operator (table in the report)")
   ap.add_argument('--out', required=True)
   args = ap.parse_args(argv)
   if args.rounds <= args.warmup:
@@ -181,7 +192,8 @@ def main(argv=None):
       piece = {}
       rec['runs'].append(piece)
       print(f'[pfl_cpu] piece {i + 1}/{args.pieces}: ours, {uptime()}', flush=True)
-      piece['ours'] = pc.run(args.rounds, cfg, data=data, sync_rounds=True, conv_impl=args.conv, devices=devices)
+      piece['ours'] = pc.run(args.rounds, cfg, data=data, sync_rounds=True, conv_impl=args.conv, devices=devices,
+                             profile_rounds=args.profile_rounds if i == 0 else 0)
       piece['ours']['uptime_after'] = uptime()
       save()
       print(f'[pfl_cpu] piece {i + 1}/{args.pieces}: pfl, {uptime()}', flush=True)

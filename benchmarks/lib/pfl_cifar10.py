@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from benchmarks.lib import op_profile
 from benchmarks.lib.fedavg import ClientData, FedAvg
 from benchmarks.lib.xla_stats import xla_flops
 from ml_ecs.core import autotune
@@ -222,7 +223,8 @@ def make_eval(batch: int = 500, conv_impl: str = 'xla', mesh=None) -> Callable:
 
 def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: int = 0, seed: int = 0,
         log: Callable[[str], None] = print, time_budget_s: float | None = None, sync_rounds: bool = False,
-        conv_impl: str = 'auto', eval_batch: int = 500, prng: str = 'rbg', devices: int = 1) -> dict:
+        conv_impl: str = 'auto', eval_batch: int = 500, prng: str = 'rbg', devices: int = 1,
+        profile_rounds: int = 0) -> dict:
   """FedAvg on the workload for `rounds` rounds (evaluation every cfg['eval_every']); returns timings
   (compile separately, then seconds per round including evaluation, as pfl's wall clock counts it) and
   the accuracy history. Stops early (and says so) when `time_budget_s` is spent. `sync_rounds` waits for
@@ -237,7 +239,8 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
   on CPU, host devices from `--xla_force_host_platform_device_count` set before JAX starts
   (benchmarks/pfl_cpu.py --cpu_devices), which keep both cores busy where one program's operators leave one idle.
   The draws of 'rbg' keys depend on the partitioning, so the run differs from a one-device run in its random
-  masks, not in what it computes."""
+  masks, not in what it computes. `profile_rounds` > 0: after the timed rounds, that many more rounds run
+  under the profiler (`benchmarks.lib.op_profile`) and `op_profile` holds their time per HLO operator."""
   cfg = {**CONFIG, **(cfg or {})}
   if devices < 1 or cfg['cohort'] % devices:
     raise ValueError(f"devices={devices}: expected a positive divisor of the cohort ({cfg['cohort']} clients)")
@@ -279,7 +282,21 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
       break
   jax.block_until_ready(state)
   wall = time.perf_counter() - t0
-  return dict(engine='ml-ecs fedavg (cohort_map vmap' + (f', chunk {chunk}' if chunk else '') + f', {conv_impl} conv'
+  profile = None
+  if profile_rounds:
+    box = [state]
+
+    def one_round():
+      box[0] = compiled(box[0], jax.random.fold_in(key, rounds + 1 + len(box)))[0]
+      box.append(None)
+      return box[0]
+    t1 = time.perf_counter()
+    lines = op_profile.hlo_lines(compiled)
+    ops, totals = op_profile.op_times(one_round, profile_rounds, lines)
+    top = sorted(ops, key=lambda k: -ops[k][0])[:40]
+    profile = dict(rounds=profile_rounds, wall_s_per_round=(time.perf_counter() - t1) / profile_rounds, **totals,
+                   ops={k: list(ops[k]) for k in top}, hlo={k: lines.get(k, '') for k in top})
+  return dict(op_profile=profile, engine='ml-ecs fedavg (cohort_map vmap' + (f', chunk {chunk}' if chunk else '') + f', {conv_impl} conv'
               + (f', clients over {devices} devices' if devices > 1 else '') + ')',
               conv_impl=conv_impl, chunk=chunk, devices=devices,
               round_devices=len(jax.tree.leaves(state.params)[0].sharding.device_set), eval_conv_impl=eval_impl,
