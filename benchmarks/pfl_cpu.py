@@ -126,7 +126,7 @@ def markdown(rec: dict) -> str:
     if prof:
       L += ['', f"ours per HLO operator, piece {i + 1}: {prof['rounds']} rounds after the timed ones under the profiler "
                 f"({prof['wall_s_per_round']:.2f} s/round with it; operator thread seconds {prof['executor']:.2f} per "
-                f"round, other executor events (scheduling, waiting) {prof['other']:.2f}; `benchmarks/lib/op_profile.py`):", '']
+                f"round, the executor's own events (thread-pool regions and waits, overlapping) {prof['other']:.2f}; `benchmarks/lib/op_profile.py`):", '']
       L += op_profile.table({k: tuple(v) for k, v in prof['ops'].items()}, prof['hlo'], unit='round')
   return '\n'.join(L) + '\n'
 

@@ -1,9 +1,9 @@
 """Cohort execution: one function run for every client of a cohort, stacked on a leading client axis.
 
 This is the one place that decides how a per-client function meets the hardware:
-  * `chunk` = 0: one `jax.vmap` over the client axis; k > 0: `jax.lax.map(..., batch_size=k)`
-    over blocks of k vmapped clients (bounded working set, better cache use; benchmarks/throughput.py
-    measures k);
+  * `chunk` = 0: one `jax.vmap` over the client axis; 1: a plain `jax.lax.map` (a scan, no vmap);
+    k > 1: `jax.lax.map(..., batch_size=k)` over blocks of k vmapped clients (bounded working set,
+    better cache use; benchmarks/throughput.py measures k);
   * `mesh` given, `placement='shard_map'`: the client axis is split over the mesh's 'clients'
     axis and each device runs its own block with `jax.shard_map` (no cross-device traffic);
   * `mesh` given, `placement='auto'`: no shard_map; XLA partitions the vmapped program from its
