@@ -125,8 +125,9 @@ def markdown(rec: dict) -> str:
     prof = piece.get('ours', {}).get('op_profile')
     if prof:
       L += ['', f"ours per HLO operator, piece {i + 1}: {prof['rounds']} rounds after the timed ones under the profiler "
-                f"({prof['wall_s_per_round']:.2f} s/round with it; operator thread seconds {prof['executor']:.2f} per "
-                f"round, the executor's own events (thread-pool regions and waits, overlapping) {prof['other']:.2f}; `benchmarks/lib/op_profile.py`):", '']
+                f"({prof['wall']:.2f} s/round with it; operator thread seconds {prof['executor']:.2f} per round, the "
+                f"executor's own events (thread-pool regions and waits, overlapping) {prof['other']:.2f}; "
+                f"`benchmarks/lib/op_profile.py`):", '']
       L += op_profile.table({k: tuple(v) for k, v in prof['ops'].items()}, prof['hlo'], unit='round')
   return '\n'.join(L) + '\n'
 
@@ -175,7 +176,8 @@ def main(argv=None):
   del users
   rec = dict(command=' '.join([os.path.basename(sys.executable), 'benchmarks/pfl_cpu.py'] + sys.argv[1:]),
              cfg={**cfg, 'image': list(cfg['image'])}, pieces=args.pieces, rounds=args.rounds, warmup=args.warmup,
-             threads=args.threads, cpu_devices=devices, xla_flags=os.environ['XLA_FLAGS'], cpu=cpu_name(), nproc=os.cpu_count(), python=platform.python_version(),
+             threads=args.threads, cpu_devices=devices, xla_flags=os.environ['XLA_FLAGS'], cpu=cpu_name(),
+             nproc=os.cpu_count(), python=platform.python_version(),
              versions=dict(jax=jax.__version__, jax_backend=jax.default_backend()), uptime_start=uptime(),
              data='synthetic_cifar10 (seed 0): CIFAR-10 shapes, no CIFAR-10 copy readable here', runs=[])
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ml_ecs.aggregation.mean import modality_mean
+from ml_ecs.aggregation.mean import clients_finite, mean_from_sums, modality_mean
 from ml_ecs.core.cohort_map import cohort_map, cohort_sum
 
 WEIGHTINGS = ('user', 'samples')   # pfl's WeightByUser / WeightByDatapoints
@@ -125,7 +125,7 @@ class FedAvg:
   def _cohort_sum(self):
     def one(data, rng, weight, params):
       new, metrics = self.client_update(params, data, rng)
-      finite = jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(new)]).all()
+      finite = clients_finite(jax.tree.map(lambda x: x[None], new))[0]
       weight = jnp.where(finite, weight, 0.0)
       summand = (jax.tree.map(lambda x: weight * jnp.where(finite, x, 0.0), new), weight, (~finite).astype(jnp.int32))
       return summand, metrics
@@ -140,8 +140,7 @@ class FedAvg:
     rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(cohort.count.shape[0]))
     if self.chunk == 1:
       (sums, total, excluded), metrics = self._cohort_sum(cohort, rngs, self.client_weights(cohort), state.params)
-      mean = jax.tree.map(lambda s, prev: jnp.where(total > 0, s / jnp.maximum(total, 1e-12), prev), sums,
-                          state.params)
+      mean = jax.tree.map(lambda s, prev: mean_from_sums(s, total, prev), sums, state.params)
     else:
       client_params, metrics = self._cohort(cohort, rngs, state.params)
       mean, excluded = weighted_mean(client_params, self.client_weights(cohort), state.params)

@@ -12,22 +12,26 @@ import glob
 import os
 import re
 import tempfile
+import time
 from typing import Any, Callable
 
 CONTAINERS = re.compile(r'^(while|conditional|call)(\.\d+)?$')
 
 
-def op_times(call: Callable[[], Any], calls: int, instructions) -> tuple[dict[str, tuple[float, int]], dict[str, float]]:
+def op_times(call: Callable[[], Any], calls: int, instructions
+             ) -> tuple[dict[str, tuple[float, int]], dict[str, float]]:
   """Runs `call()` `calls` times under the profiler (blocking on each result) and returns ({HLO instruction:
   (thread seconds per call, events per call)} for the names in `instructions` (`hlo_lines` of the program),
   {'executor': their thread seconds per call, 'other': per call of the XLA threads' other events
-  (scheduling, waiting, thread-pool regions)})."""
+  (scheduling, waiting, thread-pool regions), 'wall': seconds per call under the profiler, the calls alone})."""
   import jax   # here, not at import: benchmarks/pfl_cpu.py sets XLA_FLAGS before JAX is first imported
   with tempfile.TemporaryDirectory(prefix='op_profile_') as tmp:
     jax.profiler.start_trace(tmp)
     try:
+      t0 = time.perf_counter()
       for _ in range(calls):
         jax.block_until_ready(call())
+      wall = time.perf_counter() - t0
     finally:
       jax.profiler.stop_trace()
     files = sorted(glob.glob(os.path.join(tmp, '**', '*.xplane.pb'), recursive=True))
@@ -40,13 +44,15 @@ def op_times(call: Callable[[], Any], calls: int, instructions) -> tuple[dict[st
       if not line.name.startswith('tf_XLA'):
         continue
       for ev in line.events:
-        if ev.name in instructions and not CONTAINERS.match(ev.name):
+        if CONTAINERS.match(ev.name):
+          continue
+        if ev.name in instructions:
           total[ev.name] += ev.duration_ns
           count[ev.name] += 1
-        elif not CONTAINERS.match(ev.name):
+        else:
           other += ev.duration_ns
   ops = {k: (v / calls / 1e9, count[k] / calls) for k, v in total.items()}
-  return ops, {'executor': sum(total.values()) / calls / 1e9, 'other': other / calls / 1e9}
+  return ops, {'executor': sum(total.values()) / calls / 1e9, 'other': other / calls / 1e9, 'wall': wall / calls}
 
 
 def hlo_lines(compiled) -> dict[str, str]:

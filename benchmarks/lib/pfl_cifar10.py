@@ -56,8 +56,8 @@ def init_cnn(key: jax.Array, image=(32, 32, 3), classes: int = 10) -> dict:
 def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
   """Inverted dropout. When the keep probability is a multiple of 1/256 (pfl's 0.75 and 0.5), a unit is kept
   when one random byte is below keep * 256, an exact Bernoulli draw from a quarter of the random words that
-  `jax.random.bernoulli` uses (XLA:CPU makes them at about 5 ns a word: in a profile of the round, the masks' words were about 8% of
-  a local step's operator time); other rates use `jax.random.bernoulli`."""
+  `jax.random.bernoulli` uses (XLA:CPU makes them at about 5 ns a word: in a profile of the round, the masks'
+  words were about 8% of a local step's operator time); other rates use `jax.random.bernoulli`."""
   keep = 1.0 - rate
   level = keep * 256
   if level == int(level) and 0 < level < 256:
@@ -284,19 +284,19 @@ def run(rounds: int, cfg: dict | None = None, data: dict | None = None, chunk: i
   wall = time.perf_counter() - t0
   profile = None
   if profile_rounds:
-    box = [state]
+    profiled = dict(state=state, round=done)
 
-    def one_round():
-      box[0] = compiled(box[0], jax.random.fold_in(key, rounds + 1 + len(box)))[0]
-      box.append(None)
-      return box[0]
-    t1 = time.perf_counter()
+    def one_round():   # rounds after the timed ones, each with its own key
+      profiled['round'] += 1
+      profiled['state'] = compiled(profiled['state'], jax.random.fold_in(key, profiled['round']))[0]
+      return profiled['state']
     lines = op_profile.hlo_lines(compiled)
     ops, totals = op_profile.op_times(one_round, profile_rounds, lines)
     top = sorted(ops, key=lambda k: -ops[k][0])[:40]
-    profile = dict(rounds=profile_rounds, wall_s_per_round=(time.perf_counter() - t1) / profile_rounds, **totals,
-                   ops={k: list(ops[k]) for k in top}, hlo={k: lines.get(k, '') for k in top})
-  return dict(op_profile=profile, engine='ml-ecs fedavg (cohort_map vmap' + (f', chunk {chunk}' if chunk else '') + f', {conv_impl} conv'
+    profile = dict(rounds=profile_rounds, **totals, ops={k: list(ops[k]) for k in top},
+                   hlo={k: lines.get(k, '') for k in top})
+  return dict(op_profile=profile,
+              engine='ml-ecs fedavg (cohort_map vmap' + (f', chunk {chunk}' if chunk else '') + f', {conv_impl} conv'
               + (f', clients over {devices} devices' if devices > 1 else '') + ')',
               conv_impl=conv_impl, chunk=chunk, devices=devices,
               round_devices=len(jax.tree.leaves(state.params)[0].sharding.device_set), eval_conv_impl=eval_impl,

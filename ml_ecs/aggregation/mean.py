@@ -22,11 +22,15 @@ def clients_finite(tree):
   return xp.stack([xp.isfinite(x.reshape(x.shape[0], -1)).all(1) for x in leaves]).all(0)
 
 
+def mean_from_sums(weighted_sum: jax.Array, total: jax.Array, previous: jax.Array) -> jax.Array:
+  """weighted_sum / total, or `previous` where the total weight is 0."""
+  return jnp.where(total > 0, weighted_sum / jnp.maximum(total, 1e-12), previous)
+
+
 def weighted_mean(x: jax.Array, w: jax.Array, previous: jax.Array) -> jax.Array:
   """sum_c w_c x_c / sum_c w_c over the leading client axis of x; `previous` where the weights sum to 0.
   Rows of zero weight must be finite (zero them first)."""
-  total = w.sum()
-  return jnp.where(total > 0, jnp.tensordot(w, x, axes=1) / jnp.maximum(total, 1e-12), previous)
+  return mean_from_sums(jnp.tensordot(w, x, axes=1), w.sum(), previous)
 
 
 def leaf_weights(weights: jax.Array, presence: jax.Array, modality: int, modality_aware: bool) -> jax.Array:

@@ -4,9 +4,9 @@ timed once at setup and cached.
 `fastest` times jitted candidates on the same arguments and keeps the quickest; `conv_impl` uses it to pick
 a cohort's convolution (`ml_ecs.models.conv`: XLA's convolution or the batched-matmul form) from its
 encoders' forward and backward pass vmapped over the cohort's clients. A choice is stored under
-(backend, device kind, JAX version, candidates' revision, case) in `autotune.json` (`cache_path`), so a second run with the same shapes
-reads it instead of measuring (a few seconds per cohort with convolutions) and a resumed run makes the
-same choice as its first process.
+(backend, device kind, JAX version, candidates' revision, case) in `autotune.json` (`cache_path`), so a
+second run with the same shapes reads it instead of measuring (a few seconds per cohort with convolutions)
+and a resumed run makes the same choice as its first process.
 """
 from __future__ import annotations
 
