@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
+from ml_ecs.models.barrier import materialized_cotangent
 from ml_ecs.models.lora import LoRALinear
 from ml_ecs.models.variables import Frozen, Gate
 
@@ -158,7 +159,7 @@ class Block(nnx.Module):
     scores = jnp.where(allowed[:, None], scores, jnp.finfo(scores.dtype).min)
     attn = jax.nn.softmax(scores, axis=-1)
     y = jnp.einsum('bhqk,bkhd->bqhd', attn, v).reshape(b, t, d)
-    x = x + self.attn_out(y, g)
+    x = materialized_cotangent(x + self.attn_out(y, g))
     x = x + self.mlp_out(activation_fn(self.activation)(self.mlp_in(self.ln2(x), g)), g)
     return x, k, v
 
@@ -190,7 +191,7 @@ class DecoderLM(nnx.Module):
     for i, block in enumerate(self.blocks):
       kc = None if cache is None else cache.k[i]
       vc = None if cache is None else cache.v[i]
-      h, k, v = block(h, key_mask, start, kc, vc)
+      h, k, v = block(materialized_cotangent(h), key_mask, start, kc, vc)
       ks.append(k)
       vs.append(v)
     logits = self.ln_f(h) @ self.wte[...].T

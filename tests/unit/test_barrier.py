@@ -1,0 +1,66 @@
+"""ml_ecs/models/barrier.py: the residual stream's gradient is materialised once per block (a conditional in
+the compiled backward pass, kept a conditional under vmap), and values and gradients are unchanged."""
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ml_ecs.models import decoder
+from ml_ecs.models.barrier import materialized_cotangent
+
+CFG = ml_collections.ConfigDict(dict(width=32, layers=4, heads=2, mlp_ratio=2, max_len=8, lora_rank=2,
+                                     lora_alpha=4.0, lora_targets=decoder.LORA_TARGETS))
+
+
+def _grad_fn():
+  model = decoder.DecoderLM(CFG, 11, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape, a.dtype), state)
+  mask = jnp.ones((3, 8), bool)
+
+  def loss(st, x):
+    logits, _ = nnx.merge(graphdef, st)(x, mask)
+    return jnp.mean(jnp.tanh(logits) ** 2)
+
+  x = jax.random.normal(jax.random.key(2), (3, 8, CFG.width))
+  return jax.grad(loss), state, x
+
+
+def _largest_fusion(hlo: str) -> int:
+  """The most operands of any fusion in an optimised HLO text."""
+  return max(len(re.findall(r'%[\w.\-]+', line.split(' fusion(', 1)[1].split(')', 1)[0]))
+             for line in hlo.splitlines() if ' fusion(' in line and '=' in line)
+
+
+def test_identity_and_its_gradient():
+  x = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
+  f = lambda v: jnp.sum(jnp.sin(materialized_cotangent(v)) * v)
+  g = lambda v: jnp.sum(jnp.sin(v) * v)
+  np.testing.assert_array_equal(materialized_cotangent(x), x)
+  np.testing.assert_array_equal(jax.jit(jax.grad(f))(x), jax.jit(jax.grad(g))(x))
+  np.testing.assert_array_equal(jax.vmap(jax.grad(f))(x), jax.vmap(jax.grad(g))(x))
+  # a non-finite gradient passes unchanged (the conditional's other branch)
+  bad = x.at[0, 0].set(jnp.inf)
+  np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(materialized_cotangent(v) * bad))(x), bad)
+
+
+def test_backward_pass_is_cut_per_block_under_vmap(monkeypatch):
+  grad, state, x = _grad_fn()
+  stack = lambda t: jax.tree.map(lambda a: jnp.stack([a, a * 1.01]), t)
+  runs = jax.jit(jax.vmap(grad))
+  hlo = runs.lower(stack(state), stack(x)).compile().as_text()
+  # two cuts per block (before it and between attention and MLP), none turned into a select by vmap
+  assert hlo.count(' conditional(') == 2 * CFG.layers
+  with_cuts = _largest_fusion(hlo)
+  monkeypatch.setattr(decoder, 'materialized_cotangent', lambda v: v)
+  grad_plain, _, _ = _grad_fn()
+  plain = jax.jit(jax.vmap(grad_plain)).lower(stack(state), stack(x)).compile().as_text()
+  assert plain.count(' conditional(') == 0
+  # without the cuts XLA fuses the chain of every later block into each consumer
+  assert _largest_fusion(plain) > 2 * with_cuts, (_largest_fusion(plain), with_cuts)
+  got, want = runs(stack(state), stack(x)), jax.jit(jax.vmap(grad_plain))(stack(state), stack(x))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
