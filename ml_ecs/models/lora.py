@@ -33,7 +33,10 @@ class LoRALinear(nnx.Module):
     y = x @ self.kernel[...] + self.bias[...]
     if self.rank > 0:
       g = jnp.ones((2,), x.dtype) if gates is None else gates
-      shared = (x @ self.shared_a[...]) @ self.shared_b[...]
-      private = (x @ self.private_a[...]) @ self.private_b[...]
-      y = y + self.scale * (g[0] * shared + g[1] * private)
+      # Both adapters as one rank-2r product with the gates folded into B: the gates' gradients are then
+      # sums over B's few rows, not over every output of the layer (measured on the comparison's
+      # models: a round 1.53 -> 1.09 s, one run; the sum of the two products is the same map).
+      a = jnp.concatenate([self.shared_a[...], self.private_a[...]], axis=1)
+      b = jnp.concatenate([g[0] * self.shared_b[...], g[1] * self.private_b[...]], axis=0)
+      y = y + self.scale * ((x @ a) @ b)
     return y
