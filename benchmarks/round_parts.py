@@ -1,0 +1,63 @@
+"""A program of R comparison cells' later rounds, part by part (cohorts, aggregation, server stage), in this
+process: the quick way to see what a change to the models or the round does to a round's time.
+
+  python benchmarks/round_parts.py --runs=1 --rounds=6
+  python benchmarks/round_parts.py --runs=10 --rounds=6 --root=/tmp/old_checkout   # another checkout's code
+
+The runs are benchmarks/runs_program.py's (`--config`, `--method`: partition seeds 0, 1, ... x training seeds
+0, 1 in grid order) as one program (`ml_ecs.core.runs`; R = 1 is one run on the same path). `--root` imports
+ml_ecs from another checkout (e.g. `git worktree add /tmp/old REV`), so two revisions can be measured in turn,
+interleaved, on one machine. The compilation cache and pretrained backbones are kept under `--cache`
+(shared by both checkouts: a backbone depends only on its config). Prints one JSON line per round and the
+medians of the later rounds (round 1 compiles).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--config', default='studies/compare/configs/collaborate.py:pairs_reduced')
+  p.add_argument('--method', default='ml_ecs')
+  p.add_argument('--runs', type=int, default=1)
+  p.add_argument('--rounds', type=int, default=6)
+  p.add_argument('--root', default=HERE, help='the checkout whose ml_ecs is measured (default: this one)')
+  p.add_argument('--cache', default=os.path.join('/tmp', 'round_parts_cache'))
+  args = p.parse_args()
+  if args.runs < 1 or args.rounds < 2:
+    p.error('--runs >= 1, --rounds >= 2')
+  sys.path.insert(0, os.path.abspath(args.root))
+  import ml_ecs
+  from benchmarks.runs_program import _configs
+  from ml_ecs.core import runs
+  from ml_ecs.data.loaders import load_dataset
+  from ml_ecs.run.compilation_cache import enable_compilation_cache
+  from ml_ecs.run.environment import environment
+  enable_compilation_cache(os.path.join(args.cache, 'jax'))
+  cfgs = _configs(argparse.Namespace(config=args.config, method=args.method, rounds=args.rounds), args.runs)
+  ds = load_dataset(cfgs[0].data)
+  t0 = time.perf_counter()
+  program, state = runs.init(cfgs, dataset=ds, cache_dir=os.path.join(args.cache, 'backbones'), log=lambda s: None)
+  env = environment()
+  print(json.dumps({'ml_ecs': os.path.dirname(ml_ecs.__file__), 'commit': env.get('git_commit'), 'cpu': env.get('cpu'),
+                    'runs': args.runs, 'setup_s': round(time.perf_counter() - t0, 3)}), flush=True)
+  parts = ('time/round_s', 'time/cohorts_s', 'time/aggregate_s', 'time/server_s')
+  rows = []
+  for _ in range(args.rounds):
+    state, metrics = runs.run_round(program, state)
+    rows.append({k: round(metrics[0][k], 3) for k in parts})
+    print(json.dumps({'round': len(rows), **rows[-1]}), flush=True)
+  print(json.dumps({'later_rounds_median': {k: statistics.median(r[k] for r in rows[1:]) for k in parts},
+                    'per_run_round_s': statistics.median(r['time/round_s'] for r in rows[1:]) / args.runs}))
+
+
+if __name__ == '__main__':
+  main()
