@@ -160,7 +160,11 @@ class Block(nnx.Module):
     attn = jax.nn.softmax(scores, axis=-1)
     y = jnp.einsum('bhqk,bkhd->bqhd', attn, v).reshape(b, t, d)
     x = materialized_cotangent(x + self.attn_out(y, g))
-    x = x + self.mlp_out(activation_fn(self.activation)(self.mlp_in(self.ln2(x), g)), g)
+    # The MLP's hidden gradient is materialised too: its LoRA B gradient reads it transposed, and XLA:CPU
+    # otherwise fuses the activation's backward into that transpose, a strided pass that cost a third of
+    # the comparison's server stage (ml_ecs/models/barrier.py).
+    h = materialized_cotangent(self.mlp_in(self.ln2(x), g))
+    x = x + self.mlp_out(activation_fn(self.activation)(h), g)
     return x, k, v
 
 

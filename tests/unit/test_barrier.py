@@ -52,8 +52,9 @@ def test_backward_pass_is_cut_per_block_under_vmap(monkeypatch):
   stack = lambda t: jax.tree.map(lambda a: jnp.stack([a, a * 1.01]), t)
   runs = jax.jit(jax.vmap(grad))
   hlo = runs.lower(stack(state), stack(x)).compile().as_text()
-  # two cuts per block (before it and between attention and MLP), none turned into a select by vmap
-  assert hlo.count(' conditional(') == 2 * CFG.layers
+  # three cuts per block (before it, between attention and MLP, at the MLP's hidden layer), none turned
+  # into a select by vmap
+  assert hlo.count(' conditional(') == 3 * CFG.layers
   with_cuts = _largest_fusion(hlo)
   monkeypatch.setattr(decoder, 'materialized_cotangent', lambda v: v)
   grad_plain, _, _ = _grad_fn()
@@ -64,3 +65,31 @@ def test_backward_pass_is_cut_per_block_under_vmap(monkeypatch):
   got, want = runs(stack(state), stack(x)), jax.jit(jax.vmap(grad_plain))(stack(state), stack(x))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _activation_backward_transposed(hlo: str) -> int:
+  """How many fused computations compute the tanh-GELU's backward (its constant 0.044715 * sqrt(2 / pi)) into
+  a transposed layout."""
+  comps = re.split(r'\n(?=%?[\w.\-]+ \()', hlo)
+  return sum(1 for c in comps if c.startswith(('%fused', 'fused')) and ' transpose(' in c and '0.0356774' in c)
+
+
+def test_activation_backward_is_not_fused_into_a_transpose(monkeypatch):
+  # The LoRA B gradient of the MLP's first layer reads the hidden gradient transposed; uncut, XLA:CPU fuses
+  # the activation's backward into that transpose (on the comparison's server LM, a third of its stage).
+  grad, state, x = _grad_fn()
+  stack = lambda t: jax.tree.map(lambda a: jnp.stack([a, a * 1.01]), t)
+  hlo = jax.jit(jax.vmap(grad)).lower(stack(state), stack(x)).compile().as_text()
+  assert _activation_backward_transposed(hlo) == 0
+  # Without the MLP's cut (each block's third; the other two kept) the fusion is back.
+  calls = []
+
+  def without_mlp_cut(v):
+    calls.append(None)
+    return v if len(calls) % 3 == 0 else materialized_cotangent(v)
+
+  monkeypatch.setattr(decoder, 'materialized_cotangent', without_mlp_cut)
+  grad_uncut, _, _ = _grad_fn()
+  uncut = jax.jit(jax.vmap(grad_uncut)).lower(stack(state), stack(x)).compile().as_text()
+  assert uncut.count(' conditional(') == 2 * CFG.layers
+  assert _activation_backward_transposed(uncut) > 0
