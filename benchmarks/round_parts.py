@@ -3,13 +3,16 @@ process: the quick way to see what a change to the models or the round does to a
 
   python benchmarks/round_parts.py --runs=1 --rounds=6
   python benchmarks/round_parts.py --runs=10 --rounds=6 --root=/tmp/old_checkout   # another checkout's code
+  python benchmarks/round_parts.py --runs=1 --rounds=3 --profile=8                   # and where the time goes
 
 The runs are benchmarks/runs_program.py's (`--config`, `--method`: partition seeds 0, 1, ... x training seeds
 0, 1 in grid order) as one program (`ml_ecs.core.runs`; R = 1 is one run on the same path). `--root` imports
 ml_ecs from another checkout (e.g. `git worktree add /tmp/old REV`), so two revisions can be measured in turn,
 interleaved, on one machine. The compilation cache and pretrained backbones are kept under `--cache`
 (shared by both checkouts: a backbone depends only on its config). Prints one JSON line per round and the
-medians of the later rounds (round 1 compiles).
+medians of the later rounds (round 1 compiles). `--profile=N` then records one more round's calls and, per compiled
+program (each cohort's round and the server stage), prints XLA's flop count, the seconds of a call (best of 3)
+and the achieved GFLOP/s, and the N costliest operators (benchmarks/lib/op_profile.py).
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def main() -> None:
   p.add_argument('--rounds', type=int, default=6)
   p.add_argument('--root', default=HERE, help='the checkout whose ml_ecs is measured (default: this one)')
   p.add_argument('--cache', default=os.path.join('/tmp', 'round_parts_cache'))
+  p.add_argument('--profile', type=int, default=0, help='after the rounds: flops, GFLOP/s and the N costliest '
+                 'operators of each round program (0: off)')
   args = p.parse_args()
   if args.runs < 1 or args.rounds < 2:
     p.error('--runs >= 1, --rounds >= 2')
@@ -57,6 +62,45 @@ def main() -> None:
     print(json.dumps({'round': len(rows), **rows[-1]}), flush=True)
   print(json.dumps({'later_rounds_median': {k: statistics.median(r[k] for r in rows[1:]) for k in parts},
                     'per_run_round_s': statistics.median(r['time/round_s'] for r in rows[1:]) / args.runs}))
+  if args.profile:
+    _profile(runs, program, state, args.profile)
+
+
+def _profile(runs, program, state, top: int) -> None:
+  """One more round with its programs' calls recorded, then each program's flops, time and costliest operators."""
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  from benchmarks.lib import op_profile
+  fresh = lambda args: jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, args)  # noqa: E731
+  calls = {}
+
+  def recorded(name, fn):
+    def call(*args):
+      calls[name] = (fn, fresh(args))   # copies: a round program consumes (donates) its state arguments
+      return fn(*args)
+    return call
+  spy = dataclasses.replace(program, round_fns=tuple(recorded(f'cohort {k}', f) for k, f in enumerate(program.round_fns)),
+                            server_round_fn=recorded('server stage', program.server_round_fn))
+  runs.run_round(spy, state)
+  for name, (fn, args) in calls.items():
+    compiled = fn.lower(*args).compile()
+    cost = compiled.cost_analysis()
+    flops = (cost[0] if isinstance(cost, list) else cost).get('flops', 0.0)
+    seconds = []
+    for _ in range(3):
+      a = fresh(args)
+      jax.block_until_ready(a)
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*a))
+      seconds.append(time.perf_counter() - t0)
+    print(json.dumps({'program': name, 'gflop': round(flops / 1e9, 3), 'call_s': round(min(seconds), 4),
+                      'gflop_per_s': round(flops / 1e9 / min(seconds), 2)}), flush=True)
+    lines = op_profile.hlo_lines(compiled)
+    inputs = iter([fresh(args) for _ in range(3)])
+    ops, other = op_profile.op_times(lambda: fn(*next(inputs)), 3, lines)
+    print(f'operators of {name} (executor {other["executor"]:.3f} thread-s per call):')
+    print('\n'.join(op_profile.table(ops, lines, top=top)), flush=True)
 
 
 if __name__ == '__main__':
