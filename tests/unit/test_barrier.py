@@ -29,6 +29,16 @@ def _grad_fn():
   return jax.grad(loss), state, x
 
 
+def _stack(tree):
+  """Two runs on a leading axis (the second slightly different)."""
+  return jax.tree.map(lambda a: jnp.stack([a, a * 1.01]), tree)
+
+
+def _vmapped_hlo(grad, state, x) -> str:
+  """The optimised HLO of `grad` vmapped over two runs."""
+  return jax.jit(jax.vmap(grad)).lower(_stack(state), _stack(x)).compile().as_text()
+
+
 def _largest_fusion(hlo: str) -> int:
   """The most operands of any fusion in an optimised HLO text."""
   return max(len(re.findall(r'%[\w.\-]+', line.split(' fusion(', 1)[1].split(')', 1)[0]))
@@ -49,20 +59,19 @@ def test_identity_and_its_gradient():
 
 def test_backward_pass_is_cut_per_block_under_vmap(monkeypatch):
   grad, state, x = _grad_fn()
-  stack = lambda t: jax.tree.map(lambda a: jnp.stack([a, a * 1.01]), t)
   runs = jax.jit(jax.vmap(grad))
-  hlo = runs.lower(stack(state), stack(x)).compile().as_text()
+  hlo = _vmapped_hlo(grad, state, x)
   # three cuts per block (before it, between attention and MLP, at the MLP's hidden layer), none turned
   # into a select by vmap
   assert hlo.count(' conditional(') == 3 * CFG.layers
   with_cuts = _largest_fusion(hlo)
   monkeypatch.setattr(decoder, 'materialized_cotangent', lambda v: v)
   grad_plain, _, _ = _grad_fn()
-  plain = jax.jit(jax.vmap(grad_plain)).lower(stack(state), stack(x)).compile().as_text()
+  plain = _vmapped_hlo(grad_plain, state, x)
   assert plain.count(' conditional(') == 0
   # without the cuts XLA fuses the chain of every later block into each consumer
   assert _largest_fusion(plain) > 2 * with_cuts, (_largest_fusion(plain), with_cuts)
-  got, want = runs(stack(state), stack(x)), jax.jit(jax.vmap(grad_plain))(stack(state), stack(x))
+  got, want = runs(_stack(state), _stack(x)), jax.jit(jax.vmap(grad_plain))(_stack(state), _stack(x))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -78,8 +87,7 @@ def test_activation_backward_is_not_fused_into_a_transpose(monkeypatch):
   # The LoRA B gradient of the MLP's first layer reads the hidden gradient transposed; uncut, XLA:CPU fuses
   # the activation's backward into that transpose (on the comparison's server LM, a third of its stage).
   grad, state, x = _grad_fn()
-  stack = lambda t: jax.tree.map(lambda a: jnp.stack([a, a * 1.01]), t)
-  hlo = jax.jit(jax.vmap(grad)).lower(stack(state), stack(x)).compile().as_text()
+  hlo = _vmapped_hlo(grad, state, x)
   assert _activation_backward_transposed(hlo) == 0
   # Without the MLP's cut (each block's third; the other two kept) the fusion is back.
   calls = []
@@ -90,6 +98,6 @@ def test_activation_backward_is_not_fused_into_a_transpose(monkeypatch):
 
   monkeypatch.setattr(decoder, 'materialized_cotangent', without_mlp_cut)
   grad_uncut, _, _ = _grad_fn()
-  uncut = jax.jit(jax.vmap(grad_uncut)).lower(stack(state), stack(x)).compile().as_text()
+  uncut = _vmapped_hlo(grad_uncut, state, x)
   assert uncut.count(' conditional(') == 2 * CFG.layers
   assert _activation_backward_transposed(uncut) > 0
