@@ -4,6 +4,7 @@ process: the quick way to see what a change to the models or the round does to a
   python benchmarks/round_parts.py --runs=1 --rounds=6
   python benchmarks/round_parts.py --runs=10 --rounds=6 --root=/tmp/old_checkout   # another checkout's code
   python benchmarks/round_parts.py --runs=1 --rounds=3 --profile=8                   # and where the time goes
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/round_parts.py --runs=10 --run_devices=2
 
 The runs are benchmarks/runs_program.py's (`--config`, `--method`: partition seeds 0, 1, ... x training seeds
 0, 1 in grid order) as one program (`ml_ecs.core.runs`; R = 1 is one run on the same path). `--root` imports
@@ -34,6 +35,8 @@ def main() -> None:
   p.add_argument('--rounds', type=int, default=6)
   p.add_argument('--root', default=HERE, help='the checkout whose ml_ecs is measured (default: this one)')
   p.add_argument('--cache', default=os.path.join('/tmp', 'round_parts_cache'))
+  p.add_argument('--run_devices', type=int, default=1, help='split the run axis over this many devices (several '
+                 'host devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)')
   p.add_argument('--profile', type=int, default=0, help='after the rounds: flops, GFLOP/s and the N costliest '
                  'operators of each round program (0: off)')
   args = p.parse_args()
@@ -42,6 +45,7 @@ def main() -> None:
   sys.path.insert(0, os.path.abspath(args.root))
   import ml_ecs
   from benchmarks.runs_program import _configs
+  import jax
   from ml_ecs.core import runs
   from ml_ecs.data.loaders import load_dataset
   from ml_ecs.run.compilation_cache import enable_compilation_cache
@@ -50,10 +54,11 @@ def main() -> None:
   cfgs = _configs(argparse.Namespace(config=args.config, method=args.method, rounds=args.rounds), args.runs)
   ds = load_dataset(cfgs[0].data)
   t0 = time.perf_counter()
-  program, state = runs.init(cfgs, dataset=ds, cache_dir=os.path.join(args.cache, 'backbones'), log=lambda s: None)
+  program, state = runs.init(cfgs, dataset=ds, cache_dir=os.path.join(args.cache, 'backbones'), log=lambda s: None,
+                             **({'run_devices': args.run_devices} if args.run_devices > 1 else {}))
   env = environment()
   print(json.dumps({'ml_ecs': os.path.dirname(ml_ecs.__file__), 'commit': env.get('git_commit'), 'cpu': env.get('cpu'),
-                    'runs': args.runs, 'setup_s': round(time.perf_counter() - t0, 3)}), flush=True)
+                    'runs': args.runs, 'devices': jax.device_count(), 'mesh': dict(program.setups[0].mesh.shape), 'setup_s': round(time.perf_counter() - t0, 3)}), flush=True)
   parts = ('time/round_s', 'time/cohorts_s', 'time/aggregate_s', 'time/server_s')
   rows = []
   for _ in range(args.rounds):

@@ -19,6 +19,11 @@ the others; the table says which. The projection is rough: a later cell with a n
 first's compiled programs, but one with a new partition seed has other data shapes and compiles its own
 (measured on f4fb414: 32 s against 64 s), so measure R separate runs (--separate=R) where the ratio matters.
 Peak RSS is the subprocess's. Writes runs_program.json and runs_program.md to --out.
+
+`--devices=N` gives the programs N host CPU devices (`--xla_force_host_platform_device_count`) with their run
+axis split over them (`runs.init(run_devices=N)`: each device, here a core, trains whole runs); the separate
+runs keep one device, as the grid runs its cells by default (a single cell's round measured the same on 1 and
+2 host devices, 0.67 s, and its clients would be padded to the device count).
 """
 from __future__ import annotations
 
@@ -79,7 +84,7 @@ def _piece(args) -> dict:
       later.append(tm[0]['time/setup_s'] + tm[1]['time/round_s'])
   else:
     train_runs(cfgs, dirs, os.path.join(work, 'program'), checkpoint=False, cache_dir=args.backbones, dataset=ds,
-               log=quiet)
+               log=quiet, run_devices=args.devices)
   wall = time.perf_counter() - t0
   timing = metrics_io.read_jsonl(os.path.join(dirs[0], 'timing.jsonl'))
   rounds = [t for t in timing if t['round'] >= 1]
@@ -94,9 +99,12 @@ def _piece(args) -> dict:
 def _run_piece(args, mode: str, count: int) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), '--piece', f'--mode={mode}', f'--count={count}',
          f'--config={args.config}', f'--method={args.method}', f'--rounds={args.rounds}',
-         f'--backbones={args.backbones}', f'--scratch={args.scratch}']
+         f'--backbones={args.backbones}', f'--scratch={args.scratch}', f'--devices={args.devices}']
+  devices = args.devices if mode == 'program' else 1
+  xla = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith('--xla_force_host_platform')]
+  env = dict(os.environ, XLA_FLAGS=' '.join(xla + [f'--xla_force_host_platform_device_count={devices}']))
   t = time.perf_counter()
-  res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
   if res.returncode:
     raise SystemExit(f'{mode} x{count} failed:\n{res.stderr[-3000:]}')
   out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -114,6 +122,8 @@ def main() -> None:
   p.add_argument('--rounds', type=int, default=5)
   p.add_argument('--cell_rounds', type=int, default=50, help='the projected cell: rounds ...')
   p.add_argument('--cell_eval_every', type=int, default=5, help='... and evaluated every this many')
+  p.add_argument('--devices', type=int, default=1, help='host CPU devices of the programs, their run axis split '
+                 'over them (the separate runs keep 1)')
   p.add_argument('--out', default='', help='directory for runs_program.json / .md (default: a new temp dir)')
   p.add_argument('--piece', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--mode', default='', help=argparse.SUPPRESS)
@@ -125,8 +135,8 @@ def main() -> None:
     print(json.dumps(_piece(args)))
     return
   sizes = [int(x) for x in args.runs.split(',')]
-  if not sizes or any(not 1 <= r <= 20 for r in sizes) or args.separate < 2 or args.rounds < 1:
-    p.error('--runs: integers in 1..20; --separate >= 2; --rounds >= 1')
+  if not sizes or any(not 1 <= r <= 20 for r in sizes) or args.separate < 2 or args.rounds < 1 or args.devices < 1:
+    p.error('--runs: integers in 1..20; --separate >= 2; --rounds >= 1; --devices >= 1')
   out = args.out or tempfile.mkdtemp(prefix='runs_program_')
   os.makedirs(out, exist_ok=True)
   args.scratch = tempfile.mkdtemp(prefix='runs_program_work_')
@@ -158,6 +168,7 @@ def main() -> None:
                  'cell_separate_s': sep_first_cell + (r - 1) * sep_later_cell})
     rows[-1]['cell_speedup'] = rows[-1]['cell_separate_s'] / rows[-1]['cell_program_s']
   report = {'command': ' '.join(sys.argv), 'config': args.config, 'method': args.method, 'rounds': args.rounds,
+            'program_devices': args.devices,
             'environment': env, 'warm_backbones_s': warm['wall_s'], 'separate': separate, 'programs': programs,
             'rows': rows}
   metrics_io.write_json(os.path.join(out, 'runs_program.json'), report)
@@ -168,6 +179,7 @@ def main() -> None:
            'once per program, or per run for separate runs; later rounds and evaluations at their measured cost).', '',
            f'`{report["command"]}`', '',
            f'Machine: {env.get("cpu", platform.processor())}, {os.cpu_count()} cores; jax {env["packages"].get("jax")}; commit {env.get("git_commit")}. '
+           f'Programs on {args.devices} host device(s), their run axis split over them; separate runs on 1. '
            f'Separate runs measured: {len(each)} ({", ".join(f"{x:.0f}" for x in each)} s; the first compiles, a later '
            f'one with a new partition seed compiles for its data shapes, one with a new training seed reuses the '
            f'programs); a separate run\'s setup {separate["setup_s"]:.1f} s, first round '

@@ -26,7 +26,7 @@ from ml_ecs.backbones import resolve as backbones
 from ml_ecs.backbones.pretrain import cached_backbone
 from ml_ecs.core import autotune, communication, distributed, faults
 from ml_ecs.core.client_store import broadcast_to_clients, first_row, host_init, per_client_keys, round_up
-from ml_ecs.core.cohort_map import CLIENT_AXIS, cohort_map
+from ml_ecs.core.cohort_map import CLIENT_AXIS, RUN_AXIS, client_devices, cohort_map
 from ml_ecs.core.context import RoundContext
 from ml_ecs.core.describe import cohort_layout
 from ml_ecs.core.node import NodeProgram, make_optimizer, sub
@@ -59,17 +59,23 @@ def stack_init(model_fn: Callable[[KeyStream], nnx.Module], keys: jax.Array, out
   return stack_init_fn(model_fn, out_shardings)(keys)
 
 
-def client_mesh(num_devices: int = 0) -> Mesh:
+def client_mesh(num_devices: int = 0, run_devices: int = 1) -> Mesh:
   """A 1-D mesh over the first `num_devices` devices (0 = all) with the client axis. With several
-  processes it spans every process's devices, in process order, so each holds a contiguous block."""
+  processes it spans every process's devices, in process order, so each holds a contiguous block.
+  `run_devices` > 1 (a program of many runs, ml_ecs.core.runs): a 2-D mesh, its run axis over
+  `run_devices` of them and the client axis over the rest."""
   n = num_devices or jax.device_count()
   if n > jax.device_count():
     raise ValueError(f'mesh.num_devices={n} but only {jax.device_count()} devices are visible')
   if jax.process_count() > 1 and n != jax.device_count():
     raise ValueError(f'mesh.num_devices={n}: with {jax.process_count()} processes the client mesh spans all '
                      f'{jax.device_count()} devices (set 0)')
-  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-  return Mesh(np.array(devices[:n]), (CLIENT_AXIS,))
+  if run_devices < 1 or n % run_devices:
+    raise ValueError(f'run_devices={run_devices}: expected a divisor of the mesh\'s {n} device(s)')
+  devices = np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))[:n])
+  if run_devices == 1:
+    return Mesh(devices, (CLIENT_AXIS,))
+  return Mesh(devices.reshape(run_devices, n // run_devices), (RUN_AXIS, CLIENT_AXIS))
 
 
 def make_cohort_round(algorithm: Algorithm, program: NodeProgram, stages: amt.Stages, mesh: Mesh, chunk: int,
@@ -109,7 +115,8 @@ def make_generate(program: NodeProgram, mesh: Mesh, max_len: int) -> Callable:
 def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: MultimodalDataset | None = None,
          log: Callable[[str], None] = print, cache_dir: str | None = None,
          recorded: dict | None = None, hparams_in_state: bool = False,
-         backbone_cache: str | None = None, jit_cache: dict | None = None) -> tuple[Setup, State]:
+         backbone_cache: str | None = None, jit_cache: dict | None = None, run_devices: int = 1
+         ) -> tuple[Setup, State]:
   """Builds a federation from a validated config. workdir receives the tokenizer; pretrained
   backbones are cached under (cache_dir or workdir)/backbones, and also under backbone_cache/backbones
   when given (a folder shared by later runs: ml_ecs.backbones.pretrain.cached_backbone). `dataset` replaces the config's
@@ -119,7 +126,8 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   program constants (`node.make_optimizer`; federations on a run axis, ml_ecs.core.runs). `jit_cache`: a dict
   shared by builds whose configs differ at most in `ml_ecs.core.runs.RUN_FIELDS` (runs.check_configs): the
   models' traced inits and graph definitions, keyed by everything they depend on, so a later build traces
-  only what its seeds change (measured: most of a later run's setup)."""
+  only what its seeds change (measured: most of a later run's setup). `run_devices`: the mesh's run axis
+  (`client_mesh`; programs of many runs only)."""
   ds = dataset if dataset is not None else load_dataset(cfg.data)
   if workdir:
     os.makedirs(workdir, exist_ok=True)
@@ -130,7 +138,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   part = partition(ds, cfg.data)
   modalities = ds.modality_names
   shapes = {m: x.shape[1:] for m, x in ds.modalities.items()}
-  mesh = client_mesh(cfg.mesh.num_devices)
+  mesh = client_mesh(cfg.mesh.num_devices, run_devices)
   client_sharding, replicated = NamedSharding(mesh, P(CLIENT_AXIS)), NamedSharding(mesh, P())
   stages = amt.stages(cfg.method, cfg.train, hparams_in_state)
   algorithm = registry.build(cfg)
@@ -210,7 +218,7 @@ def init(cfg: ml_collections.ConfigDict, workdir: str | None = None, dataset: Mu
   shared_seed = jnp.asarray(int(cfg.seed), jnp.int32)
 
   # Cohorts: stacked, padded, sharded on the client axis.
-  ndev = mesh.size
+  ndev = client_devices(mesh)
   init_rng = jax.random.key(cfg.seed + 17)
   cohorts, cohort_states = [], []
   for k, clients in enumerate(part.cohorts()):

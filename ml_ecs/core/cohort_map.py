@@ -25,7 +25,15 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 CLIENT_AXIS = 'clients'
+# The mesh axis a program of many federations splits its run axis over (ml_ecs.core.runs); absent from a
+# single run's mesh. A mesh with it holds each run's clients over its CLIENT_AXIS only.
+RUN_AXIS = 'runs'
 PLACEMENTS = ('shard_map', 'auto')
+
+
+def client_devices(mesh: Mesh) -> int:
+  """How many devices a cohort's client axis is split over (a multiple of which the cohorts are padded to)."""
+  return int(mesh.shape[CLIENT_AXIS])
 
 
 def _client_specs(num_client_args: int, num_args: int) -> tuple:

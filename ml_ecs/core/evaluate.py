@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_ecs.algorithms.ml_ecs import amt
 from ml_ecs.core import distributed, faults
 from ml_ecs.core.client_store import bucket, gather_clients, pad_positions
-from ml_ecs.core.cohort_map import CLIENT_AXIS
+from ml_ecs.core.cohort_map import CLIENT_AXIS, client_devices
 from ml_ecs.core.scoring import SCORE_NAMES
 from ml_ecs.core.setup import Setup
 from ml_ecs.core.state import State
@@ -62,7 +62,7 @@ def eval_blocks(setup: Setup, k: int, pos: np.ndarray | None) -> list[tuple[np.n
   c = setup.cohorts[k]
   if pos is None and not c.host:
     return [(None, np.arange(c.num_real))]
-  size = bucket(_eval_shares(setup)[k], setup.mesh.size)
+  size = bucket(_eval_shares(setup)[k], client_devices(setup.mesh))
   pos = np.arange(c.num_real) if pos is None else pos
   return [(pad_positions(pos[i:i + size], size), pos[i:i + size]) for i in range(0, len(pos), size)]
 

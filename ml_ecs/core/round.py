@@ -22,7 +22,7 @@ from ml_ecs.algorithms.base import Aggregated, Uploads
 from ml_ecs.algorithms.ml_ecs import mma
 from ml_ecs.core import distributed, faults
 from ml_ecs.core.client_store import bucket, gather_clients, pad_positions, scatter_clients
-from ml_ecs.core.cohort_map import CLIENT_AXIS
+from ml_ecs.core.cohort_map import CLIENT_AXIS, client_devices
 from ml_ecs.core.compile_ahead import compile_ahead
 from ml_ecs.core.sampling import sample_clients
 from ml_ecs.core.setup import CohortSetup, Setup
@@ -55,7 +55,7 @@ def resync(setup: Setup, c: CohortSetup, cs: NodeState, global_shared, ledger: _
     return cs
   ledger.resynced += c.client_ids[bad].tolist()
   if c.host:   # only the diverged rows, as one padded block
-    pos = pad_positions(np.flatnonzero(bad), bucket(bad.sum(), setup.mesh.size))
+    pos = pad_positions(np.flatnonzero(bad), bucket(bad.sum(), client_devices(setup.mesh)))
     sharding = NamedSharding(setup.mesh, P(CLIENT_AXIS))
     scatter_clients(cs, pos, c.resync_fn(*gather_clients((cs.trainables, cs.opt_state), pos, sharding),
                                          jnp.ones(len(pos), bool), global_shared, pos))

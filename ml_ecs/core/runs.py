@@ -16,12 +16,18 @@ Learning rates, loss weights and temperatures are optimizer state (`build.init(h
 weight > 0) is part of the program, so it must agree, and everything else of a run's config must equal
 the first run's (`check_configs` names what differs). A run's data is padded to the longest run's rows on the run
 axis; sampling draws by count, so padding rows are never drawn.
+
+With several devices the run axis may be split over them (`init(..., run_devices=k)`): a 2-D mesh (runs x
+clients, `build.client_mesh`), every run-stacked array sharded on its leading axis and the vmaps named for the
+run axis (`spmd_axis_name`), so each device trains whole runs with no traffic between devices; each run's
+clients are split over the rest of the mesh.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -37,6 +43,7 @@ from ml_ecs.algorithms.ml_ecs import amt
 from ml_ecs.aggregation.mean import clients_finite
 from ml_ecs.config.identity import config_differences
 from ml_ecs.core import build, evaluate as evaluation, round as round_lib
+from ml_ecs.core.cohort_map import RUN_AXIS
 from ml_ecs.core.compile_ahead import compile_ahead
 from ml_ecs.core.node import LOSS_HPARAMS
 from ml_ecs.core.setup import Setup
@@ -96,6 +103,12 @@ def program_key(cfg: ml_collections.ConfigDict) -> str:
   return json.dumps([d, switches], sort_keys=True, default=repr)
 
 
+def per_run_sharding(mesh) -> NamedSharding:
+  """Where an array stacked on the run axis lives: split over the mesh's run axis where it has one, else
+  replicated (as stacking on the devices, and the rounds' outputs, place it)."""
+  return NamedSharding(mesh, P(RUN_AXIS) if RUN_AXIS in mesh.axis_names else P())
+
+
 def _host_stack(xs: Sequence[Any], pad_axis: int | None = None) -> Any:
   """Same-structured arrays stacked on a new leading (run) axis through host memory, each first zero-padded
   along `pad_axis` to the longest. For what is built once: stacking on the devices compiles a program per
@@ -108,10 +121,9 @@ def _host_stack(xs: Sequence[Any], pad_axis: int | None = None) -> Any:
     n = max(a.shape[pad_axis] for a in arrays)
     arrays = [np.pad(a, [(0, n - a.shape[pad_axis]) if i == pad_axis else (0, 0) for i in range(a.ndim)])
               for a in arrays]
-  # Placed as stacking on the devices places them, and as the rounds' outputs are: replicated on the mesh.
   x = xs[0]
   if isinstance(getattr(x, 'sharding', None), NamedSharding):
-    sharding = NamedSharding(x.sharding.mesh, P())
+    sharding = per_run_sharding(x.sharding.mesh)
   else:
     sharding = x.sharding if getattr(x, 'committed', False) else None
   return jax.device_put(np.stack(arrays), sharding)
@@ -199,28 +211,45 @@ def _check_structure(setups: Sequence[Setup]) -> None:
                      '(train.host_state=False, one process)')
 
 
-def _lift_round(fn: Callable, frozen_axis: int | None, holdout: bool) -> Callable:
+def _over_runs(fn: Callable, in_axes: tuple, split: bool, **jit) -> Callable:
+  """`fn` of one run, vmapped over the run axis and jitted; the vmap named for the mesh's run axis when the runs
+  are split over devices (each device's shard_map blocks then hold whole runs)."""
+  return jax.jit(jax.vmap(fn, in_axes=in_axes, spmd_axis_name=RUN_AXIS if split else None), **jit)
+
+
+def _lift_round(fn: Callable, frozen_axis: int | None, holdout: bool, split: bool) -> Callable:
   axes = (0,) * 8 + (frozen_axis, 0, 0 if holdout else None)
-  return jax.jit(jax.vmap(fn, in_axes=axes), donate_argnums=(0, 1))
+  return _over_runs(fn, axes, split, donate_argnums=(0, 1))
 
 
-def _global_generate(generate_fn: Callable, gates: str, frozen_axis: int | None) -> Callable:
-  def one(tr, global_shared, split, frozen):
-    return generate_fn(amt.global_view(tr, global_shared, gates), split, frozen)
-  return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, frozen_axis)))
+def _global_generate(generate_fn: Callable, gates: str, frozen_axis: int | None, split: bool) -> Callable:
+  def one(tr, global_shared, split_arrays, frozen):
+    return generate_fn(amt.global_view(tr, global_shared, gates), split_arrays, frozen)
+  return _over_runs(one, (0, 0, 0, frozen_axis), split)
+
+
+def run_split(runs: int, run_devices: int) -> int:
+  """How many devices a program of `runs` runs splits its run axis over when asked for `run_devices`: the
+  largest count that divides both (each device holds as many runs)."""
+  if run_devices < 1:
+    raise ValueError(f'run_devices={run_devices}: expected >= 1 (1: the run axis on every device)')
+  return math.gcd(runs, run_devices)
 
 
 def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | None] | None = None,
          dataset: MultimodalDataset | None = None, log: Callable[[str], None] = print,
-         cache_dir: str | None = None) -> tuple[Runs, State]:
-  """Builds R federations (validated configs that differ only in `RUN_FIELDS`) as one program."""
+         cache_dir: str | None = None, run_devices: int = 1) -> tuple[Runs, State]:
+  """Builds R federations (validated configs that differ only in `RUN_FIELDS`) as one program. `run_devices`:
+  split the run axis over that many of the mesh's devices (`run_split`: fewer where R does not divide), each
+  run's clients over the rest; 1 keeps every run on every device, its clients split over them."""
   check_configs(cfgs)
+  split = run_split(len(cfgs), run_devices)
   ds = dataset if dataset is not None else load_dataset(cfgs[0].data)
   workdirs = list(workdirs) if workdirs is not None else [None] * len(cfgs)
   built, traced = [], {}   # traced: the models' inits and graphs, traced once per training seed, not per run
   for r, (cfg, w) in enumerate(zip(cfgs, workdirs)):
     built.append(build.init(cfg, workdir=w, dataset=ds, log=log if r == 0 else (lambda s: None),
-                            cache_dir=cache_dir, hparams_in_state=True, jit_cache=traced))
+                            cache_dir=cache_dir, hparams_in_state=True, jit_cache=traced, run_devices=split))
     _check_structure([s for s, _ in built])   # refuse at the first run that differs, before building the rest
   setups = [s for s, _ in built]
   first = setups[0]
@@ -237,17 +266,18 @@ def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | Non
       public_train=_stack_once([s.public_train for s in setups]),
       edge_frozen=shared_or_stacked([s.edge_frozen for s in setups]),
       server_frozen=shared_or_stacked([s.server_frozen for s in setups]),
-      round_fns=tuple(_lift_round(c.round_fn, frozen_axis, c.holdout is not None) for c in first.cohorts),
-      server_round_fn=jax.jit(jax.vmap(first.server_round_fn, in_axes=(0,) * 5 + (frozen_axis, 0))),
-      generate_fns=tuple(jax.jit(jax.vmap(c.generate_fn, in_axes=(0, 0, frozen_axis))) for c in first.cohorts),
-      global_generate_fns=tuple(_global_generate(c.generate_fn, model_options(first.cfg)['gates'], frozen_axis)
-                                for c in first.cohorts),
-      server_generate_fn=jax.jit(jax.vmap(first.server_generate_fn, in_axes=(0, frozen_axis, 0))))
-  log(f'{len(setups)} runs as one program (backbones {"shared" if frozen_axis is None else "per run"})')
+      round_fns=tuple(_lift_round(c.round_fn, frozen_axis, c.holdout is not None, split > 1) for c in first.cohorts),
+      server_round_fn=_over_runs(first.server_round_fn, (0,) * 5 + (frozen_axis, 0), split > 1),
+      generate_fns=tuple(_over_runs(c.generate_fn, (0, 0, frozen_axis), split > 1) for c in first.cohorts),
+      global_generate_fns=tuple(_global_generate(c.generate_fn, model_options(first.cfg)['gates'], frozen_axis,
+                                                 split > 1) for c in first.cohorts),
+      server_generate_fn=_over_runs(first.server_generate_fn, (0, frozen_axis, 0), split > 1))
+  log(f'{len(setups)} runs as one program (backbones {"shared" if frozen_axis is None else "per run"}; '
+      f'run axis over {split} of {first.mesh.size} device(s){"" if split == run_devices else f", {run_devices} asked"})')
   state = _stack_once([s for _, s in built])
   # The key data placed as a round leaves it (derived from the views' keys), so the views of round 1 and of the
   # later rounds share one compiled program.
-  return runs, dataclasses.replace(state, rng=jax.device_put(state.rng, NamedSharding(first.mesh, P())))
+  return runs, dataclasses.replace(state, rng=jax.device_put(state.rng, per_run_sharding(first.mesh)))
 
 
 @jax.jit
@@ -277,17 +307,17 @@ def run_round(runs: Runs, state: State) -> tuple[State, list[dict[str, Any]]]:
   views_ = views(state)
   keys = [round_lib.round_keys(v) for v in views_]
   contexts = [s.algorithm.round_context(s, v) for s, v in zip(setups, views_)]
-  # Per-round inputs in one (replicated) sharding every round, so rounds reuse one compilation (a value
-  # computed by a jitted function and one made on the host would otherwise differ in placement).
-  replicated = NamedSharding(setups[0].mesh, P())
+  # Per-round inputs in one sharding every round, so rounds reuse one compilation (a value computed by a
+  # jitted function and one made on the host would otherwise differ in placement).
+  per_run = per_run_sharding(setups[0].mesh)
   alignment = None if contexts[0][0] is None else stack([a for a, _ in contexts])
-  global_shared, server_z, alignment = jax.device_put((state.global_shared, state.server_z, alignment), replicated)
+  global_shared, server_z, alignment = jax.device_put((state.global_shared, state.server_z, alignment), per_run)
   key_stack = lambda ks: jax.random.wrap_key_data(jnp.stack([jax.random.key_data(k) for k in ks]))
   ledgers = [round_lib._Ledger() for _ in range(R)]
   server_keys = key_stack([kr.server for kr in keys])
   server_args = lambda targets, has_target: (   # noqa: E731  (one place for the call and its compilation)
       state.server.trainables, state.server.opt_state, server_keys,
-      *jax.device_put((targets, has_target.astype(jnp.float32)), replicated), runs.server_frozen, runs.public_train)
+      *jax.device_put((targets, has_target.astype(jnp.float32)), per_run), runs.server_frozen, runs.public_train)
   # In passes, as a single run's round (round_lib.run_round): re-syncs and samples; every cohort's update
   # dispatched (the first round compiles the cohorts' and the server's programs together); then each
   # cohort's result read and what arrived, while the later cohorts run.
@@ -322,9 +352,10 @@ def run_round(runs: Runs, state: State) -> tuple[State, list[dict[str, Any]]]:
                                      int(views_[r].round) + 1) for r, (s, d) in enumerate(zip(setups, done))]
   jax.block_until_ready(server_z)
   new_state = State(cohorts=tuple(cohorts), server=NodeState(server_tr, server_opt),
-                    global_shared=stack([d[0].shared for d in done]), server_z=server_z, round=state.round + 1,
-                    rng=jnp.stack([jax.random.key_data(kr.rng) for kr in keys]),
-                    algorithm=stack([d[0].state for d in done]))
+                    global_shared=jax.device_put(stack([d[0].shared for d in done]), per_run), server_z=server_z,
+                    round=state.round + 1, rng=jax.device_put(jnp.stack([jax.random.key_data(kr.rng) for kr in keys]),
+                                                              per_run),
+                    algorithm=jax.device_put(stack([d[0].state for d in done]), per_run))
   t_end = time.perf_counter()
   timing = {'time/round_s': t_end - t0, 'time/cohorts_s': t_cohorts - t0,
             'time/aggregate_s': t_aggregate - t_cohorts, 'time/server_s': t_end - t_aggregate, 'time/runs': R}

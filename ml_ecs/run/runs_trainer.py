@@ -39,10 +39,11 @@ def _stop(writers: Sequence[MetricWriter], ckpt: Checkpointer | None) -> None:
 
 def train_runs(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str], program_dir: str, *,
                log: Callable[[str], None] = print, checkpoint: bool = True, cache_dir: str | None = None,
-               dataset: MultimodalDataset | None = None) -> list[RunResult]:
+               dataset: MultimodalDataset | None = None, run_devices: int = 1) -> list[RunResult]:
   """Runs (or resumes) R runs as one program; configs may differ only in `ml_ecs.core.runs.RUN_FIELDS`
   (all share `train.rounds`, `eval_every` and `checkpoint_every`). A run whose directory already holds
-  its finished run is refused: leave it out of `cfgs`."""
+  its finished run is refused: leave it out of `cfgs`. `run_devices`: split the run axis over that many
+  devices (`ml_ecs.core.runs.init`)."""
   if len(cfgs) != len(workdirs) or len(set(map(os.path.abspath, workdirs))) != len(workdirs):
     raise ValueError(f'{len(cfgs)} configs need as many distinct workdirs, got {list(workdirs)}')
   runs_lib.check_configs(cfgs)
@@ -55,24 +56,26 @@ def train_runs(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str
       make_workdir(w)
       locks.append(WorkdirLock(w, log))
       locks[-1].acquire()
-    return _train_runs(cfgs, list(workdirs), program_dir, dataset, log, checkpoint, cache_dir)
+    return _train_runs(cfgs, list(workdirs), program_dir, dataset, log, checkpoint, cache_dir, run_devices)
   finally:
     for lock in locks:
       lock.release()
 
 
-def _train_runs(cfgs, workdirs, program_dir, dataset, log, checkpoint, cache_dir) -> list[RunResult]:
+def _train_runs(cfgs, workdirs, program_dir, dataset, log, checkpoint, cache_dir, run_devices) -> list[RunResult]:
   R, train = len(cfgs), cfgs[0].train
   cfg_jsons = [config_dict(c) for c in cfgs]
   for w, cj in zip(workdirs, cfg_jsons):
     if _check_workdir(w, cj, False, log):
       raise WorkdirConflict(f'{w} holds a finished run of its config: leave it out of the program')
     metrics_io.write_json(os.path.join(w, 'config.json'), cj)
+  t0 = time.perf_counter()
+  runs, state = runs_lib.init(cfgs, workdirs, dataset, log, cache_dir, run_devices)
+  mesh = runs.setups[0].mesh
   for r, w in enumerate(workdirs):   # which program a run ran in: reproducing it means rerunning that program
     metrics_io.write_json(os.path.join(w, 'program.json'), {
-        'runs': R, 'position': r, 'members': [os.path.basename(os.path.normpath(x)) for x in workdirs]})
-  t0 = time.perf_counter()
-  runs, state = runs_lib.init(cfgs, workdirs, dataset, log, cache_dir)
+        'runs': R, 'position': r, 'members': [os.path.basename(os.path.normpath(x)) for x in workdirs],
+        'mesh': {k: int(v) for k, v in mesh.shape.items()}})
   setup_s = time.perf_counter() - t0
   for w, s, v in zip(workdirs, runs.setups, runs_lib.views(state, cohorts=True)):
     write_setup_files(w, s, v, setup_s)

@@ -78,7 +78,8 @@ def main(argv):
   def run_program(cfgs, cdirs, program_dir, cache):   # grid.runs_per_program: cells that differ in seeds only
     if stopped_by or (deadline is not None and time.time() > deadline):
       return False
-    results = train_runs(cfgs, cdirs, program_dir, cache_dir=cache, log=lambda s: log('    ' + s))
+    results = train_runs(cfgs, cdirs, program_dir, cache_dir=cache, log=lambda s: log('    ' + s),
+                         run_devices=int(cfg.grid.get('run_devices', 1)))
     if results[0].status == 'interrupted':
       stopped_by.append(results[0].signal_name)
     else:

@@ -80,7 +80,8 @@ def test_program_equals_separate_runs(separate_and_program):
         assert ja == jb, name
     assert len(metrics_io.read_jsonl(os.path.join(b, 'timing.jsonl'))) == cfgs[0].train.rounds + 1
     with open(os.path.join(b, 'program.json')) as f:   # what reproducing the run reruns
-      assert json.load(f) == {'runs': len(cfgs), 'position': r, 'members': [os.path.basename(w) for w in program]}
+      assert json.load(f) == {'runs': len(cfgs), 'position': r, 'members': [os.path.basename(w) for w in program],
+                              'mesh': {'clients': 1}}
   # the runs really differ (seeds and rates reach them): their LM losses are not the same
   losses = {_rows(w)[-1]['client/private_lm'] for w in program}
   assert len(losses) == len(program)

@@ -64,6 +64,10 @@ def get_config(variant: str = 'full') -> ml_collections.ConfigDict:
       # runs; 1.63x the cells run one by one at 10, projected for 50-round cells on 2 CPU cores,
       # benchmarks/results/runs_program/); 1 = one cell at a time.
       runs_per_program=10,
+      # A program's run axis split over this many devices (each device trains whole runs; ml_ecs.core.runs.init),
+      # fewer where a program's runs do not divide; 1 = every run on every device, its clients split over them.
+      # On one CPU host, give XLA a device per core first: XLA_FLAGS=--xla_force_host_platform_device_count=2.
+      run_devices=1,
   ))
   c.tune = ml_collections.ConfigDict(dict(
       methods=('local', 'fedavg', 'fedprox', 'mmfl', 'ml_ecs'),
