@@ -151,6 +151,11 @@ def views(state: State, cohorts: bool = False) -> list[State]:
   """Every run of a stacked state; without its cohorts (what aggregation and the server read) unless asked."""
   parts = (state.cohorts if cohorts else (), state.server, state.global_shared, state.server_z, state.round,
            state.rng, state.algorithm)
+  sharding = getattr(state.round, 'sharding', None)
+  if isinstance(sharding, NamedSharding) and RUN_AXIS in sharding.mesh.axis_names:
+    # Split over devices: gathered first (transfers), so the slicing compiles as for one device (measured on 10
+    # comparison cells: slicing the split state compiled for 118 s, the gathered one in seconds).
+    parts = jax.device_put(parts, NamedSharding(sharding.mesh, P()))
   return [State(*p) for p in _unstack(parts, int(state.round.shape[0]))]
 
 
