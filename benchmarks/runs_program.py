@@ -154,13 +154,14 @@ def main() -> None:
   each = separate['per_run_s']
   later = sum(each[1:]) / len(each[1:])
   sep_cost = lambda r: (sum(each[:r]), 'measured') if r <= len(each) else (each[0] + (r - 1) * later, 'projected')
-  # A grid cell's length (--cell_rounds rounds, evaluated every --cell_eval_every): projected from the measured
-  # parts of each way, setup and first round once, later rounds and evaluations as measured.
+  # A grid cell's length (--cell_rounds rounds, evaluated every --cell_eval_every): each way's measured wall time
+  # (set-up, compilation, the measured rounds, the evaluations at round 0 and at the end, and whatever else the
+  # job does) plus the rounds and evaluations still missing at their measured cost (later rounds: the mean;
+  # an evaluation: the last one's, a program's summed over its runs).
   n_rounds, n_evals = args.cell_rounds, args.cell_rounds // args.cell_eval_every + 1
   mean = lambda xs: sum(xs) / max(len(xs), 1)
-  rest = (n_rounds - 1) * mean(separate['steady_round_s']) + n_evals * separate['last_eval_s']
-  sep_first_cell = separate['setup_s'] + separate['round1_s'] + rest   # compiles
-  sep_later_cell = separate['later_setup_round1_s'] + rest             # reuses the first's compiled programs
+  more_rounds, more_evals = max(n_rounds - args.rounds, 0), max(n_evals - 2, 0)
+  sep_more = more_rounds * mean(separate['steady_round_s']) + more_evals * separate['last_eval_s']   # per cell
   rows = []
   for r, pr in programs.items():
     cost, how = sep_cost(r)
@@ -169,8 +170,8 @@ def main() -> None:
                  'speedup': cost / pr['wall_s'], 'setup_s': pr['setup_s'], 'round1_s': pr['round1_s'],
                  'steady_round_s': steady, 'steady_round_per_run_s': steady / r,
                  'evals_s': pr['eval0_s'] + pr['last_eval_s'], 'peak_rss_mb': pr['peak_rss_mb'],
-                 'cell_program_s': pr['setup_s'] + pr['round1_s'] + (n_rounds - 1) * steady + n_evals * pr['last_eval_s'],
-                 'cell_separate_s': sep_first_cell + (r - 1) * sep_later_cell})
+                 'cell_program_s': pr['wall_s'] + more_rounds * steady + more_evals * pr['last_eval_s'],
+                 'cell_separate_s': cost + r * sep_more})
     rows[-1]['cell_speedup'] = rows[-1]['cell_separate_s'] / rows[-1]['cell_program_s']
   report = {'command': ' '.join(sys.argv), 'config': args.config, 'method': args.method, 'rounds': args.rounds,
             'program_devices': args.devices,
@@ -179,9 +180,10 @@ def main() -> None:
   metrics_io.write_json(os.path.join(out, 'runs_program.json'), report)
   sep_steady = sum(separate['steady_round_s']) / max(len(separate['steady_round_s']), 1)
   lines = [f'# R runs as one program vs R separate runs ({args.method}, {args.config}, {args.rounds} rounds)', '',
-           'Measured: each way for the runs below at --rounds rounds. Projected: the same runs at a grid cell\'s '
-           f'length ({n_rounds} rounds, {n_evals} evaluations) from the measured parts (setup and first round '
-           'once per program, or per run for separate runs; later rounds and evaluations at their measured cost).', '',
+           'Measured: each way for the runs below at --rounds rounds, evaluated at round 0 and at the end. Projected: '
+           f'the same runs at a grid cell\'s length ({n_rounds} rounds, {n_evals} evaluations): the measured wall time '
+           'plus the missing rounds and evaluations at their measured cost (a program\'s evaluation: the sum over its '
+           'runs).', '',
            f'`{report["command"]}`', '',
            f'Machine: {env.get("cpu", platform.processor())}, {os.cpu_count()} cores; jax {env["packages"].get("jax")}; commit {env.get("git_commit")}. '
            f'Programs on {args.devices} host device(s), their run axis split over them; separate runs on 1. '

@@ -61,8 +61,8 @@ def get_config(variant: str = 'full') -> ml_collections.ConfigDict:
       reference='fedavg',
       # Unfinished cells (and tuning trials) that differ only in seeds and continuous hyperparameters run this many at a
       # time as one program (ml_ecs.core.runs: one setup of the compiled functions, rounds vmapped over the
-      # runs; 1.63x the cells run one by one at 10, projected for 50-round cells on 2 CPU cores,
-      # benchmarks/results/runs_program/); 1 = one cell at a time.
+      # runs; 1.3-1.6x the cells run one by one at 10, projected for 50-round cells on 2 CPU cores,
+      # docs/scale.md); 1 = one cell at a time.
       runs_per_program=10,
       # A program's run axis split over this many devices (each device trains whole runs; ml_ecs.core.runs.init),
       # fewer where a program's runs do not divide; 1 = every run on every device, its clients split over them.
