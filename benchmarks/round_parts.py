@@ -54,11 +54,14 @@ def main() -> None:
   cfgs = _configs(argparse.Namespace(config=args.config, method=args.method, rounds=args.rounds), args.runs)
   ds = load_dataset(cfgs[0].data)
   t0 = time.perf_counter()
+  # run_devices only when asked: a --root checkout from before the run axis could be split has no such argument
+  split = {'run_devices': args.run_devices} if args.run_devices > 1 else {}
   program, state = runs.init(cfgs, dataset=ds, cache_dir=os.path.join(args.cache, 'backbones'), log=lambda s: None,
-                             **({'run_devices': args.run_devices} if args.run_devices > 1 else {}))
+                             **split)
   env = environment()
   print(json.dumps({'ml_ecs': os.path.dirname(ml_ecs.__file__), 'commit': env.get('git_commit'), 'cpu': env.get('cpu'),
-                    'runs': args.runs, 'devices': jax.device_count(), 'mesh': dict(program.setups[0].mesh.shape), 'setup_s': round(time.perf_counter() - t0, 3)}), flush=True)
+                    'runs': args.runs, 'devices': jax.device_count(), 'mesh': dict(program.setups[0].mesh.shape),
+                    'setup_s': round(time.perf_counter() - t0, 3)}), flush=True)
   parts = ('time/round_s', 'time/cohorts_s', 'time/aggregate_s', 'time/server_s')
   rows = []
   for _ in range(args.rounds):

@@ -74,14 +74,11 @@ def _piece(args) -> dict:
     return {'wall_s': time.perf_counter() - t0}
   dirs = [os.path.join(work, f'run_{r}') for r in range(len(cfgs))]
   per_run = []
-  later = []
   if args.mode == 'separate':
     for cfg, d in zip(cfgs, dirs):
       t = time.perf_counter()
       trainer.train(cfg, d, progress=False, checkpoint=False, cache_dir=args.backbones, dataset=ds, log=quiet)
       per_run.append(time.perf_counter() - t)
-      tm = metrics_io.read_jsonl(os.path.join(d, 'timing.jsonl'))
-      later.append(tm[0]['time/setup_s'] + tm[1]['time/round_s'])
   else:
     train_runs(cfgs, dirs, os.path.join(work, 'program'), checkpoint=False, cache_dir=args.backbones, dataset=ds,
                log=quiet, run_devices=args.devices)
@@ -97,7 +94,6 @@ def _piece(args) -> dict:
           'eval0_s': sum(e[0] for e in evals), 'round1_s': rounds[0]['time/round_s'],
           'steady_round_s': [t['time/round_s'] for t in rounds[1:]],
           'last_eval_s': sum(e[-1] for e in evals),
-          'later_setup_round1_s': sum(later[1:]) / max(len(later) - 1, 1) if later else None,
           'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -161,11 +157,12 @@ def main() -> None:
   n_rounds, n_evals = args.cell_rounds, args.cell_rounds // args.cell_eval_every + 1
   mean = lambda xs: sum(xs) / max(len(xs), 1)
   more_rounds, more_evals = max(n_rounds - args.rounds, 0), max(n_evals - 2, 0)
-  sep_more = more_rounds * mean(separate['steady_round_s']) + more_evals * separate['last_eval_s']   # per cell
+  sep_steady = mean(separate['steady_round_s'])
+  sep_more = more_rounds * sep_steady + more_evals * separate['last_eval_s']   # per cell
   rows = []
   for r, pr in programs.items():
     cost, how = sep_cost(r)
-    steady = sum(pr['steady_round_s']) / max(len(pr['steady_round_s']), 1)
+    steady = mean(pr['steady_round_s'])
     rows.append({'runs': r, 'program_s': pr['wall_s'], 'separate_s': cost, 'separate_is': how,
                  'speedup': cost / pr['wall_s'], 'setup_s': pr['setup_s'], 'round1_s': pr['round1_s'],
                  'steady_round_s': steady, 'steady_round_per_run_s': steady / r,
@@ -178,7 +175,6 @@ def main() -> None:
             'environment': env, 'warm_backbones_s': warm['wall_s'], 'separate': separate, 'programs': programs,
             'rows': rows}
   metrics_io.write_json(os.path.join(out, 'runs_program.json'), report)
-  sep_steady = sum(separate['steady_round_s']) / max(len(separate['steady_round_s']), 1)
   lines = [f'# R runs as one program vs R separate runs ({args.method}, {args.config}, {args.rounds} rounds)', '',
            'Measured: each way for the runs below at --rounds rounds, evaluated at round 0 and at the end. Projected: '
            f'the same runs at a grid cell\'s length ({n_rounds} rounds, {n_evals} evaluations): the measured wall time '

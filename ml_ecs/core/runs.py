@@ -356,6 +356,8 @@ def run_round(runs: Runs, state: State) -> tuple[State, list[dict[str, Any]]]:
   metrics = [round_lib.round_metrics(s, d[0], d[3], ledgers[r], {n: v[r] for n, v in server_host.items()},
                                      int(views_[r].round) + 1) for r, (s, d) in enumerate(zip(setups, done))]
   jax.block_until_ready(server_z)
+  # What is stacked here is placed as init placed it, so the views and the decoders of every round (and a restored
+  # checkpoint) see one sharding: one compilation each.
   new_state = State(cohorts=tuple(cohorts), server=NodeState(server_tr, server_opt),
                     global_shared=jax.device_put(stack([d[0].shared for d in done]), per_run), server_z=server_z,
                     round=state.round + 1, rng=jax.device_put(jnp.stack([jax.random.key_data(kr.rng) for kr in keys]),

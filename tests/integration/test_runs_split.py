@@ -75,12 +75,3 @@ def test_split_program_gives_the_metrics_of_the_unsplit_one(results):
                       [rows[r] for rows in split['rows']] + [split['evals'][r]])
   # the two runs differ (seeds and rates reach each device's run)
   assert split['evals'][0] != split['evals'][1]
-
-
-def test_run_devices_are_checked():
-  from ml_ecs.core import build, runs
-  with pytest.raises(ValueError, match='run_devices=0'):
-    runs.run_split(4, 0)
-  assert runs.run_split(10, 4) == 2 and runs.run_split(3, 2) == 1
-  with pytest.raises(ValueError, match='run_devices=2: expected a divisor'):
-    build.client_mesh(1, 2)

@@ -123,3 +123,13 @@ def test_builds_sharing_traced_inits_start_where_separate_builds_start(tiny_conf
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   first, third = (jax.tree.leaves(s.server.trainables) for s in (together[0], together[2]))
   assert any(not np.array_equal(a, b) for a, b in zip(first, third))   # the training seed reaches the models
+
+
+def test_run_devices_are_checked():
+  """How many devices a program's run axis goes over (split programs end to end: tests/integration/test_runs_split.py)."""
+  from ml_ecs.core import build
+  with pytest.raises(ValueError, match='run_devices=0'):
+    runs_lib.run_split(4, 0)
+  assert runs_lib.run_split(10, 4) == 2 and runs_lib.run_split(3, 2) == 1
+  with pytest.raises(ValueError, match='run_devices=2: expected a divisor'):
+    build.client_mesh(1, 2)
