@@ -5,6 +5,7 @@ process: the quick way to see what a change to the models or the round does to a
   python benchmarks/round_parts.py --runs=10 --rounds=6 --root=/tmp/old_checkout   # another checkout's code
   python benchmarks/round_parts.py --runs=1 --rounds=3 --profile=8                   # and where the time goes
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/round_parts.py --runs=10 --run_devices=2
+  python benchmarks/round_parts.py --runs=10 --run_batch=10                          # all 10 runs vmapped at once
 
 The runs are benchmarks/runs_program.py's (`--config`, `--method`: partition seeds 0, 1, ... x training seeds
 0, 1 in grid order) as one program (`ml_ecs.core.runs`; R = 1 is one run on the same path). `--root` imports
@@ -37,6 +38,8 @@ def main() -> None:
   p.add_argument('--cache', default=os.path.join('/tmp', 'round_parts_cache'))
   p.add_argument('--run_devices', type=int, default=1, help='split the run axis over this many devices (several '
                  'host devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)')
+  p.add_argument('--run_batch', type=int, default=0, help='runs computed at once (0: the platform\'s default, '
+                 'ml_ecs.core.runs.run_batch)')
   p.add_argument('--profile', type=int, default=0, help='after the rounds: flops, GFLOP/s and the N costliest '
                  'operators of each round program (0: off)')
   args = p.parse_args()
@@ -54,13 +57,16 @@ def main() -> None:
   cfgs = _configs(argparse.Namespace(config=args.config, method=args.method, rounds=args.rounds), args.runs)
   ds = load_dataset(cfgs[0].data)
   t0 = time.perf_counter()
-  # run_devices only when asked: a --root checkout from before the run axis could be split has no such argument
+  # run_devices, run_batch only when asked: a --root checkout from before them has no such arguments
   split = {'run_devices': args.run_devices} if args.run_devices > 1 else {}
+  if args.run_batch:
+    split['run_batch_size'] = args.run_batch
   program, state = runs.init(cfgs, dataset=ds, cache_dir=os.path.join(args.cache, 'backbones'), log=lambda s: None,
                              **split)
   env = environment()
   print(json.dumps({'ml_ecs': os.path.dirname(ml_ecs.__file__), 'commit': env.get('git_commit'), 'cpu': env.get('cpu'),
                     'runs': args.runs, 'devices': jax.device_count(), 'mesh': dict(program.setups[0].mesh.shape),
+                    'run_batch': getattr(program, 'batch', args.runs),
                     'setup_s': round(time.perf_counter() - t0, 3)}), flush=True)
   parts = ('time/round_s', 'time/cohorts_s', 'time/aggregate_s', 'time/server_s')
   rows = []

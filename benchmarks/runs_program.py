@@ -23,7 +23,8 @@ Peak RSS is the subprocess's. Writes runs_program.json and runs_program.md to --
 `--devices=N` gives the programs N host CPU devices (`--xla_force_host_platform_device_count`) with their run
 axis split over them (`runs.init(run_devices=N)`: each device, here a core, trains whole runs); the separate
 runs keep one device, as the grid runs its cells by default (a single cell's round measured the same on 1 and
-2 host devices, 0.67 s, and its clients would be padded to the device count).
+2 host devices, 0.67 s, and its clients would be padded to the device count). `--run_batch=B`: the programs
+compute B runs at once (`runs.init(run_batch_size=B)`; 0, the default: the platform's, one at a time on a CPU).
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def _piece(args) -> dict:
       per_run.append(time.perf_counter() - t)
   else:
     train_runs(cfgs, dirs, os.path.join(work, 'program'), checkpoint=False, cache_dir=args.backbones, dataset=ds,
-               log=quiet, run_devices=args.devices)
+               log=quiet, run_devices=args.devices, run_batch_size=args.run_batch or None)
   wall = time.perf_counter() - t0
   timing = metrics_io.read_jsonl(os.path.join(dirs[0], 'timing.jsonl'))
   rounds = [t for t in timing if t['round'] >= 1]
@@ -100,7 +101,8 @@ def _piece(args) -> dict:
 def _run_piece(args, mode: str, count: int) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), '--piece', f'--mode={mode}', f'--count={count}',
          f'--config={args.config}', f'--method={args.method}', f'--rounds={args.rounds}',
-         f'--backbones={args.backbones}', f'--scratch={args.scratch}', f'--devices={args.devices}']
+         f'--backbones={args.backbones}', f'--scratch={args.scratch}', f'--devices={args.devices}',
+         f'--run_batch={args.run_batch}']
   devices = args.devices if mode == 'program' else 1
   xla = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith('--xla_force_host_platform')]
   env = dict(os.environ, XLA_FLAGS=' '.join(xla + [f'--xla_force_host_platform_device_count={devices}']))
@@ -125,6 +127,8 @@ def main() -> None:
   p.add_argument('--cell_eval_every', type=int, default=5, help='... and evaluated every this many')
   p.add_argument('--devices', type=int, default=1, help='host CPU devices of the programs, their run axis split '
                  'over them (the separate runs keep 1)')
+  p.add_argument('--run_batch', type=int, default=0, help='runs a program computes at once (0: the platform\'s '
+                 'default, ml_ecs.core.runs.run_batch)')
   p.add_argument('--out', default='', help='directory for runs_program.json / .md (default: a new temp dir)')
   p.add_argument('--piece', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--mode', default='', help=argparse.SUPPRESS)
@@ -136,8 +140,9 @@ def main() -> None:
     print(json.dumps(_piece(args)))
     return
   sizes = [int(x) for x in args.runs.split(',')]
-  if not sizes or any(not 1 <= r <= 20 for r in sizes) or args.separate < 2 or args.rounds < 1 or args.devices < 1:
-    p.error('--runs: integers in 1..20; --separate >= 2; --rounds >= 1; --devices >= 1')
+  if not sizes or any(not 1 <= r <= 20 for r in sizes) or args.separate < 2 or args.rounds < 1 or args.devices < 1 \
+     or args.run_batch < 0:
+    p.error('--runs: integers in 1..20; --separate >= 2; --rounds >= 1; --devices >= 1; --run_batch >= 0')
   out = args.out or tempfile.mkdtemp(prefix='runs_program_')
   os.makedirs(out, exist_ok=True)
   args.scratch = tempfile.mkdtemp(prefix='runs_program_work_')
@@ -171,7 +176,7 @@ def main() -> None:
                  'cell_separate_s': cost + r * sep_more})
     rows[-1]['cell_speedup'] = rows[-1]['cell_separate_s'] / rows[-1]['cell_program_s']
   report = {'command': ' '.join(sys.argv), 'config': args.config, 'method': args.method, 'rounds': args.rounds,
-            'program_devices': args.devices,
+            'program_devices': args.devices, 'run_batch': args.run_batch,
             'environment': env, 'warm_backbones_s': warm['wall_s'], 'separate': separate, 'programs': programs,
             'rows': rows}
   metrics_io.write_json(os.path.join(out, 'runs_program.json'), report)
@@ -182,7 +187,8 @@ def main() -> None:
            'runs).', '',
            f'`{report["command"]}`', '',
            f'Machine: {env.get("cpu", platform.processor())}, {os.cpu_count()} cores; jax {env["packages"].get("jax")}; commit {env.get("git_commit")}. '
-           f'Programs on {args.devices} host device(s), their run axis split over them; separate runs on 1. '
+           f'Programs on {args.devices} host device(s), their run axis split over them, '
+           f'{args.run_batch or "the default number of"} run(s) computed at once; separate runs on 1. '
            f'Separate runs measured: {len(each)} ({", ".join(f"{x:.0f}" for x in each)} s; the first compiles, a later '
            f'one with a new partition seed compiles for its data shapes, one with a new training seed reuses the '
            f'programs); a separate run\'s setup {separate["setup_s"]:.1f} s, first round '

@@ -1,8 +1,10 @@
 """Many federations as one program: R runs of one structure on a leading run axis.
 
 Runs that differ only in their seeds (training `seed`, partition `data.seed`), learning rates and the
-method's loss weights and temperatures (`RUN_FIELDS`) share every compiled function: each cohort's round and the server stage are `jax.vmap`ped over the runs and
-compiled once for all of them. What a round does on the host (sampling, simulated faults, the ledger,
+method's loss weights and temperatures (`RUN_FIELDS`) share every compiled function: each cohort's round, the
+server stage and the decoders take every run at once and are compiled once for all of them; inside, the runs
+are `jax.vmap`ped (on accelerators) or computed one after another in a loop (`jax.lax.map`, on a CPU; `run_batch`).
+What a round does on the host (sampling, simulated faults, the ledger,
 aggregation and the server's targets, metrics) stays per run, in a loop, through the same functions as
 a single run (`ml_ecs.core.round`), so R runs in one program give the metrics of R separate runs.
 
@@ -25,7 +27,6 @@ clients are split over the rest of the mesh.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -140,11 +141,12 @@ def stack(trees: Sequence[Any]) -> Any:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _unstack(tree: Any, n: int) -> tuple:
-  # One compiled call for every run's slice: slicing each leaf eagerly costs a dispatch per leaf and run
-  # (measured: most of a round's host time at 4 runs).
-  return tuple(jax.tree.map(lambda x, r=r: x[r], tree) for r in range(n))
+@jax.jit
+def _run_slice(tree: Any, r: jax.Array) -> Any:
+  # One compiled call per run, the run an argument: slicing each leaf eagerly costs a dispatch per leaf and run
+  # (measured: most of a round's host time at 4 runs), and one program returning every run's slice compiled
+  # for 23 s on the first evaluation of 10 comparison cells (this one: 4.3 s).
+  return jax.tree.map(lambda x: x[r], tree)
 
 
 def views(state: State, cohorts: bool = False) -> list[State]:
@@ -156,7 +158,7 @@ def views(state: State, cohorts: bool = False) -> list[State]:
     # Split over devices: gathered first, so the slicing is compiled as for one device (measured on 10 comparison
     # cells, first call: the split state's slicing 118 s, gathered 51 s, one device 30 s).
     parts = jax.device_put(parts, NamedSharding(sharding.mesh, P()))
-  return [State(*p) for p in _unstack(parts, int(state.round.shape[0]))]
+  return [State(*_run_slice(parts, np.int32(r))) for r in range(int(state.round.shape[0]))]
 
 
 def _same(trees: Sequence[Any]) -> bool:
@@ -168,7 +170,7 @@ def _same(trees: Sequence[Any]) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Runs:
   """R federations of one structure: each run's `Setup` (its host parts, evaluation data, accounting),
-  the per-run device data stacked on the run axis, and the compiled functions vmapped over runs."""
+  the per-run device data stacked on the run axis, and the compiled functions over the run axis."""
   setups: tuple[Setup, ...]
   train: tuple[SplitArrays, ...]               # per cohort [R, C, N, ...]
   public: tuple[SplitArrays, ...]              # per cohort [R, C, N, ...]
@@ -181,6 +183,7 @@ class Runs:
   generate_fns: tuple[Callable, ...]           # per cohort: (trainables, split, frozen) -> answer tokens, over runs
   global_generate_fns: tuple[Callable, ...]    # the same through the global view (trainables, global LoRA, ...)
   server_generate_fn: Callable
+  batch: int = 1                               # runs computed at once by each compiled call (`run_batch`)
   eval_splits: dict = dataclasses.field(default_factory=dict)   # split name -> (per cohort, server) stacked
 
   @property
@@ -216,21 +219,35 @@ def _check_structure(setups: Sequence[Setup]) -> None:
                      '(train.host_state=False, one process)')
 
 
-def _over_runs(fn: Callable, in_axes: tuple, split: bool, **jit) -> Callable:
-  """`fn` of one run, vmapped over the run axis and jitted; the vmap named for the mesh's run axis when the runs
-  are split over devices (each device's shard_map blocks then hold whole runs)."""
-  return jax.jit(jax.vmap(fn, in_axes=in_axes, spmd_axis_name=RUN_AXIS if split else None), **jit)
+def _over_runs(fn: Callable, in_axes: tuple, split: bool, batch: int | None, **jit) -> Callable:
+  """`fn` of one run over the run axis (the arguments whose `in_axes` is 0), jitted. `batch` None: vmapped over
+  every run, the vmap named for the mesh's run axis when the runs are split over devices (each device's
+  shard_map blocks then hold whole runs); else `batch` runs vmapped at a time, the batches one after another in
+  a loop inside the program (`jax.lax.map`)."""
+  if batch is None:
+    return jax.jit(jax.vmap(fn, in_axes=in_axes, spmd_axis_name=RUN_AXIS if split else None), **jit)
+  mapped = [i for i, axis in enumerate(in_axes) if axis is not None]
+
+  def over(*args):
+    def one(xs):
+      full = list(args)
+      for i, x in zip(mapped, xs):
+        full[i] = x
+      return fn(*full)
+    return jax.lax.map(one, tuple(args[i] for i in mapped), batch_size=None if batch == 1 else batch)
+  return jax.jit(over, **jit)
 
 
-def _lift_round(fn: Callable, frozen_axis: int | None, holdout: bool, split: bool) -> Callable:
+def _lift_round(fn: Callable, frozen_axis: int | None, holdout: bool, split: bool, batch: int | None) -> Callable:
   axes = (0,) * 8 + (frozen_axis, 0, 0 if holdout else None)
-  return _over_runs(fn, axes, split, donate_argnums=(0, 1))
+  return _over_runs(fn, axes, split, batch, donate_argnums=(0, 1))
 
 
-def _global_generate(generate_fn: Callable, gates: str, frozen_axis: int | None, split: bool) -> Callable:
+def _global_generate(generate_fn: Callable, gates: str, frozen_axis: int | None, split: bool, batch: int | None
+                     ) -> Callable:
   def one(tr, global_shared, split_arrays, frozen):
     return generate_fn(amt.global_view(tr, global_shared, gates), split_arrays, frozen)
-  return _over_runs(one, (0, 0, 0, frozen_axis), split)
+  return _over_runs(one, (0, 0, 0, frozen_axis), split, batch)
 
 
 def run_split(runs: int, run_devices: int) -> int:
@@ -241,14 +258,35 @@ def run_split(runs: int, run_devices: int) -> int:
   return math.gcd(runs, run_devices)
 
 
+def run_batch(runs: int, split: int, asked: int | None = None, platform: str | None = None) -> int | None:
+  """How many of a program's `runs` one compiled call computes at once (None: all, vmapped), for `asked` (None:
+  the platform's default) with the run axis split over `split` devices. On a CPU one run after another
+  (measured: a later round of 10 comparison cells 6.0 s one at a time against 7.4 s vmapped, docs/scale.md,
+  as a vmapped run's larger arrays no longer fit the caches and its convolutions become grouped ones); on an
+  accelerator, which one small run leaves idle, all at once. A split run axis is vmapped (its devices hold whole
+  runs)."""
+  if asked is not None and asked < 1:
+    raise ValueError(f'run_batch={asked}: expected >= 1 runs at a time (or None: the platform\'s default)')
+  if split > 1:
+    if asked is not None and asked < runs:
+      raise ValueError(f'run_batch={asked} with the run axis over {split} devices: a split run axis computes '
+                       'all its runs at once (leave run_batch unset, or run_devices=1)')
+    return None
+  batch = asked if asked is not None else (1 if (platform or jax.default_backend()) == 'cpu' else runs)
+  return None if batch >= runs else batch
+
+
 def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | None] | None = None,
          dataset: MultimodalDataset | None = None, log: Callable[[str], None] = print,
-         cache_dir: str | None = None, run_devices: int = 1) -> tuple[Runs, State]:
+         cache_dir: str | None = None, run_devices: int = 1, run_batch_size: int | None = None
+         ) -> tuple[Runs, State]:
   """Builds R federations (validated configs that differ only in `RUN_FIELDS`) as one program. `run_devices`:
   split the run axis over that many of the mesh's devices (`run_split`: fewer where R does not divide), each
-  run's clients over the rest; 1 keeps every run on every device, its clients split over them."""
+  run's clients over the rest; 1 keeps every run on every device, its clients split over them.
+  `run_batch_size`: runs computed at once by each compiled call (`run_batch`; None: the platform's default)."""
   check_configs(cfgs)
   split = run_split(len(cfgs), run_devices)
+  batch = run_batch(len(cfgs), split, run_batch_size)
   ds = dataset if dataset is not None else load_dataset(cfgs[0].data)
   workdirs = list(workdirs) if workdirs is not None else [None] * len(cfgs)
   built, traced = [], {}   # traced: the models' inits and graphs, traced once per training seed, not per run
@@ -271,14 +309,18 @@ def init(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | Non
       public_train=_stack_once([s.public_train for s in setups]),
       edge_frozen=shared_or_stacked([s.edge_frozen for s in setups]),
       server_frozen=shared_or_stacked([s.server_frozen for s in setups]),
-      round_fns=tuple(_lift_round(c.round_fn, frozen_axis, c.holdout is not None, split > 1) for c in first.cohorts),
-      server_round_fn=_over_runs(first.server_round_fn, (0,) * 5 + (frozen_axis, 0), split > 1),
-      generate_fns=tuple(_over_runs(c.generate_fn, (0, 0, frozen_axis), split > 1) for c in first.cohorts),
+      round_fns=tuple(_lift_round(c.round_fn, frozen_axis, c.holdout is not None, split > 1, batch)
+                      for c in first.cohorts),
+      server_round_fn=_over_runs(first.server_round_fn, (0,) * 5 + (frozen_axis, 0), split > 1, batch),
+      generate_fns=tuple(_over_runs(c.generate_fn, (0, 0, frozen_axis), split > 1, batch) for c in first.cohorts),
       global_generate_fns=tuple(_global_generate(c.generate_fn, model_options(first.cfg)['gates'], frozen_axis,
-                                                 split > 1) for c in first.cohorts),
-      server_generate_fn=_over_runs(first.server_generate_fn, (0, frozen_axis, 0), split > 1))
+                                                 split > 1, batch) for c in first.cohorts),
+      server_generate_fn=_over_runs(first.server_generate_fn, (0, frozen_axis, 0), split > 1, batch),
+      batch=len(setups) if batch is None else batch)
   log(f'{len(setups)} runs as one program (backbones {"shared" if frozen_axis is None else "per run"}; '
-      f'run axis over {split} of {first.mesh.size} device(s){"" if split == run_devices else f", {run_devices} asked"})')
+      f'run axis over {split} of {first.mesh.size} device(s)'
+      f'{"" if split == run_devices else f", {run_devices} asked"}; '
+      f'{"all runs at once" if batch is None else f"{batch} run(s) at a time"})')
   state = _stack_once([s for _, s in built])
   # The key data placed as a round leaves it (derived from the views' keys), so the views of round 1 and of the
   # later rounds share one compiled program.

@@ -2,8 +2,9 @@
 (ml_ecs.core.runs) and writes each run's directory as the main job writes it (config.json,
 metrics.jsonl, timing.jsonl, TensorBoard events, model_summary.json, clients.json, summary.json), so
 whatever reads runs (the comparison's statistics and reports) reads these too, plus program.json: the
-run's position among the program's R runs and the names of all of them (the vmapped program rounds some
-sums differently from a single run, so a run is reproduced bit for bit only by rerunning its program).
+run's position among the program's R runs, the names of all of them and how many it computed at once
+(`run_batch`; the program rounds some sums differently from a single run, so a run is reproduced bit for bit
+only by rerunning its program as it ran).
 
 The program's checkpoints (every run's state on the run axis, with every run's metric rows) are kept
 in one `program_dir`; rerunning the same call resumes all the runs from the newest valid one. SIGTERM
@@ -39,11 +40,12 @@ def _stop(writers: Sequence[MetricWriter], ckpt: Checkpointer | None) -> None:
 
 def train_runs(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str], program_dir: str, *,
                log: Callable[[str], None] = print, checkpoint: bool = True, cache_dir: str | None = None,
-               dataset: MultimodalDataset | None = None, run_devices: int = 1) -> list[RunResult]:
+               dataset: MultimodalDataset | None = None, run_devices: int = 1,
+               run_batch_size: int | None = None) -> list[RunResult]:
   """Runs (or resumes) R runs as one program; configs may differ only in `ml_ecs.core.runs.RUN_FIELDS`
   (all share `train.rounds`, `eval_every` and `checkpoint_every`). A run whose directory already holds
   its finished run is refused: leave it out of `cfgs`. `run_devices`: split the run axis over that many
-  devices (`ml_ecs.core.runs.init`)."""
+  devices; `run_batch_size`: runs computed at once (None: the platform's default) (`ml_ecs.core.runs.init`)."""
   if len(cfgs) != len(workdirs) or len(set(map(os.path.abspath, workdirs))) != len(workdirs):
     raise ValueError(f'{len(cfgs)} configs need as many distinct workdirs, got {list(workdirs)}')
   runs_lib.check_configs(cfgs)
@@ -56,13 +58,15 @@ def train_runs(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str
       make_workdir(w)
       locks.append(WorkdirLock(w, log))
       locks[-1].acquire()
-    return _train_runs(cfgs, list(workdirs), program_dir, dataset, log, checkpoint, cache_dir, run_devices)
+    return _train_runs(cfgs, list(workdirs), program_dir, dataset, log, checkpoint, cache_dir, run_devices,
+                       run_batch_size)
   finally:
     for lock in locks:
       lock.release()
 
 
-def _train_runs(cfgs, workdirs, program_dir, dataset, log, checkpoint, cache_dir, run_devices) -> list[RunResult]:
+def _train_runs(cfgs, workdirs, program_dir, dataset, log, checkpoint, cache_dir, run_devices, run_batch_size
+                ) -> list[RunResult]:
   R, train = len(cfgs), cfgs[0].train
   cfg_jsons = [config_dict(c) for c in cfgs]
   for w, cj in zip(workdirs, cfg_jsons):
@@ -70,12 +74,12 @@ def _train_runs(cfgs, workdirs, program_dir, dataset, log, checkpoint, cache_dir
       raise WorkdirConflict(f'{w} holds a finished run of its config: leave it out of the program')
     metrics_io.write_json(os.path.join(w, 'config.json'), cj)
   t0 = time.perf_counter()
-  runs, state = runs_lib.init(cfgs, workdirs, dataset, log, cache_dir, run_devices)
+  runs, state = runs_lib.init(cfgs, workdirs, dataset, log, cache_dir, run_devices, run_batch_size)
   mesh = runs.setups[0].mesh
   for r, w in enumerate(workdirs):   # which program a run ran in: reproducing it means rerunning that program
     metrics_io.write_json(os.path.join(w, 'program.json'), {
         'runs': R, 'position': r, 'members': [os.path.basename(os.path.normpath(x)) for x in workdirs],
-        'mesh': {k: int(v) for k, v in mesh.shape.items()}})
+        'mesh': {k: int(v) for k, v in mesh.shape.items()}, 'run_batch': runs.batch})
   setup_s = time.perf_counter() - t0
   for w, s, v in zip(workdirs, runs.setups, runs_lib.views(state, cohorts=True)):
     write_setup_files(w, s, v, setup_s)

@@ -105,6 +105,11 @@ def check_grid(base: ml_collections.ConfigDict) -> tuple[list[Cell], list[ml_col
       raise ValueError(f"grid.headline={opts['headline']!r}: expected one of {stats.HEADLINES}")
     if not (named & methods):
       raise ValueError(f'grid.contrasts / grid.reference name none of grid.methods {sorted(methods)}')
+    for field, low, note in (('runs_per_program', 1, '1: one cell at a time'), ('run_devices', 1, ''),
+                             ('run_batch', 0, "0: the platform's default")):
+      value = base.grid.get(field, low)
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f'grid.{field}={value!r}: expected an integer >= {low}' + (f' ({note})' if note else ''))
   except ValueError as e:
     raise ConfigError(str(e)) from None
   tuned = tuned_values(base.grid)
@@ -377,20 +382,23 @@ def metric_differences(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]],
   return {'same_rows': same_keys, 'worst_abs_diff': worst, 'worst_at': where, 'drift_from_round': first}
 
 
-def _program_of(cdir: str, position: dict[str, int], groups: list[list[int]]) -> tuple[list[int], str]:
+def _program_of(cdir: str, position: dict[str, int], groups: list[list[int]]
+                ) -> tuple[list[int], str, int | None]:
   """The grid positions of the runs that ran as one program with the cell in `cdir` (itself alone if it ran
-  as a single run) and how that is known: the run's program.json, else the grid's grouping of all its cells
-  (what an uninterrupted grid runs)."""
+  as a single run), how that is known (the run's program.json, else the grid's grouping of all its cells: what
+  an uninterrupted grid runs), and how many runs the program computed at once: program.json's `run_batch`, all
+  of them where program.json predates that field (programs were vmapped then), None where unknown."""
   path = os.path.join(cdir, 'program.json')
   name = os.path.basename(cdir)
   if os.path.exists(path):
     with open(path) as f:
-      members = json.load(f)['members']
+      found = json.load(f)
+    members = found['members']
     missing = [m for m in members if m not in position]
     if missing:
       raise ValueError(f'{path}: names runs {missing} that are not cells of this grid')
-    return [position[m] for m in members], 'program.json'
-  return next(g for g in groups if position[name] in g), 'grid order'
+    return [position[m] for m in members], 'program.json', int(found.get('run_batch', len(members)))
+  return next(g for g in groups if position[name] in g), 'grid order', None
 
 
 def _rerun_record(cell: str, mode: str, a: list[dict], b: list[dict], headline: str, last_k: int) -> dict[str, Any]:
@@ -409,8 +417,9 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
   value, the round from which float rounding grew into a visible difference, and both headline scores.
 
   A cell is rerun as it ran. A cell from a program of runs (grid.runs_per_program) is reproduced by
-  rerunning that program, with the same runs in the same places (repro_program/, with `train_many`), and
-  is also rerun as a single run (repro/): the vmapped program rounds some sums differently, so that second
+  rerunning that program, with the same runs in the same places, computing as many at once as it did
+  (repro_program/, with `train_many`), and is also rerun as a single run (repro/): the program rounds some sums
+  differently, so that second
   rerun measures how far float rounding alone moves the cell, not whether it reproduces. Returns the
   records."""
   todo, configs = check_grid(base)
@@ -431,7 +440,7 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
   finished = lambda d: os.path.exists(os.path.join(d, 'summary.json'))
   for i in picks:
     name = os.path.basename(dirs[i])
-    members, known_by = _program_of(dirs[i], position, groups) if train_many is not None else ([i], '')
+    members, known_by, batch = _program_of(dirs[i], position, groups) if train_many is not None else ([i], '', None)
     if len(members) > 1 and (name, f'program of {len(members)}') not in records:
       rdirs = [os.path.join(workdir, 'repro_program', os.path.basename(dirs[j])) for j in members]
       if not all(map(finished, rdirs)):
@@ -441,7 +450,8 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
         log(f'reproducing {name} by rerunning its program of {len(members)} runs (known from {known_by})')
         program = os.path.join(workdir, 'repro_program', 'programs',
                                hashlib.sha1(' '.join(rdirs).encode()).hexdigest()[:10])
-        if not train_many([configs[j] for j in members], rdirs, program, os.path.join(workdir, 'cache')):
+        if not train_many([configs[j] for j in members], rdirs, program, os.path.join(workdir, 'cache'),
+                          run_batch=batch):
           break
       grid_rows, rerun_rows = [read(dirs[j]) for j in members], [read(r) for r in rdirs]
       at = members.index(i)
@@ -682,7 +692,7 @@ def repro_section(repro: list[dict[str, Any]], results: Sequence[dict[str, Any]]
   out = ['## Reproduction check', '',
          'Finished cells rerun from scratch. A cell is reproduced by rerunning it as it ran: a cell from a program '
          'of runs by rerunning that program (repro_program/), a single run as a single run (repro/). A cell from '
-         'a program is also rerun alone; the vmapped program rounds some sums differently, so that rerun shows how '
+         'a program is also rerun alone; the program rounds some sums differently, so that rerun shows how '
          'far float rounding alone moves it. Largest difference: over every number of every row of metrics.jsonl; '
          'drift: the first round where some value differs by more than 0.1%. Seed spread: the mean, over '
          "partitions, of the method's range across its training seeds (clients / server), the size of change a "

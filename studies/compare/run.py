@@ -75,11 +75,12 @@ def main(argv):
       save()
     return result.status != 'interrupted'
 
-  def run_program(cfgs, cdirs, program_dir, cache):   # grid.runs_per_program: cells that differ in seeds only
+  def run_program(cfgs, cdirs, program_dir, cache, run_batch=None):   # grid.runs_per_program: seeds-only groups
     if stopped_by or (deadline is not None and time.time() > deadline):
       return False
     results = train_runs(cfgs, cdirs, program_dir, cache_dir=cache, log=lambda s: log('    ' + s),
-                         run_devices=int(cfg.grid.get('run_devices', 1)))
+                         run_devices=int(cfg.grid.get('run_devices', 1)),
+                         run_batch_size=run_batch or int(cfg.grid.get('run_batch', 0)) or None)
     if results[0].status == 'interrupted':
       stopped_by.append(results[0].signal_name)
     else:

@@ -81,14 +81,17 @@ def test_program_equals_separate_runs(separate_and_program):
     assert len(metrics_io.read_jsonl(os.path.join(b, 'timing.jsonl'))) == cfgs[0].train.rounds + 1
     with open(os.path.join(b, 'program.json')) as f:   # what reproducing the run reruns
       assert json.load(f) == {'runs': len(cfgs), 'position': r, 'members': [os.path.basename(w) for w in program],
-                              'mesh': {'clients': 1}}
+                              'mesh': {'clients': 1}, 'run_batch': runs_lib.run_batch(len(cfgs), 1) or len(cfgs)}
   # the runs really differ (seeds and rates reach them): their LM losses are not the same
   losses = {_rows(w)[-1]['client/private_lm'] for w in program}
   assert len(losses) == len(program)
 
 
 def test_program_resumes_exactly(separate_and_program):
+  """Resumed with every run computed at once (vmapped: an accelerator's default), the program that ran one run
+  at a time on this CPU gives the same metrics: the two ways compute the same."""
   cfgs, _, program, program_dir, cache, dataset = separate_and_program
+  assert runs_lib.run_batch(len(cfgs), 1) == 1   # the program above ran one run at a time
   before = [_rows(w) for w in program]
   last = cfgs[0].train.rounds
   shutil.rmtree(os.path.join(program_dir, 'checkpoints', str(last)))   # as if killed before the last checkpoint
@@ -96,9 +99,11 @@ def test_program_resumes_exactly(separate_and_program):
     os.remove(os.path.join(w, 'summary.json'))
     metrics_io.write_jsonl(os.path.join(w, 'metrics.jsonl'), _rows(w)[:last])
   lines = []
-  results = train_runs(cfgs, program, program_dir, cache_dir=cache, dataset=dataset, log=lines.append)
+  results = train_runs(cfgs, program, program_dir, cache_dir=cache, dataset=dataset, log=lines.append,
+                       run_batch_size=len(cfgs))
   assert [r.status for r in results] == ['complete'] * len(cfgs)
   assert results[0].resumed_from == last - 1, lines
+  assert any('all runs at once' in line for line in lines), lines
   for r, w in enumerate(program):
     _assert_same_rows(before[r], _rows(w), f'resumed run {r}')
 

@@ -222,6 +222,14 @@ def test_grid_checks_every_cell_before_the_first(tmp_path):
   base.grid.methods, base.grid.num_clients = ('fedavg',), (0,)
   with pytest.raises(ConfigError, match=r'data\.num_clients = 0'):
     compare.run_grid(base, str(tmp_path), lambda *a: ran.append(a) or True)
+  base.grid.num_clients = (3,)
+  for field, bad in (('runs_per_program', 0), ('run_devices', 1.5), ('run_batch', -1)):
+    with base.grid.unlocked():
+      base.grid[field] = bad
+    with pytest.raises(ConfigError, match=rf'grid\.{field}={bad}: expected an integer >= '):
+      compare.run_grid(base, str(tmp_path), lambda *a: ran.append(a) or True)
+    with base.grid.unlocked():
+      del base.grid[field]
   assert not ran
 
 

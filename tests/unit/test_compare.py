@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -197,19 +198,20 @@ def test_trials_are_deterministic_and_inside_the_space():
 
 def _fake_program(calls, programs):
   """A stand-in for ml_ecs.run.runs_trainer.train_runs: each run's rows as `_fake_train` writes them, moved
-  by a float-sized amount that depends on the program's size and the run's place in it (as the vmapped
-  program's rounding does), and program.json."""
-  def train_many(cfgs, cdirs, program_dir, cache):
+  by a float-sized amount that depends on the program's size, the run's place in it and the runs computed at once
+  (as the program's rounding does), and program.json."""
+  def train_many(cfgs, cdirs, program_dir, cache, run_batch=None):
     programs.append([os.path.basename(d) for d in cdirs])
+    batch = run_batch or 1   # the grid's setting on a CPU
     for r, (cfg, cdir) in enumerate(zip(cfgs, cdirs)):
       _fake_train(calls)(cfg, cdir, cache)
       path = os.path.join(cdir, 'metrics.jsonl')
       rows = metrics_io.read_jsonl(path)
       for row in rows:
-        row['client/rougeLsum_mean'] += 1e-9 * (10 * len(cdirs) + r)
+        row['client/rougeLsum_mean'] += 1e-9 * (10 * len(cdirs) + r) + 1e-10 * batch
       metrics_io.write_jsonl(path, rows)
       metrics_io.write_json(os.path.join(cdir, 'program.json'), {
-          'runs': len(cdirs), 'position': r, 'members': [os.path.basename(d) for d in cdirs]})
+          'runs': len(cdirs), 'position': r, 'members': [os.path.basename(d) for d in cdirs], 'run_batch': batch})
     return True
   return train_many
 
@@ -248,9 +250,22 @@ def test_a_cell_from_a_program_is_reproduced_by_rerunning_its_program(tmp_path, 
   # the last cell ran alone in the grid: its single rerun is its reproduction, and exact
   last = single[next(c for c in single if c.startswith('ml_ecs__mr0.3__c3__p2'))]
   assert last['identical'] and len(records) == 3
+  # a program.json from before run_batch: its program computed all its runs at once, and is rerun so
+  for c in grid_programs[0]:
+    path = os.path.join(tmp_path, 'cells', c, 'program.json')
+    with open(path) as f:
+      found = json.load(f)
+    assert found['run_batch'] == 1
+    metrics_io.write_json(path, {k: v for k, v in found.items() if k != 'run_batch'})
+  os.remove(tmp_path / 'repro.json')
+  shutil.rmtree(tmp_path / 'repro_program')
+  batches = []
+  compare.reproduce(base, str(tmp_path), _fake_train(calls), count=2, log=lambda s: None,
+                    train_many=lambda *a, run_batch=None: batches.append(run_batch) or False)   # False: stopped
+  assert batches == [2]
   # without program.json the program is the grid's grouping of its cells
   os.remove(os.path.join(tmp_path, 'cells', grid_programs[0][0], 'program.json'))
-  os.remove(tmp_path / 'repro.json')
+  (tmp_path / 'repro.json').unlink(missing_ok=True)
   records = compare.reproduce(base, str(tmp_path), _fake_train(calls), count=2, log=lambda s: None,
                               train_many=_fake_program(calls, programs))
   assert [r['program_known_by'] for r in records if 'program_known_by' in r] == ['grid order']

@@ -133,3 +133,33 @@ def test_run_devices_are_checked():
   assert runs_lib.run_split(10, 4) == 2 and runs_lib.run_split(3, 2) == 1
   with pytest.raises(ValueError, match='run_devices=2: expected a divisor'):
     build.client_mesh(1, 2)
+
+
+def test_run_batch_is_the_platforms_unless_asked():
+  """One run at a time on a CPU, every run at once (vmapped, None) on an accelerator or a split run axis."""
+  assert runs_lib.run_batch(10, 1, platform='cpu') == 1
+  assert runs_lib.run_batch(10, 1, platform='gpu') is None
+  assert runs_lib.run_batch(10, 1, 4, platform='gpu') == 4
+  assert runs_lib.run_batch(10, 1, 10, platform='cpu') is None and runs_lib.run_batch(3, 1, 5) is None
+  assert runs_lib.run_batch(10, 2, platform='cpu') is None
+  with pytest.raises(ValueError, match='run_batch=0'):
+    runs_lib.run_batch(10, 1, 0)
+  with pytest.raises(ValueError, match='run_batch=2 with the run axis over 2 devices'):
+    runs_lib.run_batch(10, 2, 2)
+
+
+@pytest.mark.parametrize('batch', [None, 1, 2])
+def test_a_function_over_runs_computes_each_run_as_alone(batch):
+  """All runs vmapped, one after another, or two at a time (the last batch short): each run's result is the
+  function's on that run, an argument without a run axis shared by all, the state arguments donated."""
+  def step(w, opt, x, shared, maybe):
+    assert maybe is None
+    return w - 0.1 * (x @ shared).sum() * w, opt + 1.0
+  over = runs_lib._over_runs(step, (0, 0, 0, None, None), False, batch, donate_argnums=(0, 1))
+  rng = np.random.default_rng(0)
+  w, opt, x, shared = (rng.normal(size=s).astype(np.float32) for s in ((5, 3), (5,), (5, 4, 2), (2, 3)))
+  expect = [step(w[r], opt[r], x[r], shared, None) for r in range(5)]
+  got = over(jnp.asarray(w), jnp.asarray(opt), jnp.asarray(x), jnp.asarray(shared), None)
+  for r, (ew, eo) in enumerate(expect):
+    np.testing.assert_allclose(got[0][r], ew, rtol=1e-6, err_msg=f'run {r}')
+    assert float(got[1][r]) == float(eo)

@@ -60,14 +60,18 @@ def get_config(variant: str = 'full') -> ml_collections.ConfigDict:
       contrasts=('ml_ecs-local', 'ml_ecs-fedavg'),
       reference='fedavg',
       # Unfinished cells (and tuning trials) that differ only in seeds and continuous hyperparameters run this many at a
-      # time as one program (ml_ecs.core.runs: one setup of the compiled functions, rounds vmapped over the
-      # runs; 1.3-1.6x the cells run one by one at 10, projected for 50-round cells on 2 CPU cores,
+      # time as one program (ml_ecs.core.runs: one setup of the compiled functions for all the runs; 2.04x the
+      # cells run one by one at 10 over 6-round cells, 1.4-1.6x projected for 50-round cells on 2 CPU cores,
       # docs/scale.md); 1 = one cell at a time.
       runs_per_program=10,
       # A program's run axis split over this many devices (each device trains whole runs; ml_ecs.core.runs.init),
       # fewer where a program's runs do not divide; 1 = every run on every device, its clients split over them.
       # On one CPU host, give XLA a device per core first: XLA_FLAGS=--xla_force_host_platform_device_count=2.
       run_devices=1,
+      # Runs one compiled call computes at once (ml_ecs.core.runs.run_batch); 0 = the platform's default: one after
+      # another on a CPU (a later round of 10 cells 1.2x faster than vmapped, docs/scale.md), all at once (vmapped)
+      # on an accelerator.
+      run_batch=0,
   ))
   c.tune = ml_collections.ConfigDict(dict(
       methods=('local', 'fedavg', 'fedprox', 'mmfl', 'ml_ecs'),
