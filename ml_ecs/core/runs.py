@@ -261,7 +261,7 @@ def run_split(runs: int, run_devices: int) -> int:
 def run_batch(runs: int, split: int, asked: int | None = None, platform: str | None = None) -> int | None:
   """How many of a program's `runs` one compiled call computes at once (None: all, vmapped), for `asked` (None:
   the platform's default) with the run axis split over `split` devices. On a CPU one run after another
-  (measured: a later round of 10 comparison cells 6.0 s one at a time against 7.4 s vmapped, docs/scale.md,
+  (measured: a later round of 10 comparison cells 6.2 s one at a time against 7.1-7.3 s vmapped, docs/scale.md,
   as a vmapped run's larger arrays no longer fit the caches and its convolutions become grouped ones); on an
   accelerator, which one small run leaves idle, all at once. A split run axis is vmapped (its devices hold whole
   runs)."""
