@@ -7,10 +7,13 @@ Modes:
           clients), pfl's CIFAR-10 workload on our engine and on pfl itself (torch backend, a subprocess), and MFU;
           then the realistic GPT-2 pair (benchmarks/realistic_pair.py: setup, 2 rounds, peak memory, comm ratio)
           with its frozen weights in float32 and in bfloat16, ~2-4 min more; then comparison cells as one program
-          of R runs against separate runs (benchmarks/runs_program.py: R = 1, 10), ~4 min
+          of R runs against separate runs (benchmarks/runs_program.py: R = 1, 10, on collaborate.py:pairs), ~5 min,
+          and from them the whole protocol (collaborate.py pairs and singles) projected for this device
+          (benchmarks/protocol_cost.py); alone: --skip=cohort,fedavg,pfl,pair
 
 Results go to --out as they come (a timeout still leaves data): env.json, cohort.json, fedavg_ours.json,
-pfl_torch.json (+ pfl_torch.log), pair.json, runs/runs_program.{json,md}, summary.md; the summary table is printed at the end.
+pfl_torch.json (+ pfl_torch.log), pair.json, runs/runs_program.{json,md}, runs/protocol_cost.{json,md}, summary.md;
+the summary table is printed at the end.
 """
 from __future__ import annotations
 
@@ -44,7 +47,10 @@ MODES = {
                  cell_budget_s=20, cohort_budget_s=170, fedavg=dict(rounds=1500, cfg={}), fedavg_budget_s=50,
                  pfl_rounds=1500, pfl_small=False, pfl_budget_s=70,
                  pair=dict(config='configs/gpt2_pair.py', dtypes=('float32', 'bfloat16'), rounds=2, budget_s=240),
-                 runs=dict(sizes='1,10', separate=2, rounds=3, budget_s=300)),
+                 runs=dict(sizes='1,10', separate=2, rounds=3, budget_s=420,
+                           config='studies/compare/configs/collaborate.py:pairs',
+                           protocols=('studies/compare/configs/collaborate.py:pairs',
+                                      'studies/compare/configs/collaborate.py:singles'))),
 }
 
 
@@ -160,7 +166,8 @@ def runs(mode: dict, out: str) -> dict:
   if not p:
     return dict(skip='not in this mode')
   cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'runs_program.py'), f'--runs={p["sizes"]}',
-         f'--separate={p["separate"]}', f'--rounds={p["rounds"]}', f'--out={os.path.join(out, "runs")}']
+         f'--separate={p["separate"]}', f'--rounds={p["rounds"]}', f'--config={p["config"]}',
+         f'--out={os.path.join(out, "runs")}']
   try:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=p['budget_s'], cwd=ROOT)
   except subprocess.TimeoutExpired:
@@ -168,7 +175,15 @@ def runs(mode: dict, out: str) -> dict:
   if res.returncode:
     return dict(skip=f'rc {res.returncode}: {res.stderr.strip().splitlines()[-1:]}'[:300])
   with open(os.path.join(out, 'runs', 'runs_program.md')) as f:
-    return dict(table=f.read())
+    table = f.read()
+  # The whole protocol on this device, projected from these programs (benchmarks/protocol_cost.py).
+  cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'protocol_cost.py'),
+         f'--measured={os.path.join(out, "runs", "runs_program.json")}', f'--out={os.path.join(out, "runs")}',
+         *(f'--config={c}' for c in p['protocols'])]
+  res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  if res.returncode:
+    return dict(table=table + f'\nprotocol projection failed: {res.stderr.strip()[-300:]}\n')
+  return dict(table=table + '\n' + res.stdout)
 
 
 def summary(env: dict, rows: list[dict], ours: dict, pfl: dict, pairs: list[dict] | None = None,

@@ -270,8 +270,8 @@ def run_jobs(configs: Sequence[ml_collections.ConfigDict], dirs: Sequence[str], 
 
   `train_fn(cfg, dir, cache)` runs one and returns whether it finished (False: interrupted, e.g. by
   SIGTERM: nothing more starts). With `per_program` = k > 1 and `train_many(cfgs, dirs, program_dir,
-  cache)`, up to k unfinished runs that differ only in seeds and continuous hyperparameters (learning
-  rate, loss weights and temperatures: `ml_ecs.core.runs.RUN_FIELDS`) run as one program
+  cache)`, up to k unfinished runs that differ only in seeds and tuned hyperparameters (learning rate, loss
+  weights and temperatures, modality dropout, MMA weighting: `ml_ecs.core.runs.RUN_FIELDS`) run as one program
   (ml_ecs.core.runs, `program_groups`); a group whose runs turn out to differ in structure runs one by
   one. Nothing new starts after `deadline` (time.time()). `on_done(positions)` after each finished group;
   `what` names the stage in the log.
@@ -410,6 +410,12 @@ def _rerun_record(cell: str, mode: str, a: list[dict], b: list[dict], headline: 
           'server_rerun': sb, 'abs_diff': abs(ca - cb)}
 
 
+def repro_picks(done: Sequence[int], count: int) -> list[int]:
+  """The `count` finished cells (of the positions `done`) that the reproduction check reruns: spread evenly
+  over the grid, the first and the last included."""
+  return [done[int(round(i * (len(done) - 1) / max(count - 1, 1)))] for i in range(min(count, len(done)))]
+
+
 def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable, count: int = 3,
               log: Callable[[str], None] = print, train_many: Callable | None = None) -> list[dict[str, Any]]:
   """Reruns `count` finished cells (spread over the grid) from scratch and records how each rerun's
@@ -427,7 +433,7 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
   done = [i for i, d in enumerate(dirs) if os.path.exists(os.path.join(d, 'summary.json'))]
   if not done:
     raise ValueError(f'{workdir}: no finished cell to reproduce')
-  picks = [done[int(round(i * (len(done) - 1) / max(count - 1, 1)))] for i in range(min(count, len(done)))]
+  picks = repro_picks(done, count)
   position = {os.path.basename(d): i for i, d in enumerate(dirs)}
   per_program = int(base.grid.get('runs_per_program', 1))
   groups = program_groups(configs, per_program) if per_program > 1 else [[i] for i in range(len(dirs))]

@@ -145,6 +145,15 @@ def check(per_partition: dict[str, dict[str, Any]], minimum: float) -> dict[str,
   return out
 
 
+def lm_check_config(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The LM check's run (grid.lm_check): a local run of the grid's first setting, partition and training seed,
+  with every label."""
+  _, rate, clients, p, train_seed = compare.cells(base.grid)[0]
+  cfg = compare.cell_config(base, ('local', rate, clients, p, train_seed))
+  cfg.data.label_fraction = 1.0
+  return cfg
+
+
 def run_checks(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
                log: Callable[[str], None] = print) -> dict[str, Any] | None:
   """The checks before a grid: the probes of every setting's partitions and, with grid.lm_check, one
@@ -176,9 +185,7 @@ def run_checks(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable
     out['settings'] = settings
     metrics_io.write_json(path, out)
   if base.grid.get('lm_check', False) and 'lm_check' not in out:
-    rate, clients, p = cells[0][1], cells[0][2], cells[0][3]
-    cfg = compare.cell_config(base, ('local', rate, clients, p, first_train))
-    cfg.data.label_fraction = 1.0
+    cfg = lm_check_config(base)
     cdir = os.path.join(workdir, 'headroom', f'lm_check__{compare.config_hash(cfg)}')
     if not os.path.exists(os.path.join(cdir, 'summary.json')):
       log('headroom: the LM check (a local run with every label)')

@@ -133,6 +133,17 @@ def trial_config(base: ml_collections.ConfigDict, method: str, point: dict[str, 
   return cfg
 
 
+def trial_configs(base: ml_collections.ConfigDict) -> tuple[list[tuple[str, int, dict[str, Any], int]],
+                                                              list[ml_collections.ConfigDict]]:
+  """Every tuning run in order: (method, trial, point, seed) and its config."""
+  tune = base.tune
+  draw = tune.get('draw', 'stratified')
+  trials = [(method, i, point, seed) for method in compare._values('tune.methods', tune.methods, str)
+            for i, point in enumerate(draw_trials(method, tune.trials, tune.seed, draw))
+            for seed in tuning_seeds(tune)]
+  return trials, [trial_config(base, method, point, seed) for method, _, point, seed in trials]
+
+
 def run_tuning(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable,
                log: Callable[[str], None] = print, train_many: Callable | None = None) -> dict[str, Any] | None:
   """Runs (or resumes) every trial of every tuned method (`compare.run_jobs`: trials that differ only in
@@ -140,12 +151,8 @@ def run_tuning(base: ml_collections.ConfigDict, workdir: str, train_fn: Callable
   when all are done, tuned.json ({method: {'overrides', 'objective', 'trial'}}). Returns it, or None if
   stopped."""
   tune = base.tune
-  draw = tune.get('draw', 'stratified')
-  trials = [(method, i, point, seed) for method in compare._values('tune.methods', tune.methods, str)
-            for i, point in enumerate(draw_trials(method, tune.trials, tune.seed, draw))
-            for seed in tuning_seeds(tune)]
-  per_method = tune.trials * len(draw_kinds(draw))
-  configs = [trial_config(base, method, point, seed) for method, _, point, seed in trials]
+  trials, configs = trial_configs(base)
+  per_method = tune.trials * len(draw_kinds(tune.get('draw', 'stratified')))
   dirs = [os.path.join(workdir, 'tuning', method, f't{i}__s{seed}__{compare.config_hash(cfg)}')
           for (method, i, _, seed), cfg in zip(trials, configs)]
   for (method, i, point, seed), d in zip(trials, dirs):
