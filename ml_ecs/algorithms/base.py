@@ -83,7 +83,7 @@ class Algorithm:
     return amt.client_update(program, stages, tr, opt_state, train, public, key, ctx)
 
   input_view = None   # (inputs, mod_mask, modalities) -> (inputs, mod_mask)
-  batch_view = None   # (batch, key) -> batch
+  batch_view = None   # (batch, key, hp) -> batch; hp: the run's step hyperparameters on a run axis, else {}
 
   # -------------------------------------------------------------------- server side
   def round_context(self, setup, state) -> tuple[AlignmentGate | None, jax.Array | None]:

@@ -34,9 +34,11 @@ class MMFL(FedAvg):
     zeroed = {k: jnp.where(present(i, inputs[k]), inputs[k], 0.0) for i, k in enumerate(modalities)}
     return zeroed, jnp.ones_like(mod_mask)
 
-  def _drop_modalities(self, batch, key):
-    """Each present modality of a training batch dropped w.p. `modality_dropout`, never all of a row."""
-    keep = jax.random.uniform(key, batch.mod_mask.shape) >= self.modality_dropout
+  def _drop_modalities(self, batch, key, hp=None):
+    """Each present modality of a training batch dropped w.p. `modality_dropout` (`hp`'s, the run's, on a run
+    axis), never all of a row."""
+    rate = (hp or {}).get('modality_dropout', self.modality_dropout)
+    keep = jax.random.uniform(key, batch.mod_mask.shape) >= rate
     dropped = batch.mod_mask * keep
     mask = jnp.where((dropped.sum(-1, keepdims=True) > 0), dropped, batch.mod_mask)
     return dataclasses.replace(batch, mod_mask=mask)

@@ -61,9 +61,13 @@ def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int = 0):
   return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total_steps, end_value=0.0)
 
 
-# The continuous loss hyperparameters that can be state (`make_optimizer(loss_hparams=...)`): runs of one
-# program (ml_ecs.core.runs) may differ in them; whether a term is on (its weight > 0) stays static.
-LOSS_HPARAMS = ('lambda_ccl', 'tau_ccl', 'lambda_se_ccl', 'tau_se_ccl', 'fedprox_mu')
+# The continuous hyperparameters of a training step that can be state (`make_optimizer(loss_hparams=...)`): runs
+# of one program (ml_ecs.core.runs) may differ in them; whether a term is on (its weight > 0) stays static.
+# The loss's weights and temperatures, and the rate at which a method's batch view drops modalities (the
+# multimodal baseline's ModDrop), which is state only where it is on (> 0): a program without it keeps the
+# optimizer state it had before the rate became state, so its checkpoints still restore.
+LOSS_HPARAMS = ('lambda_ccl', 'tau_ccl', 'lambda_se_ccl', 'tau_se_ccl', 'fedprox_mu', 'modality_dropout')
+ONLY_WHERE_ON = ('modality_dropout',)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int = 0, lr_in_state: bool = False,
@@ -83,8 +87,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int = 0, lr_in_s
   # Called with the state's values (traced) at every update. inject_hyperparams keeps in the state the
   # numeric arguments of the factory's signature, so the loss hyperparameters are named (None: not given);
   # the loss reads them (`state_hparams`), the optimizer does not.
-  def factory(learning_rate, lambda_ccl=None, tau_ccl=None, lambda_se_ccl=None, tau_se_ccl=None, fedprox_mu=None):
-    del lambda_ccl, tau_ccl, lambda_se_ccl, tau_se_ccl, fedprox_mu
+  def factory(learning_rate, lambda_ccl=None, tau_ccl=None, lambda_se_ccl=None, tau_se_ccl=None, fedprox_mu=None,
+              modality_dropout=None):
+    del lambda_ccl, tau_ccl, lambda_se_ccl, tau_se_ccl, fedprox_mu, modality_dropout
     rate = (lambda count: learning_rate * unit(count)) if callable(unit) else learning_rate
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(rate, weight_decay=cfg.weight_decay))
 
@@ -93,6 +98,12 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int = 0, lr_in_s
     raise ValueError(f'loss_hparams: {sorted(unknown)} are not among {LOSS_HPARAMS}')
   return optax.inject_hyperparams(factory)(learning_rate=float(cfg.learning_rate),
                                            **{k: float(v) for k, v in (loss_hparams or {}).items()})
+
+
+def stage_hparams(method: ml_collections.ConfigDict) -> dict[str, float]:
+  """What `make_optimizer(loss_hparams=...)` carries for a method config: every `LOSS_HPARAMS` value, those of
+  `ONLY_WHERE_ON` where they are on."""
+  return {k: float(method[k]) for k in LOSS_HPARAMS if k not in ONLY_WHERE_ON or float(method[k]) > 0}
 
 
 def state_hparams(opt_state: Any) -> dict[str, jax.Array]:
@@ -120,7 +131,7 @@ class NodeProgram:
   ccl_anchor: str = 'modality'    # 'text' (answer text embedding) or 'modality' (the node's first)
   # A method's view of the inputs (ml_ecs.algorithms.base.Algorithm): None = as they are.
   input_view: Callable | None = None   # (inputs, mod_mask, modalities) -> (inputs, mod_mask) before fusion
-  batch_view: Callable | None = None   # (batch, key) -> batch, on training batches only
+  batch_view: Callable | None = None   # (batch, key, hp) -> batch, on training batches only (hp: `state_hparams`)
 
   @property
   def has_ccl(self) -> bool:
@@ -237,10 +248,9 @@ class NodeProgram:
       trained, opt_state = carry
       k_batch, k_drop = jax.random.split(key)
       batch = self.sample_batch(split, k_batch)
-      if self.batch_view is not None:
-        batch = self.batch_view(batch, k_drop)
-
       hp = state_hparams(opt_state)   # the loss hyperparameters of a run on a run axis, else {}
+      if self.batch_view is not None:
+        batch = self.batch_view(batch, k_drop, hp)
 
       def loss_fn(trained):
         terms = self.losses({**trained, **fixed}, frozen, batch, spec, ctx, hp)

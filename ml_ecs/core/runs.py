@@ -1,7 +1,8 @@
 """Many federations as one program: R runs of one structure on a leading run axis.
 
-Runs that differ only in their seeds (training `seed`, partition `data.seed`), learning rates and the
-method's loss weights and temperatures (`RUN_FIELDS`) share every compiled function: each cohort's round, the
+Runs that differ only in their seeds (training `seed`, partition `data.seed`), learning rates, the
+method's loss weights and temperatures, the multimodal baseline's modality dropout and MMA's backbone weighting
+(`RUN_FIELDS`) share every compiled function: each cohort's round, the
 server stage and the decoders take every run at once and are compiled once for all of them; inside, the runs
 are `jax.vmap`ped (on accelerators) or computed one after another in a loop (`jax.lax.map`, on a CPU; `run_batch`).
 What a round does on the host (sampling, simulated faults, the ledger,
@@ -13,9 +14,9 @@ a single run (`ml_ecs.core.round`), so R runs in one program give the metrics of
   evals = evaluate(runs, state)     # one evaluation dict per run
   views(state)                      # each run's `State`
 
-Learning rates, loss weights and temperatures are optimizer state (`build.init(hparams_in_state=True)`,
-`node.make_optimizer`), so the optimizer states of these runs hold them; whether a loss term is on (its
-weight > 0) is part of the program, so it must agree, and everything else of a run's config must equal
+Learning rates, loss weights and temperatures and the modality dropout are optimizer state
+(`build.init(hparams_in_state=True)`, `node.make_optimizer`), so the optimizer states of these runs hold them;
+whether a loss term (or the dropout) is on (> 0) is part of the program, so it must agree, and everything else of a run's config must equal
 the first run's (`check_configs` names what differs). A run's data is padded to the longest run's rows on the run
 axis; sampling draws by count, so padding rows are never drawn.
 
@@ -54,9 +55,11 @@ from ml_ecs.data.dataset import MultimodalDataset
 from ml_ecs.data.loaders import load_dataset
 from ml_ecs.models.multimodal import model_options
 
-# The fields in which the runs of one program may differ (config paths): seeds, and the hyperparameters
-# that are optimizer state (node.make_optimizer, node.LOSS_HPARAMS).
-RUN_FIELDS = ('seed', 'data.seed', 'train.learning_rate') + tuple(f'method.{k}' for k in LOSS_HPARAMS)
+# The fields in which the runs of one program may differ (config paths): seeds, the hyperparameters that are
+# optimizer state (node.make_optimizer, node.LOSS_HPARAMS), and MMA's backbone weighting, which only sets each
+# run's client weights on the host (`Setup.weights`, read by its aggregation), never a compiled function.
+RUN_FIELDS = ('seed', 'data.seed', 'train.learning_rate', 'method.mma_backbone') + tuple(
+    f'method.{k}' for k in LOSS_HPARAMS)
 # Of those, the weights whose sign decides whether a loss term exists: all runs of a program agree on it.
 SWITCHES = tuple(f'method.{k}' for k in LOSS_HPARAMS if not k.startswith('tau'))
 

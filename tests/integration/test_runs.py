@@ -1,6 +1,7 @@
 """Many federations as one program (ml_ecs.core.runs, ml_ecs.run.runs_trainer): R = 3 runs with different
-training seeds, partition seeds, learning rates and ML-ECS loss weights and temperatures give the metrics of 3
-separate runs, write the same run directories, and resume exactly from the program's checkpoint."""
+training seeds, partition seeds, learning rates, ML-ECS loss weights and temperatures and MMA weightings give the
+metrics of 3 separate runs, write the same run directories, and resume exactly from the program's checkpoint;
+so do 2 runs of the multimodal baseline with different modality dropout rates."""
 import json
 import os
 import shutil
@@ -17,16 +18,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('runs')]
 RUNS = [(0, 0, 3e-3), (1, 3, 1e-3), (2, 5, 2e-3)]   # (seed, data.seed, train.learning_rate)
 # (method.lambda_ccl, tau_ccl, lambda_se_ccl, tau_se_ccl) of each run
 LOSS = [(0.1, 0.2, 0.5, 0.2), (0.5, 0.1, 0.3, 0.6), (1.0, 0.3, 0.1, 0.4)]
+# method.mma_backbone of each run: the tiny partitions' clients differ in samples and in modality counts, so each
+# weighting weighs them otherwise
+MMA = ['samples', 'modality', 'modality_samples']
 
 
 def _configs(tiny_config, method='ml_ecs'):
   from ml_ecs.algorithms.registry import apply_strategy
   out = []
-  for (seed, data_seed, lr), (l_ccl, t_ccl, l_se, t_se) in zip(RUNS, LOSS):
+  for (seed, data_seed, lr), (l_ccl, t_ccl, l_se, t_se), mma in zip(RUNS, LOSS, MMA):
     c = apply_strategy(tiny_config, method)
     c.seed, c.data.seed, c.train.learning_rate = seed, data_seed, lr
     if method == 'ml_ecs':
       c.method.lambda_ccl, c.method.tau_ccl, c.method.lambda_se_ccl, c.method.tau_se_ccl = l_ccl, t_ccl, l_se, t_se
+      c.method.mma_backbone = mma
     c.train.checkpoint_every = 1
     out.append(c)
   return out
@@ -119,3 +124,22 @@ def test_runs_of_other_structure_are_refused(tiny_config):
   cfgs[1].train.batch_size = 4
   with pytest.raises(ValueError, match=r"run 1 differs from run 0 in \['train.batch_size'\]"):
     runs_lib.check_configs(cfgs)
+
+
+def test_dropout_rates_on_the_run_axis_equal_separate_runs(tmp_path, tiny_config, dataset):
+  """The multimodal baseline's modality dropout is state on the run axis: 2 runs with rates 0.2 and 0.6 as one
+  program give the metrics of the 2 runs alone (a program that used run 0's rate for both would not)."""
+  cfgs = _configs(tiny_config, 'mmfl')[:2]
+  for c, rate in zip(cfgs, (0.2, 0.6)):
+    c.method.modality_dropout = rate
+    c.train.rounds, c.train.checkpoint_every = 2, 0
+  cache = str(tmp_path / 'cache')
+  quiet = lambda s: None
+  separate = [str(tmp_path / f'separate_{r}') for r in range(2)]
+  program = [str(tmp_path / f'program_{r}') for r in range(2)]
+  for cfg, w in zip(cfgs, separate):
+    assert trainer.train(cfg, w, progress=False, cache_dir=cache, dataset=dataset, log=quiet).status == 'complete'
+  results = train_runs(cfgs, program, str(tmp_path / 'program'), cache_dir=cache, dataset=dataset, log=quiet)
+  assert [r.status for r in results] == ['complete'] * 2
+  for r, (a, b) in enumerate(zip(separate, program)):
+    _assert_same_rows(_rows(a), _rows(b), f'run {r}')

@@ -413,7 +413,7 @@ def test_program_groups_join_runs_that_differ_in_seeds_only(tiny_config):
   cfgs = []
   for method, seed, lr in [('a', 0, 1e-3), ('a', 1, 2e-3), ('b', 0, 1e-3), ('a', 2, 1e-3), ('a', 3, 1e-3)]:
     c = copy.deepcopy(tiny_config)
-    c.method.mma_backbone = 'samples' if method == 'a' else 'modality'   # a field a program may not vary
+    c.method.mma_modality = 'observations' if method == 'a' else 'client'   # a field a program may not vary
     c.method.lambda_ccl = 0.1 * (seed + 1)                                 # one it may
     c.seed, c.data.seed, c.train.learning_rate = seed, seed + 10, lr
     cfgs.append(c)

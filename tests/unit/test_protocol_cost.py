@@ -102,7 +102,7 @@ def test_jobs_follow_the_protocols_grouping():
   jobs = pc.protocol_jobs(base)   # grid.runs_per_program = 10
   by = lambda stage: [j.runs for j in jobs if j.stage == stage]
   assert by('headroom') == [1]                       # the LM check
-  assert sum(by('tuning')) == 24 and max(by('tuning')) == 8   # local and FedAvg: one program of 8 each
+  assert by('tuning') == [8, 8, 8]   # each method's 4 trials x 2 seeds: every tuned knob is a run field
   assert by('grid') == [10] * 10                     # 100 cells, seeds-only groups of 10
   assert by('reproduce') == [10, 1] * 3              # each picked cell: its program again, then alone
   assert {j.rounds for j in jobs} == {50} and {j.evals for j in jobs} == {11}

@@ -10,22 +10,28 @@ from ml_ecs.core import runs as runs_lib
 from ml_ecs.core.state import NodeState, State
 
 
-def test_configs_may_differ_in_seeds_learning_rate_and_loss_hyperparameters_only(tiny_config):
+def test_configs_may_differ_in_seeds_and_tuned_hyperparameters_only(tiny_config):
   a, b = tiny_config.copy_and_resolve_references(), tiny_config.copy_and_resolve_references()
   a.method.lambda_ccl, a.method.lambda_se_ccl = 0.3, 0.2
   b.seed, b.data.seed, b.train.learning_rate = 7, 9, 3e-3
   b.method.lambda_ccl, b.method.tau_ccl, b.method.lambda_se_ccl, b.method.tau_se_ccl = 0.5, 0.3, 0.7, 0.4
+  b.method.mma_backbone = 'modality'                      # host-side client weights only
   runs_lib.check_configs([a, b])
   assert runs_lib.program_key(a) == runs_lib.program_key(b)
-  b.method.mma_backbone = 'modality'
+  b.method.mma_modality = 'client'                        # compiled into the aggregation: not a run field
   b.train.rounds = 9
-  with pytest.raises(ValueError, match=r"run 1 differs from run 0 in \['method.mma_backbone', 'train.rounds'\]"):
+  with pytest.raises(ValueError, match=r"run 1 differs from run 0 in \['method.mma_modality', 'train.rounds'\]"):
     runs_lib.check_configs([a, b])
   c = a.copy_and_resolve_references()
   c.method.lambda_ccl = 0.0                               # CCL off: another program
   with pytest.raises(ValueError, match=r"turns \['method.lambda_ccl'\] on or off"):
     runs_lib.check_configs([a, c])
   assert runs_lib.program_key(a) != runs_lib.program_key(c)
+  d, e = a.copy_and_resolve_references(), a.copy_and_resolve_references()
+  d.method.modality_dropout, e.method.modality_dropout = 0.2, 0.5   # the dropout's rate is state ...
+  runs_lib.check_configs([d, e])
+  with pytest.raises(ValueError, match=r"turns \['method.modality_dropout'\] on or off"):   # ... being on is not
+    runs_lib.check_configs([a, d])
   with pytest.raises(ValueError, match='at least one config'):
     runs_lib.check_configs([])
 
@@ -77,7 +83,7 @@ def test_views_give_back_each_stacked_run():
 
 
 def test_loss_hyperparameters_ride_in_the_optimizer_state_and_replace_the_weights_of_terms_that_are_on(tiny_config):
-  from ml_ecs.core.node import NodeProgram, StageSpec, make_optimizer, state_hparams
+  from ml_ecs.core.node import NodeProgram, StageSpec, make_optimizer, stage_hparams, state_hparams
   cfg = tiny_config.copy_and_resolve_references()
   params = {'w': jnp.ones(3)}
   state = make_optimizer(cfg.train, 0, True, {'lambda_ccl': 0.5, 'tau_ccl': 0.2}).init(params)
@@ -86,6 +92,12 @@ def test_loss_hyperparameters_ride_in_the_optimizer_state_and_replace_the_weight
   assert state_hparams(make_optimizer(cfg.train).init(params)) == {}               # a single run: constants
   with pytest.raises(ValueError, match='lambda_typo'):
     make_optimizer(cfg.train, 0, True, {'lambda_typo': 1.0})
+  # the modality dropout's rate rides along only where it is on: other methods' states keep their structure
+  assert 'modality_dropout' not in stage_hparams(cfg.method)
+  cfg.method.modality_dropout = 0.3
+  assert stage_hparams(cfg.method)['modality_dropout'] == pytest.approx(0.3)
+  assert float(state_hparams(make_optimizer(cfg.train, 0, True, stage_hparams(cfg.method)).init(params))[
+      'modality_dropout']) == pytest.approx(0.3)
   terms = {'lm': jnp.asarray(1.0), 'ccl': jnp.asarray(2.0), 'ccl_anchors': jnp.asarray(7.0)}
   on = StageSpec(1, ('shared',), lambda_ccl=0.1)
   assert float(NodeProgram.total(terms, on)) == pytest.approx(1.0 + 0.1 * 2.0)
@@ -163,3 +175,22 @@ def test_a_function_over_runs_computes_each_run_as_alone(batch):
   for r, (ew, eo) in enumerate(expect):
     np.testing.assert_allclose(got[0][r], ew, rtol=1e-6, err_msg=f'run {r}')
     assert float(got[1][r]) == float(eo)
+
+
+def test_the_multimodal_baselines_dropout_reads_the_runs_rate():
+  """On a run axis the rate comes from the run's optimizer state (`hp`), not the program's constant."""
+  import dataclasses
+  from ml_ecs.algorithms.mmfl import MMFL
+
+  @dataclasses.dataclass(frozen=True)
+  class Batch:
+    mod_mask: jax.Array
+
+  batch, key = Batch(jnp.ones((4096, 3))), jax.random.key(0)
+  algo = MMFL(zero_fill=True, modality_dropout=0.2)
+  kept = lambda hp: float(algo.batch_view(batch, key, hp).mod_mask.mean())
+  # the share of 3 present modalities kept at rate p: each kept w.p. 1 - p, all kept again where all were dropped
+  expected = lambda p: (1 - p) + p ** 3
+  assert kept({}) == kept(None) == pytest.approx(expected(0.2), abs=0.02)   # a single run: its constant
+  assert kept({'modality_dropout': jnp.asarray(0.6)}) == pytest.approx(expected(0.6), abs=0.02)
+  assert kept({'modality_dropout': jnp.asarray(0.0)}) == 1.0

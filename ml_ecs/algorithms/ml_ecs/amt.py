@@ -35,7 +35,7 @@ from ml_ecs.algorithms.ml_ecs import se_ccl
 from ml_ecs.core.context import RoundContext
 from ml_ecs.data.cohort_data import SplitArrays
 from ml_ecs.models.decoder import SHARED_ONLY_LOGITS
-from ml_ecs.core.node import LOSS_HPARAMS, NodeProgram, StageSpec, Trainables, make_optimizer
+from ml_ecs.core.node import NodeProgram, StageSpec, Trainables, make_optimizer, stage_hparams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ def stages(method: ml_collections.ConfigDict, train: ml_collections.ConfigDict,
   lambda_se = method.lambda_se_ccl if method.se_ccl and communicate else 0.0
   reliability = bool(lambda_se) and method.se_ccl_reliability == 'lm'
 
-  loss = {k: float(method[k]) for k in LOSS_HPARAMS} if hparams_in_state else None
+  loss = stage_hparams(method) if hparams_in_state else None
 
   def opt(steps):   # None: the program's constant-rate optimizer
     if train.lr_schedule == 'constant' and not hparams_in_state:
