@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ MODES = {
                  cell_budget_s=20, cohort_budget_s=170, fedavg=dict(rounds=1500, cfg={}), fedavg_budget_s=50,
                  pfl_rounds=1500, pfl_small=False, pfl_budget_s=70,
                  pair=dict(config='configs/gpt2_pair.py', dtypes=('float32', 'bfloat16'), rounds=2, budget_s=240),
-                 runs=dict(sizes='1,10', separate=2, rounds=3, budget_s=420,
+                 runs=dict(sizes='1,10', separate=2, rounds=3, budget_s=540,
                            config='studies/compare/configs/collaborate.py:pairs',
                            protocols=('studies/compare/configs/collaborate.py:pairs',
                                       'studies/compare/configs/collaborate.py:singles'))),
@@ -160,25 +161,37 @@ def pair(mode: dict, out: str) -> list[dict]:
   return rows
 
 
-def runs(mode: dict, out: str) -> dict:
-  """benchmarks/runs_program.py: R comparison cells as one program against R separate runs."""
+def runs(mode: dict, out: str, script: str = os.path.join(ROOT, 'benchmarks', 'runs_program.py')) -> dict:
+  """benchmarks/runs_program.py (`script`): R comparison cells as one program against R separate runs; then the
+  protocol projected from what it measured, also when it stopped early."""
   p = mode['runs']
   if not p:
     return dict(skip='not in this mode')
-  cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'runs_program.py'), f'--runs={p["sizes"]}',
+  cmd = [sys.executable, script, f'--runs={p["sizes"]}',
          f'--separate={p["separate"]}', f'--rounds={p["rounds"]}', f'--config={p["config"]}',
          f'--out={os.path.join(out, "runs")}']
+  measured = os.path.join(out, 'runs', 'runs_program.json')
+  # Its own process group, so a timeout also ends the piece it is measuring (a subprocess of its own).
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                          start_new_session=True)
   try:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=p['budget_s'], cwd=ROOT)
+    _, err = proc.communicate(timeout=p['budget_s'])
+    failed = f'rc {proc.returncode}: {err.strip().splitlines()[-1:]}'[:300] if proc.returncode else ''
   except subprocess.TimeoutExpired:
-    return dict(skip=f'over its budget of {p["budget_s"]} s')
-  if res.returncode:
-    return dict(skip=f'rc {res.returncode}: {res.stderr.strip().splitlines()[-1:]}'[:300])
-  with open(os.path.join(out, 'runs', 'runs_program.md')) as f:
-    table = f.read()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    failed = f'over its budget of {p["budget_s"]} s'
+  if failed:   # the pieces measured before it stopped are in runs_program.json (complete: false)
+    partial = json.load(open(measured)) if os.path.exists(measured) else {}
+    if not partial.get('programs'):
+      return dict(skip=failed)
+    table = f'runs_program.py stopped ({failed}); programs measured: {sorted(partial["programs"], key=int)}\n'
+  else:
+    with open(os.path.join(out, 'runs', 'runs_program.md')) as f:
+      table = f.read()
   # The whole protocol on this device, projected from these programs (benchmarks/protocol_cost.py).
   cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'protocol_cost.py'),
-         f'--measured={os.path.join(out, "runs", "runs_program.json")}', f'--out={os.path.join(out, "runs")}',
+         f'--measured={measured}', f'--out={os.path.join(out, "runs")}',
          *(f'--config={c}' for c in p['protocols'])]
   res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   if res.returncode:

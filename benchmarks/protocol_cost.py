@@ -199,7 +199,7 @@ def project(configs: Sequence[str], report: dict, per_program: int | None = None
   """The projection of the protocols `configs` (config paths, 'file.py:variant') from `report`."""
   from ml_ecs.config.cli import load_config
   out: dict[str, Any] = {'measured': {k: report.get(k) for k in ('command', 'config', 'method', 'rounds',
-                                                                     'environment')},
+                                                                     'environment', 'complete')},
                          'protocols': []}
   models = {s: CostModel(report, s) for s in STATS}
   for path in configs:
@@ -225,6 +225,7 @@ def project(configs: Sequence[str], report: dict, per_program: int | None = None
         'extrapolated_sizes': [r for r in sizes if models['median'].extrapolated(r)],
         'differs_from_measured': structure_differences(base, report)})
   out['holdout'] = {s: holdout_check(report, s) for s in STATS}
+  out['measured_sizes'] = models['median'].sizes
   return out
 
 
@@ -240,6 +241,8 @@ def markdown(p: dict[str, Any]) -> str:
            f"{env.get('cpu', '?')}, {env.get('cpu_count', '?')} cores, devices {env.get('devices', '?')}, commit "
            f"{env.get('git_commit', '?')}, {env.get('time_utc', '?')}). Hours at the later rounds' median "
            '(mean); the model: benchmarks/protocol_cost.py.', '']
+  if m.get('complete') is False:
+    lines += [f"**From an incomplete measurement** (it stopped early): program sizes {p['measured_sizes']} only.", '']
   for q in p['protocols']:
     t = q['total']
     lines += [f"## `{q['config']}` (runs_per_program {q['runs_per_program']})", '',

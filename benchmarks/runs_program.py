@@ -149,9 +149,18 @@ def main() -> None:
   args.backbones = os.path.join(args.scratch, 'backbones')
   from ml_ecs.run import environment, metrics_io
   env = environment.environment()
-  warm = _run_piece(args, 'warm', max(sizes + [args.separate]))
-  separate = _run_piece(args, 'separate', args.separate)
-  programs = {r: _run_piece(args, 'program', r) for r in sizes}
+  report = {'command': ' '.join(sys.argv), 'config': args.config, 'method': args.method, 'rounds': args.rounds,
+            'program_devices': args.devices, 'run_batch': args.run_batch, 'environment': env, 'complete': False}
+  path = os.path.join(out, 'runs_program.json')
+  # Written after every piece (complete: False until the rows are in), so a run cut short by its time limit still
+  # leaves what it measured (benchmarks/protocol_cost.py projects from any separate piece and program sizes).
+  report['warm_backbones_s'] = _run_piece(args, 'warm', max(sizes + [args.separate]))['wall_s']
+  report['separate'] = separate = _run_piece(args, 'separate', args.separate)
+  report['programs'] = programs = {}
+  metrics_io.write_json(path, report)
+  for r in sizes:
+    programs[r] = _run_piece(args, 'program', r)
+    metrics_io.write_json(path, report)
   each = separate['per_run_s']
   later = sum(each[1:]) / len(each[1:])
   sep_cost = lambda r: (sum(each[:r]), 'measured') if r <= len(each) else (each[0] + (r - 1) * later, 'projected')
@@ -175,11 +184,8 @@ def main() -> None:
                  'cell_program_s': pr['wall_s'] + more_rounds * steady + more_evals * pr['last_eval_s'],
                  'cell_separate_s': cost + r * sep_more})
     rows[-1]['cell_speedup'] = rows[-1]['cell_separate_s'] / rows[-1]['cell_program_s']
-  report = {'command': ' '.join(sys.argv), 'config': args.config, 'method': args.method, 'rounds': args.rounds,
-            'program_devices': args.devices, 'run_batch': args.run_batch,
-            'environment': env, 'warm_backbones_s': warm['wall_s'], 'separate': separate, 'programs': programs,
-            'rows': rows}
-  metrics_io.write_json(os.path.join(out, 'runs_program.json'), report)
+  report.update(rows=rows, complete=True)
+  metrics_io.write_json(path, report)
   lines = [f'# R runs as one program vs R separate runs ({args.method}, {args.config}, {args.rounds} rounds)', '',
            'Measured: each way for the runs below at --rounds rounds, evaluated at round 0 and at the end. Projected: '
            f'the same runs at a grid cell\'s length ({n_rounds} rounds, {n_evals} evaluations): the measured wall time '

@@ -137,3 +137,41 @@ def test_main_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(sys, 'argv', ['protocol_cost.py', f'--measured={tmp_path / "missing.json"}'])
   with pytest.raises(SystemExit, match='missing.json'):
     pc.main()
+
+
+FAKE_RUNS_PROGRAM = '''
+import json, os, subprocess, sys, time
+out = [a.split('=', 1)[1] for a in sys.argv if a.startswith('--out=')][0]
+os.makedirs(out, exist_ok=True)
+json.dump(json.loads(os.environ['PARTIAL']), open(os.path.join(out, 'runs_program.json'), 'w'))
+piece = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])   # a piece being measured
+open(os.path.join(out, 'piece.pid'), 'w').write(str(piece.pid))
+time.sleep(120)
+'''
+
+
+def test_device_checks_runs_part_stops_its_pieces_and_projects_what_it_measured(tmp_path, monkeypatch):
+  """Over its budget, the runs part ends the benchmark and the piece it is measuring, then projects the protocol
+  from the sizes measured so far (runs_program.json is written after every piece)."""
+  import os
+  import time
+  from benchmarks import device_check
+  fake = tmp_path / 'fake_runs_program.py'
+  fake.write_text(FAKE_RUNS_PROGRAM)
+  monkeypatch.setenv('PARTIAL', json.dumps({**report(sizes=(1,)), 'complete': False}))
+  mode = {'runs': dict(sizes='1,10', separate=2, rounds=ROUNDS, budget_s=4, config='unused',
+                       protocols=('studies/compare/configs/collaborate.py:pairs_reduced',))}
+  t0 = time.monotonic()
+  got = device_check.runs(mode, str(tmp_path), script=str(fake))
+  assert time.monotonic() - t0 < 60   # not held until the piece ends by itself (it holds the benchmark's pipes)
+  assert 'over its budget of 4 s' in got['table'] and 'programs measured: [\'1\']' in got['table']
+  assert 'From an incomplete measurement' in got['table'] and '| **total** | 128 |' in got['table']
+  pid = int((tmp_path / 'runs' / 'piece.pid').read_text())
+  for _ in range(50):   # killed with its process group (then reaped by init)
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      break
+    time.sleep(0.1)
+  else:
+    raise AssertionError(f'the piece {pid} outlived the runs part')
