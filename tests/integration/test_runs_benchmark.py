@@ -1,5 +1,6 @@
-"""benchmarks/runs_program.py and benchmarks/protocol_cost.py end to end on a tiny grid, so neither can rot: the
-benchmark measures a program of 2 runs and 2 runs one by one, and the projection costs a protocol from it."""
+"""The run-axis benchmarks end to end on a tiny grid, so none can rot: benchmarks/runs_program.py measures a program
+of 2 runs and 2 runs one by one, benchmarks/protocol_cost.py costs a protocol from it, and
+benchmarks/round_parts.py times and profiles a program's rounds."""
 import json
 import os
 import subprocess
@@ -45,3 +46,26 @@ def test_runs_benchmark_and_protocol_projection(tmp_path):
                                                                                 ('reproduce', 1, [2])]
   assert q['differs_from_measured'] == [] and q['total']['programs_median_s'] > 0
   assert '| **total** | 5 |' in (tmp_path / 'projected' / 'protocol_cost.md').read_text()
+
+
+def test_round_parts_times_a_programs_rounds_part_by_part(tmp_path):
+  """benchmarks/round_parts.py on the tiny grid: one JSON line per round with its parts, the later rounds'
+  medians, and with --profile each round program's flops and costliest operators."""
+  config = tmp_path / 'tiny_grid.py'
+  config.write_text(TINY_GRID)
+  proc = subprocess.run([sys.executable, 'benchmarks/round_parts.py', f'--config={config}', '--runs=2', '--rounds=2',
+                         '--profile=2', f'--cache={tmp_path / "cache"}'], cwd=ROOT, env=cached_env(PYTHONPATH=ROOT),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{')]
+  head, rounds = lines[0], [x for x in lines if 'round' in x]
+  assert head['runs'] == 2 and head['run_batch'] == 1   # one run at a time: the CPU's default
+  assert [r['round'] for r in rounds] == [1, 2]
+  for r in rounds:
+    assert r['time/round_s'] >= r['time/cohorts_s'] > 0 and r['time/server_s'] > 0
+  medians = next(x for x in lines if 'later_rounds_median' in x)
+  assert medians['per_run_round_s'] == pytest.approx(rounds[1]['time/round_s'] / 2, rel=1e-3)
+  profiled = {x['program'] for x in lines if 'gflop' in x}
+  assert 'server stage' in profiled and any(p.startswith('cohort ') for p in profiled)
+  assert all(x['gflop'] > 0 for x in lines if 'gflop' in x)
+  assert 'operators of server stage' in proc.stdout
