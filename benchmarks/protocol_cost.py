@@ -95,6 +95,9 @@ def _piece_parts(piece: dict, rounds: int, stat: str, where: str) -> tuple[float
   steady = piece.get('steady_round_s')
   if not isinstance(steady, list) or not steady:
     raise ValueError(f'{where}: steady_round_s: expected the later rounds\' times (measure --rounds >= 2)')
+  for field in ('wall_s', 'last_eval_s'):
+    if not isinstance(piece.get(field), (int, float)):
+      raise ValueError(f'{where}: {field}: expected seconds, got {piece.get(field)!r}')
   later = STATS[stat](steady)
   ev = float(piece['last_eval_s'])
   return float(piece['wall_s']) - (rounds - 1) * later - ev, later, ev

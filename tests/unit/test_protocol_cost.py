@@ -89,6 +89,8 @@ def test_holdout_predicts_inner_sizes_from_the_others():
     (lambda r: r['programs']['4'].update(steady_round_s=[]), 'programs.4: steady_round_s'),
     (lambda r: r['separate'].update(per_run_s=[90.0]), 'separate.per_run_s'),
     (lambda r: r.update(programs={}), 'programs'),
+    (lambda r: r['programs']['10'].pop('last_eval_s'), 'programs.10: last_eval_s'),
+    (lambda r: r['separate'].update(wall_s='soon'), 'separate: wall_s'),
 ])
 def test_bad_measurements_name_the_field(mend, field):
   rep = report()
