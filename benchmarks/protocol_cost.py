@@ -181,19 +181,17 @@ def holdout_check(report: dict, stat: str) -> list[dict[str, float]]:
 
 
 def structure_differences(base, report: dict) -> list[str]:
-  """Fields in which the protocol's first cell of the measured method differs from the measured runs' cell (its
-  first grid cell on the measured config), apart from seeds, rates and length."""
-  from ml_ecs.config.cli import load_config
+  """Fields in which the protocol's first cell of the measured method differs from the first measured run (as
+  benchmarks/runs_program.py builds it), apart from seeds, rates and length."""
+  from benchmarks.runs_program import _configs
   from ml_ecs.config.identity import config_differences
   from ml_ecs.core.runs import RUN_FIELDS
   from studies.compare import grid
-  measured_base = load_config(os.path.join(ROOT, report['config']))
   method = report.get('method', 'ml_ecs')
   cells = grid.cells(base.grid)
   cell = next((c for c in cells if c[0] == method), cells[0])
   mine = grid.cell_config(base, (method,) + tuple(cell[1:]))
-  theirs = grid.cell_config(measured_base, (method, measured_base.grid.missing_rates[0],
-                                            measured_base.grid.num_clients[0], cell[3], cell[4]))
+  theirs = _configs(argparse.Namespace(config=report['config'], method=method, rounds=int(report['rounds'])), 1)[0]
   return [f for f in config_differences(theirs.to_dict(), mine.to_dict())
           if f not in RUN_FIELDS and f not in LENGTH_FIELDS]
 
